@@ -1,0 +1,3 @@
+"""ipamd: a distributed IP address manager for containers."""
+
+__version__ = "0.1.0"

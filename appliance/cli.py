@@ -1,0 +1,244 @@
+"""`ipamd`: the daemon (`launch`), its client commands, and `sql`.
+
+Heavy modules (trio, apsw) are imported only by the commands that need them, so client commands
+start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from . import __version__
+from .client import Client, Unreachable
+from .core.addr import AddrError, parse_addr, parse_cidr
+from .paths import DB_NAME, default_data_dir, default_socket
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+def _cidr_arg(flag: str):
+    def parse(text: str):
+        try:
+            block, normalised = parse_cidr(text)
+        except AddrError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if normalised:
+            print(f"ipamd: notice: {flag} {text} taken as {block}", file=sys.stderr)
+        return block
+    return parse
+
+
+def _addr_arg(text: str):
+    try:
+        return parse_addr(text)
+    except AddrError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _delay_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= v <= 86400 * 365:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and a year, in seconds")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ipamd", description="Distributed IP address manager for containers.")
+    p.add_argument("--version", action="version", version=f"ipamd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    la = sub.add_parser("launch", help="run the daemon in the foreground")
+    la.add_argument("--iprange", action="append", type=_cidr_arg("--iprange"), metavar="CIDR",
+                    help="allocation range (repeatable; IPv4 and IPv6). Default: the database's "
+                         "ranges, or 10.32.0.0/12 for a new database")
+    la.add_argument("--subnet", type=_cidr_arg("--subnet"), metavar="CIDR",
+                    help="default subnet for allocations (default: the first range); may be "
+                         "wider than the range, the rest being for claimed static addresses")
+    la.add_argument("--gateway", action="append", default=[], type=_addr_arg, metavar="ADDRESS",
+                    help="an address never handed out (repeatable)")
+    la.add_argument("--data-dir", type=Path, default=None,
+                    help=f"where {DB_NAME} lives (default: {default_data_dir()})")
+    la.add_argument("--socket", type=Path, default=None,
+                    help=f"hook socket (default: $IPAMD_SOCKET or {default_socket()})")
+    la.add_argument("--name", default=socket.gethostname(), help="nickname (default: hostname)")
+    la.add_argument("--durability", choices=("process", "power"), default="process",
+                    help="process: survive a crash of ipamd (WAL, synchronous=NORMAL); power: "
+                         "also a power loss (synchronous=FULL). Default: process")
+    la.add_argument("--reuse-delay", type=_delay_arg, default=30.0, metavar="SECONDS",
+                    help="quarantine of a freed address before allocate reuses it (default: 30)")
+    la.add_argument("--log-level", default="warning",
+                    choices=("debug", "info", "warning", "error"), help="default: warning")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+        c.add_argument("--socket", type=Path, default=None,
+                       help=f"hook socket (default: $IPAMD_SOCKET or {default_socket()})")
+        return c
+
+    c = client("allocate", "give HANDLE an address (the same one again if it has one)")
+    c.add_argument("handle")
+    c.add_argument("--subnet", type=_cidr_arg("--subnet"), metavar="CIDR")
+    c.add_argument("--anchor-netns", metavar="PATH",
+                   help="release automatically once this network namespace is gone")
+    c.add_argument("--anchor-pid", type=int, metavar="PID",
+                   help="release automatically once this process is gone")
+    c = client("claim", "give HANDLE a specific address")
+    c.add_argument("handle")
+    c.add_argument("address")
+    c.add_argument("--subnet", type=_cidr_arg("--subnet"), metavar="CIDR")
+    client("release", "free every address HANDLE holds (succeeds if it holds none)") \
+        .add_argument("handle")
+    client("lookup", "show the addresses HANDLE holds").add_argument("handle")
+    client("ls", "list every allocation")
+    client("status", "this peer, its ranges and how full they are")
+
+    s = sub.add_parser("sql", help="SQL shell on the database (daemon running or not)")
+    s.add_argument("db", nargs="?", type=Path, help=f"default: {default_data_dir() / DB_NAME}")
+    s.add_argument("sql_args", nargs=argparse.REMAINDER,
+                   help="passed to the shell (e.g. a statement to run)")
+    return p
+
+
+def _pid_start_time(pid: int) -> int:
+    # Field 22 of /proc/PID/stat; the command name before it may hold spaces, so cut after ')'.
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _request(args) -> dict:
+    cmd = args.command
+    if cmd == "allocate":
+        req = {"v": 1, "op": "allocate", "handle": args.handle}
+        if args.subnet:
+            req["subnet"] = str(args.subnet)
+        if args.anchor_netns:
+            req["anchor"] = {"netns": os.path.abspath(args.anchor_netns)}
+        elif args.anchor_pid is not None:
+            try:
+                start = _pid_start_time(args.anchor_pid)
+            except (OSError, ValueError, IndexError):
+                raise SystemExit(f"ipamd: no process {args.anchor_pid} to anchor to")
+            req["anchor"] = {"pid": args.anchor_pid, "start_time": start}
+        return req
+    if cmd == "claim":
+        req = {"v": 1, "op": "claim", "handle": args.handle, "address": args.address}
+        if args.subnet:
+            req["subnet"] = str(args.subnet)
+        return req
+    if cmd in ("release", "lookup"):
+        return {"v": 1, "op": cmd, "handle": args.handle}
+    return {"v": 1, "op": {"ls": "list"}.get(cmd, cmd)}
+
+
+def _show(cmd: str, r: dict) -> None:
+    if cmd in ("allocate", "claim"):
+        print(r["address"])
+    elif cmd == "release":
+        for a in r["released"]:
+            print(f"released {a}")
+    elif cmd == "lookup":
+        for a in r["addresses"]:
+            print(a["address"])
+    elif cmd == "ls":
+        rows = sorted(r["allocations"], key=lambda a: a["handle"])
+        width = max([len(a["handle"]) for a in rows] + [6])
+        print(f"{'HANDLE':<{width}}  ADDRESS")
+        for a in rows:
+            print(f"{a['handle']:<{width}}  {a['address']}")
+    elif cmd == "status":
+        print(f"peer {r['peer']}  default subnet {r['default_subnet']}  "
+              f"reuse delay {r['reuse_delay']:g}s")
+        print(f"{r['allocations']} addresses held by {r['handles']} handles")
+        print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
+        for u in r["universes"]:
+            print(f"{u['range']:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"
+                  f"{u['free']:>12}")
+
+
+def _client_command(args) -> int:
+    request = _request(args)
+    try:
+        with Client(args.socket or default_socket()) as c:
+            reply = c.call(request)
+    except Unreachable as e:
+        print(f"ipamd: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        err = reply.get("error", {})
+        if not args.json:
+            print(f"ipamd: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.json:
+        _show(args.command, reply)
+    return 0
+
+
+def _launch(args) -> int:
+    import logging
+
+    import trio
+
+    from .daemon import Config, Refused, run
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s %(message)s")
+    ranges = args.iprange
+    if ranges:
+        for i, a in enumerate(ranges):
+            for b in ranges[i + 1:]:
+                if a.overlaps(b):
+                    print(f"ipamd: --iprange {a} and {b} overlap", file=sys.stderr)
+                    return EXIT_USAGE
+    config = Config(
+        data_dir=args.data_dir or default_data_dir(), socket=args.socket or default_socket(),
+        universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
+        reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway))
+    try:
+        trio.run(run, config, lambda line: print(line, flush=True))
+    except Refused as e:
+        print(f"ipamd: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"ipamd: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _sql(args) -> int:
+    import apsw
+    import apsw.shell
+
+    db = args.db or default_data_dir() / DB_NAME
+    if not db.exists():
+        print(f"ipamd: no database at {db}", file=sys.stderr)
+        return EXIT_ERROR
+    shell = apsw.shell.Shell(args=[str(db), *args.sql_args])
+    shell.db.set_busy_timeout(5000)  # the daemon may be committing right now
+    if args.sql_args:
+        return 0
+    shell.cmdloop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "launch":
+        return _launch(args)
+    if args.command == "sql":
+        return _sql(args)
+    return _client_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

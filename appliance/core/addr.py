@@ -1,0 +1,121 @@
+"""IPv4/IPv6 addresses and CIDR blocks as integers.
+
+Parsing leans on the standard library's ipaddress; the core works on plain ints so that range
+arithmetic (which needs exclusive ends that may equal 2**32 or 2**128) never overflows.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+BITS = {4: 32, 6: 128}
+
+
+class AddrError(ValueError):
+    """Text that is not a usable address or CIDR block."""
+
+
+def parse_addr(text: object) -> tuple[int, int]:
+    """'10.0.0.1' -> (4, 167772161)."""
+    if not isinstance(text, str):
+        raise AddrError(f"address must be a string, got {type(text).__name__}")
+    try:
+        a = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise AddrError(f"{text!r} is not an IPv4 or IPv6 address") from None
+    return a.version, int(a)
+
+
+def format_addr(family: int, value: int) -> str:
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
+
+
+@dataclass(frozen=True, order=True)
+class Cidr:
+    family: int
+    start: int
+    prefix: int
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.family]
+
+    @property
+    def size(self) -> int:
+        return 1 << (self.bits - self.prefix)
+
+    @property
+    def end(self) -> int:
+        """Exclusive end: may be 2**bits for the last block of the space."""
+        return self.start + self.size
+
+    def __contains__(self, item: tuple[int, int]) -> bool:
+        family, value = item
+        return family == self.family and self.start <= value < self.end
+
+    def contains_cidr(self, other: Cidr) -> bool:
+        return other.family == self.family and self.start <= other.start and other.end <= self.end
+
+    def overlaps(self, other: Cidr) -> bool:
+        return other.family == self.family and self.start < other.end and other.start < self.end
+
+    def host_bounds(self) -> tuple[int, int]:
+        """[lo, hi) of the addresses that may be handed out.
+
+        IPv4 drops the network and broadcast addresses except on /31 and /32 (RFC 3021); IPv6 drops
+        the subnet-router anycast address (the all-zero host) except on /127 and /128 (RFC 6164).
+        """
+        lo, hi = self.start, self.end
+        if self.family == 4 and self.prefix <= 30:
+            return lo + 1, hi - 1
+        if self.family == 6 and self.prefix <= 126:
+            return lo + 1, hi
+        return lo, hi
+
+    def addr(self, value: int) -> str:
+        return format_addr(self.family, value)
+
+    def with_prefix(self, value: int) -> str:
+        return f"{format_addr(self.family, value)}/{self.prefix}"
+
+    def __str__(self) -> str:
+        return f"{format_addr(self.family, self.start)}/{self.prefix}"
+
+
+def parse_cidr(text: object) -> tuple[Cidr, bool]:
+    """Parse a CIDR block; also take Weave's form with host bits set ('10.1.0.1/16').
+
+    Returns (block, normalised): normalised is True when host bits were dropped, so the caller
+    can tell the operator what it understood.
+    """
+    if not isinstance(text, str):
+        raise AddrError(f"CIDR must be a string, got {type(text).__name__}")
+    if "/" not in text:
+        raise AddrError(f"{text!r} is not a CIDR block (expected ADDRESS/PREFIX)")
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as e:
+        raise AddrError(f"{text!r} is not a CIDR block: {e}") from None
+    block = Cidr(net.version, int(net.network_address), net.prefixlen)
+    addr_part = text.strip().split("/", 1)[0]
+    normalised = int(ipaddress.ip_address(addr_part)) != block.start
+    return block, normalised
+
+
+def cidr(text: str) -> Cidr:
+    """Strict-enough parse for trusted text (tests, the database)."""
+    return parse_cidr(text)[0]
+
+
+def range_to_cidrs(family: int, lo: int, hi: int) -> list[Cidr]:
+    """The fewest aligned CIDR blocks covering [lo, hi) exactly."""
+    out = []
+    bits = BITS[family]
+    while lo < hi:
+        # Largest block aligned at lo that fits in what is left.
+        size = lo & -lo if lo else 1 << bits
+        while size > hi - lo:
+            size >>= 1
+        out.append(Cidr(family, lo, bits - size.bit_length() + 1))
+        lo += size
+    return out

@@ -1,0 +1,78 @@
+"""Requests the core accepts, and the rows it asks the shell to persist.
+
+Requests arrive already validated by a protocol parser; rows are plain values the store turns
+into SQL in one transaction before any reply leaves (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .addr import Cidr
+
+
+@dataclass(frozen=True)
+class Allocate:
+    handle: str
+    subnet: Cidr | None = None
+    anchor: str | None = None  # JSON text of the liveness anchor, kept as given
+
+
+@dataclass(frozen=True)
+class Claim:
+    handle: str
+    family: int
+    address: int
+    subnet: Cidr | None = None
+    anchor: str | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    handle: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    handle: str
+
+
+@dataclass(frozen=True)
+class List:
+    pass
+
+
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+Request = Allocate | Claim | Release | Lookup | List | Status
+
+
+# Rows: what must be durable before a reply is sent.
+@dataclass(frozen=True)
+class PutAllocation:
+    address: str
+    universe: str | None  # None: a static address outside every universe
+    subnet: str
+    handle: str
+    anchor: str | None
+    allocated_at: float
+
+
+@dataclass(frozen=True)
+class FreeAddress:
+    address: str
+    universe: str | None  # None: static, forgotten at once rather than quarantined
+    freed_at: float
+
+
+Row = PutAllocation | FreeAddress
+
+
+def ok(**fields) -> dict:
+    return {"ok": True, **fields}
+
+
+def error(code: str, message: str) -> dict:
+    return {"ok": False, "error": {"code": code, "message": message}}

@@ -1,0 +1,229 @@
+"""The trio shell around the core: one task owns the allocator; connections hand it requests.
+
+The core task takes every request waiting, runs each through the allocator, commits all their
+rows in one transaction, and only then wakes the connections to reply (never reply before commit).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import math
+import os
+import signal
+import socket as stdsocket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import apsw
+import trio
+
+from .core.addr import Cidr
+from .core.messages import error
+from .protocols.hook import MAX_LINE, HookError, encode_reply, parse_request
+from .store import Store, StoreError
+
+log = logging.getLogger("ipamd")
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    socket: Path
+    universes: list[Cidr] | None
+    subnet: Cidr | None
+    name: str
+    durability: str = "process"
+    reuse_delay: float = 30.0
+    gateways: frozenset = field(default_factory=frozenset)
+
+
+class Refused(Exception):
+    """Start-up cannot go on; the message says why."""
+
+
+class _Pending:
+    __slots__ = ("request", "reply", "done")
+
+    def __init__(self, request):
+        self.request = request
+        self.reply: dict | None = None
+        self.done = trio.Event()
+
+
+class CoreLoop:
+    def __init__(self, store: Store, loaded, config: Config, clock=time.time):
+        self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
+        self.allocator = self._load()
+        self._send, self._recv = trio.open_memory_channel(math.inf)
+
+    def _load(self):
+        c = self.config
+        return self.store.load_allocator(self.loaded, c.subnet or self.loaded.universes[0],
+                                         c.reuse_delay, c.gateways)
+
+    async def submit(self, request) -> dict:
+        p = _Pending(request)
+        self._send.send_nowait(p)
+        await p.done.wait()
+        return p.reply
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for first in self._recv:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            self._process(batch)
+            for p in batch:
+                p.done.set()
+
+    def _process(self, batch: list[_Pending]) -> None:
+        now = self.clock()
+        rows = []
+        for p in batch:
+            p.reply, r = self.allocator.apply(p.request, now)
+            rows.extend(r)
+        if not rows:
+            return
+        try:
+            self.store.commit(rows)
+        except apsw.Error as e:
+            # The memory state ran ahead of a transaction that did not happen: rebuild it from the
+            # database so that memory never claims more than what is durable.
+            log.error("event=commit_failed error=%r requests=%d", str(e), len(batch))
+            for p in batch:
+                p.reply = error("internal", f"the database refused the write ({e}); "
+                                "nothing was changed")
+            self.allocator = self._load()
+
+
+def _lock(data_dir: Path) -> int:
+    fd = os.open(data_dir / "ipamd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise Refused(f"another ipamd is already running on {data_dir}") from None
+        raise
+    return fd
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket file; refuse if a live daemon answers there."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+    else:
+        raise Refused(f"another daemon is already serving {path}")
+    finally:
+        probe.close()
+
+
+async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
+    buf = bytearray()
+    async with stream:
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > MAX_LINE:
+                    # The rest of the line cannot be told apart from the next request: say why
+                    # and hang up rather than guess.
+                    err = HookError("too_large", f"request line exceeds {MAX_LINE} bytes")
+                    await stream.send_all(encode_reply(err.reply()))
+                    return
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                buf += data
+                continue
+            line = bytes(buf[:nl])
+            del buf[:nl + 1]
+            if not line.strip():
+                continue
+            try:
+                request = parse_request(line)
+            except HookError as e:
+                log.info("event=bad_request code=%s message=%r", e.code, e.message)
+                reply = e.reply()
+            else:
+                reply = await core.submit(request)
+            try:
+                await stream.send_all(encode_reply(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim_socket_path(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o117)  # born 0660: no window in which others could connect
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(256)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(listener)
+
+            async def handler(stream):
+                try:
+                    await _serve_connection(stream, core)
+                except Exception:  # a bug must cost one connection, never the daemon
+                    log.exception("event=connection_failed")
+
+            await trio.serve_listeners(handler, [listener], handler_nursery=nursery)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+async def run(config: Config, ready=print) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = _lock(config.data_dir)
+    store = Store(config.data_dir / "ipamd.db", config.durability)
+    try:
+        loaded = store.open(config.universes, config.name)
+        if config.subnet is not None and not any(config.subnet.overlaps(u)
+                                                 for u in loaded.universes):
+            raise Refused(f"--subnet {config.subnet} overlaps no allocation range "
+                          f"({', '.join(map(str, loaded.universes))})")
+        core = CoreLoop(store, loaded, config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.run)
+            await nursery.start(serve_hooks, config.socket, core)
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
+                  f"db={store.path} ranges={','.join(map(str, loaded.universes))} "
+                  f"allocations={len(core.allocator.by_addr)} durability={config.durability}")
+    except StoreError as e:
+        raise Refused(str(e)) from None
+    finally:
+        store.close()
+        os.close(lock_fd)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.warning("event=stopping signal=%s", signal.Signals(signum).name)
+            scope.cancel()
+            return

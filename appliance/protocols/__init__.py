@@ -1,0 +1,1 @@
+"""Wire formats as pure code: parsing and framing, no sockets."""

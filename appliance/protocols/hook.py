@@ -1,0 +1,118 @@
+"""The hook protocol: one JSON object per line each way on the unix socket (DESIGN.md section 6).
+
+    {"v":1,"op":"allocate","handle":"web-1"}
+    {"ok":true,"handle":"web-1","address":"10.32.0.1/12",...}
+    {"ok":false,"error":{"code":"exhausted","message":"..."}}
+
+Everything a client sends is checked here; the core only ever sees well-formed requests.
+"""
+from __future__ import annotations
+
+import json
+
+from ..core import messages as m
+from ..core.addr import AddrError, parse_addr, parse_cidr
+
+VERSION = 1
+MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
+MAX_HANDLE = 255
+OPS = ("allocate", "claim", "release", "lookup", "list", "status")
+
+
+class HookError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def reply(self) -> dict:
+        return m.error(self.code, self.message)
+
+
+def _bad(message: str) -> HookError:
+    return HookError("bad_request", message)
+
+
+def _field(obj: dict, name: str, kind: type, required: bool):
+    if name not in obj:
+        if required:
+            raise _bad(f"missing field {name!r}")
+        return None
+    value = obj[name]
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _bad(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _handle(obj: dict) -> str:
+    h = _field(obj, "handle", str, True)
+    if not h or len(h) > MAX_HANDLE or not h.isprintable():
+        raise _bad(f"handle must be 1-{MAX_HANDLE} printable characters")
+    return h
+
+
+def _subnet(obj: dict):
+    text = _field(obj, "subnet", str, False)
+    if text is None:
+        return None
+    try:
+        block, normalised = parse_cidr(text)
+    except AddrError as e:
+        raise _bad(f"subnet: {e}") from None
+    if normalised:
+        raise _bad(f"subnet {text!r} has host bits set; did you mean {block}?")
+    return block
+
+
+def _anchor(obj: dict) -> str | None:
+    """A liveness anchor: {"netns": PATH} or {"pid": N, "start_time": T}."""
+    a = _field(obj, "anchor", dict, False)
+    if a is None:
+        return None
+    if set(a) == {"netns"} and isinstance(a["netns"], str) and a["netns"].startswith("/") \
+            and len(a["netns"]) <= 4096 and "\0" not in a["netns"]:
+        return json.dumps(a, sort_keys=True)
+    if set(a) <= {"pid", "start_time"} and "pid" in a \
+            and all(type(v) is int and 0 < v < 2**63 for v in a.values()):
+        return json.dumps(a, sort_keys=True)
+    raise _bad('anchor must be {"netns": "/absolute/path"} or {"pid": N, "start_time": T}')
+
+
+def parse_request(line: bytes) -> m.Request:
+    """One line (without its newline) -> a request; HookError names what is wrong."""
+    if len(line) > MAX_LINE:
+        raise HookError("too_large", f"request of {len(line)} bytes exceeds {MAX_LINE}")
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(f"not JSON: {e}") from None
+    except RecursionError:
+        raise _bad("not JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _bad(f"request must be a JSON object, got {type(obj).__name__}")
+    v = obj.get("v", VERSION)
+    if v != VERSION or isinstance(v, bool):
+        raise HookError("bad_version", f"protocol version {v!r} is not supported (use {VERSION})")
+    op = _field(obj, "op", str, True)
+    if op == "allocate":
+        return m.Allocate(_handle(obj), _subnet(obj), _anchor(obj))
+    if op == "claim":
+        try:
+            family, address = parse_addr(_field(obj, "address", str, True))
+        except AddrError as e:
+            raise _bad(f"address: {e}") from None
+        return m.Claim(_handle(obj), family, address, _subnet(obj), _anchor(obj))
+    if op == "release":
+        return m.Release(_handle(obj))
+    if op == "lookup":
+        return m.Lookup(_handle(obj))
+    if op == "list":
+        return m.List()
+    if op == "status":
+        return m.Status()
+    raise HookError("unknown_op", f"unknown op {op!r} (known: {', '.join(OPS)})")
+
+
+def encode_reply(reply: dict) -> bytes:
+    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"

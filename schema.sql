@@ -1,0 +1,58 @@
+-- ipamd database, schema version 1 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- every address is stored as text in its canonical form.
+-- The daemon sets PRAGMA application_id and user_version after applying this file.
+
+-- Facts about this peer and its cluster: peer_id, cluster_id, created_at, durability.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+-- The allocation ranges (universes), fixed when the cluster is created.
+CREATE TABLE universes (
+    cidr   TEXT PRIMARY KEY,
+    family INTEGER NOT NULL CHECK (family IN (4, 6))
+) STRICT;
+
+-- The ring of each universe: an entry owns from its start to the next entry's start.
+CREATE TABLE ring (
+    universe  TEXT NOT NULL REFERENCES universes (cidr),
+    start     TEXT NOT NULL,
+    owner     TEXT NOT NULL,
+    version   INTEGER NOT NULL CHECK (version > 0),
+    free_hint INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (universe, start)
+) STRICT;
+
+-- Peers this one knows of (itself included).
+CREATE TABLE peers (
+    id        TEXT PRIMARY KEY,
+    nickname  TEXT NOT NULL,
+    addresses TEXT NOT NULL DEFAULT '[]',
+    last_seen REAL,
+    state     TEXT NOT NULL DEFAULT 'alive'
+) STRICT;
+
+-- Addresses held now. universe is NULL for a static address outside every range.
+CREATE TABLE allocations (
+    address      TEXT PRIMARY KEY,
+    universe     TEXT REFERENCES universes (cidr),
+    subnet       TEXT NOT NULL,
+    handle       TEXT NOT NULL,
+    anchor       TEXT,
+    allocated_at REAL NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX allocations_handle ON allocations (handle, subnet);
+
+-- Addresses given back: reused least-recently-freed first once their quarantine is over.
+CREATE TABLE freed (
+    address  TEXT PRIMARY KEY,
+    universe TEXT NOT NULL REFERENCES universes (cidr),
+    freed_at REAL NOT NULL
+) STRICT;
+
+-- For people at a sqlite3 prompt.
+CREATE VIEW held AS
+    SELECT handle, address || '/' || substr(subnet, instr(subnet, '/') + 1) AS address, subnet,
+           anchor, datetime(allocated_at, 'unixepoch') AS allocated
+    FROM allocations ORDER BY handle;
