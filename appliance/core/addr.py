@@ -23,6 +23,8 @@ def parse_addr(text: object) -> tuple[int, int]:
         a = ipaddress.ip_address(text.strip())
     except ValueError:
         raise AddrError(f"{text!r} is not an IPv4 or IPv6 address") from None
+    if getattr(a, "scope_id", None):
+        raise AddrError(f"{text!r} has a zone index; container addresses take none")
     return a.version, int(a)
 
 

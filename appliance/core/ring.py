@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from .addr import Cidr
 
+# Free hints are advisory and travel in gossip and SQLite INTEGERs: an IPv6 range's count
+# saturates here rather than overflowing.
+HINT_MAX = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -42,7 +46,7 @@ class Ring:
 
     @classmethod
     def single_owner(cls, universe: Cidr, owner: str) -> Ring:
-        return cls(universe, [Entry(universe.start, owner, 1, universe.size)])
+        return cls(universe, [Entry(universe.start, owner, 1, min(universe.size, HINT_MAX))])
 
     def owned_by(self, owner: str) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the universe that owner holds, ascending, adjacent ones joined."""

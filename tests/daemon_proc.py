@@ -1,0 +1,85 @@
+"""Run a real ipamd daemon process for tests: start, wait for its ready line, kill, restart."""
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from appliance.client import Client
+
+PYTHON_IPAMD = [sys.executable, "-m", "appliance"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    def __init__(self, directory: Path, *flags: str, command: list[str] | None = None):
+        self.dir = Path(directory)
+        self.socket = self.dir / "ipamd.sock"
+        self.db = self.dir / "data" / "ipamd.db"
+        self.command = command or PYTHON_IPAMD
+        self.flags = list(flags)
+        self.proc: subprocess.Popen | None = None
+        self.ready_line = ""
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        return [*self.command, "launch", "--data-dir", str(self.dir / "data"),
+                "--socket", str(self.socket), *self.flags]
+
+    def start(self, timeout: float = 60.0) -> str:
+        self.starts += 1
+        log = open(self.dir / f"daemon-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+        log.close()
+        line = _readline(self.proc.stdout, timeout)
+        if not line.startswith("ready "):
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"daemon did not become ready: {line!r}\n{self.stderr()}")
+        self.ready_line = line
+        return line
+
+    def stderr(self) -> str:
+        return (self.dir / f"daemon-{self.starts}.log").read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+        return code
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        return self.kill(signal.SIGTERM)
+
+    def call(self, request: dict) -> dict:
+        with Client(self.socket, timeout=30) as c:
+            return c.call(request)
+
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.command, *args, "--socket", str(self.socket)],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, **(env or {})}, timeout=60)
+
+
+def _readline(pipe, timeout: float) -> str:
+    """One line from the daemon's stdout, or what it printed before dying or hanging."""
+    sel = selectors.DefaultSelector()
+    sel.register(pipe, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sel.select(left):
+            return buf.decode(errors="replace") + " <timed out>"
+        chunk = os.read(pipe.fileno(), 4096)
+        if not chunk:
+            break
+        buf += chunk
+    sel.close()
+    return buf.decode(errors="replace").strip()

@@ -1,0 +1,179 @@
+"""Stateful property test: allocate/claim/release/restart against a naive reference model.
+
+The model enumerates addresses one by one; the allocator uses interval sets and ordered maps. A
+restart closes the SQLite store and rebuilds the allocator from it, so persistence is checked too.
+"""
+import itertools
+import math
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from appliance.core.addr import cidr, format_addr, parse_addr
+from appliance.core.messages import Allocate, Claim, List, Release
+from appliance.store import Store
+
+UNIVERSES = [cidr("10.0.0.0/28"), cidr("fd00::/125")]
+DEFAULT = cidr("10.0.0.0/27")  # wider than its range: 10.0.0.16-30 are for static claims
+SUBNETS = [None, cidr("10.0.0.0/29"), cidr("fd00::/125")]
+GATEWAY = parse_addr("10.0.0.9")
+DELAY = 30.0
+HANDLES = [f"h{i}" for i in range(5)]
+CLAIMABLE = [format_addr(4, 0x0A000000 + i) for i in (0, 1, 2, 9, 14, 15, 16, 20, 31, 40)] + \
+            [format_addr(6, (0xFD00 << 112) + i) for i in (0, 1, 5, 7)]
+
+
+def reserved(subnet, v):
+    """Written out here rather than borrowed from the code under test."""
+    if subnet.family == 4 and subnet.prefix <= 30:
+        return v in (subnet.start, subnet.start + subnet.size - 1)
+    if subnet.family == 6 and subnet.prefix <= 126:
+        return v == subnet.start
+    return False
+
+
+class Model:
+    """The obvious, slow allocator."""
+
+    def __init__(self):
+        self.held: dict[tuple[int, int], tuple[str, object]] = {}  # addr -> (handle, subnet)
+        self.freed: dict[tuple[int, int], float] = {}
+
+    def handle_subnet(self, handle, subnet):
+        return next((a for a, (h, s) in self.held.items() if h == handle and s == subnet), None)
+
+    def candidates(self, subnet, now):
+        """Addresses allocate may pick, best first as groups of equally good ones."""
+        fresh, reusable = [], {}
+        for u in UNIVERSES:
+            if not u.overlaps(subnet):
+                continue
+            for v in range(max(subnet.start, u.start), min(subnet.start + subnet.size, u.end)):
+                a = (u.family, v)
+                if a in self.held or a == GATEWAY or reserved(subnet, v):
+                    continue
+                if a not in self.freed:
+                    fresh.append(a)
+                elif self.freed[a] + DELAY <= now:
+                    reusable.setdefault(self.freed[a], []).append(a)
+        if fresh:
+            return [min(fresh)]
+        if reusable:
+            return reusable[min(reusable)]  # ties in freed time: any of them
+        return []
+
+    def claim_outcome(self, handle, a):
+        universe = next((u for u in UNIVERSES if a in u), None)
+        subnet = DEFAULT if a in DEFAULT else universe
+        if subnet is None:
+            return "bad_address", None
+        holder = self.held.get(a)
+        if holder == (handle, subnet):
+            return "same", subnet
+        if holder is not None:
+            return "in_use", subnet
+        if self.handle_subnet(handle, subnet) is not None:
+            return "conflict", subnet
+        if reserved(subnet, a[1]) or a == GATEWAY:
+            return "reserved", subnet
+        return "ok", subnet
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = f"{self.dir.name}/ipamd.db"
+        self.now = 1000.0
+        self.model = Model()
+        self.store = Store(self.path)
+        self.loaded = self.store.open(UNIVERSES, "test")
+        self._load()
+
+    def _load(self):
+        self.alloc = self.store.load_allocator(self.loaded, DEFAULT, DELAY, frozenset([GATEWAY]))
+
+    def _apply(self, req):
+        reply, rows = self.alloc.apply(req, self.now)
+        self.store.commit(rows)
+        return reply
+
+    def teardown(self):
+        self.store.close()
+        self.dir.cleanup()
+
+    @rule(seconds=st.sampled_from([0, 0, 1, 10, 29.5, 30, 31, 100]))
+    def tick(self, seconds):
+        self.now += seconds
+
+    @rule(handle=st.sampled_from(HANDLES), subnet=st.sampled_from(SUBNETS))
+    def allocate(self, handle, subnet):
+        reply = self._apply(Allocate(handle, subnet))
+        s = subnet or DEFAULT
+        have = self.model.handle_subnet(handle, s)
+        if have is not None:
+            assert reply["ok"] and reply["address"] == s.with_prefix(have[1])
+            return
+        best = self.model.candidates(s, self.now)
+        if not best:
+            assert not reply["ok"] and reply["error"]["code"] == "exhausted", reply
+            return
+        assert reply["ok"], reply
+        got = parse_addr(reply["address"].split("/")[0])
+        assert got in best, (got, best)
+        assert reply["address"].endswith(f"/{s.prefix}")
+        self.model.held[got] = (handle, s)
+        self.model.freed.pop(got, None)
+
+    @rule(handle=st.sampled_from(HANDLES), address=st.sampled_from(CLAIMABLE))
+    def claim(self, handle, address):
+        a = parse_addr(address)
+        reply = self._apply(Claim(handle, *a))
+        outcome, subnet = self.model.claim_outcome(handle, a)
+        if outcome in ("ok", "same"):
+            assert reply["ok"] and reply["address"] == subnet.with_prefix(a[1]), reply
+            self.model.held[a] = (handle, subnet)
+            self.model.freed.pop(a, None)
+        else:
+            assert not reply["ok"] and reply["error"]["code"] == outcome, (outcome, reply)
+
+    @rule(handle=st.sampled_from(HANDLES))
+    def release(self, handle):
+        reply = self._apply(Release(handle))
+        assert reply["ok"]
+        mine = [a for a, (h, _) in self.model.held.items() if h == handle]
+        assert len(reply["released"]) == len(mine)
+        for a in mine:
+            del self.model.held[a]
+            if any(a in u for u in UNIVERSES):
+                self.model.freed[a] = self.now
+
+    @rule()
+    def restart(self):
+        self.store.close()
+        self.store = Store(self.path)
+        self.loaded = self.store.open(None, "test")
+        self._load()
+
+    @invariant()
+    def agrees_with_model(self):
+        listed = self._apply(List())["allocations"]
+        got = {parse_addr(x["address"].split("/")[0]): (x["handle"], cidr(x["subnet"]))
+               for x in listed}
+        assert len(got) == len(listed)  # at most one handle per address
+        assert got == self.model.held
+
+    @invariant()
+    def database_agrees(self):
+        rows = self.store.conn.execute("SELECT address, handle FROM allocations").fetchall()
+        assert {parse_addr(a): h for a, h in rows} == \
+            {a: h for a, (h, _) in self.model.held.items()}
+        freed = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM freed")}
+        assert freed == set(self.model.freed)
+
+
+AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60,
+                                              deadline=None)
+TestAllocatorModel = AllocatorMachine.TestCase

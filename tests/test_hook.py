@@ -1,0 +1,177 @@
+"""The hook protocol: request parsing as pure code, then against a real daemon process."""
+import json
+import os
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from appliance.core import messages as m
+from appliance.protocols.hook import MAX_LINE, HookError, parse_request
+
+from .daemon_proc import Daemon
+
+
+@pytest.mark.parametrize("line, expect", [
+    (b'{"v":1,"op":"allocate","handle":"web-1"}', m.Allocate("web-1")),
+    (b'{"op":"release","handle":"web-1"}', m.Release("web-1")),
+    (b'{"op":"list"}', m.List()),
+    (b'{"op":"status"}\r', m.Status()),
+    (b'{"op":"lookup","handle":"a b"}', m.Lookup("a b")),
+    (b'{"op":"allocate","handle":"x","anchor":{"netns":"/run/netns/a"},"extra":1}',
+     m.Allocate("x", None, '{"netns": "/run/netns/a"}')),
+])
+def test_parse_valid(line, expect):
+    assert parse_request(line) == expect
+
+
+@pytest.mark.parametrize("line, code, words", [
+    (b"", "bad_request", "not JSON"),
+    (b"\xff\xfe", "bad_request", "not JSON"),
+    (b"[1,2]", "bad_request", "must be a JSON object"),
+    (b'{"op":"fly"}', "unknown_op", "unknown op 'fly'"),
+    (b'{"handle":"x"}', "bad_request", "missing field 'op'"),
+    (b'{"op":"allocate"}', "bad_request", "missing field 'handle'"),
+    (b'{"op":"allocate","handle":7}', "bad_request", "'handle' must be str"),
+    (b'{"op":"allocate","handle":""}', "bad_request", "handle must be"),
+    (b'{"op":"allocate","handle":"' + b"x" * 300 + b'"}', "bad_request", "handle must be"),
+    (b'{"op":"allocate","handle":"a\\u0000b"}', "bad_request", "printable"),
+    (b'{"op":"allocate","handle":"\\ud800"}', "bad_request", "printable"),
+    (b'{"op":"allocate","handle":"x","subnet":"10.0.0.1/8"}', "bad_request", "host bits"),
+    (b'{"op":"allocate","handle":"x","subnet":"banana"}', "bad_request", "subnet"),
+    (b'{"op":"allocate","handle":"x","anchor":{"pid":-1}}', "bad_request", "anchor"),
+    (b'{"op":"allocate","handle":"x","anchor":{"netns":"relative"}}', "bad_request", "anchor"),
+    (b'{"op":"claim","handle":"x"}', "bad_request", "missing field 'address'"),
+    (b'{"op":"claim","handle":"x","address":"10.0.0.300"}', "bad_request", "address"),
+    (b'{"v":2,"op":"list"}', "bad_version", "version 2"),
+    (b'{"v":true,"op":"list"}', "bad_version", "version"),
+    (b'{"op":true}', "bad_request", "'op' must be str"),
+    (b"[" * 50000, "bad_request", "not JSON"),
+    (b'{"op":"list","pad":"' + b"x" * MAX_LINE + b'"}', "too_large", "exceeds"),
+])
+def test_parse_invalid(line, code, words):
+    with pytest.raises(HookError) as e:
+        parse_request(line)
+    assert e.value.code == code and words in e.value.message
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.9.0.0/29",
+               "--iprange", "fd00:9::/125", "--gateway", "10.9.0.1")
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_socket_mode_is_0660(daemon):
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o660
+
+
+def test_allocate_is_idempotent_and_release_frees(daemon):
+    a = daemon.call({"v": 1, "op": "allocate", "handle": "idem"})
+    assert a["ok"] and a["address"].startswith("10.9.0.") and a["address"].endswith("/29")
+    assert a["address"] != "10.9.0.1/29"  # the gateway
+    assert daemon.call({"op": "allocate", "handle": "idem"})["address"] == a["address"]
+    assert daemon.call({"op": "lookup", "handle": "idem"})["addresses"][0]["address"] == \
+        a["address"]
+    v6 = daemon.call({"op": "allocate", "handle": "idem", "subnet": "fd00:9::/125"})
+    assert v6["ok"] and v6["address"] == "fd00:9::1/125"
+    r = daemon.call({"op": "release", "handle": "idem"})
+    assert sorted(r["released"]) == sorted([a["address"], v6["address"]])
+    assert daemon.call({"op": "lookup", "handle": "idem"})["error"]["code"] == "not_found"
+    assert daemon.call({"op": "release", "handle": "never-seen"}) == \
+        {"ok": True, "handle": "never-seen", "released": []}
+
+
+def test_exhausted_names_the_subnet_and_quarantine_holds(daemon):
+    # /29 has six hosts; the gateway takes one. Freed ones stay quarantined for 30 s.
+    got = [daemon.call({"op": "allocate", "handle": f"full-{i}"}) for i in range(6)]
+    assert [g["ok"] for g in got] == [True] * 5 + [False]
+    assert got[5]["error"]["code"] == "exhausted" and "10.9.0.0/29" in got[5]["error"]["message"]
+    daemon.call({"op": "release", "handle": "full-0"})
+    again = daemon.call({"op": "allocate", "handle": "full-5"})
+    assert again["error"]["code"] == "exhausted"  # the freed address is in quarantine
+    claim = daemon.call({"op": "claim", "handle": "full-5", "address": got[0]["address"][:-3]})
+    assert claim["ok"], claim  # an explicit claim may take a quarantined address
+    for i in range(6):
+        daemon.call({"op": "release", "handle": f"full-{i}"})
+
+
+def test_claim_errors_name_the_problem(daemon):
+    assert daemon.call({"op": "claim", "handle": "c1", "address": "10.9.0.3"})["ok"]
+    r = daemon.call({"op": "claim", "handle": "c2", "address": "10.9.0.3"})
+    assert r["error"]["code"] == "in_use" and "'c1'" in r["error"]["message"]
+    r = daemon.call({"op": "claim", "handle": "c2", "address": "10.9.0.7"})
+    assert r["error"]["code"] == "reserved"
+    r = daemon.call({"op": "claim", "handle": "c2", "address": "192.0.2.1"})
+    assert r["error"]["code"] == "bad_address"
+    daemon.call({"op": "release", "handle": "c1"})
+
+
+def test_pipelined_requests_answered_in_order_and_bad_ones_do_not_close(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket))
+        s.sendall(b'{"op":"allocate","handle":"p1"}\nnonsense\n\n{"op":"lookup","handle":"p1"}\n'
+                  b'{"op":"release","handle":"p1"}\n')
+        f = s.makefile("rb")
+        replies = [json.loads(f.readline()) for _ in range(4)]
+    assert [r["ok"] for r in replies] == [True, False, True, True]
+    assert replies[1]["error"]["code"] == "bad_request"
+    assert replies[2]["addresses"][0]["address"] == replies[0]["address"]
+
+
+def test_oversized_line_is_refused_then_daemon_serves(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket))
+        try:
+            s.sendall(b"x" * (MAX_LINE + 70000))
+        except BrokenPipeError:
+            pass
+        reply = json.loads(s.makefile("rb").readline())
+    assert reply["error"]["code"] == "too_large"
+    assert daemon.call({"op": "status"})["ok"]
+
+
+def test_many_clients_get_distinct_addresses(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.10.0.0/20")
+    d.start()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda i: d.call({"op": "allocate", "handle": f"m{i}"}),
+                                    range(400)))
+        addresses = [r["address"] for r in replies]
+        assert all(r["ok"] for r in replies) and len(set(addresses)) == 400
+        status = d.call({"op": "status"})
+        assert status["allocations"] == 400 and status["universes"][0]["allocated"] == 400
+    finally:
+        d.stop()
+
+
+def test_reuse_delay_zero_reuses_least_recently_freed(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.11.0.0/30", "--reuse-delay", "0")
+    d.start()
+    try:
+        a = d.call({"op": "allocate", "handle": "a"})["address"]
+        b = d.call({"op": "allocate", "handle": "b"})["address"]
+        d.call({"op": "release", "handle": "b"})
+        d.call({"op": "release", "handle": "a"})
+        # b was freed first, so b is reused first.
+        assert d.call({"op": "allocate", "handle": "c"})["address"] == b
+        assert d.call({"op": "allocate", "handle": "d"})["address"] == a
+    finally:
+        d.stop()
+
+
+def test_restart_keeps_allocations_and_identity(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.12.0.0/24")
+    first = d.start()
+    a = d.call({"op": "allocate", "handle": "keep"})["address"]
+    d.kill()
+    second = d.start()
+    assert first.split()[1] == second.split()[1]  # same peer id
+    assert "allocations=1" in second
+    assert d.call({"op": "allocate", "handle": "keep"})["address"] == a
+    assert d.call({"op": "allocate", "handle": "new"})["address"] != a
+    d.stop()

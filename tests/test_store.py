@@ -1,0 +1,148 @@
+"""The database: creation, refusals that leave the file untouched, migrations, plain readability."""
+import os
+import subprocess
+
+import apsw
+import pytest
+
+from appliance import store as store_mod
+from appliance.core.addr import cidr
+from appliance.core.messages import Allocate, Release
+from appliance.store import APPLICATION_ID, Store, StoreError, file_digest
+
+from .conftest import need_tool
+
+RANGE = [cidr("10.32.0.0/12")]
+
+
+def make_db(path, allocations=0):
+    s = Store(path)
+    loaded = s.open(RANGE, "t")
+    a = s.load_allocator(loaded, RANGE[0], 30)
+    for i in range(allocations):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
+    s.close()
+    return loaded
+
+
+def refuses(path, match, universes=RANGE):
+    before = file_digest(path)
+    with pytest.raises(StoreError, match=match):
+        Store(path).open(universes, "t")
+    assert file_digest(path) == before, "a refused database must be left as it was"
+
+
+def test_create(tmp_path):
+    path = tmp_path / "ipamd.db"
+    loaded = make_db(path)
+    assert loaded.created and len(loaded.peer_id) == 16
+    c = apsw.Connection(str(path))
+    assert c.execute("PRAGMA application_id").fetchall()[0][0] == APPLICATION_ID
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == store_mod.SCHEMA_VERSION
+    assert c.execute("PRAGMA journal_mode").fetchall()[0][0] == "wal"
+    assert c.execute("SELECT start, owner, version FROM ring").fetchall() == \
+        [("10.32.0.0", loaded.peer_id, 1)]
+    again = Store(path).open(None, "t")
+    assert (again.peer_id, again.cluster_id, again.created) == (loaded.peer_id, loaded.cluster_id,
+                                                                False)
+
+
+@pytest.mark.parametrize("durability, level", [("process", 1), ("power", 2)])
+def test_durability_maps_to_synchronous(tmp_path, durability, level):
+    s = Store(tmp_path / "ipamd.db", durability)
+    s.open(RANGE, "t")
+    assert s.conn.execute("PRAGMA synchronous").fetchall()[0][0] == level
+    s.close()
+
+
+def test_refuses_text_file(tmp_path):
+    path = tmp_path / "ipamd.db"
+    path.write_text("these are not the pages you are looking for\n" * 100)
+    refuses(path, "not a usable SQLite database")
+
+
+def test_refuses_foreign_sqlite(tmp_path):
+    path = tmp_path / "ipamd.db"
+    c = apsw.Connection(str(path))
+    c.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT); "
+              "INSERT INTO customers VALUES (1, 'x')")
+    c.close()
+    refuses(path, "another application")
+
+
+def test_refuses_newer_schema(tmp_path):
+    path = tmp_path / "ipamd.db"
+    make_db(path)
+    c = apsw.Connection(str(path))
+    c.execute("PRAGMA user_version = 99")
+    c.close()
+    refuses(path, "schema version 99, newer")
+
+
+def test_refuses_corrupt(tmp_path):
+    path = tmp_path / "ipamd.db"
+    make_db(path, allocations=2000)
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8 * 4096
+    data[5 * 4096:5 * 4096 + 200] = os.urandom(200)  # scribble over a b-tree page
+    path.write_bytes(bytes(data))
+    refuses(path, "corrupt|not a usable")
+
+
+def test_refuses_other_cluster_ranges(tmp_path):
+    path = tmp_path / "ipamd.db"
+    make_db(path)
+    refuses(path, r"belongs to a cluster with ranges 10\.32\.0\.0/12.*asked for 10\.1\.0\.0/16",
+            [cidr("10.1.0.0/16")])
+
+
+def test_migration_applies_in_order(tmp_path, monkeypatch):
+    path = tmp_path / "ipamd.db"
+    make_db(path, allocations=3)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    migrations = {1: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  2: "UPDATE allocations SET note = 'migrated'"}
+    s = Store(path)
+    s.open(None, "t", migrations=migrations)
+    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == 3
+    assert {r[0] for r in s.conn.execute("SELECT note FROM allocations")} == {"migrated"}
+    s.close()
+
+
+def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "ipamd.db"
+    make_db(path, allocations=3)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    before = apsw.Connection(str(path)).execute("SELECT * FROM allocations").fetchall()
+    migrations = {1: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  2: "UPDATE no_such_table SET x = 1"}
+    with pytest.raises(StoreError, match="migrating .* failed"):
+        Store(path).open(None, "t", migrations=migrations)
+    c = apsw.Connection(str(path))
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 1
+    assert c.execute("SELECT * FROM allocations").fetchall() == before  # no 'note' column
+
+
+def test_missing_migration_refused(tmp_path, monkeypatch):
+    path = tmp_path / "ipamd.db"
+    make_db(path)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    refuses(path, "no migration from version 1", None)
+
+
+def test_readable_from_plain_sqlite3(tmp_path):
+    sqlite3 = need_tool("sqlite3")
+    path = tmp_path / "ipamd.db"
+    s = Store(path)
+    loaded = s.open([cidr("10.32.0.0/12"), cidr("fd00::/64")], "t")
+    a = s.load_allocator(loaded, cidr("10.32.0.0/12"), 30)
+    s.commit(a.apply(Allocate("web-1"), 1000.0)[1])
+    s.commit(a.apply(Allocate("web-1", cidr("fd00::/64")), 1000.0)[1])
+    s.commit(a.apply(Allocate("gone"), 1000.0)[1])
+    s.commit(a.apply(Release("gone"), 1001.0)[1])
+    # The daemon keeps its connection open, as a running daemon does.
+    out = subprocess.run([sqlite3, str(path), "SELECT handle, address FROM held ORDER BY address;"
+                          "SELECT address FROM freed;"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["web-1|10.32.0.1/12", "web-1|fd00::1/64", "10.32.0.2"]
+    s.close()
