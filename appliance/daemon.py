@@ -19,12 +19,13 @@ from pathlib import Path
 import apsw
 import trio
 
-from .core.addr import Cidr
+from .core.addr import Cidr, cidr
 from .core.messages import error
 from .protocols.hook import MAX_LINE, HookError, encode_reply, parse_request
 from .store import Store, StoreError
 
 log = logging.getLogger("ipamd")
+DEFAULT_RANGE = cidr("10.32.0.0/12")  # Weave Net's default, so its users feel at home
 
 
 @dataclass
@@ -201,11 +202,12 @@ async def run(config: Config, ready=print) -> None:
     lock_fd = _lock(config.data_dir)
     store = Store(config.data_dir / "ipamd.db", config.durability)
     try:
+        if config.universes is None and not store.path.exists():
+            config.universes = [DEFAULT_RANGE]
+        if config.universes is not None:
+            _check_subnet(config.subnet, config.universes)  # before anything is written
         loaded = store.open(config.universes, config.name)
-        if config.subnet is not None and not any(config.subnet.overlaps(u)
-                                                 for u in loaded.universes):
-            raise Refused(f"--subnet {config.subnet} overlaps no allocation range "
-                          f"({', '.join(map(str, loaded.universes))})")
+        _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
@@ -219,6 +221,12 @@ async def run(config: Config, ready=print) -> None:
     finally:
         store.close()
         os.close(lock_fd)
+
+
+def _check_subnet(subnet: Cidr | None, universes: list[Cidr]) -> None:
+    if subnet is not None and not any(subnet.overlaps(u) for u in universes):
+        raise Refused(f"--subnet {subnet} overlaps no allocation range "
+                      f"({', '.join(map(str, universes))})")
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -66,7 +66,9 @@ class Store:
             conn.set_busy_timeout(5000)
             version = self._check(conn, exists)
             if version is None:
-                loaded = self._create(conn, universes or [cidr("10.32.0.0/12")], nickname)
+                if not universes:
+                    raise StoreError(f"{self.path} is new: name its ranges with --iprange")
+                loaded = self._create(conn, universes, nickname)
             else:
                 if version < SCHEMA_VERSION:
                     self._migrate(conn, version, migrations)

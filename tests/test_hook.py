@@ -46,6 +46,7 @@ def test_parse_valid(line, expect):
     (b'{"op":"claim","handle":"x","address":"10.0.0.300"}', "bad_request", "address"),
     (b'{"v":2,"op":"list"}', "bad_version", "version 2"),
     (b'{"v":true,"op":"list"}', "bad_version", "version"),
+    (b'{"v":1.0,"op":"list"}', "bad_version", "version"),
     (b'{"op":true}', "bad_request", "'op' must be str"),
     (b"[" * 50000, "bad_request", "not JSON"),
     (b'{"op":"list","pad":"' + b"x" * MAX_LINE + b'"}', "too_large", "exceeds"),

@@ -92,7 +92,7 @@ def parse_request(line: bytes) -> m.Request:
     if not isinstance(obj, dict):
         raise _bad(f"request must be a JSON object, got {type(obj).__name__}")
     v = obj.get("v", VERSION)
-    if v != VERSION or isinstance(v, bool):
+    if type(v) is not int or v != VERSION:
         raise HookError("bad_version", f"protocol version {v!r} is not supported (use {VERSION})")
     op = _field(obj, "op", str, True)
     if op == "allocate":

@@ -1,0 +1,101 @@
+"""The command line: client commands, launch refusals, `ipamd sql`."""
+import json
+import subprocess
+
+import apsw
+import pytest
+
+from .daemon_proc import PYTHON_IPAMD, ROOT, Daemon
+
+
+def ipamd(*args, **kw):
+    return subprocess.run([*PYTHON_IPAMD, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, **kw)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.1.0.1/16")
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_client_commands(daemon):
+    r = daemon.cli("allocate", "web-1")
+    assert (r.returncode, r.stdout) == (0, "10.1.0.1/16\n")
+    r = daemon.cli("allocate", "db-1", "--subnet", "10.1.8.0/24", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["address"] == "10.1.8.1/24"
+    assert daemon.cli("claim", "legacy-1", "10.1.5.5").stdout == "10.1.5.5/16\n"
+    assert daemon.cli("lookup", "web-1").stdout == "10.1.0.1/16\n"
+    ls = daemon.cli("ls").stdout.splitlines()
+    assert ls[0].split() == ["HANDLE", "ADDRESS"] and len(ls) == 4
+    assert "legacy-1  10.1.5.5/16" in ls
+    status = daemon.cli("status").stdout
+    assert "3 addresses held by 3 handles" in status and "10.1.0.0/16" in status
+    assert json.loads(daemon.cli("status", "--json").stdout)["universes"][0]["allocated"] == 3
+    assert daemon.cli("release", "web-1").stdout == "released 10.1.0.1/16\n"
+    assert daemon.cli("release", "web-1").returncode == 0  # idempotent
+
+
+def test_error_reply_exit_code_and_message(daemon):
+    r = daemon.cli("claim", "x", "10.2.0.1")
+    assert r.returncode == 1 and r.stderr.startswith("ipamd: bad_address: 10.2.0.1")
+    r = daemon.cli("lookup", "nobody", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "not_found"
+
+
+def test_ready_line_and_weave_form_notice(daemon):
+    assert "ranges=10.1.0.0/16" in daemon.ready_line
+    assert "--iprange 10.1.0.1/16 taken as 10.1.0.0/16" in daemon.stderr()
+
+
+def test_daemon_not_running(tmp_path):
+    r = ipamd("allocate", "x", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 3
+    assert "cannot reach the ipamd daemon" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--iprange", "10.0.0.0/8", "--iprange", "10.1.0.0/16"], "overlap"),
+    (["--iprange", "banana"], "not a CIDR block"),
+    (["--iprange", "10.0.0.0/8", "--subnet", "192.168.0.0/16"], "overlaps no allocation range"),
+    (["--reuse-delay", "-1"], "between 0 and a year"),
+    (["--durability", "never"], "invalid choice"),
+    (["--gateway", "10.0.0.999"], "not an IPv4 or IPv6 address"),
+])
+def test_launch_rejects_bad_arguments(tmp_path, args, words):
+    r = ipamd("launch", "--data-dir", str(tmp_path / "d"), "--socket", str(tmp_path / "s"), *args)
+    assert r.returncode in (1, 2) and words in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d" / "ipamd.db").exists()
+
+
+def test_launch_refuses_foreign_database(tmp_path):
+    (tmp_path / "d").mkdir()
+    c = apsw.Connection(str(tmp_path / "d" / "ipamd.db"))
+    c.execute("CREATE TABLE t (x)")
+    c.close()
+    r = ipamd("launch", "--data-dir", str(tmp_path / "d"), "--socket", str(tmp_path / "s"))
+    assert r.returncode == 1 and "another application" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_second_daemon_on_same_data_dir_is_refused(daemon):
+    r = ipamd("launch", "--data-dir", str(daemon.db.parent), "--socket",
+              str(daemon.dir / "other.sock"))
+    assert r.returncode == 1 and "already running" in r.stderr
+    r = ipamd("launch", "--data-dir", str(daemon.dir / "other"), "--socket", str(daemon.socket))
+    assert r.returncode == 1 and "already serving" in r.stderr
+    assert daemon.cli("status").returncode == 0
+
+
+def test_sql_shell_reads_while_daemon_runs(daemon):
+    daemon.cli("allocate", "web-1")
+    r = ipamd("sql", str(daemon.db), "SELECT handle, address FROM held")
+    assert r.returncode == 0 and "web-1" in r.stdout and "10.1.0.1/16" in r.stdout
+
+
+def test_help_names_every_command():
+    out = ipamd("--help").stdout
+    for cmd in ("launch", "allocate", "claim", "release", "lookup", "ls", "status", "sql"):
+        assert cmd in out
