@@ -234,6 +234,8 @@ def _sql(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "launch":
+        from .frozen import bind_to_bootloader
+        bind_to_bootloader()
         return _launch(args)
     if args.command == "sql":
         return _sql(args)

@@ -19,3 +19,11 @@ def need_tool(name: str) -> str:
     path = shutil.which(name)
     need(path is not None, f"{name} is not installed (make test installs it as root)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_daemon_left_behind():
+    from .daemon_proc import Daemon
+    yield
+    while Daemon.started:
+        Daemon.started.pop().stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Daemon:
+    started: list[Daemon] = []  # every daemon a test started; conftest stops leftovers
+
     def __init__(self, directory: Path, *flags: str, command: list[str] | None = None):
         self.dir = Path(directory)
         self.socket = self.dir / "ipamd.sock"
@@ -32,6 +35,7 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> str:
         self.starts += 1
+        Daemon.started.append(self)
         log = open(self.dir / f"daemon-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
         log.close()
@@ -47,8 +51,14 @@ class Daemon:
         return (self.dir / f"daemon-{self.starts}.log").read_text(errors="replace")
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
+        # The frozen one-file executable runs the daemon as a child of its bootloader: wait for
+        # those children to be gone too, so a restart never races the dying daemon for its lock.
+        children = [os.pidfd_open(pid) for pid in _children(self.proc.pid)]
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=30)
+        for fd in children:
+            select.select([fd], [], [], 30)  # a pidfd turns readable when its process exits
+            os.close(fd)
         self.proc.stdout.close()
         return code
 
@@ -65,6 +75,20 @@ class Daemon:
         return subprocess.run([*self.command, *args, "--socket", str(self.socket)],
                               capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, **(env or {})}, timeout=60)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    out = []
+    for child in text.split():
+        try:
+            out.append(int(child))
+        except ValueError:
+            pass
+    return out
 
 
 def _readline(pipe, timeout: float) -> str:

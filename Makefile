@@ -1,0 +1,47 @@
+# ipamd: `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
+SOURCES := $(shell find appliance -name '*.py') schema.sql packaging/ipamd.spec
+ARGS   ?=
+# Debian packages the tests use; installed when missing and we are root (as in CI).
+DEBS   := sqlite3
+
+.PHONY: setup sysdeps run test bench dist clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: not root, so not installing:$$missing (tests needing them skip outside CI)"; fi; \
+	fi
+
+## Start a single-host daemon in the foreground on defaults (range 10.32.0.0/12).
+run: $(STAMP)
+	$(BIN)/ipamd launch $(ARGS)
+
+## The whole test tier (what CI runs).
+test: $(STAMP) sysdeps dist
+	$(BIN)/pytest -q -p no:cacheprovider
+
+## Benchmarks: printed tables, never pass/fail on timing.
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.hook_bench
+
+## The frozen single-file executable.
+dist: dist/ipamd
+dist/ipamd: $(STAMP) $(SOURCES)
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ipamd.spec
+
+clean:
+	rm -rf build dist $(VENV)
