@@ -35,7 +35,7 @@ test: $(STAMP) sysdeps dist
 	$(BIN)/pytest -q -p no:cacheprovider
 
 ## Benchmarks: printed tables, never pass/fail on timing.
-bench: $(STAMP)
+bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.hook_bench
 
 ## The frozen single-file executable.

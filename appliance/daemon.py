@@ -1,14 +1,13 @@
 """The trio shell around the core: one task owns the allocator; connections hand it requests.
 
-The core task takes every request waiting, runs each through the allocator, commits all their
-rows in one transaction, and only then wakes the connections to reply (never reply before commit).
+Requests are applied to the allocator as they arrive; what they change is committed in one
+transaction per batch, and only then are their replies sent (never reply before commit).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import logging
-import math
 import os
 import signal
 import socket as stdsocket
@@ -44,20 +43,32 @@ class Refused(Exception):
     """Start-up cannot go on; the message says why."""
 
 
-class _Pending:
-    __slots__ = ("request", "reply", "done")
+class _Batch:
+    """Rows applied in memory that will be committed together, and who waits for them."""
+    __slots__ = ("rows", "done", "error")
 
-    def __init__(self, request):
-        self.request = request
-        self.reply: dict | None = None
+    def __init__(self):
+        self.rows: list = []
         self.done = trio.Event()
+        self.error: str | None = None
 
 
 class CoreLoop:
+    """Owns the allocator; group-commits what requests change.
+
+    A connection task applies its request to the allocator at once (trio runs one task at a
+    time, so the allocator has one user at a time). The first request of a batch to change
+    something leads it: it yields once, so every connection that is ready now can apply its
+    request and join, then commits the batch in one transaction. Every reply waits for the
+    commit of the rows applied before it was made, reads included, so no reply shows what a
+    crash could still take back. The commit runs on the event loop: measured here, trio's thread
+    hand-off costs several times the 35 us a WAL commit takes.
+    """
+
     def __init__(self, store: Store, loaded, config: Config, clock=time.time):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
         self.allocator = self._load()
-        self._send, self._recv = trio.open_memory_channel(math.inf)
+        self._open = _Batch()
 
     def _load(self):
         c = self.config
@@ -65,42 +76,32 @@ class CoreLoop:
                                          c.reuse_delay, c.gateways)
 
     async def submit(self, request) -> dict:
-        p = _Pending(request)
-        self._send.send_nowait(p)
-        await p.done.wait()
-        return p.reply
+        reply, rows = self.allocator.apply(request, self.clock())
+        batch = self._open
+        if rows:
+            leader = not batch.rows
+            batch.rows.extend(rows)
+            if leader:
+                await self._lead(batch)
+        if batch.rows:
+            await batch.done.wait()
+            if batch.error is not None:
+                return error("internal", batch.error)
+        return reply
 
-    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async for first in self._recv:
-            batch = [first]
-            while True:
-                try:
-                    batch.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            self._process(batch)
-            for p in batch:
-                p.done.set()
-
-    def _process(self, batch: list[_Pending]) -> None:
-        now = self.clock()
-        rows = []
-        for p in batch:
-            p.reply, r = self.allocator.apply(p.request, now)
-            rows.extend(r)
-        if not rows:
-            return
+    async def _lead(self, batch: _Batch) -> None:
+        # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._open = _Batch()
         try:
-            self.store.commit(rows)
+            self.store.commit(batch.rows)
         except apsw.Error as e:
-            # The memory state ran ahead of a transaction that did not happen: rebuild it from the
-            # database so that memory never claims more than what is durable.
-            log.error("event=commit_failed error=%r requests=%d", str(e), len(batch))
-            for p in batch:
-                p.reply = error("internal", f"the database refused the write ({e}); "
-                                "nothing was changed")
+            # Memory ran ahead of a transaction that did not happen: fail the batch and
+            # rebuild memory from the database. Nothing was applied since (no await above).
+            log.error("event=commit_failed error=%r rows=%d", str(e), len(batch.rows))
+            batch.error = f"the database refused the write ({e}); nothing was changed"
             self.allocator = self._load()
+        batch.done.set()
 
 
 def _lock(data_dir: Path) -> int:
@@ -210,7 +211,6 @@ async def run(config: Config, ready=print) -> None:
         _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
         async with trio.open_nursery() as nursery:
-            await nursery.start(core.run)
             await nursery.start(serve_hooks, config.socket, core)
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "

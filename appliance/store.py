@@ -169,7 +169,8 @@ class Store:
                 "SELECT address, universe, subnet, handle, anchor, allocated_at FROM allocations"):
             family, value = parse_addr(address)
             s = subnets.get(subnet) or subnets.setdefault(subnet, cidr(subnet))
-            alloc.load_allocation(Held(family, value, by_text.get(universe), s, handle, anchor, at))
+            alloc.load_allocation(Held(family, value, by_text.get(universe), s, handle, anchor, at,
+                                       address))
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
             alloc.load_freed(by_text[universe], parse_addr(address)[1], freed_at)

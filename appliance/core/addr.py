@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 
 BITS = {4: 32, 6: 128}
 
@@ -80,8 +81,13 @@ class Cidr:
     def with_prefix(self, value: int) -> str:
         return f"{format_addr(self.family, value)}/{self.prefix}"
 
-    def __str__(self) -> str:
+    @cached_property
+    def text(self) -> str:
+        # Formatted once per block: replies and rows name their subnet on every request.
         return f"{format_addr(self.family, self.start)}/{self.prefix}"
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def parse_cidr(text: object) -> tuple[Cidr, bool]:

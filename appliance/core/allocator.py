@@ -26,9 +26,14 @@ class Held:
     handle: str
     anchor: str | None
     allocated_at: float
+    text: str = ""  # the address as text, formatted once: ipaddress formatting is slow
+
+    def __post_init__(self):
+        if not self.text:
+            self.text = format_addr(self.family, self.address)
 
     def view(self) -> dict:
-        return {"handle": self.handle, "address": self.subnet.with_prefix(self.address),
+        return {"handle": self.handle, "address": f"{self.text}/{self.subnet.prefix}",
                 "subnet": str(self.subnet), "anchor": self.anchor,
                 "allocated_at": self.allocated_at}
 
@@ -120,8 +125,8 @@ class Allocator:
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
         mine = self.by_handle.get(req.handle, {}).get(subnet)
         if mine is not None:
-            return error("conflict", f"handle {req.handle!r} already holds "
-                         f"{_fmt((mine.family, mine.address))} in {subnet}; release it first"), []
+            return error("conflict", f"handle {req.handle!r} already holds {mine.text} in "
+                         f"{subnet}; release it first"), []
         lo, hi = subnet.host_bounds()
         if not lo <= req.address < hi:
             return error("reserved", f"{_fmt(key)} is the network or broadcast address of "
@@ -146,9 +151,10 @@ class Allocator:
             if h.universe is not None:
                 self.freed[h.universe][h.address] = now
                 self.freed[h.universe].move_to_end(h.address)
-            rows.append(FreeAddress(_fmt((h.family, h.address)),
+            rows.append(FreeAddress(h.text,
                                     str(h.universe) if h.universe else None, now))
-        return ok(handle=req.handle, released=[h.view()["address"] for h in held.values()]), rows
+        return ok(handle=req.handle,
+                  released=[f"{h.text}/{h.subnet.prefix}" for h in held.values()]), rows
 
     # -- search --------------------------------------------------------------------------------
 
@@ -186,7 +192,7 @@ class Allocator:
             self.used[held.universe].add(held.address)
             self.freed[held.universe].pop(held.address, None)
         self._hold(held)
-        row = PutAllocation(_fmt((held.family, held.address)),
+        row = PutAllocation(held.text,
                             str(held.universe) if held.universe else None, str(held.subnet),
                             held.handle, held.anchor, held.allocated_at)
         return ok(**held.view()), [row]

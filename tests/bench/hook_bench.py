@@ -1,0 +1,212 @@
+"""`make bench`: the hook socket, restart time and memory. Prints tables; asserts nothing.
+
+Every figure is measured 3 times and shown as median [min-max], the spread being the machine's
+noise in this run. Baselines measured in the same run: a trio echo server driven by the same
+clients, and a bare apsw WAL commit of one row.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+
+from tests.daemon_proc import PYTHON_IPAMD, ROOT, Daemon, _readline
+
+RUNS = 3
+ONE_CLIENT_PAIRS = 3000
+CLIENTS = 8
+PAIRS_PER_CLIENT = 1500
+RESTART_ALLOCATIONS = 10_000
+
+
+def _connect(path: str) -> tuple[socket.socket, object]:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    return s, s.makefile("rb")
+
+
+def _pairs(path: str, tag: str, n: int, latencies: bool, ops=("allocate", "release")):
+    """n allocate+release pairs (or n allocations); per-request latencies in us if asked."""
+    s, f = _connect(path)
+    lat = []
+    for i in range(n):
+        for op in ops:
+            msg = b'{"op":"%s","handle":"%s-%d"}\n' % (op.encode(), tag.encode(), i)
+            t0 = time.perf_counter_ns()
+            s.sendall(msg)
+            reply = f.readline()
+            if latencies:
+                lat.append((time.perf_counter_ns() - t0) / 1000)
+            if b'"ok":true' not in reply:
+                raise RuntimeError(f"request failed: {reply!r}")
+    s.close()
+    return lat
+
+
+def _worker(args):
+    path, tag, n, start, ops = args
+    start.wait()
+    t0 = time.perf_counter()
+    _pairs(path, tag, n, False, ops)
+    return time.perf_counter() - t0
+
+
+def one_client(path: str) -> dict:
+    _pairs(path, "warm", 200, False)
+    lat = sorted(_pairs(path, "one", ONE_CLIENT_PAIRS, True))
+    q = statistics.quantiles(lat, n=100)
+    return {"p50": q[49], "p95": q[94], "p99": q[98]}
+
+
+def _clients(path: str, tag: str, ops: tuple[str, ...]) -> float:
+    """Seconds for 8 client processes to make PAIRS_PER_CLIENT rounds of ops each."""
+    ctx = mp.get_context("fork")
+    start = ctx.Manager().Event()
+    with ctx.Pool(CLIENTS) as pool:
+        res = pool.map_async(_worker, [(path, f"{tag}{i}", PAIRS_PER_CLIENT, start, ops)
+                                       for i in range(CLIENTS)])
+        t0 = time.perf_counter()
+        start.set()
+        res.get()
+        return time.perf_counter() - t0
+
+
+def many_clients(path: str) -> dict:
+    n = CLIENTS * PAIRS_PER_CLIENT
+    only = _clients(path, "a", ("allocate",))
+    pairs = _clients(path, "m", ("allocate", "release"))
+    return {"alloc_per_s": n / only, "pair_req_per_s": 2 * n / pairs}
+
+
+def echo_baseline(tmp: Path) -> dict:
+    path = str(tmp / "echo.sock")
+    Path(path).unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("echo_server.py")),
+                             path], stdout=subprocess.PIPE, cwd=ROOT)
+    assert _readline(proc.stdout, 30) == "ready"
+    try:
+        return {**one_client(path), **many_clients(path)}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def commit_baseline(tmp: Path, synchronous: str) -> float:
+    path = tmp / f"commit-{synchronous}-{os.urandom(4).hex()}.db"
+    c = apsw.Connection(str(path))
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute(f"PRAGMA synchronous={synchronous}")
+    c.execute("CREATE TABLE t (address TEXT PRIMARY KEY, handle TEXT)")
+    n = 2000
+    t0 = time.perf_counter()
+    for i in range(n):
+        with c:
+            c.execute("INSERT INTO t VALUES (?, ?)", (f"10.0.{i // 256}.{i % 256}", f"h{i}"))
+    c.close()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def ipamd_hook(tmp: Path, durability: str) -> dict:
+    d = Daemon(tmp, "--iprange", "10.64.0.0/12", "--durability", durability)
+    d.start()
+    try:
+        return {**one_client(str(d.socket)), **many_clients(str(d.socket))}
+    finally:
+        d.stop()
+
+
+def rss_kb(pid: int) -> int:
+    # The frozen one-file executable's daemon is the bootloader's child; measure the largest.
+    pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    sizes = []
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                sizes.append(int(line.split()[1]))
+    return max(sizes)
+
+
+def restart(tmp: Path, command: list[str]) -> list[dict]:
+    d = Daemon(tmp, "--iprange", "10.64.0.0/12", command=command)
+    d.start()
+    s, f = _connect(str(d.socket))
+    for i in range(RESTART_ALLOCATIONS):
+        s.sendall(b'{"op":"allocate","handle":"r-%d"}\n' % i)
+        assert b'"ok":true' in f.readline()
+    s.close()
+    out = []
+    for _ in range(RUNS):
+        d.kill()
+        t0 = time.perf_counter()
+        line = d.start()
+        ready = time.perf_counter() - t0
+        assert f"allocations={RESTART_ALLOCATIONS}" in line, line
+        d.call({"op": "status"})
+        out.append({"ready_s": ready, "rss_mb": rss_kb(d.proc.pid) / 1024})
+    d.stop()
+    return out
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}-" \
+           f"{format(max(values), fmt)}]"
+
+
+def table(title: str, rows: list[tuple[str, list[dict]]], cols: list[tuple[str, str, str]]):
+    print(f"\n{title}")
+    print(f"{'':<34}" + "".join(f"{h:>24}" for h, _, _ in cols))
+    for name, runs in rows:
+        print(f"{name:<34}" + "".join(f"{spread([r[k] for r in runs], fmt):>24}"
+                                      for _, k, fmt in cols))
+
+
+def main() -> None:
+    print(f"ipamd benchmark: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
+          f"{RUNS} runs each, median [min-max]; load average before: {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        results = {"echo": [], "process": [], "power": []}
+        commits = {"NORMAL": [], "FULL": []}
+        for run in range(RUNS):
+            results["echo"].append(echo_baseline(tmp))
+            for sync in commits:
+                commits[sync].append({"us": commit_baseline(tmp, sync)})
+            for durability in ("process", "power"):
+                sub = tmp / f"{durability}-{run}"
+                sub.mkdir()
+                results[durability].append(ipamd_hook(sub, durability))
+        cols = [("p50 us (1 client)", "p50", ".0f"), ("p95 us", "p95", ".0f"),
+                ("p99 us", "p99", ".0f"), ("allocations/s (8 cl.)", "alloc_per_s", ".0f"),
+                ("alloc+rel req/s (8 cl.)", "pair_req_per_s", ".0f")]
+        table("Hook socket. Latency: one client, allocate+release pairs, per request. "
+              "Throughput: 8 client processes, allocate only; then allocate+release pairs.", [
+            ("baseline: trio echo server", results["echo"]),
+            ("ipamd --durability process", results["process"]),
+            ("ipamd --durability power", results["power"])], cols)
+        table("Baseline: one-row apsw WAL commit", [
+            ("synchronous=NORMAL", commits["NORMAL"]), ("synchronous=FULL", commits["FULL"])],
+            [("us per commit", "us", ".1f")])
+        sub = tmp / "restart-venv"
+        sub.mkdir()
+        rows = [("python -m appliance", restart(sub, PYTHON_IPAMD))]
+        frozen = ROOT / "dist" / "ipamd"
+        if frozen.exists():
+            sub = tmp / "restart-frozen"
+            sub.mkdir()
+            rows.append(("dist/ipamd (frozen)", restart(sub, [str(frozen)])))
+        table(f"Restart after SIGKILL to 'ready' with {RESTART_ALLOCATIONS} allocations "
+              "(budget < 1 s, < 60 MB)", rows,
+              [("seconds to ready", "ready_s", ".3f"), ("RSS MB", "rss_mb", ".1f")])
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
