@@ -51,6 +51,13 @@ CREATE TABLE freed (
     freed_at REAL NOT NULL
 ) STRICT;
 
+-- Addresses never handed out: gateways that requests named (CNI, Docker).
+CREATE TABLE reserved (
+    address  TEXT PRIMARY KEY,
+    universe TEXT NOT NULL REFERENCES universes (cidr),
+    note     TEXT NOT NULL
+) STRICT;
+
 -- For people at a sqlite3 prompt.
 CREATE VIEW held AS
     SELECT handle, address || '/' || substr(subnet, instr(subnet, '/') + 1) AS address, subnet,

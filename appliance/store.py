@@ -15,7 +15,7 @@ import apsw
 
 from .core.addr import Cidr, cidr, parse_addr
 from .core.allocator import Allocator, Held
-from .core.messages import FreeAddress, PutAllocation, Row
+from .core.messages import FreeAddress, PutAllocation, Reserve, Row
 from .core.ring import Entry, Ring
 from .resources import schema_path
 
@@ -174,6 +174,8 @@ class Store:
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
             alloc.load_freed(by_text[universe], parse_addr(address)[1], freed_at)
+        for (address,) in conn.execute("SELECT address FROM reserved"):
+            alloc.load_reserved(parse_addr(address))
         return alloc
 
     # -- writing -------------------------------------------------------------------------------
@@ -193,6 +195,10 @@ class Store:
                     if r.universe is not None:
                         conn.execute("INSERT OR REPLACE INTO freed VALUES (?, ?, ?)",
                                      (r.address, r.universe, r.freed_at))
+                elif isinstance(r, Reserve):
+                    conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
+                    conn.execute("INSERT OR IGNORE INTO reserved VALUES (?, ?, ?)",
+                                 (r.address, r.universe, r.note))
                 else:
                     raise TypeError(f"not a row: {r!r}")
 

@@ -33,17 +33,22 @@ def reserved(subnet, v):
     return False
 
 
+RANGES = [None, ("10.0.0.3", "10.0.0.12")]
+REQUEST_GATEWAYS = [None, "10.0.0.1", "10.0.0.14", "10.0.0.20"]
+
+
 class Model:
     """The obvious, slow allocator."""
 
     def __init__(self):
         self.held: dict[tuple[int, int], tuple[str, object]] = {}  # addr -> (handle, subnet)
         self.freed: dict[tuple[int, int], float] = {}
+        self.reserved = {GATEWAY}
 
     def handle_subnet(self, handle, subnet):
         return next((a for a, (h, s) in self.held.items() if h == handle and s == subnet), None)
 
-    def candidates(self, subnet, now):
+    def candidates(self, subnet, now, rng=None):
         """Addresses allocate may pick, best first as groups of equally good ones."""
         fresh, reusable = [], {}
         for u in UNIVERSES:
@@ -51,7 +56,9 @@ class Model:
                 continue
             for v in range(max(subnet.start, u.start), min(subnet.start + subnet.size, u.end)):
                 a = (u.family, v)
-                if a in self.held or a == GATEWAY or reserved(subnet, v):
+                if rng is not None and not rng[0] <= v <= rng[1]:
+                    continue
+                if a in self.held or a in self.reserved or reserved(subnet, v):
                     continue
                 if a not in self.freed:
                     fresh.append(a)
@@ -75,7 +82,7 @@ class Model:
             return "in_use", subnet
         if self.handle_subnet(handle, subnet) is not None:
             return "conflict", subnet
-        if reserved(subnet, a[1]) or a == GATEWAY:
+        if reserved(subnet, a[1]) or a in self.reserved:
             return "reserved", subnet
         return "ok", subnet
 
@@ -108,15 +115,29 @@ class AllocatorMachine(RuleBasedStateMachine):
     def tick(self, seconds):
         self.now += seconds
 
-    @rule(handle=st.sampled_from(HANDLES), subnet=st.sampled_from(SUBNETS))
-    def allocate(self, handle, subnet):
-        reply = self._apply(Allocate(handle, subnet))
+    @rule(handle=st.sampled_from(HANDLES), subnet=st.sampled_from(SUBNETS),
+          rng=st.sampled_from(RANGES), gateway=st.sampled_from(REQUEST_GATEWAYS))
+    def allocate(self, handle, subnet, rng, gateway):
         s = subnet or DEFAULT
+        if s.family == 6:
+            rng = gateway = None
+        rng = rng and (parse_addr(rng[0])[1], min(parse_addr(rng[1])[1], s.start + s.size - 1))
+        gw = gateway and parse_addr(gateway)
+        if gw is not None and gw not in s:
+            gw = None
+        reply = self._apply(Allocate(handle, subnet, None, rng, gw and gw[1]))
         have = self.model.handle_subnet(handle, s)
         if have is not None:
             assert reply["ok"] and reply["address"] == s.with_prefix(have[1])
             return
-        best = self.model.candidates(s, self.now)
+        if gw is not None and gw not in self.model.reserved and any(gw in u for u in UNIVERSES):
+            holder = self.model.held.get(gw)
+            if holder is not None:
+                assert reply["error"]["code"] == "in_use", reply
+                return
+            self.model.reserved.add(gw)  # for good, even if the allocation then fails
+            self.model.freed.pop(gw, None)
+        best = self.model.candidates(s, self.now, rng)
         if not best:
             assert not reply["ok"] and reply["error"]["code"] == "exhausted", reply
             return
@@ -139,11 +160,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         else:
             assert not reply["ok"] and reply["error"]["code"] == outcome, (outcome, reply)
 
-    @rule(handle=st.sampled_from(HANDLES))
-    def release(self, handle):
-        reply = self._apply(Release(handle))
+    @rule(handle=st.sampled_from(HANDLES), only=st.sampled_from([None, *CLAIMABLE[:6]]))
+    def release(self, handle, only):
+        key = only and parse_addr(only)
+        reply = self._apply(Release(handle, key))
         assert reply["ok"]
-        mine = [a for a, (h, _) in self.model.held.items() if h == handle]
+        mine = [a for a, (h, _) in self.model.held.items() if h == handle
+                and (key is None or a == key)]
         assert len(reply["released"]) == len(mine)
         for a in mine:
             del self.model.held[a]
@@ -172,6 +195,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             {a: h for a, (h, _) in self.model.held.items()}
         freed = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM freed")}
         assert freed == set(self.model.freed)
+        reserved = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM reserved")}
+        assert reserved | {GATEWAY} == self.model.reserved
 
 
 AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from .addr import Cidr, format_addr
 from .intervals import IntervalSet
-from .messages import (Allocate, Claim, FreeAddress, List, Lookup, PutAllocation, Release, Row,
-                       Status, error, ok)
+from .messages import (Allocate, Claim, FreeAddress, List, Lookup, PutAllocation, Release,
+                       Reserve, Row, Status, error, ok)
 from .ring import Ring
 
 
@@ -45,7 +45,6 @@ class Allocator:
         self.rings = {r.universe: r for r in rings}
         self.default_subnet = default_subnet
         self.reuse_delay = reuse_delay
-        self.gateways = gateways
         self.by_addr: dict[tuple[int, int], Held] = {}
         self.by_handle: dict[str, dict[Cidr, Held]] = {}
         # Per universe: every address ever used (allocated or freed), and the freed ones in the
@@ -53,6 +52,11 @@ class Allocator:
         self.used: dict[Cidr, IntervalSet] = {u: IntervalSet() for u in self.rings}
         self.freed: dict[Cidr, OrderedDict[int, float]] = {u: OrderedDict() for u in self.rings}
         self._owned = {u: r.owned_by(me) for u, r in self.rings.items()}
+        # Never handed out: --gateway addresses and gateways that requests named. Those inside a
+        # universe also count as used, so the search for fresh space skips them.
+        self.reserved: set[tuple[int, int]] = set()
+        for g in gateways:
+            self.load_reserved(g)
 
     # -- loading (restart) ---------------------------------------------------------------------
 
@@ -60,6 +64,16 @@ class Allocator:
         self._hold(held)
         if held.universe is not None:
             self.used[held.universe].add(held.address)
+
+    def load_reserved(self, key: tuple[int, int]) -> None:
+        self.reserved.add(key)
+        u = self._universe_of(key)
+        if u is not None:
+            self.used[u].add(key[1])
+            self.freed[u].pop(key[1], None)
+
+    def _universe_of(self, key: tuple[int, int]) -> Cidr | None:
+        return next((u for u in self.rings if key in u), None)
 
     def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
         """Call in order of freed_at."""
@@ -95,14 +109,40 @@ class Allocator:
         if not universes:
             return error("bad_subnet", f"subnet {subnet} overlaps no allocation range "
                          f"({', '.join(map(str, self.rings))})"), []
+        rows: list[Row] = []
+        if req.gateway is not None:
+            err = self._reserve_gateway((subnet.family, req.gateway), rows)
+            if err is not None:
+                return err, []
+        lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
         for u in universes:
-            found = self._fresh(u, subnet)
+            bounds = self._bounds(u, subnet, lo, hi + 1)
+            found = self._fresh(u, bounds)
             if found is None:
-                found = self._reusable(u, subnet, now)
+                found = self._reusable(u, bounds, now)
             if found is not None:
                 held = Held(u.family, found, u, subnet, req.handle, req.anchor, now)
-                return self._take(held)
-        return error("exhausted", f"no free address in subnet {subnet} on this peer"), []
+                reply, take = self._take(held)
+                return reply, rows + take
+        where = f"subnet {subnet}" if req.range is None else \
+            f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
+        # A gateway reserved on the way stays reserved: it is durable only if committed.
+        return error("exhausted", f"no free address in {where} on this peer"), rows
+
+    def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]) -> dict | None:
+        if key in self.reserved:
+            return None
+        u = self._universe_of(key)
+        if u is None:
+            return None  # outside every range: never handed out anyway
+        holder = self.by_addr.get(key)
+        if holder is not None:
+            return error("in_use", f"gateway {_fmt(key)} is held by handle {holder.handle!r}")
+        if self.rings[u].owner_of(key[1]) != self.me:
+            return None  # its owner keeps it out of use; issue #3 carries reservations
+        self.load_reserved(key)
+        rows.append(Reserve(_fmt(key), str(u), "gateway"))
+        return None
 
     def _claim(self, req: Claim, now: float) -> tuple[dict, list[Row]]:
         key = (req.family, req.address)
@@ -131,8 +171,8 @@ class Allocator:
         if not lo <= req.address < hi:
             return error("reserved", f"{_fmt(key)} is the network or broadcast address of "
                          f"{subnet}"), []
-        if key in self.gateways:
-            return error("reserved", f"{_fmt(key)} is a configured gateway"), []
+        if key in self.reserved:
+            return error("reserved", f"{_fmt(key)} is a gateway"), []
         if universe is not None:
             owner = self.rings[universe].owner_of(req.address)
             if owner != self.me:
@@ -144,7 +184,15 @@ class Allocator:
                                now))
 
     def _release(self, req: Release, now: float) -> tuple[dict, list[Row]]:
-        held = self.by_handle.pop(req.handle, {})
+        mine = self.by_handle.get(req.handle, {})
+        if req.address is None:
+            held = self.by_handle.pop(req.handle, {})
+        else:
+            held = {s: h for s, h in mine.items() if (h.family, h.address) == req.address}
+            for s in held:
+                del mine[s]
+            if not mine:
+                self.by_handle.pop(req.handle, None)
         rows: list[Row] = []
         for h in held.values():
             del self.by_addr[(h.family, h.address)]
@@ -158,32 +206,27 @@ class Allocator:
 
     # -- search --------------------------------------------------------------------------------
 
-    def _bounds(self, u: Cidr, subnet: Cidr) -> tuple[int, int]:
-        lo, hi = subnet.host_bounds()
-        return max(lo, u.start), min(hi, u.end)
+    def _bounds(self, u: Cidr, subnet: Cidr, lo: int, hi: int) -> tuple[int, int]:
+        """[lo, hi) of what may be handed out: hosts of the subnet, in the universe and range."""
+        slo, shi = subnet.host_bounds()
+        return max(slo, u.start, lo), min(shi, u.end, hi)
 
-    def _fresh(self, u: Cidr, subnet: Cidr) -> int | None:
-        lo, hi = self._bounds(u, subnet)
-        used = self.used[u]
+    def _fresh(self, u: Cidr, bounds: tuple[int, int]) -> int | None:
+        lo, hi = bounds
+        used = self.used[u]  # reserved addresses are in it too
         for olo, ohi in self._owned[u]:
-            x, end = max(lo, olo), min(hi, ohi)
-            while x < end:
-                g = used.first_gap(x, end)
-                if g is None:
-                    break
-                if (u.family, g) not in self.gateways:
-                    return g
-                x = g + 1
+            g = used.first_gap(max(lo, olo), min(hi, ohi))
+            if g is not None:
+                return g
         return None
 
-    def _reusable(self, u: Cidr, subnet: Cidr, now: float) -> int | None:
-        lo, hi = self._bounds(u, subnet)
+    def _reusable(self, u: Cidr, bounds: tuple[int, int], now: float) -> int | None:
+        lo, hi = bounds
         ring = self.rings[u]
         for address, freed_at in self.freed[u].items():
             if freed_at + self.reuse_delay > now:
                 return None  # the rest were freed later still
-            if lo <= address < hi and (u.family, address) not in self.gateways \
-                    and ring.owner_of(address) == self.me:
+            if lo <= address < hi and ring.owner_of(address) == self.me:
                 return address
         return None
 
@@ -218,6 +261,7 @@ class Allocator:
                               "ring_entries": len(ring.entries)})
         return {"peer": self.me, "default_subnet": str(self.default_subnet),
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
+                "reserved": sorted(_fmt(k) for k in self.reserved),
                 "handles": len(self.by_handle), "universes": universes}
 
 

@@ -15,6 +15,10 @@ class Allocate:
     handle: str
     subnet: Cidr | None = None
     anchor: str | None = None  # JSON text of the liveness anchor, kept as given
+    # Only from [first, last] (CNI's rangeStart/rangeEnd), as integers of the subnet's family.
+    range: tuple[int, int] | None = None
+    # The subnet's gateway: reserved for good, so that no allocation ever takes it.
+    gateway: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Claim:
 @dataclass(frozen=True)
 class Release:
     handle: str
+    address: tuple[int, int] | None = None  # only this one of the handle's addresses
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,15 @@ class FreeAddress:
     freed_at: float
 
 
-Row = PutAllocation | FreeAddress
+@dataclass(frozen=True)
+class Reserve:
+    """An address never to be handed out (a gateway)."""
+    address: str
+    universe: str
+    note: str
+
+
+Row = PutAllocation | FreeAddress | Reserve
 
 
 def ok(**fields) -> dict:

@@ -79,6 +79,16 @@ def _anchor(obj: dict) -> str | None:
     raise _bad('anchor must be {"netns": "/absolute/path"} or {"pid": N, "start_time": T}')
 
 
+def _address(obj: dict, name: str, required: bool):
+    text = _field(obj, name, str, required)
+    if text is None:
+        return None
+    try:
+        return parse_addr(text)
+    except AddrError as e:
+        raise _bad(f"{name}: {e}") from None
+
+
 def parse_request(line: bytes) -> m.Request:
     """One line (without its newline) -> a request; HookError names what is wrong."""
     if len(line) > MAX_LINE:
@@ -96,15 +106,12 @@ def parse_request(line: bytes) -> m.Request:
         raise HookError("bad_version", f"protocol version {v!r} is not supported (use {VERSION})")
     op = _field(obj, "op", str, True)
     if op == "allocate":
-        return m.Allocate(_handle(obj), _subnet(obj), _anchor(obj))
+        return _allocate(obj)
     if op == "claim":
-        try:
-            family, address = parse_addr(_field(obj, "address", str, True))
-        except AddrError as e:
-            raise _bad(f"address: {e}") from None
+        family, address = _address(obj, "address", True)
         return m.Claim(_handle(obj), family, address, _subnet(obj), _anchor(obj))
     if op == "release":
-        return m.Release(_handle(obj))
+        return m.Release(_handle(obj), _address(obj, "address", False))
     if op == "lookup":
         return m.Lookup(_handle(obj))
     if op == "list":
@@ -112,6 +119,24 @@ def parse_request(line: bytes) -> m.Request:
     if op == "status":
         return m.Status()
     raise HookError("unknown_op", f"unknown op {op!r} (known: {', '.join(OPS)})")
+
+
+def _allocate(obj: dict) -> m.Allocate:
+    subnet = _subnet(obj)
+    rng = _field(obj, "range", list, False)
+    if rng is not None:
+        if len(rng) != 2:
+            raise _bad('range must be ["first", "last"]')
+        first, last = (_address({"range": a}, "range", True) for a in rng)
+        if subnet is None or first not in subnet or last not in subnet or first[1] > last[1]:
+            raise _bad("range must be first <= last, both inside the request's subnet")
+        rng = (first[1], last[1])
+    gateway = _address(obj, "gateway", False)
+    if gateway is not None:
+        if subnet is None or gateway not in subnet:
+            raise _bad("gateway must lie inside the request's subnet")
+        gateway = gateway[1]
+    return m.Allocate(_handle(obj), subnet, _anchor(obj), rng, gateway)
 
 
 def encode_reply(reply: dict) -> bytes:
