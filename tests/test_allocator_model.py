@@ -33,7 +33,7 @@ def reserved(subnet, v):
     return False
 
 
-RANGES = [None, ("10.0.0.3", "10.0.0.12")]
+RANGES = [None, ("10.0.0.3", "10.0.0.12"), ("10.0.0.4", "10.0.0.5")]
 REQUEST_GATEWAYS = [None, "10.0.0.1", "10.0.0.14", "10.0.0.20"]
 
 
