@@ -38,10 +38,13 @@ test: $(STAMP) sysdeps dist
 bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.hook_bench
 
-## The frozen single-file executable.
-dist: dist/ipamd
+## The frozen single-file executable, and the compiled CNI forwarder (see README).
+dist: dist/ipamd dist/ipamd-cni
 dist/ipamd: $(STAMP) $(SOURCES)
 	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller packaging/ipamd.spec
+dist/ipamd-cni: packaging/cni-forward.c
+	@mkdir -p dist
+	$(CC) -O2 -Wall -Wextra -Werror -static -o $@ $< 2>/dev/null || $(CC) -O2 -Wall -Wextra -Werror -o $@ $<
 
 clean:
 	rm -rf build dist $(VENV)

@@ -49,6 +49,13 @@ def _delay_arg(text: str) -> float:
     return v
 
 
+def _interval_arg(text: str) -> float:
+    v = _delay_arg(text)
+    if v < 0.05:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; at least 0.05 seconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipamd", description="Distributed IP address manager for containers.")
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "also a power loss (synchronous=FULL). Default: process")
     la.add_argument("--reuse-delay", type=_delay_arg, default=30.0, metavar="SECONDS",
                     help="quarantine of a freed address before allocate reuses it (default: 30)")
+    la.add_argument("--sweep-interval", type=_interval_arg, default=30.0, metavar="SECONDS",
+                    help="how often to release addresses whose container (netns or pid "
+                         "anchor) is gone; released within two intervals (default: 30)")
     la.add_argument("--log-level", default="warning",
                     choices=("debug", "info", "warning", "error"), help="default: warning")
 
@@ -203,7 +213,8 @@ def _launch(args) -> int:
     config = Config(
         data_dir=args.data_dir or default_data_dir(), socket=args.socket or default_socket(),
         universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
-        reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway))
+        reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
+        sweep_interval=args.sweep_interval)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except Refused as e:
@@ -232,6 +243,9 @@ def _sql(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and "CNI_COMMAND" in os.environ:
+        from .cni_forward import main as cni_main  # the executable is also a CNI plugin
+        return cni_main()
     args = build_parser().parse_args(argv)
     if args.command == "launch":
         from .frozen import bind_to_bootloader

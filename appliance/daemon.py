@@ -19,8 +19,13 @@ import apsw
 import trio
 
 from .core.addr import Cidr, cidr
+from .core import messages as m
 from .core.messages import error
-from .protocols.hook import MAX_LINE, HookError, encode_reply, parse_request
+from .sweeper import Sweeper
+from . import cni_ops
+from .protocols import cni
+from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
+                             parse_request)
 from .store import Store, StoreError
 
 log = logging.getLogger("ipamd")
@@ -37,6 +42,11 @@ class Config:
     durability: str = "process"
     reuse_delay: float = 30.0
     gateways: frozenset = field(default_factory=frozenset)
+    sweep_interval: float = 30.0
+
+
+class CommitFailed(Exception):
+    """The batch holding this request's changes was not committed; nothing changed."""
 
 
 class Refused(Exception):
@@ -76,7 +86,11 @@ class CoreLoop:
                                          c.reuse_delay, c.gateways)
 
     async def submit(self, request) -> dict:
-        reply, rows = self.allocator.apply(request, self.clock())
+        return await self.submit_fn(lambda allocator, now: allocator.apply(request, now))
+
+    async def submit_fn(self, fn):
+        """Run fn(allocator, now) -> (reply, rows); return reply once rows are durable."""
+        reply, rows = fn(self.allocator, self.clock())
         batch = self._open
         if rows:
             leader = not batch.rows
@@ -86,7 +100,7 @@ class CoreLoop:
         if batch.rows:
             await batch.done.wait()
             if batch.error is not None:
-                return error("internal", batch.error)
+                raise CommitFailed(batch.error)
         return reply
 
     async def _lead(self, batch: _Batch) -> None:
@@ -159,13 +173,44 @@ async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
                 request = parse_request(line)
             except HookError as e:
                 log.info("event=bad_request code=%s message=%r", e.code, e.message)
-                reply = e.reply()
+                out = encode_reply(e.reply())
             else:
-                reply = await core.submit(request)
+                out = await _answer(core, request)
             try:
-                await stream.send_all(encode_reply(reply))
+                await stream.send_all(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+
+
+async def _answer(core: CoreLoop, request) -> bytes:
+    try:
+        if isinstance(request, CniRequest):
+            return await _answer_cni(core, request)
+        reply = await core.submit(request)
+        if isinstance(request, m.Status) and reply["ok"]:
+            reply["swept"] = core.sweeper.swept
+        return encode_reply(reply)
+    except CommitFailed as e:
+        if isinstance(request, CniRequest):
+            return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
+        return encode_reply(error("internal", str(e)))
+
+
+async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
+    try:
+        call = cni.parse_call(request.env, request.stdin)
+    except cni.CniError as e:
+        log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
+        return encode_cni_reply(cni.error_result(e), 1)
+    output, code = await core.submit_fn(
+        lambda allocator, now: _cni_step(call, allocator, now))
+    log.info("event=cni command=%s handle=%s exit=%d", call.command, call.handle, code)
+    return encode_cni_reply(output, code)
+
+
+def _cni_step(call, allocator, now):
+    output, code, rows = cni_ops.run(call, allocator, now)
+    return (output, code), rows
 
 
 async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -210,7 +255,9 @@ async def run(config: Config, ready=print) -> None:
         loaded = store.open(config.universes, config.name)
         _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
+        core.sweeper = Sweeper(core, config.sweep_interval)
         async with trio.open_nursery() as nursery:
+            await nursery.start(core.sweeper.run)
             await nursery.start(serve_hooks, config.socket, core)
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "

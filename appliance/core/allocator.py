@@ -129,6 +129,16 @@ class Allocator:
         # A gateway reserved on the way stays reserved: it is durable only if committed.
         return error("exhausted", f"no free address in {where} on this peer"), rows
 
+    def can_allocate(self, subnet: Cidr, rng: tuple[int, int], now: float) -> bool:
+        """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
+        for u in self.rings:
+            if u.overlaps(subnet):
+                bounds = self._bounds(u, subnet, rng[0], rng[1] + 1)
+                if self._fresh(u, bounds) is not None or \
+                        self._reusable(u, bounds, now) is not None:
+                    return True
+        return False
+
     def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]) -> dict | None:
         if key in self.reserved:
             return None

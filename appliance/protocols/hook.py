@@ -9,6 +9,7 @@ Everything a client sends is checked here; the core only ever sees well-formed r
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from ..core import messages as m
 from ..core.addr import AddrError, parse_addr, parse_cidr
@@ -16,7 +17,18 @@ from ..core.addr import AddrError, parse_addr, parse_cidr
 VERSION = 1
 MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
 MAX_HANDLE = 255
-OPS = ("allocate", "claim", "release", "lookup", "list", "status")
+OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni")
+
+
+@dataclass(frozen=True)
+class CniRequest:
+    """A CNI plugin invocation forwarded as it came: its CNI_* env and its stdin.
+
+    Strings carry bytes one to one (latin-1), so a forwarder needs no UTF-8 handling. The
+    reply line is followed by `length` bytes for the plugin to print.
+    """
+    env: dict
+    stdin: bytes
 
 
 class HookError(Exception):
@@ -118,6 +130,18 @@ def parse_request(line: bytes) -> m.Request:
         return m.List()
     if op == "status":
         return m.Status()
+    if op == "cni":
+        env = _field(obj, "env", dict, True)
+        if not all(isinstance(k, str) and k.startswith("CNI_") and isinstance(v, str)
+                   for k, v in env.items()):
+            raise _bad("env must map CNI_* names to strings")
+        stdin = _field(obj, "stdin", str, True)
+        try:
+            return CniRequest({k: v.encode("latin-1").decode() for k, v in env.items()},
+                              stdin.encode("latin-1"))
+        except UnicodeError:
+            raise _bad("env and stdin carry bytes as code points 0-255; env must be UTF-8") \
+                from None
     raise HookError("unknown_op", f"unknown op {op!r} (known: {', '.join(OPS)})")
 
 
@@ -141,3 +165,8 @@ def _allocate(obj: dict) -> m.Allocate:
 
 def encode_reply(reply: dict) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_cni_reply(output: bytes, exit_code: int) -> bytes:
+    head = {"ok": True, "exit": exit_code, "length": len(output)}
+    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + output
