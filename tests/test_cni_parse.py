@@ -1,0 +1,161 @@
+"""CNI parsing and the verbs against bad input: the right error code, nothing allocated."""
+import json
+
+import pytest
+
+from appliance import cni_ops
+from appliance.core.addr import cidr, parse_addr
+from appliance.core.allocator import Allocator
+from appliance.core.ring import Ring
+from appliance.protocols import cni
+from appliance.protocols.cni import CniError, parse_call
+
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/c1",
+       "CNI_IFNAME": "eth0"}
+
+
+def conf(**ipam):
+    base = {"type": "ipamd", "ranges": [[{"subnet": "198.18.0.0/24"}]]}
+    base.update(ipam)
+    return {"cniVersion": "1.0.0", "name": "net1", "ipam": base}
+
+
+def call(env=None, stdin=None, **over):
+    return parse_call({**ENV, **(env or {})}, json.dumps(stdin or conf(**over)).encode())
+
+
+def allocator():
+    universes = [cidr("198.18.0.0/16"), cidr("2001:2::/64")]
+    return Allocator("me", [Ring.single_owner(u, "me") for u in universes], universes[0], 30)
+
+
+def run(a, env=None, stdin=None, **over):
+    out, code, rows = cni_ops.run(call(env, stdin, **over), a, 1000.0)
+    return (json.loads(out) if out else None), code, rows
+
+
+def test_defaults_match_host_local():
+    c = call()
+    (r,) = c.range_sets[0]
+    assert (r.subnet.addr(r.gateway), r.subnet.addr(r.first), r.subnet.addr(r.last)) == \
+        ("198.18.0.1", "198.18.0.1", "198.18.0.254")
+    assert c.handle == "cni/net1/c1/eth0" and c.dns == {} and c.routes == []
+
+
+def test_legacy_single_range_form_and_unknown_fields_ignored():
+    stdin = {"cniVersion": "0.4.0", "name": "n", "futureField": {"x": 1},
+             "ipam": {"type": "ipamd", "subnet": "198.18.1.0/24", "rangeStart": "198.18.1.10",
+                      "rangeEnd": "198.18.1.20", "whatever": True}}
+    (r,) = call(stdin=stdin).range_sets[0]
+    assert (r.subnet.addr(r.first), r.subnet.addr(r.last)) == ("198.18.1.10", "198.18.1.20")
+
+
+@pytest.mark.parametrize("env, stdin, code, words", [
+    ({"CNI_COMMAND": "FLY"}, None, 4, "unknown CNI_COMMAND"),
+    ({"CNI_COMMAND": ""}, None, 4, "unknown CNI_COMMAND"),
+    ({"CNI_CONTAINERID": ""}, None, 4, "[CNI_CONTAINERID] missing"),
+    ({"CNI_NETNS": ""}, None, 4, "[CNI_NETNS] missing"),
+    ({"CNI_IFNAME": ""}, None, 4, "[CNI_IFNAME] missing"),
+    ({"CNI_CONTAINERID": "bad/id"}, None, 4, "invalid CNI_CONTAINERID"),
+    ({"CNI_IFNAME": "x" * 16}, None, 4, "invalid CNI_IFNAME"),
+    ({"CNI_NETNS": "relative"}, None, 4, "absolute path"),
+    ({}, b"{bad", 6, "error unmarshall"),
+    ({}, b"[]", 6, "not a JSON object"),
+    ({}, {"cniVersion": "9.9.9", "name": "n", "ipam": {}}, 1, "incompatible CNI versions"),
+    ({}, {"name": "n", "ipam": {}}, 1, "incompatible CNI versions"),
+    ({}, {"cniVersion": "1.0.0", "ipam": {}}, 7, "\"name\""),
+    ({}, {"cniVersion": "1.0.0", "name": "n"}, 7, "no \"ipam\""),
+    ({}, conf(ranges=[]), 7, "ranges"),
+    ({}, conf(ranges=[[]]), 7, "non-empty"),
+    ({}, conf(ranges=[[{"subnet": "198.18.0.0/33"}]]), 7, "invalid CIDR"),
+    ({}, conf(ranges=[[{"subnet": "banana"}]]), 7, "invalid CIDR"),
+    ({}, conf(ranges=[[{"gateway": "198.18.0.1"}]]), 7, "needs a \"subnet\""),
+    ({}, conf(ranges=[[{"subnet": "198.18.0.0/24", "gateway": "10.0.0.1"}]]), 7, "not in"),
+    ({}, conf(ranges=[[{"subnet": "198.18.0.0/24", "rangeStart": "198.18.0.9",
+                        "rangeEnd": "198.18.0.3"}]]), 7, "after rangeEnd"),
+    ({}, conf(ranges=[[{"subnet": "198.18.0.0/24"}], [{"subnet": "198.18.0.0/25"}]]), 7,
+     "range set 0 overlaps with 1"),
+    ({}, conf(ranges=[[{"subnet": "198.18.0.0/24"}, {"subnet": "2001:2::/64"}]]), 7,
+     "mixes address families"),
+    ({}, conf(routes=[{"dst": "nowhere"}]), 7, "routes"),
+    ({}, conf(dns={"nameservers": "1.1.1.1"}), 7, "dns.nameservers"),
+    ({"CNI_ARGS": "IP=198.19.0.5"}, None, 7, "not in any range set"),
+    ({"CNI_COMMAND": "GC"}, None, 7, "valid-attachments"),
+])
+def test_bad_input_gets_the_right_code_and_allocates_nothing(env, stdin, code, words):
+    raw = stdin if isinstance(stdin, bytes) else json.dumps(stdin or conf()).encode()
+    with pytest.raises(CniError) as e:
+        parse_call({**ENV, **env}, raw)
+    assert e.value.code == code and words in e.value.msg + e.value.details
+
+
+def test_add_dual_stack_with_claims_and_routes():
+    a = allocator()
+    stdin = conf(ranges=[[{"subnet": "198.18.0.0/24", "gateway": "198.18.0.254"}],
+                         [{"subnet": "2001:2::/64"}]],
+                 routes=[{"dst": "0.0.0.0/0", "gw": "198.18.0.254"}],
+                 dns={"nameservers": ["198.18.0.254"]})
+    stdin["runtimeConfig"] = {"ips": ["198.18.0.77/24"]}
+    out, code, rows = run(a, stdin=stdin)
+    assert code == 0
+    assert out == {"cniVersion": "1.0.0",
+                   "ips": [{"address": "198.18.0.77/24", "gateway": "198.18.0.254"},
+                           {"address": "2001:2::2/64", "gateway": "2001:2::1"}],
+                   "routes": [{"dst": "0.0.0.0/0", "gw": "198.18.0.254"}],
+                   "dns": {"nameservers": ["198.18.0.254"]}}
+    again, _, _ = run(a, stdin=stdin)  # a repeated ADD gives the same result
+    assert again == out
+
+
+def test_old_versions_name_the_ip_version():
+    out, _, _ = run(allocator(), stdin={**conf(), "cniVersion": "0.3.1"})
+    assert out["ips"] == [{"version": "4", "address": "198.18.0.2/24", "gateway": "198.18.0.1"}]
+
+
+def test_half_done_add_is_rolled_back():
+    a = allocator()
+    # The v6 set asks for an address outside every universe: its claim fails after the v4
+    # set was served, and the v4 address must be given back.
+    stdin = conf(ranges=[[{"subnet": "198.18.0.0/24"}], [{"subnet": "2001:3::/64"}]])
+    out, code, rows = run(a, stdin=stdin)
+    assert code == 1 and out["code"] == 7 and "range set 1" in out["msg"]
+    assert a.by_handle == {} and a.by_addr == {}
+
+
+def test_exhausted_range_set_refused_and_status_says_50():
+    a = allocator()
+    small = conf(ranges=[[{"subnet": "198.18.5.0/29", "rangeStart": "198.18.5.2",
+                           "rangeEnd": "198.18.5.3"}]])
+    for i in range(2):
+        assert run(a, env={"CNI_CONTAINERID": f"c{i}"}, stdin=small)[1] == 0
+    out, code, _ = run(a, env={"CNI_CONTAINERID": "c9"}, stdin=small)
+    assert code == 1 and out["code"] == 100 and "198.18.5.2-198.18.5.3" in out["msg"]
+    out, code, _ = run(a, env={"CNI_COMMAND": "STATUS"}, stdin={**small, "cniVersion": "1.1.0"})
+    assert (code, out["code"]) == (1, 50)
+
+
+def test_del_check_gc():
+    a = allocator()
+    for cid in ("a", "b", "c"):
+        run(a, env={"CNI_CONTAINERID": cid})
+    assert run(a, env={"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": "a"})[1] == 0
+    assert run(a, env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a"})[1] == 0
+    assert run(a, env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a"})[1] == 0
+    out, code, _ = run(a, env={"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": "a"})
+    assert (code, out["code"]) == (1, 3)
+    gc = {**conf(), "cniVersion": "1.1.0",
+          "cni.dev/valid-attachments": [{"containerID": "b", "ifname": "eth0"}]}
+    assert run(a, env={"CNI_COMMAND": "GC"}, stdin=gc)[1] == 0
+    assert sorted(a.by_handle) == ["cni/net1/b/eth0"]
+
+
+def test_version_needs_nothing_but_a_version():
+    out, code, _ = run(allocator(), env={"CNI_COMMAND": "VERSION"},
+                       stdin={"cniVersion": "1.1.0"})
+    assert code == 0 and out["supportedVersions"][-1] == "1.1.0"
+
+
+def test_error_output_shape():
+    e = json.loads(cni.error_result(CniError(7, "bad", "why"), "1.0.0"))
+    assert e == {"cniVersion": "1.0.0", "code": 7, "msg": "bad", "details": "why"}
+    assert parse_addr("198.18.0.1")[0] == 4
