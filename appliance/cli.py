@@ -18,6 +18,7 @@ from .core.addr import AddrError, parse_addr, parse_cidr
 from .paths import DB_NAME, default_data_dir, default_socket
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+DOCKER_SOCKET = "/run/docker/plugins/ipamd.sock"
 
 
 def _cidr_arg(flag: str):
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "also a power loss (synchronous=FULL). Default: process")
     la.add_argument("--reuse-delay", type=_delay_arg, default=30.0, metavar="SECONDS",
                     help="quarantine of a freed address before allocate reuses it (default: 30)")
+    la.add_argument("--docker-plugin", nargs="?", const=Path(DOCKER_SOCKET), type=Path,
+                    default=None, metavar="SOCKET",
+                    help=f"also serve Docker's remote IPAM driver API (default socket: "
+                         f"{DOCKER_SOCKET})")
     la.add_argument("--sweep-interval", type=_interval_arg, default=30.0, metavar="SECONDS",
                     help="how often to release addresses whose container (netns or pid "
                          "anchor) is gone; released within two intervals (default: 30)")
@@ -214,7 +219,7 @@ def _launch(args) -> int:
         data_dir=args.data_dir or default_data_dir(), socket=args.socket or default_socket(),
         universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
-        sweep_interval=args.sweep_interval)
+        sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except Refused as e:

@@ -43,6 +43,7 @@ class Config:
     reuse_delay: float = 30.0
     gateways: frozenset = field(default_factory=frozenset)
     sweep_interval: float = 30.0
+    docker_socket: Path | None = None
 
 
 class CommitFailed(Exception):
@@ -259,6 +260,9 @@ async def run(config: Config, ready=print) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(core.sweeper.run)
             await nursery.start(serve_hooks, config.socket, core)
+            if config.docker_socket is not None:
+                from .docker_server import serve_docker
+                await nursery.start(serve_docker, config.docker_socket, core)
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
                   f"db={store.path} ranges={','.join(map(str, loaded.universes))} "
