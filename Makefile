@@ -37,6 +37,7 @@ test: $(STAMP) sysdeps dist
 ## Benchmarks: printed tables, never pass/fail on timing.
 bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.hook_bench
+	$(BIN)/python -m tests.bench.cni_bench
 
 ## The frozen single-file executable, and the compiled CNI forwarder (see README).
 dist: dist/ipamd dist/ipamd-cni
