@@ -1,14 +1,19 @@
 """The ring of one universe: who owns which part of the address space.
 
-Sorted entries (start, owner, version, free_hint); an entry owns from its start up to the next
-entry's start (the last one up to the universe's end). Single writer: only an entry's owner changes
-it, always bumping its version, so merging two copies is "per start, the higher version wins".
-Equal version with different content can only come from a bug or a forged peer; it is reported as a
-conflict, never resolved silently (DESIGN.md section 3).
+Sorted entries (start, owner, version, free_hint, stamp); an entry owns from its start up to the
+next entry's start (the last one up to the universe's end). Single writer: only the owner of the
+space an entry covers changes it, always bumping its version, so merging two copies is "per
+start, the higher version wins": commutative, associative, idempotent, and never backwards.
+Equal version with different owners can only come from a bug or a forged peer; it is reported as
+a conflict and nothing is merged, never resolved silently (DESIGN.md section 3).
+
+Entries are never deleted: a boundary that no longer separates two owners stays, owned like its
+neighbour, so a late copy of the old entry can never bring it back. Such entries cost memory,
+not correctness; `segments()` counts the boundaries that matter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .addr import Cidr
 
@@ -23,30 +28,57 @@ class Entry:
     owner: str
     version: int
     free_hint: int = 0
+    # Who wrote this version and their sequence number at the time: what version vectors count.
+    stamp: tuple[str, int] = ("", 0)
 
-    def same_content(self, other: Entry) -> bool:
-        # free_hint is advisory and changes without a version bump being meaningful for safety;
-        # ownership is what must agree.
-        return self.owner == other.owner
+    def same_write(self, other: Entry) -> bool:
+        return self.owner == other.owner and self.stamp == other.stamp
 
 
 class RingConflict(Exception):
     def __init__(self, start: int, mine: Entry, theirs: Entry):
-        super().__init__(f"ring conflict at {start}: {mine} vs {theirs}")
+        super().__init__(f"ring conflict at {start} version {mine.version}: "
+                         f"{mine.owner} ({mine.stamp}) vs {theirs.owner} ({theirs.stamp})")
         self.start, self.mine, self.theirs = start, mine, theirs
+
+
+class RingError(ValueError):
+    """An operation the rules forbid (a bug in the caller), or an entry a peer must not send."""
 
 
 class Ring:
     def __init__(self, universe: Cidr, entries: list[Entry] | None = None):
         self.universe = universe
-        self.entries: list[Entry] = sorted(entries or [], key=lambda e: e.start)
-        for e in self.entries:
-            if not universe.start <= e.start < universe.end:
-                raise ValueError(f"ring entry {e} lies outside {universe}")
+        self._by_start: dict[int, Entry] = {}
+        for e in entries or []:
+            self.check_entry(e)
+            self._by_start[e.start] = e
+        self._sorted: list[Entry] | None = None
 
     @classmethod
-    def single_owner(cls, universe: Cidr, owner: str) -> Ring:
-        return cls(universe, [Entry(universe.start, owner, 1, min(universe.size, HINT_MAX))])
+    def single_owner(cls, universe: Cidr, owner: str, stamp: tuple[str, int] = ("", 0)) -> Ring:
+        return cls(universe, [Entry(universe.start, owner, 1, min(universe.size, HINT_MAX),
+                                    stamp)])
+
+    def check_entry(self, e: Entry) -> None:
+        """What any entry, ours or a peer's, must satisfy before it is merged."""
+        if not self.universe.start <= e.start < self.universe.end:
+            raise RingError(f"ring entry at {e.start} lies outside {self.universe}")
+        if e.version < 1 or not e.owner or not 0 <= e.free_hint <= HINT_MAX:
+            raise RingError(f"ring entry at {e.start} is malformed: {e}")
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._sorted is None:
+            self._sorted = sorted(self._by_start.values(), key=lambda e: e.start)
+        return self._sorted
+
+    def get(self, start: int) -> Entry | None:
+        return self._by_start.get(start)
+
+    def _end_of(self, i: int) -> int:
+        es = self.entries
+        return es[i + 1].start if i + 1 < len(es) else self.universe.end
 
     def owned_by(self, owner: str) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the universe that owner holds, ascending, adjacent ones joined."""
@@ -54,11 +86,11 @@ class Ring:
         for i, e in enumerate(self.entries):
             if e.owner != owner:
                 continue
-            hi = self.entries[i + 1].start if i + 1 < len(self.entries) else self.universe.end
-            if out and out[-1][1] == e.start:
+            lo, hi = e.start, self._end_of(i)
+            if out and out[-1][1] == lo:
                 out[-1] = (out[-1][0], hi)
             else:
-                out.append((e.start, hi))
+                out.append((lo, hi))
         return out
 
     def owner_of(self, value: int) -> str | None:
@@ -69,20 +101,66 @@ class Ring:
             owner = e.owner
         return owner
 
+    def segments(self) -> int:
+        """Runs of one owner: the ring's size as far as fragmentation goes."""
+        n, last = 0, None
+        for e in self.entries:
+            if e.owner != last:
+                n, last = n + 1, e.owner
+        return n
+
+    # -- changes by the owner ------------------------------------------------------------------
+
+    def transfer(self, me: str, lo: int, hi: int, to: str, stamp: tuple[str, int],
+                 free_hint: int = 0) -> list[Entry]:
+        """Hand [lo, hi), which `me` owns, to `to`; return the entries written.
+
+        Boundaries at lo and hi are made first (owned by me, as before), then every entry inside
+        is rewritten with owner `to` at version + 1. The caller persists the result before any
+        message says so.
+        """
+        if not (self.universe.start <= lo < hi <= self.universe.end):
+            raise RingError(f"cannot transfer [{lo}, {hi}) of {self.universe}")
+        if not any(olo <= lo and hi <= ohi for olo, ohi in self.owned_by(me)):
+            raise RingError(f"{me} does not own all of [{lo}, {hi})")
+        written: dict[int, Entry] = {}
+        for edge in (lo, hi):
+            if edge < self.universe.end and edge not in self._by_start:
+                written[edge] = self._put(Entry(edge, me, 1, 0, stamp))
+        for e in list(self.entries):
+            if lo <= e.start < hi:
+                hint = free_hint if e.start == lo else 0
+                written[e.start] = self._put(replace(e, owner=to, version=e.version + 1,
+                                                     free_hint=hint, stamp=stamp))
+        return sorted(written.values(), key=lambda e: e.start)
+
+    def set_hint(self, me: str, start: int, free: int, stamp: tuple[str, int]) -> Entry:
+        e = self._by_start[start]
+        if e.owner != me:
+            raise RingError(f"{me} cannot change the entry at {start}, owned by {e.owner}")
+        return self._put(replace(e, free_hint=min(free, HINT_MAX), version=e.version + 1,
+                                 stamp=stamp))
+
+    def _put(self, e: Entry) -> Entry:
+        self._by_start[e.start] = e
+        self._sorted = None
+        return e
+
+    # -- merging -------------------------------------------------------------------------------
+
     def merge(self, other: list[Entry]) -> list[Entry]:
         """Fold another copy's entries in; return the entries that changed here.
 
-        Raises RingConflict (and changes nothing) on equal versions with different owners.
+        All or nothing: a RingConflict or RingError leaves the ring as it was.
         """
-        mine = {e.start: e for e in self.entries}
-        changed = []
+        changed = {}
         for e in other:
-            cur = mine.get(e.start)
+            self.check_entry(e)
+            cur = changed.get(e.start) or self._by_start.get(e.start)
             if cur is None or e.version > cur.version:
-                changed.append(e)
-            elif e.version == cur.version and not cur.same_content(e):
+                changed[e.start] = e
+            elif e.version == cur.version and not cur.same_write(e):
                 raise RingConflict(e.start, cur, e)
-        for e in changed:
-            mine[e.start] = e
-        self.entries = sorted(mine.values(), key=lambda e: e.start)
-        return changed
+        for e in changed.values():
+            self._put(e)
+        return list(changed.values())
