@@ -1,0 +1,74 @@
+"""Version vectors and delta gossip over the rings of all universes.
+
+Each peer stamps its ring writes (peer, seq), seq counting up by one per write, and keeps a
+vector {peer: seq} that means "my rings hold every write of that peer up to seq, or a later
+write that replaced it". A delta for a peer whose vector is V holds every entry whose stamp V
+does not cover; having merged all of it, the receiver may raise its vector to the sender's, and
+only then. Raising it on anything less (say, to the highest stamp seen) would be unsound: a
+write relayed out of order would hide an earlier one for good.
+
+A peer that knows nothing (empty vector) is sent every entry: full state is the same rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .addr import Cidr
+from .ring import Entry, Ring
+
+Vector = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a sender knew (its vector) and the entries the receiver's vector lacked."""
+    vector: tuple[tuple[str, int], ...]
+    entries: tuple[tuple[Cidr, Entry], ...]
+
+    def size(self) -> int:
+        return len(self.entries)
+
+
+def covers(vector: Vector, stamp: tuple[str, int]) -> bool:
+    return stamp[1] <= vector.get(stamp[0], 0)
+
+
+class Replica:
+    def __init__(self, me: str, rings: list[Ring], vector: Vector | None = None,
+                 seq: int = 0):
+        self.me = me
+        self.rings = {r.universe: r for r in rings}
+        self.vector: Vector = dict(vector or {})
+        self.seq = max(seq, self.vector.get(me, 0))
+
+    def next_stamp(self) -> tuple[str, int]:
+        """The stamp of this peer's next write. The caller persists seq with the write before
+        anything leaves the host, so a restart never reuses a stamp."""
+        self.seq += 1
+        self.vector[self.me] = self.seq
+        return (self.me, self.seq)
+
+    def delta_for(self, their: Vector) -> Delta:
+        entries = tuple((u, e) for u, ring in self.rings.items() for e in ring.entries
+                        if e.stamp[1] > 0 and not covers(their, e.stamp))
+        return Delta(tuple(sorted(self.vector.items())), entries)
+
+    def receive(self, delta: Delta) -> list[tuple[Cidr, Entry]]:
+        """Merge a delta; return what changed. RingConflict or RingError: nothing changed."""
+        by_universe: dict[Cidr, list[Entry]] = {}
+        for u, e in delta.entries:
+            if u not in self.rings:
+                from .ring import RingError
+                raise RingError(f"entry for unknown universe {u}")
+            by_universe.setdefault(u, []).append(e)
+        # Check every universe before changing any, so a refusal changes nothing.
+        trial = {u: Ring(u, self.rings[u].entries) for u in by_universe}
+        for u, es in by_universe.items():
+            trial[u].merge(es)
+        changed = []
+        for u, es in by_universe.items():
+            changed += [(u, e) for e in self.rings[u].merge(es)]
+        for peer, seq in delta.vector:
+            if seq > self.vector.get(peer, 0):
+                self.vector[peer] = seq
+        return changed
