@@ -3,9 +3,10 @@
 Each peer stamps its ring writes (peer, seq), seq counting up by one per write, and keeps a
 vector {peer: seq} that means "my rings hold every write of that peer up to seq, or a later
 write that replaced it". A delta for a peer whose vector is V holds every entry whose stamp V
-does not cover; having merged all of it, the receiver may raise its vector to the sender's, and
-only then. Raising it on anything less (say, to the highest stamp seen) would be unsound: a
-write relayed out of order would hide an earlier one for good.
+does not cover; having merged all of it, the receiver may raise its vector to the sender's
+(which also covers writes the sender saw replaced, so they are never sent again). A delta is
+merged whole or not at all: raising a vector on part of one (a truncated frame, a single
+relayed write) would hide the writes not yet seen, for good.
 
 A peer that knows nothing (empty vector) is sent every entry: full state is the same rule.
 """
