@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from .addr import Cidr, format_addr
 from .intervals import IntervalSet
-from .messages import (Allocate, Claim, FreeAddress, List, Lookup, PutAllocation, Release,
-                       Reserve, Row, Status, error, ok)
+from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, List, Lookup, PutAllocation,
+                       Release, Reserve, Row, Status, error, ok)
 from .ring import Ring
 
 
@@ -214,6 +214,67 @@ class Allocator:
         return ok(handle=req.handle,
                   released=[f"{h.text}/{h.subnet.prefix}" for h in held.values()]), rows
 
+    # -- space moving between peers ------------------------------------------------------------
+
+    def ring_changed(self, universe: Cidr) -> list[Row]:
+        """After the ring moved space: forget freed addresses that are no longer ours."""
+        self._owned[universe] = self.rings[universe].owned_by(self.me)
+        rows: list[Row] = []
+        ring = self.rings[universe]
+        for address in [a for a in self.freed[universe] if ring.owner_of(a) != self.me]:
+            del self.freed[universe][address]
+            self.used[universe].discard(address)
+            rows.append(ForgetFreed(format_addr(universe.family, address)))
+        return rows
+
+    def free_count(self, universe: Cidr, lo: int, hi: int, now: float) -> int:
+        """Addresses in [lo, hi) that this peer could hand out or give away now."""
+        n = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[universe])
+        return n - len(self._blocked(universe, lo, hi, now))
+
+    def _blocked(self, universe: Cidr, lo: int, hi: int, now: float) -> list[int]:
+        """Owned addresses in [lo, hi) that are not free: held, quarantined or reserved."""
+        fam = universe.family
+        out = [h.address for h in self.by_addr.values() if h.universe == universe
+               and lo <= h.address < hi]
+        out += [a for a, t in self.freed[universe].items()
+                if lo <= a < hi and t + self.reuse_delay > now]
+        out += [a for f, a in self.reserved if f == fam and lo <= a < hi]
+        ring = self.rings[universe]
+        return sorted(a for a in set(out) if ring.owner_of(a) == self.me)
+
+    def donatable(self, universe: Cidr, lo: int, hi: int, now: float,
+                  limit: int) -> tuple[int, int] | None:
+        """The largest aligned block of free owned space in [lo, hi), at most `limit` long."""
+        blocked = self._blocked(universe, lo, hi, now)
+        best = None
+        for olo, ohi in self._owned[universe]:
+            a, b = max(lo, olo), min(hi, ohi)
+            edges = [x for x in blocked if a <= x < b]
+            start = a
+            for x in edges + [b]:
+                if x > start:
+                    block = _largest_aligned(start, x, limit)
+                    if best is None or block[1] - block[0] > best[1] - best[0]:
+                        best = block
+                start = max(start, x + 1)
+        return best
+
+    def block_holding(self, universe: Cidr, address: int, now: float) -> tuple[int, int] | None:
+        """The largest aligned free owned block that holds address, up to 16 addresses: a claim
+        asks for one, and a little more spares the next claim nearby a round trip."""
+        if self.rings[universe].owner_of(address) != self.me or \
+                self._blocked(universe, address, address + 1, now):
+            return None
+        best = (address, address + 1)
+        for size in (2, 4, 8, 16):
+            lo = address - address % size
+            inside = any(olo <= lo and lo + size <= ohi for olo, ohi in self._owned[universe])
+            if not inside or self._blocked(universe, lo, lo + size, now):
+                break
+            best = (lo, lo + size)
+        return best
+
     # -- search --------------------------------------------------------------------------------
 
     def _bounds(self, u: Cidr, subnet: Cidr, lo: int, hi: int) -> tuple[int, int]:
@@ -273,6 +334,20 @@ class Allocator:
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
                 "reserved": sorted(_fmt(k) for k in self.reserved),
                 "handles": len(self.by_handle), "universes": universes}
+
+
+def _largest_aligned(lo: int, hi: int, limit: int) -> tuple[int, int]:
+    """The largest power-of-two block aligned to its size inside [lo, hi), at most limit."""
+    best = (lo, lo + 1)
+    size = 1
+    while size * 2 <= min(hi - lo, limit):
+        size *= 2
+    while size > 1:
+        start = -(-lo // size) * size  # first multiple of size at or after lo
+        if start + size <= hi:
+            return (start, start + size)
+        size //= 2
+    return best
 
 
 def _fmt(key: tuple[int, int]) -> str:

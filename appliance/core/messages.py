@@ -80,7 +80,31 @@ class Reserve:
     note: str
 
 
-Row = PutAllocation | FreeAddress | Reserve
+@dataclass(frozen=True)
+class ForgetFreed:
+    """A freed address that left with donated space: no longer ours to remember."""
+    address: str
+
+
+@dataclass(frozen=True)
+class RingWrite:
+    universe: str
+    start: str
+    owner: str
+    version: int
+    free_hint: int
+    stamp_peer: str
+    stamp_seq: int
+
+
+@dataclass(frozen=True)
+class ClockWrite:
+    """This peer's write counter and version vector, durable before any write leaves."""
+    seq: int
+    vector: tuple[tuple[str, int], ...]
+
+
+Row = PutAllocation | FreeAddress | Reserve | ForgetFreed | RingWrite | ClockWrite
 
 
 def ok(**fields) -> dict:

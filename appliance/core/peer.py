@@ -1,0 +1,305 @@
+"""One peer of the cluster: its allocator, its view of the rings, and what it says to others.
+
+Pure: fed request(ref, req, now), receive(sender, message, now), tick(now) and reachability,
+it returns a Ready of rows to persist, then messages to send and replies to give. The shell
+commits the rows first; nothing leaves before that (DESIGN.md section 2, rules 1 and 2).
+
+Space on demand: an allocate that finds no local free space asks the reachable peer whose ring
+entries hint at the most free space in that subnet; the donor gives at most half its free space
+there, as one aligned block, commits the transfer, then grants. A claim of an address owned
+elsewhere asks its owner for the smallest aligned free block holding it. Requests wait at most
+`request_timeout`, then fail with an error naming whom they asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import messages as m
+from .addr import Cidr, format_addr
+from .allocator import Allocator
+from .gossip import Delta, Replica, Vector
+from .ring import Entry, Ring, RingConflict, RingError
+
+
+@dataclass(frozen=True)
+class Gossip:
+    cluster: str
+    delta: Delta
+
+
+@dataclass(frozen=True)
+class SpaceRequest:
+    cluster: str
+    req: int
+    universe: Cidr
+    lo: int
+    hi: int
+    address: int | None = None  # a claim: the block holding this address
+
+
+@dataclass(frozen=True)
+class SpaceGrant:
+    cluster: str
+    req: int
+    entries: tuple[tuple[Cidr, Entry], ...]
+
+
+@dataclass(frozen=True)
+class SpaceDenied:
+    cluster: str
+    req: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    cluster: str
+    reason: str
+
+
+Message = Gossip | SpaceRequest | SpaceGrant | SpaceDenied | Refuse
+
+
+@dataclass
+class Ready:
+    rows: list = field(default_factory=list)
+    messages: list[tuple[str, Message]] = field(default_factory=list)
+    replies: list[tuple[object, dict]] = field(default_factory=list)
+    alarms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Waiting:
+    ref: object
+    request: m.Allocate | m.Claim
+    deadline: float
+    asked: list[str]
+
+
+class Peer:
+    def __init__(self, me: str, cluster: str, rings: list[Ring], default_subnet: Cidr,
+                 reuse_delay: float = 30.0, vector: Vector | None = None, seq: int = 0,
+                 request_timeout: float = 2.0):
+        self.me, self.cluster = me, cluster
+        self.replica = Replica(me, rings, vector, seq)
+        self.allocator = Allocator(me, rings, default_subnet, reuse_delay)
+        self.request_timeout = request_timeout
+        self.reachable: set[str] = set()
+        self.known: dict[str, Vector] = {}  # what each peer told us it has
+        self.told: dict[str, Vector] = {}   # the vector we last sent each peer
+        self.waiting: dict[int, _Waiting] = {}
+        self.next_req = 0
+
+    @classmethod
+    def founder(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
+                **kw) -> tuple[Peer, list]:
+        """The first host: owns every universe. Returns the peer and the rows that say so."""
+        peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
+        stamp = peer.replica.next_stamp()
+        rows = []
+        for u in universes:
+            ring = Ring.single_owner(u, me, stamp)
+            peer.replica.rings[u] = peer.allocator.rings[u] = ring
+            peer.allocator.ring_changed(u)
+            rows += _ring_rows(u, ring.entries)
+        return peer, rows + [peer._clock_row()]
+
+    # -- events --------------------------------------------------------------------------------
+
+    def connected(self, peer: str) -> None:
+        self.reachable.add(peer)
+
+    def disconnected(self, peer: str) -> None:
+        self.reachable.discard(peer)
+
+    def request(self, ref, req, now: float) -> Ready:
+        out = Ready()
+        reply, rows = self.allocator.apply(req, now)
+        out.rows += rows
+        if not reply["ok"] and isinstance(req, (m.Allocate, m.Claim)):
+            code = reply["error"]["code"]
+            if code == "exhausted" and isinstance(req, m.Allocate) or \
+                    code == "not_owned" and isinstance(req, m.Claim):
+                self._ask(_Waiting(ref, req, now + self.request_timeout, []), out, reply)
+                return out
+        out.replies.append((ref, reply))
+        return out
+
+    def receive(self, sender: str, msg: Message, now: float) -> Ready:
+        out = Ready()
+        if msg.cluster != self.cluster:
+            out.alarms.append(f"refused a message from {sender}: it belongs to cluster "
+                              f"{msg.cluster}, this peer to {self.cluster}")
+            if not isinstance(msg, Refuse):
+                out.messages.append((sender, Refuse(self.cluster, f"cluster {self.cluster} "
+                                                    f"refuses members of {msg.cluster}")))
+            return out
+        if isinstance(msg, Gossip):
+            self._merge(sender, msg.delta, out)
+            self.known[sender] = dict(msg.delta.vector)
+        elif isinstance(msg, SpaceRequest):
+            self._donate(sender, msg, now, out)
+        elif isinstance(msg, SpaceGrant):
+            # Ownership moved whether or not anyone still waits for it: merge it always.
+            self._merge(sender, Delta((), msg.entries), out)
+            w = self.waiting.pop(msg.req, None)
+            if w is not None:
+                self._retry(w, now, out)
+        elif isinstance(msg, SpaceDenied):
+            w = self.waiting.pop(msg.req, None)
+            if w is not None:
+                self._ask(w, out, m.error("exhausted", msg.reason))
+        elif isinstance(msg, Refuse):
+            out.alarms.append(f"{sender} refused us: {msg.reason}")
+        return out
+
+    def tick(self, now: float) -> Ready:
+        out = Ready()
+        for req, w in list(self.waiting.items()):
+            if now >= w.deadline:
+                del self.waiting[req]
+                asked = ", ".join(w.asked) or "nobody"
+                out.replies.append((w.ref, m.error("timeout", f"no answer within "
+                                                   f"{self.request_timeout:g}s from {asked}")))
+        for peer in sorted(self.reachable):
+            delta = self.replica.delta_for(self.known.get(peer, {}))
+            if delta.entries or self.told.get(peer) != self.replica.vector:
+                out.messages.append((peer, Gossip(self.cluster, delta)))
+                self.told[peer] = dict(self.replica.vector)
+        return out
+
+    # -- gossip --------------------------------------------------------------------------------
+
+    def _merge(self, sender: str, delta: Delta, out: Ready) -> None:
+        try:
+            changed = self.replica.receive(delta)
+        except (RingConflict, RingError) as e:
+            out.alarms.append(f"refused ring data from {sender}: {e}")
+            return
+        universes = {u for u, _ in changed}
+        for u in universes:
+            out.rows += _ring_rows(u, [e for v, e in changed if v == u])
+            out.rows += self.allocator.ring_changed(u)
+        if changed or delta.vector:
+            out.rows.append(self._clock_row())
+
+    def _clock_row(self) -> m.ClockWrite:
+        return m.ClockWrite(self.replica.seq, tuple(sorted(self.replica.vector.items())))
+
+    # -- space on demand -----------------------------------------------------------------------
+
+    def _subnet_bounds(self, req) -> list[tuple[Cidr, int, int]]:
+        subnet = req.subnet or self.allocator.default_subnet
+        lo, hi = subnet.host_bounds()
+        if isinstance(req, m.Allocate) and req.range is not None:
+            lo, hi = max(lo, req.range[0]), min(hi, req.range[1] + 1)
+        return [(u, max(lo, u.start), min(hi, u.end)) for u in self.replica.rings
+                if u.overlaps(subnet)]
+
+    def _hint(self, peer: str, u: Cidr, lo: int, hi: int) -> int:
+        ring = self.replica.rings[u]
+        total = 0
+        for i, e in enumerate(ring.entries):
+            end = ring.entries[i + 1].start if i + 1 < len(ring.entries) else u.end
+            if e.owner == peer and e.start < hi and end > lo:
+                total += e.free_hint
+        return total
+
+    def _ask(self, w: _Waiting, out: Ready, last_error: dict) -> None:
+        """Send the request to the next peer worth asking, or give the client its answer."""
+        req = w.request
+        self.next_req += 1
+        if isinstance(req, m.Claim):
+            u = next((u for u in self.replica.rings if (req.family, req.address) in u), None)
+            owner = self.replica.rings[u].owner_of(req.address) if u else None
+            if owner is None or owner in w.asked:
+                out.replies.append((w.ref, last_error))
+            elif owner not in self.reachable:
+                out.replies.append((w.ref, m.error(
+                    "unreachable", f"{format_addr(req.family, req.address)} is owned by "
+                    f"{owner}, which {self.me} cannot reach")))
+            else:
+                w.asked.append(owner)
+                self.waiting[self.next_req] = w
+                out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, u,
+                                                         req.address, req.address + 1,
+                                                         req.address)))
+            return
+        best = None
+        for u, lo, hi in self._subnet_bounds(req):
+            for peer in self.reachable - set(w.asked):
+                hint = self._hint(peer, u, lo, hi)
+                if hint > 0 and (best is None or hint > best[0]):
+                    best = (hint, peer, u, lo, hi)
+        if best is None:
+            out.replies.append((w.ref, last_error if not w.asked else m.error(
+                "exhausted", f"{last_error['error']['message']}; asked "
+                f"{', '.join(w.asked)} for space in vain")))
+            return
+        _, peer, u, lo, hi = best
+        w.asked.append(peer)
+        self.waiting[self.next_req] = w
+        out.messages.append((peer, SpaceRequest(self.cluster, self.next_req, u, lo, hi)))
+
+    def _retry(self, w: _Waiting, now: float, out: Ready) -> None:
+        reply, rows = self.allocator.apply(w.request, now)
+        out.rows += rows
+        if reply["ok"]:
+            out.replies.append((w.ref, reply))
+        else:
+            self._ask(w, out, reply)
+
+    def _donate(self, sender: str, msg: SpaceRequest, now: float, out: Ready) -> None:
+        u = msg.universe
+        if u not in self.replica.rings or not u.start <= msg.lo < msg.hi <= u.end:
+            out.alarms.append(f"refused a space request from {sender}: bad bounds")
+            return
+        a = self.allocator
+        if msg.address is not None:
+            block = a.block_holding(u, msg.address, now)
+            if block is None:
+                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
+                                     f"{format_addr(u.family, msg.address)} is not free on "
+                                     f"{self.me}")))
+                return
+        else:
+            free = a.free_count(u, msg.lo, msg.hi, now)
+            block = a.donatable(u, msg.lo, msg.hi, now, free // 2) if free >= 2 else None
+            if block is None:
+                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
+                                     f"{self.me} has no free space to spare there")))
+                return
+        lo, hi = block
+        ring = self.replica.rings[u]
+        written = ring.transfer(self.me, lo, hi, sender, self.replica.next_stamp(),
+                                free_hint=hi - lo)
+        out.rows += _ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
+        out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
+                                                tuple((u, e) for e in
+                                                      grant_entries(ring, lo, hi, sender)))))
+
+
+def grant_entries(ring: Ring, lo: int, hi: int, to: str) -> list[Entry]:
+    """What a grant of [lo, hi) to `to` must carry: every entry from lo up to and including the
+    first one at or past hi that `to` does not own.
+
+    A recipient takes an entry naming it as owning everything up to the next entry it knows.
+    Entries inside the block alone are not enough: the next boundary may be one it has not
+    heard of (its grant was lost), and then it would believe it owns space beyond. Any boundary
+    between lo and that first foreign entry that the donor does not know was made by the owner
+    of the space there, which is the recipient, so the recipient's view can then only fall
+    short of the truth, never exceed it.
+    """
+    out = []
+    for e in ring.entries:
+        if e.start < lo:
+            continue
+        out.append(e)
+        if e.start >= hi and e.owner != to:
+            break
+    return out
+
+
+def _ring_rows(u: Cidr, entries: list[Entry]) -> list[m.RingWrite]:
+    return [m.RingWrite(str(u), u.addr(e.start), e.owner, e.version, e.free_hint, e.stamp[0],
+                        e.stamp[1]) for e in entries]

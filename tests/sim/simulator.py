@@ -1,0 +1,352 @@
+"""N peers in one process on a seeded scheduler, with faults, checking the invariants.
+
+Faults: message drop, duplicate, reorder and delay; partitions (isolate one, majority split,
+one-way, bridge); crashes at named points (before commit, after commit, after send) followed by
+restarts from what was committed. Every run prints its seed; the same seed replays exactly.
+
+Invariants (DESIGN.md section 7) checked as it runs and at the end:
+I1 no address held by two handles at once; I2 no acknowledged allocation lost; I3 no two peers
+own overlapping space, and no (start, version) has two contents (a ring conflict is a violation);
+I4 every allocation lies in space its host owns; I5 after healing every range has a live owner;
+I6 after healing all rings are equal; I7 a peer's seq and vector only grow, restarts included.
+Not modelled yet: loss of a peer's whole database, rmpeer, leave, seed and quorum bootstrap.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from appliance.core import messages as m
+from appliance.core.addr import cidr, format_addr
+from appliance.core.durable import Durable
+from appliance.core.peer import Peer, Ready
+
+UNIVERSE = cidr("10.0.0.0/22")
+TICK = 0.1
+CRASH_POINTS = ("before_commit", "after_commit", "after_send")
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Faults:
+    drop: float = 0.0
+    dup: float = 0.0
+    delay: float = 0.0        # chance a message is held back for a while
+    crash: float = 0.0        # chance, per handled event, that the peer crashes there
+    partition: float = 0.0    # chance per step that the network changes shape
+
+    @classmethod
+    def random(cls, rng: random.Random) -> Faults:
+        return cls(drop=rng.random() * 0.3, dup=rng.random() * 0.2, delay=rng.random() * 0.3,
+                   crash=rng.random() * 0.01, partition=rng.random() * 0.01)
+
+
+@dataclass
+class Stats:
+    ops: int = 0
+    acked: int = 0
+    refused: Counter = field(default_factory=Counter)
+    faults: Counter = field(default_factory=Counter)
+    messages: int = 0
+    rounds_to_converge: int = 0
+    ring_entries: int = 0
+    segments: int = 0
+
+
+class Sim:
+    def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None):
+        self.seed, self.rng, self.faults = seed, random.Random(seed), faults
+        self.broken = broken  # a known-wrong behaviour to plant, for the checker's own tests
+        self.now = 1000.0
+        self.names = [f"p{i}" for i in range(n)]
+        self.cluster = "sim"
+        self.durable = {p: Durable(p, self.cluster, [UNIVERSE]) for p in self.names}
+        founder, rows = Peer.founder(self.names[0], self.cluster, [UNIVERSE], UNIVERSE,
+                                     reuse_delay=5.0)
+        self.durable[self.names[0]].apply(rows)
+        self.live: dict[str, Peer] = {self.names[0]: founder}
+        for p in self.names[1:]:
+            self.live[p] = self.durable[p].load(UNIVERSE, 5.0)
+        self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs the network drops
+        self.queue: list[tuple[float, int, str, str, object]] = []
+        self.msg_seq = 0
+        self.acked: dict[tuple[str, str], str] = {}  # (peer, handle) -> address
+        self.pending: dict[int, tuple[str, object]] = {}
+        self.handles = 0
+        self.stats = Stats()
+        self.max_clock = {p: (0, {}) for p in self.names}
+        self._update_reachability()
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def _update_reachability(self) -> None:
+        for p, peer in self.live.items():
+            peer.reachable = {q for q in self.live if q != p and (p, q) not in self.blocked
+                              and (q, p) not in self.blocked}
+
+    def _send(self, src: str, dst: str, msg) -> None:
+        self.stats.messages += 1
+        f = self.faults
+        if (src, dst) in self.blocked or self.rng.random() < f.drop:
+            self.stats.faults["drop"] += 1
+            return
+        copies = 2 if self.rng.random() < f.dup else 1
+        if copies == 2:
+            self.stats.faults["duplicate"] += 1
+        for _ in range(copies):
+            delay = TICK * self.rng.random()
+            if self.rng.random() < f.delay:
+                delay += self.rng.random() * 3.0
+                self.stats.faults["delay"] += 1
+            self.msg_seq += 1
+            self.queue.append((self.now + delay, self.msg_seq, src, dst, msg))
+
+    def _reshape(self) -> None:
+        """A new partition shape (or none)."""
+        live = sorted(self.names)
+        shape = self.rng.choice(["heal", "isolate", "split", "one_way", "bridge"])
+        self.blocked = set()
+        self.stats.faults[f"partition_{shape}"] += 1
+        if shape == "isolate":
+            lone = self.rng.choice(live)
+            self.blocked = {(a, b) for a in live for b in live if (a == lone) != (b == lone)}
+        elif shape == "split":
+            side = set(self.rng.sample(live, len(live) // 2))
+            self.blocked = {(a, b) for a in live for b in live if (a in side) != (b in side)}
+        elif shape == "one_way":
+            a, b = self.rng.sample(live, 2)
+            self.blocked = {(a, b)}
+        elif shape == "bridge" and len(live) >= 3:
+            left = set(self.rng.sample(live, len(live) // 2))
+            bridge = self.rng.choice(sorted(left))
+            self.blocked = {(a, b) for a in live for b in live if (a in left) != (b in left)
+                            and bridge not in (a, b)}
+        self._update_reachability()
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    def _handle(self, p: str, ready: Ready) -> None:
+        """What a shell does with a Ready: commit, then send, then reply; maybe crash on the way."""
+        for alarm in ready.alarms:
+            if "conflict" in alarm:
+                raise Violation(f"I3 seed={self.seed}: {p}: {alarm}")
+        point = self.rng.choice(CRASH_POINTS) if self.rng.random() < self.faults.crash else None
+        if self.broken == "send_before_commit":
+            for dst, msg in ready.messages:
+                self._send(p, dst, msg)
+            if point is not None:
+                return self._crash(p, point)
+            self.durable[p].apply(ready.rows)
+        else:
+            if point == "before_commit":
+                return self._crash(p, point)
+            self.durable[p].apply(ready.rows)
+            if point == "after_commit":
+                return self._crash(p, point)
+            for dst, msg in ready.messages:
+                self._send(p, dst, msg)
+        if point == "after_send":
+            return self._crash(p, point)
+        for ref, reply in ready.replies:
+            self._client_reply(p, ref, reply)
+        self._check_clock(p)
+
+    def _crash(self, p: str, point: str) -> None:
+        self.stats.faults[f"crash_{point}"] += 1
+        del self.live[p]
+        self.pending = {k: v for k, v in self.pending.items() if v[0] != p}  # in doubt
+        self._update_reachability()
+
+    def _restart(self, p: str) -> None:
+        self.stats.faults["restart"] += 1
+        d = self.durable[p]
+        if self.broken == "reuse_seq":
+            d.clock = m.ClockWrite(max(0, d.clock.seq - 1), d.clock.vector)
+        self.live[p] = d.load(UNIVERSE, 5.0)
+        self._update_reachability()
+        self._check_clock(p)
+
+    def _check_clock(self, p: str) -> None:
+        peer = self.live.get(p)
+        if peer is None:
+            return
+        seq, vector = peer.replica.seq, peer.replica.vector
+        old_seq, old_vector = self.max_clock[p]
+        if seq < old_seq or any(vector.get(k, 0) < v for k, v in old_vector.items()):
+            raise Violation(f"I7 seed={self.seed}: {p} went back from seq {old_seq} to {seq}")
+        self.max_clock[p] = (seq, dict(vector))
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def _client_op(self) -> None:
+        p = self.rng.choice(sorted(self.live))
+        mine = [h for (q, h) in self.acked if q == p]
+        r = self.rng.random()
+        self.stats.ops += 1
+        if mine and r < 0.35:
+            handle = self.rng.choice(sorted(mine))
+            req = m.Release(handle)
+        elif r < 0.45:
+            self.handles += 1
+            handle = f"h{self.handles}"
+            address = UNIVERSE.start + 1 + self.rng.randrange(UNIVERSE.size - 2)
+            req = m.Claim(handle, 4, address)
+        else:
+            self.handles += 1
+            handle = f"h{self.handles}"
+            req = m.Allocate(handle)
+        ref = self.stats.ops
+        self.pending[ref] = (p, req)
+        if isinstance(req, m.Release):
+            # From the moment a release is sent it may take effect: stop counting the address.
+            self.acked.pop((p, req.handle), None)
+        self._handle(p, self.live[p].request(ref, req, self.now))
+
+    def _client_reply(self, p: str, ref, reply: dict) -> None:
+        got = self.pending.pop(ref, None)
+        if got is None:
+            return
+        _, req = got
+        if not reply["ok"]:
+            self.stats.refused[reply["error"]["code"]] += 1
+            return
+        self.stats.acked += 1
+        if isinstance(req, (m.Allocate, m.Claim)):
+            address = reply["address"].split("/")[0]
+            for (q, h), a in self.acked.items():
+                if a == address and (q, h) != (p, req.handle):
+                    raise Violation(f"I1 seed={self.seed}: {address} acknowledged to {p}/"
+                                    f"{req.handle} while {q}/{h} holds it")
+            self.acked[(p, req.handle)] = address
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    def owned_views(self) -> dict[str, list[tuple[int, int]]]:
+        """What each peer believes it owns: live ones from memory, crashed ones from disk."""
+        views = {}
+        for p in self.names:
+            peer = self.live.get(p) or self.durable[p].load(UNIVERSE, 5.0)
+            views[p] = peer.replica.rings[UNIVERSE].owned_by(p)
+        return views
+
+    def check(self) -> None:
+        views = self.owned_views()
+        spans = sorted((lo, hi, p) for p, v in views.items() for lo, hi in v)
+        for (alo, ahi, a), (blo, bhi, b) in zip(spans, spans[1:]):
+            if blo < ahi:
+                raise Violation(f"I3 seed={self.seed}: {a} and {b} both own "
+                                f"{format_addr(4, blo)}")
+        holders: dict[str, str] = {}
+        for p in self.names:
+            d = self.durable[p]
+            for address, row in d.allocations.items():
+                if address in holders:
+                    raise Violation(f"I1 seed={self.seed}: {address} held by {holders[address]} "
+                                    f"and {p}/{row.handle}")
+                holders[address] = f"{p}/{row.handle}"
+            peer = self.live.get(p)
+            if peer is not None:
+                for h in peer.allocator.by_addr.values():
+                    if not any(lo <= h.address < hi for lo, hi in views[p]):
+                        raise Violation(f"I4 seed={self.seed}: {p} holds {h.text} outside "
+                                        "its space")
+        for (p, handle), address in self.acked.items():
+            row = self.durable[p].allocations.get(address)
+            if row is None or row.handle != handle:
+                raise Violation(f"I2 seed={self.seed}: acknowledged {p}/{handle} -> {address} "
+                                "is not in its database")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        r = self.rng.random()
+        down = [p for p in self.names if p not in self.live]
+        if r < self.faults.partition:
+            self._reshape()
+        elif down and r < 0.05:
+            self._restart(self.rng.choice(down))
+        elif r < 0.35 and self.live:
+            self._client_op()
+        elif r < 0.75 and self.queue:
+            due = [i for i, q in enumerate(self.queue) if q[0] <= self.now]
+            if not due:
+                self.now = min(q[0] for q in self.queue)
+                return
+            _, _, src, dst, msg = self.queue.pop(self.rng.choice(due))  # any order
+            if dst in self.live and (src, dst) not in self.blocked:
+                self._handle(dst, self.live[dst].receive(src, msg, self.now))
+        else:
+            self.now += TICK * self.rng.random()
+            for p in sorted(self.live):
+                if p in self.live:
+                    self._handle(p, self.live[p].tick(self.now))
+
+    def heal(self, max_rounds: int = 400) -> None:
+        self.faults = Faults()
+        self.blocked = set()
+        for p in [p for p in self.names if p not in self.live]:
+            self._restart(p)
+        self._update_reachability()
+        for rounds in range(1, max_rounds + 1):
+            self.now += TICK
+            for p in sorted(self.live):
+                self._handle(p, self.live[p].tick(self.now))
+            while self.queue:
+                self.queue.sort()
+                _, _, src, dst, msg = self.queue.pop(0)
+                self._handle(dst, self.live[dst].receive(src, msg, self.now))
+            rings = {p: peer.replica.rings[UNIVERSE].entries for p, peer in self.live.items()}
+            if all(r == rings[self.names[0]] for r in rings.values()) and all(
+                    not peer.waiting for peer in self.live.values()):
+                self.stats.rounds_to_converge = rounds
+                break
+        else:
+            raise Violation(f"I6 seed={self.seed}: rings still differ after {max_rounds} rounds")
+        ring = self.live[self.names[0]].replica.rings[UNIVERSE]
+        self.stats.ring_entries, self.stats.segments = len(ring.entries), ring.segments()
+        covered = sorted(s for p in self.names for s in ring.owned_by(p))
+        if not covered or covered[0][0] != UNIVERSE.start or covered[-1][1] != UNIVERSE.end or \
+                any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            raise Violation(f"I5 seed={self.seed}: some space has no live owner")
+
+    def liveness(self) -> None:
+        """After healing, an allocation on any peer succeeds while the cluster has free space."""
+        free = sum(peer.allocator.free_count(UNIVERSE, UNIVERSE.start + 1, UNIVERSE.end - 1,
+                                             self.now + 60) for peer in self.live.values())
+        self.now += 60  # past every quarantine
+        for p in sorted(self.live):
+            if free < 4 * len(self.live):
+                return
+            self.handles += 1
+            ref = ("live", self.handles)
+            req = m.Allocate(f"h{self.handles}")
+            self.pending[ref] = (p, req)
+            self._handle(p, self.live[p].request(ref, req, self.now))
+            for _ in range(50):
+                if ref not in self.pending:
+                    break
+                self.now += TICK
+                for q in sorted(self.live):
+                    self._handle(q, self.live[q].tick(self.now))
+                while self.queue:
+                    self.queue.sort()
+                    _, _, src, dst, msg = self.queue.pop(0)
+                    self._handle(dst, self.live[dst].receive(src, msg, self.now))
+            if ref in self.pending or (p, req.handle) not in self.acked:
+                raise Violation(f"liveness seed={self.seed}: allocate on {p} failed with "
+                                f"{free} addresses free in the cluster")
+            free -= 1
+
+    def run(self, ops: int) -> Stats:
+        while self.stats.ops < ops:
+            self.step()
+            self.check()
+        self.heal()
+        self.check()
+        self.liveness()
+        self.check()
+        return self.stats
