@@ -14,13 +14,17 @@ CREATE TABLE universes (
     family INTEGER NOT NULL CHECK (family IN (4, 6))
 ) STRICT;
 
--- The ring of each universe: an entry owns from its start to the next entry's start.
+-- The ring of each universe: an entry owns [start, last]. Only its owner changes an entry, each
+-- time at a higher version; (stamp_peer, stamp_seq) says who wrote that version.
 CREATE TABLE ring (
-    universe  TEXT NOT NULL REFERENCES universes (cidr),
-    start     TEXT NOT NULL,
-    owner     TEXT NOT NULL,
-    version   INTEGER NOT NULL CHECK (version > 0),
-    free_hint INTEGER NOT NULL DEFAULT 0,
+    universe   TEXT NOT NULL REFERENCES universes (cidr),
+    start      TEXT NOT NULL,
+    last       TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    version    INTEGER NOT NULL CHECK (version > 0),
+    free_hint  INTEGER NOT NULL DEFAULT 0,
+    stamp_peer TEXT NOT NULL DEFAULT '',
+    stamp_seq  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (universe, start)
 ) STRICT;
 

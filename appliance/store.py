@@ -120,9 +120,10 @@ class Store:
                 ("peer_id", peer_id), ("cluster_id", cluster), ("bootstrap", "single")])
             for u in universes:
                 conn.execute("INSERT INTO universes VALUES (?, ?)", (str(u), u.family))
-                e = Ring.single_owner(u, peer_id).entries[0]
-                conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?)",
-                             (str(u), u.addr(e.start), e.owner, e.version, e.free_hint))
+                e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
+                conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
+                              e.free_hint, *e.stamp))
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
         return Loaded(peer_id, cluster, list(universes), True)
 
@@ -159,9 +160,11 @@ class Store:
         conn = self.conn
         by_text = {str(u): u for u in loaded.universes}
         entries: dict[str, list[Entry]] = {str(u): [] for u in loaded.universes}
-        for universe, start, owner, version, hint in conn.execute(
-                "SELECT universe, start, owner, version, free_hint FROM ring"):
-            entries[universe].append(Entry(parse_addr(start)[1], owner, version, hint))
+        for universe, start, last, owner, version, hint, sp, sq in conn.execute(
+                "SELECT universe, start, last, owner, version, free_hint, stamp_peer, stamp_seq "
+                "FROM ring"):
+            entries[universe].append(Entry(parse_addr(start)[1], parse_addr(last)[1] + 1, owner,
+                                           version, hint, (sp, sq)))
         rings = [Ring(u, entries[str(u)]) for u in loaded.universes]
         alloc = Allocator(loaded.peer_id, rings, default_subnet, reuse_delay, gateways)
         subnets: dict[str, Cidr] = {}

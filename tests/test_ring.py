@@ -20,8 +20,8 @@ PEERS = ["a", "b", "c", "d"]
 def test_transfer_makes_boundaries_and_bumps_versions():
     r = Ring.single_owner(U, "a")
     written = r.transfer("a", U.start + 64, U.start + 128, "b", ("a", 1), free_hint=64)
-    assert [(e.start - U.start, e.owner, e.version) for e in written] == [(64, "b", 2),
-                                                                          (128, "a", 1)]
+    assert [(e.start - U.start, e.end - U.start, e.owner, e.version) for e in written] == [
+        (0, 64, "a", 2), (64, 128, "b", 2), (128, 256, "a", 1)]
     assert r.owned_by("a") == [(U.start, U.start + 64), (U.start + 128, U.end)]
     assert r.owned_by("b") == [(U.start + 64, U.start + 128)]
     assert r.owner_of(U.start + 100) == "b" and r.segments() == 3
@@ -30,12 +30,21 @@ def test_transfer_makes_boundaries_and_bumps_versions():
     r.transfer("b", U.start + 64, U.start + 128, "a", ("b", 1))  # given back: one run again
     assert r.owned_by("a") == [(U.start, U.end)] and r.segments() == 1
     assert len(r.entries) == 3  # the old boundaries stay, owned like their neighbours
+    assert r.owner_of(U.start + 5) == "a"
+
+
+def test_an_entry_covers_only_its_own_extent():
+    # A peer that heard of b's block but not of what follows it must not think it owns more.
+    r = Ring(U, [Entry(U.start + 64, U.start + 128, "b", 2)])
+    assert r.owned_by("b") == [(U.start + 64, U.start + 128)]
+    assert r.owner_of(U.start + 200) is None and r.owner_of(U.start + 10) is None
 
 
 def test_entries_from_peers_are_checked():
     r = Ring.single_owner(U, "a")
-    for bad in (Entry(U.end, "b", 1), Entry(U.start, "b", 0), Entry(U.start, "", 3),
-                Entry(U.start, "b", 3, -1)):
+    for bad in (Entry(U.end, U.end + 1, "b", 1), Entry(U.start, U.end, "b", 0),
+                Entry(U.start, U.end, "", 3), Entry(U.start, U.end, "b", 3, -1),
+                Entry(U.start + 9, U.start + 9, "b", 3), Entry(U.start, U.end + 1, "b", 3)):
         with pytest.raises(RingError):
             r.merge([bad])
     assert r.entries == Ring.single_owner(U, "a").entries
@@ -100,7 +109,8 @@ def test_forged_tie_is_a_conflict_in_every_order(seed, steps, pick, order):
     ring = replica(writes, range(len(writes)))
     # A tie with a superseded version is stale and dropped; the alarm is for current ones.
     real = ring.entries[pick % len(ring.entries)]
-    forged = Entry(real.start, real.owner + "-forged", real.version, real.free_hint, ("x", 1))
+    forged = Entry(real.start, real.end, real.owner + "-forged", real.version, real.free_hint,
+                   ("x", 1))
     snapshot = ring.entries
     batch = [forged, real] if order else [real, forged]
     with pytest.raises(RingConflict):

@@ -52,8 +52,8 @@ class Durable:
         entries: dict[Cidr, list[Entry]] = {u: [] for u in self.universes}
         for r in self.ring.values():
             u = by_text[r.universe]
-            entries[u].append(Entry(parse_addr(r.start)[1], r.owner, r.version, r.free_hint,
-                                    (r.stamp_peer, r.stamp_seq)))
+            entries[u].append(Entry(parse_addr(r.start)[1], parse_addr(r.last)[1] + 1, r.owner,
+                                    r.version, r.free_hint, (r.stamp_peer, r.stamp_seq)))
         rings = [Ring(u, entries[u]) for u in self.universes]
         peer = Peer(self.me, self.cluster, rings, default_subnet, reuse_delay,
                     dict(self.clock.vector), self.clock.seq, **kw)

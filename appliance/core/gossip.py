@@ -15,16 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .addr import Cidr
-from .ring import Entry, Ring
+from .ring import Entry, Ring, RingError
 
 Vector = dict[str, int]
 
 
 @dataclass(frozen=True)
 class Delta:
-    """What a sender knew (its vector) and the entries the receiver's vector lacked."""
+    """What a sender knew (its vector), the vector it assumed the receiver has (base), and
+    every entry that base does not cover."""
     vector: tuple[tuple[str, int], ...]
     entries: tuple[tuple[Cidr, Entry], ...]
+    base: tuple[tuple[str, int], ...] = ()
 
     def size(self) -> int:
         return len(self.entries)
@@ -52,20 +54,27 @@ class Replica:
     def delta_for(self, their: Vector) -> Delta:
         entries = tuple((u, e) for u, ring in self.rings.items() for e in ring.entries
                         if e.stamp[1] > 0 and not covers(their, e.stamp))
-        return Delta(tuple(sorted(self.vector.items())), entries)
+        return Delta(tuple(sorted(self.vector.items())), entries, tuple(sorted(their.items())))
+
+    def complete_for_me(self, delta: Delta) -> bool:
+        """Was the delta made against a vector this peer's own covers? Only then does it hold
+        everything this peer lacks of what the sender knew."""
+        return all(self.vector.get(p, 0) >= s for p, s in delta.base)
 
     def receive(self, delta: Delta) -> list[tuple[Cidr, Entry]]:
-        """Merge a delta; return what changed. RingConflict or RingError: nothing changed."""
+        """Merge a delta; return what changed. RingConflict or RingError: nothing changed.
+
+        The caller merges a gossip delta only when complete_for_me(delta), else raising the
+        vector would claim writes never seen. (Grants are partial on purpose and carry no
+        vector: entries say what they cover, so a partial set is safe to merge.)"""
         by_universe: dict[Cidr, list[Entry]] = {}
         for u, e in delta.entries:
             if u not in self.rings:
-                from .ring import RingError
                 raise RingError(f"entry for unknown universe {u}")
             by_universe.setdefault(u, []).append(e)
         # Check every universe before changing any, so a refusal changes nothing.
-        trial = {u: Ring(u, self.rings[u].entries) for u in by_universe}
         for u, es in by_universe.items():
-            trial[u].merge(es)
+            self.rings[u].merge(es, apply=False)
         changed = []
         for u, es in by_universe.items():
             changed += [(u, e) for e in self.rings[u].merge(es)]

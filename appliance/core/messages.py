@@ -90,6 +90,7 @@ class ForgetFreed:
 class RingWrite:
     universe: str
     start: str
+    last: str  # the entry's last address: [start, last] as text, readable in sqlite3
     owner: str
     version: int
     free_hint: int

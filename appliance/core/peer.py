@@ -21,6 +21,10 @@ from .gossip import Delta, Replica, Vector
 from .ring import Entry, Ring, RingConflict, RingError
 
 
+FANOUT = 3    # peers pushed to per tick
+RESYNC = 20   # ticks between repairs of what we assumed a peer has
+
+
 @dataclass(frozen=True)
 class Gossip:
     cluster: str
@@ -86,7 +90,9 @@ class Peer:
         self.request_timeout = request_timeout
         self.reachable: set[str] = set()
         self.known: dict[str, Vector] = {}  # what each peer told us it has
-        self.told: dict[str, Vector] = {}   # the vector we last sent each peer
+        self.sent: dict[str, Vector] = {}   # what we assume it has, counting what we sent
+        self.owe_ack: set[str] = set()      # peers that sent us news and await our vector
+        self.ticks = 0
         self.waiting: dict[int, _Waiting] = {}
         self.next_req = 0
 
@@ -135,8 +141,13 @@ class Peer:
                                                     f"refuses members of {msg.cluster}")))
             return out
         if isinstance(msg, Gossip):
-            self._merge(sender, msg.delta, out)
-            self.known[sender] = dict(msg.delta.vector)
+            if self.replica.complete_for_me(msg.delta):
+                self._merge(sender, msg.delta, out)
+            # else it was made against more than we have (a message before it was lost):
+            # merge nothing and tell the sender what we do have, so its next delta is whole.
+            self.known[sender] = self.sent[sender] = dict(msg.delta.vector)
+            if msg.delta.entries:
+                self.owe_ack.add(sender)
         elif isinstance(msg, SpaceRequest):
             self._donate(sender, msg, now, out)
         elif isinstance(msg, SpaceGrant):
@@ -161,11 +172,25 @@ class Peer:
                 asked = ", ".join(w.asked) or "nobody"
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
-        for peer in sorted(self.reachable):
-            delta = self.replica.delta_for(self.known.get(peer, {}))
-            if delta.entries or self.told.get(peer) != self.replica.vector:
+        # Epidemic push: each tick, FANOUT peers in rotation get what we assume they lack, and
+        # we then assume they have it; every RESYNC ticks the assumption gives way to what they
+        # last told us, so a lost message is sent again. Peers that sent us news get our
+        # vector back. Once everyone has everything, nothing is sent at all.
+        self.ticks += 1
+        peers = sorted(self.reachable)
+        targets = set(self.owe_ack & self.reachable)
+        if peers:
+            start = (self.ticks * FANOUT) % len(peers)
+            targets.update(peers[(start + i) % len(peers)] for i in range(min(FANOUT,
+                                                                              len(peers))))
+        for peer in sorted(targets):
+            resync = self.ticks % RESYNC == 0
+            base = self.known.get(peer, {}) if resync else self.sent.get(peer, {})
+            delta = self.replica.delta_for(base)
+            if delta.entries or peer in self.owe_ack:
                 out.messages.append((peer, Gossip(self.cluster, delta)))
-                self.told[peer] = dict(self.replica.vector)
+                self.sent[peer] = dict(self.replica.vector)
+        self.owe_ack.clear()
         return out
 
     # -- gossip --------------------------------------------------------------------------------
@@ -200,8 +225,7 @@ class Peer:
         ring = self.replica.rings[u]
         total = 0
         for i, e in enumerate(ring.entries):
-            end = ring.entries[i + 1].start if i + 1 < len(ring.entries) else u.end
-            if e.owner == peer and e.start < hi and end > lo:
+            if e.owner == peer and e.start < hi and ring._end_of(i) > lo:
                 total += e.free_hint
         return total
 
@@ -275,31 +299,9 @@ class Peer:
                                 free_hint=hi - lo)
         out.rows += _ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
-                                                tuple((u, e) for e in
-                                                      grant_entries(ring, lo, hi, sender)))))
-
-
-def grant_entries(ring: Ring, lo: int, hi: int, to: str) -> list[Entry]:
-    """What a grant of [lo, hi) to `to` must carry: every entry from lo up to and including the
-    first one at or past hi that `to` does not own.
-
-    A recipient takes an entry naming it as owning everything up to the next entry it knows.
-    Entries inside the block alone are not enough: the next boundary may be one it has not
-    heard of (its grant was lost), and then it would believe it owns space beyond. Any boundary
-    between lo and that first foreign entry that the donor does not know was made by the owner
-    of the space there, which is the recipient, so the recipient's view can then only fall
-    short of the truth, never exceed it.
-    """
-    out = []
-    for e in ring.entries:
-        if e.start < lo:
-            continue
-        out.append(e)
-        if e.start >= hi and e.owner != to:
-            break
-    return out
+                                                tuple((u, e) for e in written))))
 
 
 def _ring_rows(u: Cidr, entries: list[Entry]) -> list[m.RingWrite]:
-    return [m.RingWrite(str(u), u.addr(e.start), e.owner, e.version, e.free_hint, e.stamp[0],
-                        e.stamp[1]) for e in entries]
+    return [m.RingWrite(str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
+                        e.free_hint, e.stamp[0], e.stamp[1]) for e in entries]

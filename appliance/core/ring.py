@@ -1,7 +1,10 @@
 """The ring of one universe: who owns which part of the address space.
 
-Sorted entries (start, owner, version, free_hint, stamp); an entry owns from its start up to the
-next entry's start (the last one up to the universe's end). Single writer: only the owner of the
+Sorted entries (start, end, owner, version, free_hint, stamp); an entry owns [start, end). The
+end is written by the owner that made the boundary, so an entry says exactly what it covers:
+a peer that has not heard of some entry can only think it owns less than it does, never more
+(deriving the end from the next entry one happens to know would let a missing entry widen a
+peer's space into another's). Single writer: only the owner of the
 space an entry covers changes it, always bumping its version, so merging two copies is "per
 start, the higher version wins": commutative, associative, idempotent, and never backwards.
 Equal version with different owners can only come from a bug or a forged peer; it is reported as
@@ -25,6 +28,7 @@ HINT_MAX = 2**63 - 1
 @dataclass(frozen=True)
 class Entry:
     start: int
+    end: int
     owner: str
     version: int
     free_hint: int = 0
@@ -57,13 +61,13 @@ class Ring:
 
     @classmethod
     def single_owner(cls, universe: Cidr, owner: str, stamp: tuple[str, int] = ("", 0)) -> Ring:
-        return cls(universe, [Entry(universe.start, owner, 1, min(universe.size, HINT_MAX),
-                                    stamp)])
+        return cls(universe, [Entry(universe.start, universe.end, owner, 1,
+                                    min(universe.size, HINT_MAX), stamp)])
 
     def check_entry(self, e: Entry) -> None:
         """What any entry, ours or a peer's, must satisfy before it is merged."""
-        if not self.universe.start <= e.start < self.universe.end:
-            raise RingError(f"ring entry at {e.start} lies outside {self.universe}")
+        if not self.universe.start <= e.start < e.end <= self.universe.end:
+            raise RingError(f"ring entry [{e.start}, {e.end}) lies outside {self.universe}")
         if e.version < 1 or not e.owner or not 0 <= e.free_hint <= HINT_MAX:
             raise RingError(f"ring entry at {e.start} is malformed: {e}")
 
@@ -78,7 +82,7 @@ class Ring:
 
     def _end_of(self, i: int) -> int:
         es = self.entries
-        return es[i + 1].start if i + 1 < len(es) else self.universe.end
+        return min(es[i].end, es[i + 1].start) if i + 1 < len(es) else es[i].end
 
     def owned_by(self, owner: str) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the universe that owner holds, ascending, adjacent ones joined."""
@@ -94,12 +98,15 @@ class Ring:
         return out
 
     def owner_of(self, value: int) -> str | None:
-        owner = None
-        for e in self.entries:
+        """The owner of value as far as this copy knows, or None."""
+        found = None
+        for i, e in enumerate(self.entries):
             if e.start > value:
                 break
-            owner = e.owner
-        return owner
+            found = i
+        if found is None or value >= self._end_of(found):
+            return None
+        return self.entries[found].owner
 
     def segments(self) -> int:
         """Runs of one owner: the ring's size as far as fragmentation goes."""
@@ -115,8 +122,9 @@ class Ring:
                  free_hint: int = 0) -> list[Entry]:
         """Hand [lo, hi), which `me` owns, to `to`; return the entries written.
 
-        Boundaries at lo and hi are made first (owned by me, as before), then every entry inside
-        is rewritten with owner `to` at version + 1. The caller persists the result before any
+        Boundaries at lo and hi are made first (splitting my entry there: the first part keeps
+        its start with a shorter end, the rest is a new entry), then every entry inside is
+        rewritten with owner `to` at version + 1. The caller persists the result before any
         message says so.
         """
         if not (self.universe.start <= lo < hi <= self.universe.end):
@@ -125,14 +133,26 @@ class Ring:
             raise RingError(f"{me} does not own all of [{lo}, {hi})")
         written: dict[int, Entry] = {}
         for edge in (lo, hi):
-            if edge < self.universe.end and edge not in self._by_start:
-                written[edge] = self._put(Entry(edge, me, 1, 0, stamp))
+            e = self._containing(edge)
+            if e is not None and e.start < edge:
+                # A new boundary inside one of my entries: never a boundary before, since
+                # boundaries are never removed, so version 1 cannot collide with anyone's.
+                bump = 0 if e.start in written else 1  # not yet published: amend it
+                written[e.start] = self._put(replace(e, end=edge, version=e.version + bump,
+                                                     stamp=stamp))
+                written[edge] = self._put(Entry(edge, e.end, me, 1, 0, stamp))
         for e in list(self.entries):
             if lo <= e.start < hi:
                 hint = free_hint if e.start == lo else 0
                 written[e.start] = self._put(replace(e, owner=to, version=e.version + 1,
                                                      free_hint=hint, stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)
+
+    def _containing(self, value: int) -> Entry | None:
+        for i, e in enumerate(self.entries):
+            if e.start <= value < self._end_of(i):
+                return e
+        return None
 
     def set_hint(self, me: str, start: int, free: int, stamp: tuple[str, int]) -> Entry:
         e = self._by_start[start]
@@ -148,8 +168,9 @@ class Ring:
 
     # -- merging -------------------------------------------------------------------------------
 
-    def merge(self, other: list[Entry]) -> list[Entry]:
-        """Fold another copy's entries in; return the entries that changed here.
+    def merge(self, other: list[Entry], apply: bool = True) -> list[Entry]:
+        """Fold another copy's entries in; return the entries that change (or would, with
+        apply=False: a dry run that only checks).
 
         All or nothing: a RingConflict or RingError leaves the ring as it was.
         """
@@ -161,6 +182,7 @@ class Ring:
                 changed[e.start] = e
             elif e.version == cur.version and not cur.same_write(e):
                 raise RingConflict(e.start, cur, e)
-        for e in changed.values():
-            self._put(e)
+        if apply:
+            for e in changed.values():
+                self._put(e)
         return list(changed.values())

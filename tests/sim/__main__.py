@@ -11,7 +11,7 @@ from .simulator import Faults, Sim, Violation
 def one(seed: int, peers: int | None, ops: int):
     rng = random.Random(seed)
     n = peers or rng.randint(3, 7)
-    sim = Sim(seed, n, Faults.random(rng))
+    sim = Sim(seed, n, Faults.random(rng, n))
     return sim.run(ops), n
 
 

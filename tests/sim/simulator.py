@@ -13,6 +13,7 @@ Not modelled yet: loss of a peer's whole database, rmpeer, leave, seed and quoru
 """
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from appliance.core.addr import cidr, format_addr
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 
-UNIVERSE = cidr("10.0.0.0/22")
+UNIVERSE = cidr("10.0.0.0/22")     # small enough that peers run short and ask each other
+BIG_UNIVERSE = cidr("10.0.0.0/16")  # for 100 peers
 TICK = 0.1
 CRASH_POINTS = ("before_commit", "after_commit", "after_send")
 
@@ -40,9 +42,10 @@ class Faults:
     partition: float = 0.0    # chance per step that the network changes shape
 
     @classmethod
-    def random(cls, rng: random.Random) -> Faults:
+    def random(cls, rng: random.Random, peers: int = 5) -> Faults:
+        # Crashes are drawn per event a peer handles; more peers handle more events.
         return cls(drop=rng.random() * 0.3, dup=rng.random() * 0.2, delay=rng.random() * 0.3,
-                   crash=rng.random() * 0.01, partition=rng.random() * 0.01)
+                   crash=rng.random() * 0.05 / peers, partition=rng.random() * 0.01)
 
 
 @dataclass
@@ -63,16 +66,19 @@ class Sim:
         self.broken = broken  # a known-wrong behaviour to plant, for the checker's own tests
         self.now = 1000.0
         self.names = [f"p{i}" for i in range(n)]
+        self.u = BIG_UNIVERSE if n > 20 else UNIVERSE
         self.cluster = "sim"
-        self.durable = {p: Durable(p, self.cluster, [UNIVERSE]) for p in self.names}
-        founder, rows = Peer.founder(self.names[0], self.cluster, [UNIVERSE], UNIVERSE,
+        self.durable = {p: Durable(p, self.cluster, [self.u]) for p in self.names}
+        founder, rows = Peer.founder(self.names[0], self.cluster, [self.u], self.u,
                                      reuse_delay=5.0)
         self.durable[self.names[0]].apply(rows)
         self.live: dict[str, Peer] = {self.names[0]: founder}
         for p in self.names[1:]:
-            self.live[p] = self.durable[p].load(UNIVERSE, 5.0)
+            self.live[p] = self.durable[p].load(self.u, 5.0)
         self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs the network drops
-        self.queue: list[tuple[float, int, str, str, object]] = []
+        self.queue: list[tuple[float, int, str, str, object]] = []  # a heap by delivery time
+        self.due: list[tuple[float, int, str, str, object]] = []    # delivered in any order
+        self.views_of_down: dict[str, list[tuple[int, int]]] = {}
         self.msg_seq = 0
         self.acked: dict[tuple[str, str], str] = {}  # (peer, handle) -> address
         self.pending: dict[int, tuple[str, object]] = {}
@@ -103,7 +109,7 @@ class Sim:
                 delay += self.rng.random() * 3.0
                 self.stats.faults["delay"] += 1
             self.msg_seq += 1
-            self.queue.append((self.now + delay, self.msg_seq, src, dst, msg))
+            heapq.heappush(self.queue, (self.now + delay, self.msg_seq, src, dst, msg))
 
     def _reshape(self) -> None:
         """A new partition shape (or none)."""
@@ -163,10 +169,11 @@ class Sim:
 
     def _restart(self, p: str) -> None:
         self.stats.faults["restart"] += 1
+        self.views_of_down.pop(p, None)
         d = self.durable[p]
         if self.broken == "reuse_seq":
             d.clock = m.ClockWrite(max(0, d.clock.seq - 1), d.clock.vector)
-        self.live[p] = d.load(UNIVERSE, 5.0)
+        self.live[p] = d.load(self.u, 5.0)
         self._update_reachability()
         self._check_clock(p)
 
@@ -193,7 +200,7 @@ class Sim:
         elif r < 0.45:
             self.handles += 1
             handle = f"h{self.handles}"
-            address = UNIVERSE.start + 1 + self.rng.randrange(UNIVERSE.size - 2)
+            address = self.u.start + 1 + self.rng.randrange(self.u.size - 2)
             req = m.Claim(handle, 4, address)
         else:
             self.handles += 1
@@ -229,8 +236,14 @@ class Sim:
         """What each peer believes it owns: live ones from memory, crashed ones from disk."""
         views = {}
         for p in self.names:
-            peer = self.live.get(p) or self.durable[p].load(UNIVERSE, 5.0)
-            views[p] = peer.replica.rings[UNIVERSE].owned_by(p)
+            peer = self.live.get(p)
+            if peer is not None:
+                views[p] = peer.replica.rings[self.u].owned_by(p)
+            else:  # a crashed peer's disk does not change until it restarts
+                if p not in self.views_of_down:
+                    down = self.durable[p].load(self.u, 5.0)
+                    self.views_of_down[p] = down.replica.rings[self.u].owned_by(p)
+                views[p] = self.views_of_down[p]
         return views
 
     def check(self) -> None:
@@ -271,12 +284,15 @@ class Sim:
             self._restart(self.rng.choice(down))
         elif r < 0.35 and self.live:
             self._client_op()
-        elif r < 0.75 and self.queue:
-            due = [i for i, q in enumerate(self.queue) if q[0] <= self.now]
-            if not due:
-                self.now = min(q[0] for q in self.queue)
+        elif r < 0.75 and (self.queue or self.due):
+            while self.queue and self.queue[0][0] <= self.now:
+                self.due.append(heapq.heappop(self.queue))
+            if not self.due:
+                self.now = self.queue[0][0]
                 return
-            _, _, src, dst, msg = self.queue.pop(self.rng.choice(due))  # any order
+            i = self.rng.randrange(len(self.due))  # any order among those due
+            self.due[i], self.due[-1] = self.due[-1], self.due[i]
+            _, _, src, dst, msg = self.due.pop()
             if dst in self.live and (src, dst) not in self.blocked:
                 self._handle(dst, self.live[dst].receive(src, msg, self.now))
         else:
@@ -284,6 +300,16 @@ class Sim:
             for p in sorted(self.live):
                 if p in self.live:
                     self._handle(p, self.live[p].tick(self.now))
+
+    def _drain(self) -> None:
+        """Deliver everything in flight (the network is whole again)."""
+        self.queue += self.due
+        self.due = []
+        heapq.heapify(self.queue)
+        while self.queue:
+            _, _, src, dst, msg = heapq.heappop(self.queue)
+            if dst in self.live:
+                self._handle(dst, self.live[dst].receive(src, msg, self.now))
 
     def heal(self, max_rounds: int = 400) -> None:
         self.faults = Faults()
@@ -295,27 +321,24 @@ class Sim:
             self.now += TICK
             for p in sorted(self.live):
                 self._handle(p, self.live[p].tick(self.now))
-            while self.queue:
-                self.queue.sort()
-                _, _, src, dst, msg = self.queue.pop(0)
-                self._handle(dst, self.live[dst].receive(src, msg, self.now))
-            rings = {p: peer.replica.rings[UNIVERSE].entries for p, peer in self.live.items()}
+            self._drain()
+            rings = {p: peer.replica.rings[self.u].entries for p, peer in self.live.items()}
             if all(r == rings[self.names[0]] for r in rings.values()) and all(
                     not peer.waiting for peer in self.live.values()):
                 self.stats.rounds_to_converge = rounds
                 break
         else:
             raise Violation(f"I6 seed={self.seed}: rings still differ after {max_rounds} rounds")
-        ring = self.live[self.names[0]].replica.rings[UNIVERSE]
+        ring = self.live[self.names[0]].replica.rings[self.u]
         self.stats.ring_entries, self.stats.segments = len(ring.entries), ring.segments()
         covered = sorted(s for p in self.names for s in ring.owned_by(p))
-        if not covered or covered[0][0] != UNIVERSE.start or covered[-1][1] != UNIVERSE.end or \
+        if not covered or covered[0][0] != self.u.start or covered[-1][1] != self.u.end or \
                 any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
             raise Violation(f"I5 seed={self.seed}: some space has no live owner")
 
     def liveness(self) -> None:
         """After healing, an allocation on any peer succeeds while the cluster has free space."""
-        free = sum(peer.allocator.free_count(UNIVERSE, UNIVERSE.start + 1, UNIVERSE.end - 1,
+        free = sum(peer.allocator.free_count(self.u, self.u.start + 1, self.u.end - 1,
                                              self.now + 60) for peer in self.live.values())
         self.now += 60  # past every quarantine
         for p in sorted(self.live):
@@ -332,10 +355,7 @@ class Sim:
                 self.now += TICK
                 for q in sorted(self.live):
                     self._handle(q, self.live[q].tick(self.now))
-                while self.queue:
-                    self.queue.sort()
-                    _, _, src, dst, msg = self.queue.pop(0)
-                    self._handle(dst, self.live[dst].receive(src, msg, self.now))
+                self._drain()
             if ref in self.pending or (p, req.handle) not in self.acked:
                 raise Violation(f"liveness seed={self.seed}: allocate on {p} failed with "
                                 f"{free} addresses free in the cluster")
