@@ -8,7 +8,7 @@ ARGS   ?=
 # Debian packages the tests use; installed when missing and we are root (as in CI).
 DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins
 
-.PHONY: setup sysdeps run test bench dist clean
+.PHONY: setup sysdeps run test bench dist clean sim soak-sim
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ test: $(STAMP) sysdeps dist
 bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.hook_bench
 	$(BIN)/python -m tests.bench.cni_bench
+
+## Replay one simulator seed: make sim SEED=123 [PEERS=5] [OPS=1000]
+SEED ?=
+PEERS ?=
+OPS ?= 1000
+sim: $(STAMP)
+	$(BIN)/python -m tests.sim $(if $(SEED),--seed $(SEED)) $(if $(PEERS),--peers $(PEERS)) --ops $(OPS)
+
+## Random simulator seeds until time is up: make soak-sim MINUTES=30
+MINUTES ?= 10
+soak-sim: $(STAMP)
+	$(BIN)/python -m tests.sim --minutes $(MINUTES) $(if $(PEERS),--peers $(PEERS)) --ops $(OPS)
 
 ## The frozen single-file executable, and the compiled CNI forwarder (see README).
 dist: dist/ipamd dist/ipamd-cni

@@ -171,8 +171,8 @@ class Sim:
         self.stats.faults["restart"] += 1
         self.views_of_down.pop(p, None)
         d = self.durable[p]
-        if self.broken == "reuse_seq":
-            d.clock = m.ClockWrite(max(0, d.clock.seq - 1), d.clock.vector)
+        if self.broken == "reuse_seq":  # as if the write counter were never made durable
+            d.clock = m.ClockWrite(0, tuple((k, v) for k, v in d.clock.vector if k != p))
         self.live[p] = d.load(self.u, 5.0)
         self._update_reachability()
         self._check_clock(p)
