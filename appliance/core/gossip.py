@@ -26,7 +26,7 @@ class Delta:
     every entry that base does not cover."""
     vector: tuple[tuple[str, int], ...]
     entries: tuple[tuple[Cidr, Entry], ...]
-    base: tuple[tuple[str, int], ...] = ()
+    base: tuple[tuple[str, int], ...] | None = ()  # None: a hello, "tell me your vector"
 
     def size(self) -> int:
         return len(self.entries)
@@ -52,14 +52,23 @@ class Replica:
         return (self.me, self.seq)
 
     def delta_for(self, their: Vector) -> Delta:
+        # Only writes this peer knows whole (its own vector covers them) are passed on. Others
+        # (from grants, or relayed ahead of the rest of their writer's news) wait until it
+        # does: passed on, nobody's vector would ever cover them and they would be resent for
+        # ever. Withholding them is safe because entries carry their own ends: a peer missing
+        # one can only think it owns less.
         entries = tuple((u, e) for u, ring in self.rings.items() for e in ring.entries
-                        if e.stamp[1] > 0 and not covers(their, e.stamp))
+                        if e.stamp[1] > 0 and covers(self.vector, e.stamp)
+                        and not covers(their, e.stamp))
         return Delta(tuple(sorted(self.vector.items())), entries, tuple(sorted(their.items())))
+
+    def hello(self) -> Delta:
+        return Delta(tuple(sorted(self.vector.items())), (), None)
 
     def complete_for_me(self, delta: Delta) -> bool:
         """Was the delta made against a vector this peer's own covers? Only then does it hold
         everything this peer lacks of what the sender knew."""
-        return all(self.vector.get(p, 0) >= s for p, s in delta.base)
+        return delta.base is not None and all(self.vector.get(p, 0) >= s for p, s in delta.base)
 
     def receive(self, delta: Delta) -> list[tuple[Cidr, Entry]]:
         """Merge a delta; return what changed. RingConflict or RingError: nothing changed.

@@ -23,12 +23,14 @@ from .ring import Entry, Ring, RingConflict, RingError
 
 FANOUT = 3    # peers pushed to per tick
 RESYNC = 20   # ticks between repairs of what we assumed a peer has
+HINTS = 10    # ticks between refreshes of the free hints on our own entries
 
 
 @dataclass(frozen=True)
 class Gossip:
     cluster: str
     delta: Delta
+    nack: bool = False  # "your last delta assumed more than I have": resend from my vector
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class Peer:
         self.known: dict[str, Vector] = {}  # what each peer told us it has
         self.sent: dict[str, Vector] = {}   # what we assume it has, counting what we sent
         self.owe_ack: set[str] = set()      # peers that sent us news and await our vector
+        self.unconfirmed: dict[str, int] = {}  # peer -> tick we sent it news it has not confirmed
+        self.asking: set[str] = set()  # peers asked for their vector; the answer resets `sent`
+        self.heard: set[str] = set()   # peers heard from since the last tick: answer them next
         self.ticks = 0
         self.waiting: dict[int, _Waiting] = {}
         self.next_req = 0
@@ -141,13 +146,29 @@ class Peer:
                                                     f"refuses members of {msg.cluster}")))
             return out
         if isinstance(msg, Gossip):
-            if self.replica.complete_for_me(msg.delta):
+            incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
+            if msg.delta.entries and not incomplete:
                 self._merge(sender, msg.delta, out)
-            # else it was made against more than we have (a message before it was lost):
-            # merge nothing and tell the sender what we do have, so its next delta is whole.
-            self.known[sender] = self.sent[sender] = dict(msg.delta.vector)
-            if msg.delta.entries:
-                self.owe_ack.add(sender)
+            theirs = dict(msg.delta.vector)
+            self.known[sender] = theirs
+            self.heard.add(sender)
+            if msg.nack or sender in self.asking:
+                self.sent[sender] = dict(theirs)  # our assumption ran ahead: start from theirs
+                self.unconfirmed.pop(sender, None)
+                self.asking.discard(sender)
+            else:
+                # An answer that crossed our message in flight must not lower what we sent.
+                sent = self.sent.setdefault(sender, {})
+                for p, v in theirs.items():
+                    sent[p] = max(sent.get(p, 0), v)
+                if all(theirs.get(p, 0) >= v for p, v in sent.items()):
+                    self.unconfirmed.pop(sender, None)
+            if incomplete:
+                # Made against more than we have (a message before it was lost): merge nothing
+                # and say so, with what we do have, so the next delta is whole.
+                out.messages.append((sender, Gossip(self.cluster, self.replica.hello(), True)))
+            elif msg.delta.entries or msg.delta.base is None:
+                self.owe_ack.add(sender)  # it sent news, or asked for our vector
         elif isinstance(msg, SpaceRequest):
             self._donate(sender, msg, now, out)
         elif isinstance(msg, SpaceGrant):
@@ -173,23 +194,42 @@ class Peer:
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
         # Epidemic push: each tick, FANOUT peers in rotation get what we assume they lack, and
-        # we then assume they have it; every RESYNC ticks the assumption gives way to what they
-        # last told us, so a lost message is sent again. Peers that sent us news get our
-        # vector back. Once everyone has everything, nothing is sent at all.
+        # we then assume they have it. A peer that has not confirmed news within RESYNC ticks
+        # is asked for its vector, and what it lacks goes next: that repairs loss.
+        # Peers that sent us news get our vector back. Once everyone has everything, nothing
+        # is sent at all.
         self.ticks += 1
+        if self.ticks % HINTS == 0:
+            self._refresh_hints(now, out)
         peers = sorted(self.reachable)
-        targets = set(self.owe_ack & self.reachable)
+        # Those that owe us nothing but just told us their vector get what they lack at once
+        # (push-pull), rather than when the rotation next comes round to them.
+        targets = set((self.owe_ack | self.heard) & self.reachable)
+        self.heard.clear()
         if peers:
             start = (self.ticks * FANOUT) % len(peers)
             targets.update(peers[(start + i) % len(peers)] for i in range(min(FANOUT,
                                                                               len(peers))))
         for peer in sorted(targets):
-            resync = self.ticks % RESYNC == 0
-            base = self.known.get(peer, {}) if resync else self.sent.get(peer, {})
-            delta = self.replica.delta_for(base)
+            if peer not in self.known:
+                # Never heard its vector: ask for it rather than send everything we have. Full
+                # state then goes only to peers that really know nothing.
+                out.messages.append((peer, Gossip(self.cluster, self.replica.hello())))
+                continue
+            since = self.unconfirmed.get(peer)
+            if since is not None and self.ticks - since >= RESYNC and peer not in self.asking:
+                # Unconfirmed for long: something may be lost. Ask what it has rather than
+                # guess from what it said long ago; its answer is where the next delta starts.
+                out.messages.append((peer, Gossip(self.cluster, self.replica.hello())))
+                self.asking.add(peer)
+                self.unconfirmed[peer] = self.ticks
+                continue
+            delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
                 out.messages.append((peer, Gossip(self.cluster, delta)))
                 self.sent[peer] = dict(self.replica.vector)
+                if delta.entries and since is None:
+                    self.unconfirmed[peer] = self.ticks
         self.owe_ack.clear()
         return out
 
@@ -210,6 +250,23 @@ class Peer:
 
     def _clock_row(self) -> m.ClockWrite:
         return m.ClockWrite(self.replica.seq, tuple(sorted(self.replica.vector.items())))
+
+    def _refresh_hints(self, now: float, out: Ready) -> None:
+        """Tell others how much is free in our entries, when it changed enough to matter."""
+        stamp = None
+        for u, ring in self.replica.rings.items():
+            changed = []
+            for i, e in enumerate(ring.entries):
+                if e.owner != self.me:
+                    continue
+                free = self.allocator.free_count(u, e.start, ring._end_of(i), now)
+                if (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
+                        max(16, e.free_hint // 4):
+                    stamp = stamp or self.replica.next_stamp()
+                    changed.append(ring.set_hint(self.me, e.start, free, stamp))
+            out.rows += _ring_rows(u, changed)
+        if stamp is not None:
+            out.rows.append(self._clock_row())
 
     # -- space on demand -----------------------------------------------------------------------
 
