@@ -21,8 +21,8 @@ from .gossip import Delta, Replica, Vector
 from .ring import Entry, Ring, RingConflict, RingError
 
 
-FANOUT = 3    # peers pushed to per tick
-RESYNC = 20   # ticks between repairs of what we assumed a peer has
+FANOUT = 3    # peers each piece of news is pushed to
+PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
 
 
@@ -94,8 +94,8 @@ class Peer:
         self.known: dict[str, Vector] = {}  # what each peer told us it has
         self.sent: dict[str, Vector] = {}   # what we assume it has, counting what we sent
         self.owe_ack: set[str] = set()      # peers that sent us news and await our vector
-        self.unconfirmed: dict[str, int] = {}  # peer -> tick we sent it news it has not confirmed
         self.asking: set[str] = set()  # peers asked for their vector; the answer resets `sent`
+        self.pushed: Vector = {}       # our vector when we last pushed news
         self.heard: set[str] = set()   # peers heard from since the last tick: answer them next
         self.ticks = 0
         self.waiting: dict[int, _Waiting] = {}
@@ -153,16 +153,13 @@ class Peer:
             self.known[sender] = theirs
             self.heard.add(sender)
             if msg.nack or sender in self.asking:
-                self.sent[sender] = dict(theirs)  # our assumption ran ahead: start from theirs
-                self.unconfirmed.pop(sender, None)
+                self.sent[sender] = dict(theirs)  # what it has, not what we assumed
                 self.asking.discard(sender)
             else:
                 # An answer that crossed our message in flight must not lower what we sent.
                 sent = self.sent.setdefault(sender, {})
                 for p, v in theirs.items():
                     sent[p] = max(sent.get(p, 0), v)
-                if all(theirs.get(p, 0) >= v for p, v in sent.items()):
-                    self.unconfirmed.pop(sender, None)
             if incomplete:
                 # Made against more than we have (a message before it was lost): merge nothing
                 # and say so, with what we do have, so the next delta is whole.
@@ -193,43 +190,38 @@ class Peer:
                 asked = ", ".join(w.asked) or "nobody"
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
-        # Epidemic push: each tick, FANOUT peers in rotation get what we assume they lack, and
-        # we then assume they have it. A peer that has not confirmed news within RESYNC ticks
-        # is asked for its vector, and what it lacks goes next: that repairs loss.
-        # Peers that sent us news get our vector back. Once everyone has everything, nothing
-        # is sent at all.
         self.ticks += 1
         if self.ticks % HINTS == 0:
             self._refresh_hints(now, out)
+        # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
+        # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
+        # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
+        # also swap vectors with the next peer in rotation (a hello; its answer brings what we lack,
+        # and says what it lacks): that repairs whatever was lost. Peers that sent us news,
+        # or just told us their vector, get what they lack at once.
         peers = sorted(self.reachable)
-        # Those that owe us nothing but just told us their vector get what they lack at once
-        # (push-pull), rather than when the rotation next comes round to them.
         targets = set((self.owe_ack | self.heard) & self.reachable)
         self.heard.clear()
         if peers:
-            start = (self.ticks * FANOUT) % len(peers)
-            targets.update(peers[(start + i) % len(peers)] for i in range(min(FANOUT,
-                                                                              len(peers))))
+            if self.replica.vector != self.pushed:
+                self.pushed = dict(self.replica.vector)
+                targets.update(peers[(self.ticks * FANOUT + i) % len(peers)]
+                               for i in range(min(FANOUT, len(peers))))
+            probe = peers[(self.ticks // PROBE) % len(peers)]
+            if self.ticks % PROBE == 0 and probe not in targets:
+                out.messages.append((probe, Gossip(self.cluster, self.replica.hello())))
+                self.asking.add(probe)
         for peer in sorted(targets):
             if peer not in self.known:
                 # Never heard its vector: ask for it rather than send everything we have. Full
                 # state then goes only to peers that really know nothing.
                 out.messages.append((peer, Gossip(self.cluster, self.replica.hello())))
-                continue
-            since = self.unconfirmed.get(peer)
-            if since is not None and self.ticks - since >= RESYNC and peer not in self.asking:
-                # Unconfirmed for long: something may be lost. Ask what it has rather than
-                # guess from what it said long ago; its answer is where the next delta starts.
-                out.messages.append((peer, Gossip(self.cluster, self.replica.hello())))
                 self.asking.add(peer)
-                self.unconfirmed[peer] = self.ticks
                 continue
             delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
                 out.messages.append((peer, Gossip(self.cluster, delta)))
                 self.sent[peer] = dict(self.replica.vector)
-                if delta.entries and since is None:
-                    self.unconfirmed[peer] = self.ticks
         self.owe_ack.clear()
         return out
 

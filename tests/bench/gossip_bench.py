@@ -12,7 +12,7 @@ import msgpack
 
 from appliance.core import messages as m
 from appliance.core import peer as peer_mod
-from appliance.core.peer import Gossip
+from appliance.core.peer import Gossip, Ready, _ring_rows
 from tests.sim.simulator import TICK, Faults, Sim
 
 
@@ -48,16 +48,17 @@ def measure(n: int, seed: int = 1) -> dict:
     sim._send = counting
     # Hint refreshes are changes too; pause them so the window holds exactly one change.
     peer_mod.HINTS = 10**9
-    # The change: the peer with the least space asks for more; someone donates.
-    poor = min(sim.names, key=lambda p: sim.live[p].allocator.free_count(
+    # The change: exactly one transfer, a block of the richest peer's free space to another.
+    rich = max(sim.names, key=lambda p: sim.live[p].allocator.free_count(
         sim.u, sim.u.start, sim.u.end, sim.now))
-    before = {p: dict(sim.live[p].replica.vector) for p in sim.names}
-    for _ in range(200):
-        sim.handles += 1
-        sim._handle(poor, sim.live[poor].request(("c", sim.handles), m.Allocate(
-            f"c{sim.handles}"), sim.now))
-        if any(sim.live[p].replica.vector != before[p] for p in sim.names):
-            break
+    other = next(p for p in sim.names if p != rich)
+    peer = sim.live[rich]
+    lo, hi = peer.allocator.donatable(sim.u, sim.u.start, sim.u.end, sim.now, 16)
+    written = peer.replica.rings[sim.u].transfer(rich, lo, hi, other, peer.replica.next_stamp(),
+                                                 hi - lo)
+    rows = _ring_rows(sim.u, written) + peer.allocator.ring_changed(sim.u) + [peer._clock_row()]
+    sim._handle(rich, Ready(rows=rows))
+    change = encoded([(sim.u, e) for e in written])
     rounds = 0
     while True:
         rounds += 1
@@ -70,19 +71,20 @@ def measure(n: int, seed: int = 1) -> dict:
             break
     peer_mod.HINTS = 10
     return {"peers": n, "ring_entries": len(ring.entries), "full_ring_bytes": full,
+            "change_bytes": change,
             "rounds": rounds, "seconds": rounds * TICK, "gossip_messages": sent["messages"],
             "gossip_bytes": sent["bytes"], "bytes_per_peer": sent["bytes"] / n}
 
 
 def main() -> None:
     print("Gossip: one ring change after churn (simulator, no faults; a round is a 0.1 s tick)")
-    print(f"{'peers':>6}{'ring entries':>14}{'full ring B':>13}{'rounds':>8}{'seconds':>9}"
-          f"{'messages':>10}{'gossip B':>10}{'B per peer':>12}")
+    print(f"{'peers':>6}{'ring entries':>14}{'full ring B':>13}{'change B':>10}{'rounds':>8}"
+          f"{'seconds':>9}{'messages':>10}{'gossip B':>10}{'B per peer':>12}")
     for n in (20, 100):
         r = measure(n)
-        print(f"{r['peers']:>6}{r['ring_entries']:>14}{r['full_ring_bytes']:>13}{r['rounds']:>8}"
-              f"{r['seconds']:>9.1f}{r['gossip_messages']:>10}{r['gossip_bytes']:>10}"
-              f"{r['bytes_per_peer']:>12.0f}")
+        print(f"{r['peers']:>6}{r['ring_entries']:>14}{r['full_ring_bytes']:>13}"
+              f"{r['change_bytes']:>10}{r['rounds']:>8}{r['seconds']:>9.1f}"
+              f"{r['gossip_messages']:>10}{r['gossip_bytes']:>10}{r['bytes_per_peer']:>12.0f}")
 
 
 if __name__ == "__main__":
