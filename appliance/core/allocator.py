@@ -67,12 +67,12 @@ class Allocator:
 
     def load_reserved(self, key: tuple[int, int]) -> None:
         self.reserved.add(key)
-        u = self._universe_of(key)
+        u = self.universe_of(key)
         if u is not None:
             self.used[u].add(key[1])
             self.freed[u].pop(key[1], None)
 
-    def _universe_of(self, key: tuple[int, int]) -> Cidr | None:
+    def universe_of(self, key: tuple[int, int]) -> Cidr | None:
         return next((u for u in self.rings if key in u), None)
 
     def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
@@ -105,8 +105,7 @@ class Allocator:
         existing = self.by_handle.get(req.handle, {}).get(subnet)
         if existing is not None:
             return ok(**existing.view()), []
-        universes = [u for u in self.rings if u.overlaps(subnet)]
-        if not universes:
+        if not any(u.overlaps(subnet) for u in self.rings):
             return error("bad_subnet", f"subnet {subnet} overlaps no allocation range "
                          f"({', '.join(map(str, self.rings))})"), []
         rows: list[Row] = []
@@ -115,15 +114,12 @@ class Allocator:
             if err is not None:
                 return err, []
         lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
-        for u in universes:
-            bounds = self._bounds(u, subnet, lo, hi + 1)
-            found = self._fresh(u, bounds)
-            if found is None:
-                found = self._reusable(u, bounds, now)
-            if found is not None:
-                held = Held(u.family, found, u, subnet, req.handle, req.anchor, now)
-                reply, take = self._take(held)
-                return reply, rows + take
+        found = self._find(subnet, lo, hi, now)
+        if found is not None:
+            u, address = found
+            reply, take = self._take(Held(u.family, address, u, subnet, req.handle, req.anchor,
+                                          now))
+            return reply, rows + take
         where = f"subnet {subnet}" if req.range is None else \
             f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
         # A gateway reserved on the way stays reserved: it is durable only if committed.
@@ -131,18 +127,24 @@ class Allocator:
 
     def can_allocate(self, subnet: Cidr, rng: tuple[int, int], now: float) -> bool:
         """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
+        return self._find(subnet, rng[0], rng[1], now) is not None
+
+    def _find(self, subnet: Cidr, first: int, last: int, now: float) -> tuple[Cidr, int] | None:
+        """The address allocate would take from [first, last] of subnet, and its universe."""
         for u in self.rings:
             if u.overlaps(subnet):
-                bounds = self._bounds(u, subnet, rng[0], rng[1] + 1)
-                if self._fresh(u, bounds) is not None or \
-                        self._reusable(u, bounds, now) is not None:
-                    return True
-        return False
+                bounds = self._bounds(u, subnet, first, last + 1)
+                found = self._fresh(u, bounds)
+                if found is None:
+                    found = self._reusable(u, bounds, now)
+                if found is not None:
+                    return u, found
+        return None
 
     def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]) -> dict | None:
         if key in self.reserved:
             return None
-        u = self._universe_of(key)
+        u = self.universe_of(key)
         if u is None:
             return None  # outside every range: never handed out anyway
         holder = self.by_addr.get(key)
@@ -157,7 +159,7 @@ class Allocator:
     def _claim(self, req: Claim, now: float) -> tuple[dict, list[Row]]:
         key = (req.family, req.address)
         subnet = req.subnet
-        universe = next((u for u in self.rings if key in u), None)
+        universe = self.universe_of(key)
         if subnet is None:
             if key in self.default_subnet:
                 subnet = self.default_subnet

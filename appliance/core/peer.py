@@ -248,10 +248,10 @@ class Peer:
         stamp = None
         for u, ring in self.replica.rings.items():
             changed = []
-            for i, e in enumerate(ring.entries):
+            for e, end in ring.spans():
                 if e.owner != self.me:
                     continue
-                free = self.allocator.free_count(u, e.start, ring._end_of(i), now)
+                free = self.allocator.free_count(u, e.start, end, now)
                 if (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
                         max(16, e.free_hint // 4):
                     stamp = stamp or self.replica.next_stamp()
@@ -271,19 +271,15 @@ class Peer:
                 if u.overlaps(subnet)]
 
     def _hint(self, peer: str, u: Cidr, lo: int, hi: int) -> int:
-        ring = self.replica.rings[u]
-        total = 0
-        for i, e in enumerate(ring.entries):
-            if e.owner == peer and e.start < hi and ring._end_of(i) > lo:
-                total += e.free_hint
-        return total
+        return sum(e.free_hint for e, end in self.replica.rings[u].spans()
+                   if e.owner == peer and e.start < hi and end > lo)
 
     def _ask(self, w: _Waiting, out: Ready, last_error: dict) -> None:
         """Send the request to the next peer worth asking, or give the client its answer."""
         req = w.request
         self.next_req += 1
         if isinstance(req, m.Claim):
-            u = next((u for u in self.replica.rings if (req.family, req.address) in u), None)
+            u = self.allocator.universe_of((req.family, req.address))
             owner = self.replica.rings[u].owner_of(req.address) if u else None
             if owner is None or owner in w.asked:
                 out.replies.append((w.ref, last_error))

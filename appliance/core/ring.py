@@ -16,6 +16,7 @@ not correctness; `segments()` counts the boundaries that matter.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, replace
 
 from .addr import Cidr
@@ -58,6 +59,7 @@ class Ring:
             self.check_entry(e)
             self._by_start[e.start] = e
         self._sorted: list[Entry] | None = None
+        self._starts: list[int] = []
 
     @classmethod
     def single_owner(cls, universe: Cidr, owner: str, stamp: tuple[str, int] = ("", 0)) -> Ring:
@@ -75,6 +77,7 @@ class Ring:
     def entries(self) -> list[Entry]:
         if self._sorted is None:
             self._sorted = sorted(self._by_start.values(), key=lambda e: e.start)
+            self._starts = [e.start for e in self._sorted]
         return self._sorted
 
     def get(self, start: int) -> Entry | None:
@@ -84,13 +87,18 @@ class Ring:
         es = self.entries
         return min(es[i].end, es[i + 1].start) if i + 1 < len(es) else es[i].end
 
+    def spans(self) -> list[tuple[Entry, int]]:
+        """Each entry with the end of what it covers here: its own end, or the next entry's
+        start if that comes first."""
+        return [(e, self._end_of(i)) for i, e in enumerate(self.entries)]
+
     def owned_by(self, owner: str) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the universe that owner holds, ascending, adjacent ones joined."""
         out: list[tuple[int, int]] = []
-        for i, e in enumerate(self.entries):
+        for e, hi in self.spans():
             if e.owner != owner:
                 continue
-            lo, hi = e.start, self._end_of(i)
+            lo = e.start
             if out and out[-1][1] == lo:
                 out[-1] = (out[-1][0], hi)
             else:
@@ -99,14 +107,16 @@ class Ring:
 
     def owner_of(self, value: int) -> str | None:
         """The owner of value as far as this copy knows, or None."""
-        found = None
-        for i, e in enumerate(self.entries):
-            if e.start > value:
-                break
-            found = i
-        if found is None or value >= self._end_of(found):
+        e = self._containing(value)
+        return e.owner if e is not None else None
+
+    def _containing(self, value: int) -> Entry | None:
+        # Called for each freed address that allocate considers: a bisect, not a scan.
+        es = self.entries
+        i = bisect_right(self._starts, value) - 1
+        if i < 0 or value >= self._end_of(i):
             return None
-        return self.entries[found].owner
+        return es[i]
 
     def segments(self) -> int:
         """Runs of one owner: the ring's size as far as fragmentation goes."""
@@ -147,12 +157,6 @@ class Ring:
                 written[e.start] = self._put(replace(e, owner=to, version=e.version + 1,
                                                      free_hint=hint, stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)
-
-    def _containing(self, value: int) -> Entry | None:
-        for i, e in enumerate(self.entries):
-            if e.start <= value < self._end_of(i):
-                return e
-        return None
 
     def set_hint(self, me: str, start: int, free: int, stamp: tuple[str, int]) -> Entry:
         e = self._by_start[start]
