@@ -2,15 +2,26 @@
 
     python -m tests.scenario [--rewrite] [FILE ...]
 
-Commands (peers are p0, p1, ...; p0 founds the cluster and owns everything):
-  cluster peers=N range=CIDR      a new cluster; prints who owns what once gossip settles
+Commands (peers are p0, p1, ...):
+  cluster peers=N range=CIDR [seeds=a,b,..|quorum=Q] [up=a,b,..]
+                                  a new cluster: p0 founds it and owns everything, or the
+                                  seeds split it, or the peers vote; `up` starts only those
   join PEER                       a new peer with an empty database
+  start PEER                      start a peer of the cluster line with an empty database
   allocate PEER HANDLE            an allocation on PEER (asking others for space if needed)
   claim PEER HANDLE ADDRESS       a specific address
   release PEER HANDLE
+  leave PEER                      hand all its space to others and stop
+  rmpeer PEER TARGET[,TARGET] [force]
+  crash PEER / restart PEER       stop it (its database stays) / start it again from it
+  wipe PEER as NEW                its database is lost: it comes back as NEW, a newcomer
   owners                          who owns what, as CIDR blocks
+  status PEER                     its standing and what it waits for
   partition A B | C D             a network split; `heal` ends it
+  block A B                       what A sends B is lost (one way); `heal` ends it
+  tick N                          N rounds of ticks and deliveries
   stranger PEER                   a peer of another cluster talks to PEER
+  CMD & CMD                       start both requests, then wait for both answers
 """
 from __future__ import annotations
 
@@ -24,30 +35,54 @@ from appliance.core.gossip import Replica
 from appliance.core.peer import Gossip, Peer, Ready
 
 TICK = 0.1
+CLUSTER = "c1"
 
 
 class Cluster:
-    def __init__(self, n: int, universe):
+    def __init__(self, n: int, universe, seeds=None, quorum=None, up=None):
         self.u, self.now = universe, 1000.0
+        self.names = [f"p{i}" for i in range(n)]
         self.peers: dict[str, Peer] = {}
         self.durable: dict[str, Durable] = {}
         self.blocked: set[tuple[str, str]] = set()
         self.inbox: list[tuple[str, str, object]] = []
         self.replies: dict[object, dict] = {}
         self.alarms: list[str] = []
-        founder, rows = Peer.founder("p0", "c1", [universe], universe, reuse_delay=30.0)
-        self._add("p0", founder, rows)
-        for i in range(1, n):
-            self.join(f"p{i}")
+        self.seeds, self.quorum = seeds, quorum
+        for name in (up or self.names):
+            self.start(name)
 
-    def _add(self, name: str, peer: Peer, rows: list) -> None:
-        self.durable[name] = Durable(name, "c1", [self.u])
-        self.durable[name].apply(rows)
+    def start(self, name: str) -> None:
+        """A first start with an empty database, as its flags say."""
+        d = self.durable[name] = Durable(name, CLUSTER, [self.u])
+        if self.seeds:
+            d.mode, d.seeds = "seeds", tuple(self.seeds)
+            peer, rows = Peer.seeded(name, CLUSTER, [self.u], self.u, self.seeds,
+                                     reuse_delay=30.0)
+        elif self.quorum:
+            d.mode, d.quorum = "quorum", self.quorum
+            peer, rows = Peer.voter(name, CLUSTER, [self.u], self.u, self.quorum,
+                                    reuse_delay=30.0)
+        elif name == "p0":
+            peer, rows = Peer.founder(name, CLUSTER, [self.u], self.u, reuse_delay=30.0)
+        else:
+            peer, rows = d.load(self.u, 30.0), []
+        d.apply(rows)
         self.peers[name] = peer
         self._links()
 
     def join(self, name: str) -> None:
-        self._add(name, Durable(name, "c1", [self.u]).load(self.u, 30.0), [])
+        self.durable[name] = Durable(name, CLUSTER, [self.u])
+        self.peers[name] = self.durable[name].load(self.u, 30.0)
+        self._links()
+
+    def crash(self, name: str) -> None:
+        del self.peers[name]
+        self._links()
+
+    def restart(self, name: str) -> None:
+        self.peers[name] = self.durable[name].load(self.u, 30.0)
+        self._links()
 
     def _links(self) -> None:
         for p, peer in self.peers.items():
@@ -65,27 +100,32 @@ class Cluster:
         for _ in range(rounds):
             self.now += TICK
             for p in sorted(self.peers):
-                self.handle(p, self.peers[p].tick(self.now))
+                if p in self.peers:
+                    self.handle(p, self.peers[p].tick(self.now))
             while self.inbox:
                 src, dst, msg = self.inbox.pop(0)
-                self.handle(dst, self.peers[dst].receive(src, msg, self.now))
+                if dst in self.peers:
+                    self.handle(dst, self.peers[dst].receive(src, msg, self.now))
 
     def owners(self) -> str:
-        view = self.peers["p0"].replica.rings[self.u]
+        members = [p for n, p in sorted(self.peers.items()) if p.standing == "member"]
+        view = (members or [p for n, p in sorted(self.peers.items())])[0].replica.rings[self.u]
         parts = []
-        for p in sorted(self.peers, key=lambda x: int(x[1:])):
+        everyone = sorted(set(self.durable) | {e.owner for e in view.entries},
+                          key=lambda x: (len(x), x))
+        for p in everyone:
             blocks = [str(b) for lo, hi in view.owned_by(p)
                       for b in range_to_cidrs(self.u.family, lo, hi)]
-            parts.append(f"{p} owns {' '.join(blocks) if blocks else 'nothing'}")
+            if blocks or p in self.peers:
+                parts.append(f"{p} owns {' '.join(blocks) if blocks else 'nothing'}")
         return "; ".join(parts)
 
-    def request(self, p: str, req) -> str:
-        ref = ("req", len(self.replies), self.now)
+    def submit(self, p: str, req) -> object:
+        ref = ("req", len(self.replies), self.now, p)
         self.handle(p, self.peers[p].request(ref, req, self.now))
-        for _ in range(60):
-            if ref in self.replies:
-                break
-            self.settle(1)
+        return ref
+
+    def answer(self, ref, req) -> str:
         r = self.replies.get(ref)
         if r is None:
             return "no answer"
@@ -93,38 +133,98 @@ class Cluster:
             return f"error {r['error']['code']}: {r['error']['message']}"
         if isinstance(req, m.Release):
             return f"released {' '.join(r['released']) or 'nothing'}"
+        if isinstance(req, m.Leave):
+            handed = "; ".join(f"{' '.join(v)} to {k}" for k, v in sorted(r["handed"].items()))
+            return f"{r['left']} left, handing {handed or 'nothing'}"
+        if isinstance(req, m.RemovePeer) and r.get("already"):
+            return f"{', '.join(r['removed'])} already removed by {r['by']}"
+        if isinstance(req, m.RemovePeer):
+            return (f"removed {', '.join(r['removed'])} (by {r.get('by', '?')}); reclaimed "
+                    f"{' '.join(r['reclaimed']) or 'nothing'}")
         return r["address"]
+
+    def requests(self, pairs: list[tuple[str, object]]) -> list[str]:
+        refs = [self.submit(p, req) for p, req in pairs]
+        for _ in range(60):
+            if all(ref in self.replies for ref in refs):
+                break
+            self.settle(1)
+        return [self.answer(ref, req) for ref, (_, req) in zip(refs, pairs)]
+
+
+def parse_request(words: list[str]):
+    cmd, args = words[0], words[1:]
+    if cmd == "allocate":
+        return args[0], m.Allocate(args[1])
+    if cmd == "claim":
+        return args[0], m.Claim(args[1], *parse_addr(args[2]))
+    if cmd == "release":
+        return args[0], m.Release(args[1])
+    if cmd == "leave":
+        return args[0], m.Leave()
+    if cmd == "rmpeer":
+        return args[0], m.RemovePeer(tuple(args[1].split(",")), "force" in args[2:])
+    return None
 
 
 def run_command(state: dict, line: str) -> str:
+    c: Cluster | None = state.get("cluster")
+    if " & " in line:
+        out = c.requests([parse_request(part.split()) for part in line.split(" & ")])
+        c.settle()
+        return "\n".join(out)
     words = line.split()
     cmd, args = words[0], words[1:]
-    c: Cluster | None = state.get("cluster")
-    if cmd == "cluster":
+    if cmd == "cluster":  # a quorum cluster is left to `tick`: the vote is the point
         opts = dict(a.split("=", 1) for a in args)
-        c = state["cluster"] = Cluster(int(opts["peers"]), cidr(opts["range"]))
-        c.settle()
-        return c.owners()
+        c = state["cluster"] = Cluster(
+            int(opts["peers"]), cidr(opts["range"]),
+            seeds=opts["seeds"].split(",") if "seeds" in opts else None,
+            quorum=int(opts["quorum"]) if "quorum" in opts else None,
+            up=opts["up"].split(",") if "up" in opts else None)
+        if "quorum" not in opts:
+            c.settle()
+        return c.owners() if any(p.standing == "member" for p in c.peers.values()) else \
+            "no peer owns anything yet"
     if cmd == "join":
         c.join(args[0])
         c.settle()
         return c.owners()
+    if cmd == "start":  # no settling: `tick` says how long to let it run
+        c.start(args[0])
+        return status_line(c, args[0])
     if cmd == "owners":
         return c.owners()
-    if cmd == "allocate":
-        out = c.request(args[0], m.Allocate(args[1]))
-        c.settle()
+    request = parse_request(words)
+    if request is not None:
+        out = c.requests([request])[0]
+        if cmd != "release":
+            c.settle()
         return out
-    if cmd == "claim":
-        out = c.request(args[0], m.Claim(args[1], *parse_addr(args[2])))
+    if cmd == "crash":
+        c.crash(args[0])
+        return "ok"
+    if cmd == "restart":
+        c.restart(args[0])
+        return status_line(c, args[0])
+    if cmd == "wipe":
+        c.crash(args[0])
+        c.join(args[2])
         c.settle()
-        return out
-    if cmd == "release":
-        return c.request(args[0], m.Release(args[1]))
+        return c.owners()
+    if cmd == "status":
+        return status_line(c, args[0])
+    if cmd == "tick":
+        c.settle(int(args[0]))
+        return "ok"
     if cmd == "partition":
         left, right = " ".join(args).split("|")
         a, b = left.split(), right.split()
         c.blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
+        c._links()
+        return "ok"
+    if cmd == "block":  # one way: what A sends B is lost
+        c.blocked.add((args[0], args[1]))
         c._links()
         return "ok"
     if cmd == "heal":
@@ -141,6 +241,22 @@ def run_command(state: dict, line: str) -> str:
         changed = "ring unchanged" if c.durable[args[0]].ring == before else "RING CHANGED"
         return "\n".join(ready.alarms + answers + [changed])
     raise ValueError(f"unknown command {cmd!r}")
+
+
+def status_line(c: Cluster, p: str) -> str:
+    peer = c.peers[p]
+    s = peer.status(c.now)
+    words = [f"{p} {s['standing']}"]
+    if s["note"]:
+        words.append(f"({s['note']})")
+    if s.get("decided"):
+        words.append(f"decided {','.join(s['decided'])}")
+    elif s.get("promised"):
+        words.append(f"promised round {s['promised'][0]} of {s['promised'][1]}")
+    if s["removed"]:
+        words.append("knows removed: " + ", ".join(f"{t} by {by}"
+                                                    for t, by in s["removed"].items()))
+    return " ".join(words)
 
 
 def run_file(path: Path) -> tuple[str, str]:

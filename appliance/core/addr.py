@@ -6,7 +6,7 @@ arithmetic (which needs exclusive ends that may equal 2**32 or 2**128) never ove
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 BITS = {4: 32, 6: 128}
@@ -38,19 +38,23 @@ class Cidr:
     family: int
     start: int
     prefix: int
+    # Computed once: every allocate asks for them several times (a hot path).
+    size: int = field(init=False, compare=False, repr=False)
+    end: int = field(init=False, compare=False, repr=False)  # exclusive: may be 2**bits
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        size = 1 << (BITS[self.family] - self.prefix)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "end", self.start + size)
+        object.__setattr__(self, "_hash", hash((self.family, self.start, self.prefix)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def bits(self) -> int:
         return BITS[self.family]
-
-    @property
-    def size(self) -> int:
-        return 1 << (self.bits - self.prefix)
-
-    @property
-    def end(self) -> int:
-        """Exclusive end: may be 2**bits for the last block of the space."""
-        return self.start + self.size
 
     def __contains__(self, item: tuple[int, int]) -> bool:
         family, value = item

@@ -24,6 +24,14 @@ class Durable:
     allocations: dict[str, m.PutAllocation] = field(default_factory=dict)
     freed: dict[str, m.FreeAddress] = field(default_factory=dict)
     reserved: dict[str, m.Reserve] = field(default_factory=dict)
+    removals: dict[str, m.Removal] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    standing: m.Standing | None = None
+    vote: m.Vote | None = None
+    # How this peer was bootstrapped: the shell passes these again on every start (flags).
+    mode: str = "founder"
+    quorum: int | None = None
+    seeds: tuple[str, ...] = ()
 
     def apply(self, rows: list) -> None:
         """One transaction: the rows in order (the same meaning the SQL store gives them)."""
@@ -44,6 +52,17 @@ class Durable:
                 self.ring[(r.universe, r.start)] = r
             elif isinstance(r, m.ClockWrite):
                 self.clock = r
+            elif isinstance(r, m.Removal):
+                if r.state == "released":
+                    self.removals.pop(r.target, None)
+                else:
+                    self.removals[r.target] = r
+            elif isinstance(r, m.PeerSeen):
+                self.seen.add(r.peer)
+            elif isinstance(r, m.Standing):
+                self.standing = r
+            elif isinstance(r, m.Vote):
+                self.vote = r
             else:
                 raise TypeError(f"not a row: {r!r}")
 
@@ -57,6 +76,9 @@ class Durable:
         rings = [Ring(u, entries[u]) for u in self.universes]
         peer = Peer(self.me, self.cluster, rings, default_subnet, reuse_delay,
                     dict(self.clock.vector), self.clock.seq, **kw)
+        peer.restore_bootstrap(self.mode, self.quorum, self.vote, self.standing, self.seeds)
+        peer.restore_removals(list(self.removals.values()))
+        peer.seen = set(self.seen)
         a = peer.allocator
         for u in self.universes:
             a.ring_changed(u)

@@ -57,9 +57,13 @@ class Replica:
         # does: passed on, nobody's vector would ever cover them and they would be resent for
         # ever. Withholding them is safe because entries carry their own ends: a peer missing
         # one can only think it owns less.
+        # Writers of whom we know more than they do: most answers find none, and skip the scan.
+        lacking = {p: (their.get(p, 0), s) for p, s in self.vector.items()
+                   if s > their.get(p, 0)}
         entries = tuple((u, e) for u, ring in self.rings.items() for e in ring.entries
-                        if e.stamp[1] > 0 and covers(self.vector, e.stamp)
-                        and not covers(their, e.stamp))
+                        if e.stamp[0] in lacking
+                        and lacking[e.stamp[0]][0] < e.stamp[1] <= lacking[e.stamp[0]][1]
+                        ) if lacking else ()
         return Delta(tuple(sorted(self.vector.items())), entries, tuple(sorted(their.items())))
 
     def hello(self) -> Delta:

@@ -51,7 +51,19 @@ class Status:
     pass
 
 
-Request = Allocate | Claim | Release | Lookup | List | Status
+@dataclass(frozen=True)
+class Leave:
+    """Hand all of this peer's space to live peers and stop."""
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    """Reclaim peers that are gone for good (DESIGN.md rule 6)."""
+    targets: tuple[str, ...]
+    force: bool = False  # skip the reachability and majority checks: the operator vouches
+
+
+Request = Allocate | Claim | Release | Lookup | List | Status | Leave | RemovePeer
 
 
 # Rows: what must be durable before a reply is sent.
@@ -105,7 +117,47 @@ class ClockWrite:
     vector: tuple[tuple[str, int], ...]
 
 
-Row = PutAllocation | FreeAddress | Reserve | ForgetFreed | RingWrite | ClockWrite
+@dataclass(frozen=True)
+class Removal:
+    """target is being removed by `by` (state "promised", since `at`), was removed
+    ("removed"), or the promise was withdrawn ("released": the row is deleted)."""
+    target: str
+    by: str
+    state: str
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PeerSeen:
+    """A peer this one has heard from: a member until removed, even if it never wrote."""
+    peer: str
+
+
+@dataclass(frozen=True)
+class Standing:
+    """This peer's place: "member", "waiting" (bootstrap not decided), "left", or "removed"
+    (told by the cluster that it was removed), with why."""
+    state: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Vote:
+    """Quorum bootstrap state: what this peer promised and accepted, and what was decided.
+    Durable before any answer leaves, so a restart never votes twice."""
+    promised: tuple[int, str] | None
+    accepted: tuple[tuple[int, str], tuple[str, ...]] | None
+    decided: tuple[str, ...] | None
+
+
+Row = (PutAllocation | FreeAddress | Reserve | ForgetFreed | RingWrite | ClockWrite | Removal
+       | PeerSeen | Standing | Vote)
+
+
+def ring_rows(u: Cidr, entries) -> list[RingWrite]:
+    """The rows that persist ring entries of universe u."""
+    return [RingWrite(str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
+                      e.free_hint, e.stamp[0], e.stamp[1]) for e in entries]
 
 
 def ok(**fields) -> dict:

@@ -9,61 +9,30 @@ entries hint at the most free space in that subnet; the donor gives at most half
 there, as one aligned block, commits the transfer, then grants. A claim of an address owned
 elsewhere asks its owner for the smallest aligned free block holding it. Requests wait at most
 `request_timeout`, then fail with an error naming whom they asked.
+
+Bootstrap (bootstrap.py), leave and rmpeer (removal.py) are mixed in from their own modules.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from . import messages as m
 from .addr import Cidr, format_addr
 from .allocator import Allocator
+from .bootstrap import Bootstrap
 from .gossip import Delta, Replica, Vector
+from .removal import Removals
 from .ring import Entry, Ring, RingConflict, RingError
-
+from .wire import (Accept, Accepted, Decided, Gossip, Handover, HandoverAck, Message, Prepare,
+                   Promise, Refuse, RemoveAbort, RemoveAck, RemoveDone, RemoveNack,
+                   RemovePrepare, SpaceDenied, SpaceGrant, SpaceRequest, VoteNack)
 
 FANOUT = 3    # peers each piece of news is pushed to
 PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
 
-
-@dataclass(frozen=True)
-class Gossip:
-    cluster: str
-    delta: Delta
-    nack: bool = False  # "your last delta assumed more than I have": resend from my vector
-
-
-@dataclass(frozen=True)
-class SpaceRequest:
-    cluster: str
-    req: int
-    universe: Cidr
-    lo: int
-    hi: int
-    address: int | None = None  # a claim: the block holding this address
-
-
-@dataclass(frozen=True)
-class SpaceGrant:
-    cluster: str
-    req: int
-    entries: tuple[tuple[Cidr, Entry], ...]
-
-
-@dataclass(frozen=True)
-class SpaceDenied:
-    cluster: str
-    req: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refuse:
-    cluster: str
-    reason: str
-
-
-Message = Gossip | SpaceRequest | SpaceGrant | SpaceDenied | Refuse
+VOTING = (Prepare, Promise, Accept, Accepted, VoteNack, Decided)
 
 
 @dataclass
@@ -82,7 +51,11 @@ class _Waiting:
     asked: list[str]
 
 
-class Peer:
+def _covers(theirs: Vector, ours: Vector) -> bool:
+    return all(theirs.get(p, 0) >= s for p, s in ours.items())
+
+
+class Peer(Bootstrap, Removals):
     def __init__(self, me: str, cluster: str, rings: list[Ring], default_subnet: Cidr,
                  reuse_delay: float = 30.0, vector: Vector | None = None, seq: int = 0,
                  request_timeout: float = 2.0):
@@ -100,6 +73,11 @@ class Peer:
         self.ticks = 0
         self.waiting: dict[int, _Waiting] = {}
         self.next_req = 0
+        # "member" allocates; "waiting" (bootstrap undecided or unconfirmed), "left" and
+        # "removed" do not. `note` says why, for status and errors.
+        self.standing, self.note = "member", ""
+        Bootstrap.__init__(self)
+        Removals.__init__(self)
 
     @classmethod
     def founder(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
@@ -112,7 +90,7 @@ class Peer:
             ring = Ring.single_owner(u, me, stamp)
             peer.replica.rings[u] = peer.allocator.rings[u] = ring
             peer.allocator.ring_changed(u)
-            rows += _ring_rows(u, ring.entries)
+            rows += m.ring_rows(u, ring.entries)
         return peer, rows + [peer._clock_row()]
 
     # -- events --------------------------------------------------------------------------------
@@ -125,6 +103,19 @@ class Peer:
 
     def request(self, ref, req, now: float) -> Ready:
         out = Ready()
+        if isinstance(req, m.Status):
+            out.replies.append((ref, m.ok(**self.status(now))))
+            return out
+        if self.standing != "member" and isinstance(req, (m.Allocate, m.Claim, m.Leave,
+                                                          m.RemovePeer)):
+            out.replies.append((ref, m.error(self.standing, self.note)))
+            return out
+        if isinstance(req, m.Leave):
+            self._leave(ref, now, out)
+            return out
+        if isinstance(req, m.RemovePeer):
+            self._rmpeer(ref, req, now, out)
+            return out
         reply, rows = self.allocator.apply(req, now)
         out.rows += rows
         if not reply["ok"] and isinstance(req, (m.Allocate, m.Claim)):
@@ -136,8 +127,19 @@ class Peer:
         out.replies.append((ref, reply))
         return out
 
+    def status(self, now: float) -> dict:
+        s = self.allocator.status(now)
+        s.update(standing=self.standing, note=self.note, reachable=sorted(self.reachable),
+                 pending=len(self.waiting), removed=dict(sorted(self.removed.items())),
+                 removing={t: by for t, by in sorted(self.promised.items())})
+        s.update(self.bootstrap_status())
+        return s
+
     def receive(self, sender: str, msg: Message, now: float) -> Ready:
         out = Ready()
+        if isinstance(msg, VOTING) and msg.cluster == self.base_cluster:
+            self._vote(sender, msg, out)
+            return out
         if msg.cluster != self.cluster:
             out.alarms.append(f"refused a message from {sender}: it belongs to cluster "
                               f"{msg.cluster}, this peer to {self.cluster}")
@@ -145,32 +147,33 @@ class Peer:
                 out.messages.append((sender, Refuse(self.cluster, f"cluster {self.cluster} "
                                                     f"refuses members of {msg.cluster}")))
             return out
+        if isinstance(msg, Refuse):
+            self._refused(sender, msg, out)
+            return out
+        if sender in self.removed:
+            by = self.removed[sender]
+            out.alarms.append(f"refused {sender}: it was removed from the cluster by {by}")
+            out.messages.append((sender, Refuse(self.cluster, f"{sender} was removed from the "
+                                                f"cluster by {by}; start it afresh with an "
+                                                "empty database (a new id)", removed_by=by)))
+            return out
+        if sender in self.promised:
+            # Promised not to take anything from it while its removal is under way.
+            out.alarms.append(f"ignored {sender}: it is being removed by "
+                              f"{self.promised[sender]}")
+            return out
+        if sender not in self.seen:
+            self.seen.add(sender)
+            out.rows.append(m.PeerSeen(sender))
+        if self.standing in ("left", "removed", "stale") and not isinstance(msg, HandoverAck):
+            return out
         if isinstance(msg, Gossip):
-            incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
-            if msg.delta.entries and not incomplete:
-                self._merge(sender, msg.delta, out)
-            theirs = dict(msg.delta.vector)
-            self.known[sender] = theirs
-            self.heard.add(sender)
-            if msg.nack or sender in self.asking:
-                self.sent[sender] = dict(theirs)  # what it has, not what we assumed
-                self.asking.discard(sender)
-            else:
-                # An answer that crossed our message in flight must not lower what we sent.
-                sent = self.sent.setdefault(sender, {})
-                for p, v in theirs.items():
-                    sent[p] = max(sent.get(p, 0), v)
-            if incomplete:
-                # Made against more than we have (a message before it was lost): merge nothing
-                # and say so, with what we do have, so the next delta is whole.
-                out.messages.append((sender, Gossip(self.cluster, self.replica.hello(), True)))
-            elif msg.delta.entries or msg.delta.base is None:
-                self.owe_ack.add(sender)  # it sent news, or asked for our vector
+            self._gossip(sender, msg, out)
         elif isinstance(msg, SpaceRequest):
             self._donate(sender, msg, now, out)
         elif isinstance(msg, SpaceGrant):
             # Ownership moved whether or not anyone still waits for it: merge it always.
-            self._merge(sender, Delta((), msg.entries), out)
+            self._merge_given(sender, msg.delta, out)
             w = self.waiting.pop(msg.req, None)
             if w is not None:
                 self._retry(w, now, out)
@@ -178,9 +181,37 @@ class Peer:
             w = self.waiting.pop(msg.req, None)
             if w is not None:
                 self._ask(w, out, m.error("exhausted", msg.reason))
-        elif isinstance(msg, Refuse):
-            out.alarms.append(f"{sender} refused us: {msg.reason}")
+        elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
+                              RemoveAbort, RemoveDone)):
+            self._membership(sender, msg, now, out)
         return out
+
+    def _gossip(self, sender: str, msg: Gossip, out: Ready) -> None:
+        incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
+        if msg.delta.entries and not incomplete:
+            self._merge(sender, msg.delta, out)
+        theirs = dict(msg.delta.vector)
+        self._learn_removed(msg.removed, out)
+        self._check_vector(sender, theirs, out)
+        self.known[sender] = theirs
+        self.heard.add(sender)
+        if msg.nack or sender in self.asking:
+            self.sent[sender] = dict(theirs)  # what it has, not what we assumed
+            self.asking.discard(sender)
+        else:
+            # An answer that crossed our message in flight must not lower what we sent.
+            sent = self.sent.setdefault(sender, {})
+            for p, v in theirs.items():
+                sent[p] = max(sent.get(p, 0), v)
+        if incomplete:
+            # Made against more than we have (a message before it was lost): merge nothing
+            # and say so, with what we do have, so the next delta is whole.
+            out.messages.append((sender, self._gossip_msg(self.replica.hello(), True)))
+        elif msg.delta.entries or msg.delta.base is None:
+            self.owe_ack.add(sender)  # it sent news, or asked for our vector
+
+    def _gossip_msg(self, delta: Delta, nack: bool = False) -> Gossip:
+        return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())))
 
     def tick(self, now: float) -> Ready:
         out = Ready()
@@ -191,6 +222,12 @@ class Peer:
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
         self.ticks += 1
+        self._membership_tick(now, out)
+        if not self.decided:
+            self._vote_tick(out)
+            return out
+        if self.standing in ("left", "removed", "stale"):
+            return out
         if self.ticks % HINTS == 0:
             self._refresh_hints(now, out)
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
@@ -201,44 +238,81 @@ class Peer:
         # or just told us their vector, get what they lack at once.
         peers = sorted(self.reachable)
         targets = set((self.owe_ack | self.heard) & self.reachable)
+        if self.confirming and self.ticks % HINTS == 1:
+            # A seed on its first start: ask every seed it has not heard yet, not one a tick.
+            for p in sorted(self.confirming & self.reachable - targets):
+                out.messages.append((p, self._gossip_msg(self.replica.hello())))
+                self.asking.add(p)
         self.heard.clear()
         if peers:
+            # Each peer starts its rotation at its own place: peers that tick in step would
+            # otherwise all push to, and probe, the same few peers.
+            rank = bisect_left(peers, self.me)
             if self.replica.vector != self.pushed:
+                # The next FANOUT peers in rotation that may lack it: not the ones that sent it.
                 self.pushed = dict(self.replica.vector)
-                targets.update(peers[(self.ticks * FANOUT + i) % len(peers)]
-                               for i in range(min(FANOUT, len(peers))))
-            probe = peers[(self.ticks // PROBE) % len(peers)]
+                start = rank + self.ticks * FANOUT
+                lacking = [q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
+                           if not _covers(self.sent.get(q, {}), self.pushed)]
+                targets.update(lacking[:FANOUT])
+            probe = peers[(rank + self.ticks // PROBE) % len(peers)]
             if self.ticks % PROBE == 0 and probe not in targets:
-                out.messages.append((probe, Gossip(self.cluster, self.replica.hello())))
+                out.messages.append((probe, self._gossip_msg(self.replica.hello())))
                 self.asking.add(probe)
         for peer in sorted(targets):
             if peer not in self.known:
                 # Never heard its vector: ask for it rather than send everything we have. Full
                 # state then goes only to peers that really know nothing.
-                out.messages.append((peer, Gossip(self.cluster, self.replica.hello())))
+                out.messages.append((peer, self._gossip_msg(self.replica.hello())))
                 self.asking.add(peer)
                 continue
             delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
-                out.messages.append((peer, Gossip(self.cluster, delta)))
+                out.messages.append((peer, self._gossip_msg(delta)))
                 self.sent[peer] = dict(self.replica.vector)
         self.owe_ack.clear()
         return out
 
     # -- gossip --------------------------------------------------------------------------------
 
-    def _merge(self, sender: str, delta: Delta, out: Ready) -> None:
+    def _merge(self, sender: str, delta: Delta, out: Ready, adopt: bool = False) -> None:
         try:
             changed = self.replica.receive(delta)
         except (RingConflict, RingError) as e:
             out.alarms.append(f"refused ring data from {sender}: {e}")
             return
+        if adopt:
+            # Space given to us by a grant or a handover: write it again under our own stamp.
+            # Gossip passes on only writes a vector covers, and the giver's may never be (it
+            # can die before its next gossip); ours are, so the news cannot die with it.
+            stamp = None
+            for i, (u, e) in enumerate(changed):
+                if e.owner == self.me:
+                    stamp = stamp or self.replica.next_stamp()
+                    ring = self.replica.rings[u]
+                    changed[i] = (u, ring.set_hint(self.me, e.start, e.free_hint, stamp))
         universes = {u for u, _ in changed}
         for u in universes:
-            out.rows += _ring_rows(u, [e for v, e in changed if v == u])
+            out.rows += m.ring_rows(u, [e for v, e in changed if v == u])
             out.rows += self.allocator.ring_changed(u)
         if changed or delta.vector:
             out.rows.append(self._clock_row())
+
+    def _merge_given(self, sender: str, delta: Delta, out: Ready) -> None:
+        """Space given to us (a grant, a handover): ownership moved whether or not anyone still
+        waits for it, so merge it always: whole when we can, else just its entries, written
+        again under our own stamp (gossip passes on only writes a vector covers; the giver's
+        might never be, if it died at once)."""
+        if self.replica.complete_for_me(delta):
+            self._merge(sender, delta, out)
+        else:
+            self._merge(sender, Delta((), delta.entries), out, adopt=True)
+
+    def _delta_for(self, peer: str) -> Delta:
+        """What we know that the peer lacks, as far as we know what it has."""
+        delta = self.replica.delta_for(self.sent.get(peer, self.known.get(peer, {})))
+        self.sent[peer] = dict(self.replica.vector)
+        return delta
 
     def _clock_row(self) -> m.ClockWrite:
         return m.ClockWrite(self.replica.seq, tuple(sorted(self.replica.vector.items())))
@@ -248,15 +322,18 @@ class Peer:
         stamp = None
         for u, ring in self.replica.rings.items():
             changed = []
-            for e, end in ring.spans():
-                if e.owner != self.me:
-                    continue
-                free = self.allocator.free_count(u, e.start, end, now)
+            pieces: dict[int, list[tuple[int, int]]] = {}
+            for e, lo, hi in ring.spans():
+                if e.owner == self.me:
+                    pieces.setdefault(e.start, []).append((lo, hi))
+            for start, spans in pieces.items():
+                e = ring.get(start)
+                free = sum(self.allocator.free_count(u, lo, hi, now) for lo, hi in spans)
                 if (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
                         max(16, e.free_hint // 4):
                     stamp = stamp or self.replica.next_stamp()
                     changed.append(ring.set_hint(self.me, e.start, free, stamp))
-            out.rows += _ring_rows(u, changed)
+            out.rows += m.ring_rows(u, changed)
         if stamp is not None:
             out.rows.append(self._clock_row())
 
@@ -271,8 +348,8 @@ class Peer:
                 if u.overlaps(subnet)]
 
     def _hint(self, peer: str, u: Cidr, lo: int, hi: int) -> int:
-        return sum(e.free_hint for e, end in self.replica.rings[u].spans()
-                   if e.owner == peer and e.start < hi and end > lo)
+        return sum(e.free_hint for e in {e.start: e for e, a, b in self.replica.rings[u].spans()
+                                         if e.owner == peer and a < hi and b > lo}.values())
 
     def _ask(self, w: _Waiting, out: Ready, last_error: dict) -> None:
         """Send the request to the next peer worth asking, or give the client its answer."""
@@ -296,7 +373,7 @@ class Peer:
             return
         best = None
         for u, lo, hi in self._subnet_bounds(req):
-            for peer in self.reachable - set(w.asked):
+            for peer in sorted(self.reachable - set(w.asked)):
                 hint = self._hint(peer, u, lo, hi)
                 if hint > 0 and (best is None or hint > best[0]):
                     best = (hint, peer, u, lo, hi)
@@ -342,11 +419,8 @@ class Peer:
         ring = self.replica.rings[u]
         written = ring.transfer(self.me, lo, hi, sender, self.replica.next_stamp(),
                                 free_hint=hi - lo)
-        out.rows += _ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
-        out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
-                                                tuple((u, e) for e in written))))
+        out.rows += m.ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
+        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self._delta_for(sender))))
 
 
-def _ring_rows(u: Cidr, entries: list[Entry]) -> list[m.RingWrite]:
-    return [m.RingWrite(str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
-                        e.free_hint, e.stamp[0], e.stamp[1]) for e in entries]
+_ring_rows = m.ring_rows

@@ -24,6 +24,7 @@ from .addr import Cidr
 # Free hints are advisory and travel in gossip and SQLite INTEGERs: an IPv6 range's count
 # saturates here rather than overflowing.
 HINT_MAX = 2**63 - 1
+GAP_VERSION = 2**32  # see claim_gaps
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,28 @@ class Ring:
             self.check_entry(e)
             self._by_start[e.start] = e
         self._sorted: list[Entry] | None = None
+        self._spans: list[tuple[Entry, int, int]] | None = None
         self._starts: list[int] = []
 
     @classmethod
     def single_owner(cls, universe: Cidr, owner: str, stamp: tuple[str, int] = ("", 0)) -> Ring:
         return cls(universe, [Entry(universe.start, universe.end, owner, 1,
                                     min(universe.size, HINT_MAX), stamp)])
+
+    @classmethod
+    def split(cls, universe: Cidr, owners: list[str]) -> Ring:
+        """The bootstrap ring every first peer computes alike: the universe cut into the
+        smallest power-of-two number of equal aligned blocks that gives each owner one, dealt
+        out in sorted order (the spare blocks go round again from the first). Each owner's
+        entries are its write number 1, so every copy is the same write."""
+        owners = sorted(set(owners))
+        k = 1
+        while k < len(owners) and k < universe.size:
+            k *= 2
+        size = universe.size // k
+        return cls(universe, [Entry(universe.start + i * size, universe.start + (i + 1) * size,
+                                    owners[i % len(owners)], 1, min(size, HINT_MAX),
+                                    (owners[i % len(owners)], 1)) for i in range(k)])
 
     def check_entry(self, e: Entry) -> None:
         """What any entry, ours or a peer's, must satisfy before it is merged."""
@@ -83,22 +100,21 @@ class Ring:
     def get(self, start: int) -> Entry | None:
         return self._by_start.get(start)
 
-    def _end_of(self, i: int) -> int:
-        es = self.entries
-        return min(es[i].end, es[i + 1].start) if i + 1 < len(es) else es[i].end
-
-    def spans(self) -> list[tuple[Entry, int]]:
-        """Each entry with the end of what it covers here: its own end, or the next entry's
-        start if that comes first."""
-        return [(e, self._end_of(i)) for i, e in enumerate(self.entries)]
+    def spans(self) -> list[tuple[Entry, int, int]]:
+        """What each entry covers here, as (entry, lo, hi) in ascending order: from its start
+        to its own end or the next entry's start, whichever comes first."""
+        if self._spans is None:
+            es = self.entries
+            self._spans = [(e, e.start, min(e.end, es[i + 1].start) if i + 1 < len(es)
+                            else e.end) for i, e in enumerate(es)]
+        return self._spans
 
     def owned_by(self, owner: str) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the universe that owner holds, ascending, adjacent ones joined."""
         out: list[tuple[int, int]] = []
-        for e, hi in self.spans():
+        for e, lo, hi in self.spans():
             if e.owner != owner:
                 continue
-            lo = e.start
             if out and out[-1][1] == lo:
                 out[-1] = (out[-1][0], hi)
             else:
@@ -114,7 +130,7 @@ class Ring:
         # Called for each freed address that allocate considers: a bisect, not a scan.
         es = self.entries
         i = bisect_right(self._starts, value) - 1
-        if i < 0 or value >= self._end_of(i):
+        if i < 0 or value >= es[i].end or (i + 1 < len(es) and value >= es[i + 1].start):
             return None
         return es[i]
 
@@ -165,9 +181,38 @@ class Ring:
         return self._put(replace(e, free_hint=min(free, HINT_MAX), version=e.version + 1,
                                  stamp=stamp))
 
+    def reclaim(self, dead: str, to: str, stamp: tuple[str, int]) -> list[Entry]:
+        """Rewrite every entry of a removed peer with owner `to`. The one write not made by
+        the owner: the removal protocol has made `to` its only writer (every live peer
+        promised to take nothing more from `dead` and to let no one else remove it)."""
+        size = self._coverage()
+        return [self._put(replace(e, owner=to, version=e.version + 1,
+                                  free_hint=min(size.get(e.start, 0), HINT_MAX), stamp=stamp))
+                for e in list(self.entries) if e.owner == dead]
+
+    def claim_gaps(self, to: str, stamp: tuple[str, int]) -> list[Entry]:
+        """Give `to` every part of the universe no entry covers here. Only after a removal
+        round has gathered every live peer's ring: a gap then lies where only dead peers
+        knew the owner. The version is beyond any a dead copy could reach by counting, so
+        such a copy, should one come back, loses."""
+        written, at = [], self.universe.start
+        for e, lo, hi in list(self.spans()) + [(None, self.universe.end, self.universe.end)]:
+            if lo > at:
+                written.append(self._put(Entry(at, lo, to, GAP_VERSION,
+                                               min(lo - at, HINT_MAX), stamp)))
+            at = max(at, hi)
+        return written
+
+    def _coverage(self) -> dict[int, int]:
+        """start -> how many addresses that entry covers here."""
+        size: dict[int, int] = {}
+        for e, lo, hi in self.spans():
+            size[e.start] = size.get(e.start, 0) + hi - lo
+        return size
+
     def _put(self, e: Entry) -> Entry:
         self._by_start[e.start] = e
-        self._sorted = None
+        self._sorted = self._spans = None
         return e
 
     # -- merging -------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import msgpack
 
 from appliance.core import messages as m
 from appliance.core import peer as peer_mod
-from appliance.core.peer import Gossip, Ready, _ring_rows
+from appliance.core.messages import ring_rows
+from appliance.core.peer import Gossip, Ready
 from tests.sim.simulator import TICK, Faults, Sim
 
 
@@ -56,7 +57,7 @@ def measure(n: int, seed: int = 1) -> dict:
     lo, hi = peer.allocator.donatable(sim.u, sim.u.start, sim.u.end, sim.now, 16)
     written = peer.replica.rings[sim.u].transfer(rich, lo, hi, other, peer.replica.next_stamp(),
                                                  hi - lo)
-    rows = _ring_rows(sim.u, written) + peer.allocator.ring_changed(sim.u) + [peer._clock_row()]
+    rows = ring_rows(sim.u, written) + peer.allocator.ring_changed(sim.u) + [peer._clock_row()]
     sim._handle(rich, Ready(rows=rows))
     change = encoded([(sim.u, e) for e in written])
     rounds = 0

@@ -5,14 +5,12 @@ import sys
 import time
 from collections import Counter
 
-from .simulator import Faults, Sim, Violation
+from .simulator import Sim, Violation
 
 
 def one(seed: int, peers: int | None, ops: int):
-    rng = random.Random(seed)
-    n = peers or rng.randint(3, 7)
-    sim = Sim(seed, n, Faults.random(rng, n))
-    return sim.run(ops), n
+    sim = Sim.for_seed(seed, peers)
+    return sim.run(ops), (len(sim.names), sim.bootstrap)
 
 
 def main() -> int:
@@ -25,10 +23,10 @@ def main() -> int:
     if args.minutes is None:
         seed = args.seed if args.seed is not None else random.randrange(2**32)
         stats, n = one(seed, args.peers, args.ops)
-        print(f"seed={seed} peers={n} {stats}")
+        print(f"seed={seed} peers={n[0]} bootstrap={n[1]} {stats}")
         return 0
     end = time.monotonic() + args.minutes * 60
-    seeds, faults, ops, t0 = 0, Counter(), 0, time.monotonic()
+    seeds, faults, ops, removals, t0 = 0, Counter(), 0, 0, time.monotonic()
     while time.monotonic() < end:
         seed = random.randrange(2**32)
         try:
@@ -36,11 +34,11 @@ def main() -> int:
         except Violation as v:
             print(f"VIOLATION {v}  (replay: make sim SEED={seed})")
             return 1
-        seeds, ops = seeds + 1, ops + stats.ops
+        seeds, ops, removals = seeds + 1, ops + stats.ops, removals + stats.removals
         faults.update(stats.faults)
     elapsed = time.monotonic() - t0
     print(f"{seeds} seeds in {elapsed:.0f}s ({seeds / elapsed:.2f} seeds/s), {ops} operations, "
-          f"0 violations; faults injected: {dict(sorted(faults.items()))}")
+          f"0 violations, {removals} rmpeers done; faults injected: {dict(sorted(faults.items()))}")
     return 0
 
 

@@ -9,7 +9,10 @@ I1 no address held by two handles at once; I2 no acknowledged allocation lost; I
 own overlapping space, and no (start, version) has two contents (a ring conflict is a violation);
 I4 every allocation lies in space its host owns; I5 after healing every range has a live owner;
 I6 after healing all rings are equal; I7 a peer's seq and vector only grow, restarts included.
-Not modelled yet: loss of a peer's whole database, rmpeer, leave, seed and quorum bootstrap.
+A restart may lose the peer's whole database: it comes back under a new id, and its old id
+stays dead until some peer runs rmpeer on it (during the run, from any peer at any time, so
+concurrent and partitioned removals happen; after the heal, until it succeeds: I5 needs it).
+Bootstrap is by a founder, by seeds, or by a quorum vote, under the same faults.
 """
 from __future__ import annotations
 
@@ -40,12 +43,15 @@ class Faults:
     delay: float = 0.0        # chance a message is held back for a while
     crash: float = 0.0        # chance, per handled event, that the peer crashes there
     partition: float = 0.0    # chance per step that the network changes shape
+    wipe: float = 0.0         # chance that a restart finds the database gone
+    rmpeer: float = 0.0       # chance that a client operation is an rmpeer of a dead peer
 
     @classmethod
     def random(cls, rng: random.Random, peers: int = 5) -> Faults:
         # Crashes are drawn per event a peer handles; more peers handle more events.
         return cls(drop=rng.random() * 0.3, dup=rng.random() * 0.2, delay=rng.random() * 0.3,
-                   crash=rng.random() * 0.05 / peers, partition=rng.random() * 0.01)
+                   crash=rng.random() * 0.05 / peers, partition=rng.random() * 0.01,
+                   wipe=rng.random() * 0.3, rmpeer=rng.random() * 0.1)
 
 
 @dataclass
@@ -58,23 +64,36 @@ class Stats:
     rounds_to_converge: int = 0
     ring_entries: int = 0
     segments: int = 0
+    removals: int = 0
 
 
 class Sim:
-    def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None):
+    def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None,
+                 bootstrap: str = "founder"):
         self.seed, self.rng, self.faults = seed, random.Random(seed), faults
         self.broken = broken  # a known-wrong behaviour to plant, for the checker's own tests
         self.now = 1000.0
         self.names = [f"p{i}" for i in range(n)]
         self.u = BIG_UNIVERSE if n > 20 else UNIVERSE
         self.cluster = "sim"
+        self.bootstrap = bootstrap
         self.durable = {p: Durable(p, self.cluster, [self.u]) for p in self.names}
-        founder, rows = Peer.founder(self.names[0], self.cluster, [self.u], self.u,
-                                     reuse_delay=5.0)
-        self.durable[self.names[0]].apply(rows)
-        self.live: dict[str, Peer] = {self.names[0]: founder}
-        for p in self.names[1:]:
-            self.live[p] = self.durable[p].load(self.u, 5.0)
+        self.live: dict[str, Peer] = {}
+        for p in self.names:
+            d = self.durable[p]
+            if bootstrap == "seeds":
+                d.mode, d.seeds = "seeds", tuple(self.names)
+                peer, rows = Peer.seeded(p, self.cluster, [self.u], self.u, self.names,
+                                         reuse_delay=5.0)
+            elif bootstrap == "quorum":
+                d.mode, d.quorum = "quorum", n
+                peer, rows = Peer.voter(p, self.cluster, [self.u], self.u, n, reuse_delay=5.0)
+            elif p == self.names[0]:
+                peer, rows = Peer.founder(p, self.cluster, [self.u], self.u, reuse_delay=5.0)
+            else:
+                peer, rows = d.load(self.u, 5.0), []
+            d.apply(rows)
+            self.live[p] = peer
         self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs the network drops
         self.queue: list[tuple[float, int, str, str, object]] = []  # a heap by delivery time
         self.due: list[tuple[float, int, str, str, object]] = []    # delivered in any order
@@ -85,9 +104,19 @@ class Sim:
         self.handles = 0
         self.stats = Stats()
         self.max_clock = {p: (0, {}) for p in self.names}
+        self.gone: list[str] = []  # ids whose database was lost: dead for good
+        self.wipes = 0
         self._update_reachability()
 
     # -- the network ---------------------------------------------------------------------------
+
+    @classmethod
+    def for_seed(cls, seed: int, peers: int | None = None, broken: str | None = None) -> Sim:
+        """Everything about a run drawn from its seed: size, fault rates, bootstrap."""
+        rng = random.Random(seed)
+        n = peers or rng.randint(3, 7)
+        faults = Faults.random(rng, n)
+        return cls(seed, n, faults, broken, rng.choice(["founder", "seeds", "quorum"]))
 
     def _update_reachability(self) -> None:
         for p, peer in self.live.items():
@@ -170,12 +199,39 @@ class Sim:
     def _restart(self, p: str) -> None:
         self.stats.faults["restart"] += 1
         self.views_of_down.pop(p, None)
+        # A wipe that would leave no copy of the ring anywhere is the end of the cluster, not a
+        # fault it can survive: only wipe while another peer's disk holds the ring.
+        # And a voter that forgets its vote may let a second majority form: quorum mode is
+        # safe only while at most the configured number of peers vote, so wipes wait until
+        # the vote is over everywhere.
+        if self.rng.random() < self.faults.wipe and any(
+                self.durable[q].ring for q in self.names if q != p) and all(
+                self.durable[q].vote is None or self.durable[q].vote.decided
+                for q in self.names):
+            return self._wiped(p)
         d = self.durable[p]
         if self.broken == "reuse_seq":  # as if the write counter were never made durable
             d.clock = m.ClockWrite(0, tuple((k, v) for k, v in d.clock.vector if k != p))
         self.live[p] = d.load(self.u, 5.0)
         self._update_reachability()
         self._check_clock(p)
+
+    def _wiped(self, p: str) -> None:
+        """The database is gone: the host comes back as a newcomer with a new id (rule 3)."""
+        self.stats.faults["wipe"] += 1
+        self.gone.append(p)
+        self.names.remove(p)
+        self.wipes += 1
+        new = f"{p.split('w')[0]}w{self.wipes}"
+        self.names.append(new)
+        # What its clients were told went with the disk: that loss is the fault itself.
+        self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        self.durable[new] = Durable(new, self.cluster, [self.u])
+        if self.bootstrap == "quorum":  # same flags, new id: it asks and is told the decision
+            self.durable[new].mode, self.durable[new].quorum = "quorum", self.durable[p].quorum
+        self.max_clock[new] = (0, {})
+        self.live[new] = self.durable[new].load(self.u, 5.0)
+        self._update_reachability()
 
     def _check_clock(self, p: str) -> None:
         peer = self.live.get(p)
@@ -194,6 +250,12 @@ class Sim:
         mine = [h for (q, h) in self.acked if q == p]
         r = self.rng.random()
         self.stats.ops += 1
+        dead = [g for g in self.gone if g in self.live[p].members()]
+        if dead and self.rng.random() < self.faults.rmpeer:
+            k = self.rng.randint(1, len(dead))
+            req = m.RemovePeer(tuple(self.rng.sample(dead, k)))
+            self.pending[self.stats.ops] = (p, req)
+            return self._handle(p, self.live[p].request(self.stats.ops, req, self.now))
         if mine and r < 0.35:
             handle = self.rng.choice(sorted(mine))
             req = m.Release(handle)
@@ -220,6 +282,9 @@ class Sim:
         _, req = got
         if not reply["ok"]:
             self.stats.refused[reply["error"]["code"]] += 1
+            return
+        if isinstance(req, m.RemovePeer):
+            self.stats.removals += 1
             return
         self.stats.acked += 1
         if isinstance(req, (m.Allocate, m.Claim)):
@@ -319,6 +384,7 @@ class Sim:
         for p in [p for p in self.names if p not in self.live]:
             self._restart(p)
         self._update_reachability()
+        self._remove_gone()
         for rounds in range(1, max_rounds + 1):
             self.now += TICK
             for p in sorted(self.live):
@@ -337,6 +403,39 @@ class Sim:
         if not covered or covered[0][0] != self.u.start or covered[-1][1] != self.u.end or \
                 any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
             raise Violation(f"I5 seed={self.seed}: some space has no live owner")
+
+    def _rounds(self, n: int, until=lambda: False) -> None:
+        for _ in range(n):
+            if until():
+                return
+            self.now += TICK
+            for q in sorted(self.live):
+                if q in self.live:
+                    self._handle(q, self.live[q].tick(self.now))
+            self._drain()
+
+    def _remove_gone(self) -> None:
+        """What an operator does after the heal: rmpeer the hosts whose disks were lost, until
+        it succeeds. --force only where the dead are half or more of the membership."""
+        for attempt in range(20):
+            self._rounds(5)
+            runner = sorted(self.live)[attempt % len(self.live)]
+            peer = self.live[runner]
+            # The operator names every dead host any live one knows (errors name them).
+            known = set().union(*(q.members() | {e.owner for e, _, _ in
+                                                 q.replica.rings[self.u].spans()}
+                                  for q in self.live.values()))
+            dead = tuple(g for g in self.gone if g in known)
+            if not dead:
+                return  # removed, or never known to anyone (then it owns nothing)
+            everyone = peer.members() | set(dead)
+            force = (len(everyone) - len(dead)) * 2 <= len(everyone)
+            ref = ("rmpeer", attempt)
+            self.pending[ref] = (runner, m.RemovePeer(dead, force))
+            self._handle(runner, peer.request(ref, m.RemovePeer(dead, force), self.now))
+            self._rounds(50, lambda: ref not in self.pending)
+        raise Violation(f"I5 seed={self.seed}: rmpeer of {', '.join(self.gone)} never succeeded "
+                        "after the heal")
 
     def liveness(self) -> None:
         """After healing, an allocation on any peer succeeds while the cluster has free space."""

@@ -1,0 +1,357 @@
+"""Peers leaving and being removed (mixed into Peer; DESIGN.md rules 3 and 6).
+
+leave: the peer hands each of its ranges to a reachable peer (the owner of the range just
+before it when that one is reachable, so space coalesces), commits, sends, and waits for every
+receiver's acknowledgement. It refuses while it still holds addresses: those would become
+free space elsewhere while their containers still run.
+
+rmpeer TARGET..., run on peer R: a promise round, then one write.
+1. R needs every other known peer reachable (any of them may hold TARGET's last writes, or be
+   removing TARGET itself) and, with TARGET, a majority of the membership: so in a split at
+   most one side can, and a 2-peer cluster cannot (without --force; the operator then vouches
+   that the other side is dead). A peer that can still reach TARGET refuses: it is not dead.
+2. R asks each for a promise. A promise is durable and means: take nothing more from TARGET and
+   let no one else remove it. It carries everything the promiser knows that R lacks, and every
+   write of TARGET's it holds (grants included), so once R has all promises it holds TARGET's
+   final state: nobody can receive another of its writes. Any peer R did not know of that a
+   promiser names is asked too.
+3. R rewrites TARGET's entries as its own, and any part of the universe that no entry it now
+   holds covers (only dead peers knew who owned it), commits, and says so. Two runners cannot both get
+   every promise (each peer promises one runner at a time, and each runner asks the other),
+   so TARGET's space never gets two owners. A refused or timed-out round is withdrawn.
+A removed peer that talks again is refused and told to start afresh under a new id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import messages as m
+from .addr import range_to_cidrs
+from .gossip import Delta
+from .wire import (Handover, HandoverAck, Refuse, RemoveAbort, RemoveAck, RemoveDone,
+                   RemoveNack, RemovePrepare)
+
+
+@dataclass
+class _Removing:
+    ref: object
+    targets: tuple[str, ...]
+    deadline: float
+    force: bool
+    skipped: bool = False  # --force left out a peer it could not reach
+    asked: set[str] = field(default_factory=set)
+    promised: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Leaving:
+    ref: object
+    deadline: float
+    unacked: set[str]
+    handed: dict[str, list[str]]
+
+
+class Removals:
+    def __init__(self):
+        self.removed: dict[str, str] = {}   # peer -> who removed it (or itself, on leave)
+        self.promised: dict[str, str] = {}  # peer being removed -> the runner promised to
+        self.promised_at: dict[str, float] = {}
+        self.removing: dict[int, _Removing] = {}
+        self.leaving: dict[int, _Leaving] = {}
+        self.stale_promises = False  # our own rounds cut off by a restart: withdraw them
+        self.heard_of: set[str] = set()  # peers others named in their promises
+        self.seen: set[str] = set()      # peers ever heard from (persisted)
+
+    def restore_removals(self, rows: list[m.Removal]) -> None:
+        for r in rows:
+            if r.state == "removed":
+                self.removed[r.target] = r.by
+            elif r.state == "promised":
+                self.promised[r.target] = r.by
+                self.promised_at[r.target] = r.at
+                self.stale_promises |= r.by == self.me
+
+    def members(self) -> set[str]:
+        """Every peer this one knows of, itself included, removed ones not."""
+        known = {self.me} | set(self.replica.vector) | self.seen | self.reachable | \
+            self.heard_of
+        for ring in self.replica.rings.values():
+            known |= {e.owner for e in ring.entries}
+        return known - set(self.removed)
+
+    # -- leave ---------------------------------------------------------------------------------
+
+    def _leave(self, ref, now: float, out) -> None:
+        held = len(self.allocator.by_addr)
+        if held:
+            out.replies.append((ref, m.error("busy", f"{self.me} still holds {held} "
+                                             f"address{'es' if held > 1 else ''}: "
+                                             "release them before it leaves")))
+            return
+        targets = sorted(self.reachable - set(self.promised))
+        if not targets:
+            out.replies.append((ref, m.error("unreachable", f"{self.me} can reach no peer to "
+                                             "take its space")))
+            return
+        stamp = self.replica.next_stamp()
+        by_peer: set[str] = set()
+        handed: dict[str, list[str]] = {}
+        i = 0
+        for u, ring in self.replica.rings.items():
+            for lo, hi in ring.owned_by(self.me):
+                before = ring.owner_of(lo - 1) if lo > u.start else None
+                to = before if before in targets else targets[i % len(targets)]
+                i += 1
+                written = ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo)
+                out.rows += m.ring_rows(u, written)
+                by_peer.add(to)
+                handed.setdefault(to, []).extend(
+                    str(c) for c in range_to_cidrs(u.family, lo, hi))
+            out.rows += self.allocator.ring_changed(u)
+        self.standing, self.note = "left", f"{self.me} left the cluster"
+        self.removed[self.me] = self.me
+        out.rows += [self._clock_row(), m.Standing("left", self.note),
+                     m.Removal(self.me, self.me, "removed")]
+        if not by_peer:
+            out.replies.append((ref, m.ok(left=self.me, handed={})))
+            return
+        self.next_req += 1
+        self.leaving[self.next_req] = _Leaving(ref, now + self.request_timeout, set(by_peer),
+                                               handed)
+        for to in sorted(by_peer):
+            out.messages.append((to, Handover(self.cluster, self.next_req, self._delta_for(to))))
+
+    # -- rmpeer --------------------------------------------------------------------------------
+
+    def _rmpeer(self, ref, req: m.RemovePeer, now: float, out) -> None:
+        # A removed peer that still owns space here (the reclaim's news died with the hosts
+        # that had it) may be removed again: the same round, the same safety.
+        owners = {e.owner for ring in self.replica.rings.values() for e, _, _ in ring.spans()}
+        targets = tuple(sorted(t for t in set(req.targets)
+                               if t not in self.removed or t in owners))
+        members = self.members()
+        err = None
+        if self.me in req.targets:
+            err = m.error("bad_request", f"{self.me} cannot remove itself: use leave")
+        elif not targets:
+            by = ", ".join(sorted({self.removed[t] for t in req.targets}))
+            out.replies.append((ref, m.ok(removed=list(req.targets), by=by, reclaimed=[],
+                                          already=True)))
+            return
+        elif not set(targets) & (members | owners):
+            # One unknown name among known ones is fine (others may know it: they answer
+            # with its writes); none known is more likely a typo.
+            err = m.error("not_found", f"no peer {', '.join(targets)} is known to {self.me}")
+        elif set(targets) & self.reachable:
+            err = m.error("reachable", f"{', '.join(sorted(set(targets) & self.reachable))} "
+                          f"can be reached from {self.me}: not gone; ask it to leave instead")
+        elif any(self.promised.get(t, self.me) not in (self.me, *targets) for t in targets):
+            busy = next(t for t in targets
+                        if self.promised.get(t, self.me) not in (self.me, *targets))
+            err = m.error("busy", f"{busy} is being removed by {self.promised[busy]}")
+        elif not req.force:
+            cut = sorted(members - set(targets) - {self.me} - self.reachable)
+            members |= set(targets)
+            left = len(members) - len(targets)
+            if cut:
+                err = m.error("unreachable", f"cannot remove {', '.join(targets)} while "
+                              f"{self.me} cannot reach {', '.join(cut)}: they may hold its last "
+                              "changes, or be removing it too (name them as well if they are "
+                              "gone)")
+            elif left * 2 <= len(members):
+                err = m.error("no_majority", f"removing {', '.join(targets)} needs a majority "
+                              f"of the {len(members)} peers, and only {left} would be left "
+                              "(--force only if you know every other peer is gone for good)")
+        if err is not None:
+            out.replies.append((ref, err))
+            return
+        for t in targets:
+            self.promised[t], self.promised_at[t] = self.me, now
+            out.rows.append(m.Removal(t, self.me, "promised", now))
+        self.next_req += 1
+        r = _Removing(ref, targets, now + self.request_timeout, req.force)
+        self.removing[self.next_req] = r
+        self._ask_promises(self.next_req, r, members - set(targets) - {self.me}, out)
+
+    def _ask_promises(self, req: int, r: _Removing, peers: set[str], out,
+                      via: str = "") -> None:
+        vector = tuple(sorted(self.replica.vector.items()))
+        for p in sorted(peers - r.asked):
+            if p not in self.reachable:
+                if r.force:
+                    r.skipped = True
+                    continue
+                return self._abort(req, f"{p}, known to {via}, cannot be reached (name it "
+                                   "too if it is gone)", out)
+            r.asked.add(p)
+            out.messages.append((p, RemovePrepare(self.cluster, req, r.targets, vector)))
+        if r.promised >= r.asked:
+            self._reclaim(req, out)
+
+    def _on_prepare(self, sender: str, msg: RemovePrepare, now: float, out) -> None:
+        reason = ""
+        for t in msg.targets:
+            if t == self.me:
+                reason = f"{t} is alive and answering"
+            elif t in self.removed:
+                continue  # already removed: promising again changes nothing
+            elif t in self.reachable:
+                reason = f"{self.me} can still reach {t}"
+            elif self.promised.get(t, sender) not in (sender, *msg.targets):
+                # (A promise to a runner that is itself being removed is void.)
+                reason = f"{t} is being removed by {self.promised[t]}"
+            if reason:
+                out.messages.append((sender, RemoveNack(self.cluster, msg.req, reason)))
+                return
+        for t in msg.targets:
+            if t not in self.removed and self.promised.get(t) != sender:
+                self.promised[t], self.promised_at[t] = sender, now
+                out.rows.append(m.Removal(t, sender, "promised", now))
+        writes = tuple((u, e) for u, ring in self.replica.rings.items() for e in ring.entries
+                       if e.stamp[0] in msg.targets)
+        delta = self.replica.delta_for(dict(msg.vector))
+        out.messages.append((sender, RemoveAck(self.cluster, msg.req, delta, writes,
+                                               tuple(sorted(self.members())))))
+
+    def _on_ack(self, sender: str, msg: RemoveAck, out) -> None:
+        r = self.removing.get(msg.req)
+        if r is None or sender not in r.asked:
+            return
+        if self.replica.complete_for_me(msg.delta):
+            self._merge(sender, msg.delta, out)
+        else:  # cannot be (it was made against our own vector), but never raise it wrongly
+            self._merge(sender, Delta((), msg.delta.entries), out)
+        self._merge(sender, Delta((), msg.writes), out)
+        r.promised.add(sender)
+        others = set(msg.members) - set(r.targets) - {self.me} - set(self.removed)
+        self.heard_of |= others
+        self._ask_promises(msg.req, r, others, out, via=sender)
+
+    def _reclaim(self, req: int, out) -> None:
+        r = self.removing.pop(req)
+        stamp = self.replica.next_stamp()
+        reclaimed = []
+        for u, ring in self.replica.rings.items():
+            for t in r.targets:
+                reclaimed += [str(c) for lo, hi in ring.owned_by(t)
+                              for c in range_to_cidrs(u.family, lo, hi)]
+                out.rows += m.ring_rows(u, ring.reclaim(t, self.me, stamp))
+            if not r.skipped:  # --force skipped someone: its ring may hold the gap
+                gaps = ring.claim_gaps(self.me, stamp)
+                reclaimed += [str(c) for e in gaps
+                              for c in range_to_cidrs(u.family, e.start, e.end)]
+                out.rows += m.ring_rows(u, gaps)
+            out.rows += self.allocator.ring_changed(u)
+        for t in r.targets:
+            self._set_removed(t, self.me, out)
+            # Every write of t that survives anywhere is now here, so our vector may cover them
+            # all: then gossip passes on the ones only grants carried (t is not there to).
+            top = max((e.stamp[1] for ring in self.replica.rings.values()
+                       for e in ring.entries if e.stamp[0] == t), default=0)
+            self.replica.vector[t] = max(self.replica.vector.get(t, 0), top)
+        out.rows.append(self._clock_row())
+        for p in sorted(r.asked):
+            out.messages.append((p, RemoveDone(self.cluster, r.targets)))
+        out.replies.append((r.ref, m.ok(removed=list(r.targets), by=self.me,
+                                        reclaimed=reclaimed)))
+
+    def _abort(self, req: int, reason: str, out) -> None:
+        r = self.removing.pop(req)
+        for t in r.targets:
+            if self.promised.get(t) == self.me:
+                del self.promised[t]
+                out.rows.append(m.Removal(t, self.me, "released"))
+        for p in sorted(r.asked):
+            out.messages.append((p, RemoveAbort(self.cluster, r.targets)))
+        out.replies.append((r.ref, m.error("refused", f"{', '.join(r.targets)} not removed: "
+                                           f"{reason}")))
+
+    def _set_removed(self, t: str, by: str, out) -> None:
+        self.removed[t] = by
+        self.promised.pop(t, None)
+        out.rows.append(m.Removal(t, by, "removed"))
+        self._heard_seed(t, out)
+        # Promises to a runner that is itself removed will never be kept or withdrawn.
+        for target, runner in list(self.promised.items()):
+            if runner == t:
+                del self.promised[target]
+                out.rows.append(m.Removal(target, runner, "released"))
+
+    def _learn_removed(self, removed, out) -> None:
+        for t, by in removed:
+            if t == self.me and self.standing != "left":
+                self.standing = "removed"
+                self.note = (f"{self.me} was removed from the cluster by {by}: start it afresh "
+                             "with an empty database (a new id)")
+                out.rows.append(m.Standing("removed", self.note))
+                out.alarms.append(self.note)
+            elif t != self.me and t not in self.removed:
+                self._set_removed(t, by, out)
+
+    def _refused(self, sender: str, msg: Refuse, out) -> None:
+        out.alarms.append(f"{sender} refused us: {msg.reason}")
+        if msg.removed_by:
+            self._learn_removed([(self.me, msg.removed_by)], out)
+
+    # -- messages and time ---------------------------------------------------------------------
+
+    def _membership(self, sender: str, msg, now: float, out) -> None:
+        if isinstance(msg, Handover):
+            self._merge_given(sender, msg.delta, out)
+            if sender not in self.removed:
+                self._set_removed(sender, sender, out)
+            out.messages.append((sender, HandoverAck(self.cluster, msg.req)))
+        elif isinstance(msg, HandoverAck):
+            lv = self.leaving.get(msg.req)
+            if lv is not None:
+                lv.unacked.discard(sender)
+                if not lv.unacked:
+                    del self.leaving[msg.req]
+                    out.replies.append((lv.ref, m.ok(left=self.me, handed=lv.handed)))
+        elif isinstance(msg, RemovePrepare):
+            self._on_prepare(sender, msg, now, out)
+        elif isinstance(msg, RemoveAck):
+            self._on_ack(sender, msg, out)
+        elif isinstance(msg, RemoveNack):
+            if msg.req in self.removing:
+                self._abort(msg.req, f"{sender} refused: {msg.reason}", out)
+        elif isinstance(msg, RemoveAbort):
+            for t in msg.targets:
+                if self.promised.get(t) == sender:
+                    del self.promised[t]
+                    out.rows.append(m.Removal(t, sender, "released"))
+        elif isinstance(msg, RemoveDone):
+            for t in msg.targets:
+                if self.promised.get(t) == sender:
+                    self._set_removed(t, sender, out)
+
+    def _membership_tick(self, now: float, out) -> None:
+        if self.stale_promises:
+            # A round of ours that a restart cut off: its client is gone, so withdraw it.
+            self.stale_promises = False
+            for t, runner in list(self.promised.items()):
+                if runner == self.me:
+                    del self.promised[t]
+                    out.rows.append(m.Removal(t, self.me, "released"))
+                    for p in sorted(self.reachable):
+                        out.messages.append((p, RemoveAbort(self.cluster, (t,))))
+        for t, runner in list(self.promised.items()):
+            # A runner's round ends by its deadline, done or withdrawn; a withdrawal can be
+            # lost. Twice that long after promising, the round is surely over, so the promise
+            # lapses. Safe: a later round must get a promise from that runner too, and it
+            # answers with what it reclaimed (or refuses while its round still runs).
+            if runner != self.me and now - self.promised_at.get(t, now) > \
+                    2 * self.request_timeout:
+                del self.promised[t]
+                out.rows.append(m.Removal(t, runner, "released"))
+        for req, r in list(self.removing.items()):
+            if now >= r.deadline:
+                silent = sorted(r.asked - r.promised)
+                self._abort(req, f"no answer within {self.request_timeout:g}s from "
+                            f"{', '.join(silent)}", out)
+        for req, lv in list(self.leaving.items()):
+            if now >= lv.deadline:
+                del self.leaving[req]
+                out.replies.append((lv.ref, m.error("timeout", f"{self.me} handed its space "
+                                   f"over, but {', '.join(sorted(lv.unacked))} did not "
+                                   "acknowledge in time; gossip will tell them")))
