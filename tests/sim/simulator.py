@@ -77,6 +77,7 @@ class Sim:
         self.u = BIG_UNIVERSE if n > 20 else UNIVERSE
         self.cluster = "sim"
         self.bootstrap = bootstrap
+        self.claim_share = 0.10  # of client operations: claims of random addresses
         self.durable = {p: Durable(p, self.cluster, [self.u]) for p in self.names}
         self.live: dict[str, Peer] = {}
         for p in self.names:
@@ -226,9 +227,13 @@ class Sim:
         self.names.append(new)
         # What its clients were told went with the disk: that loss is the fault itself.
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
-        self.durable[new] = Durable(new, self.cluster, [self.u])
-        if self.bootstrap == "quorum":  # same flags, new id: it asks and is told the decision
-            self.durable[new].mode, self.durable[new].quorum = "quorum", self.durable[p].quorum
+        # It joins as a newcomer (--peer), whatever its first flags were: with --quorum it
+        # would be one voter more than the vote was sized for, and newcomers cut off from the
+        # decided peers could then form a second majority (README: at most N hosts vote).
+        # It learns the cluster's identity from the peer it joins through (a quorum's
+        # decided cluster has its own).
+        cluster = next((q.cluster for q in self.live.values() if q.decided), self.cluster)
+        self.durable[new] = Durable(new, cluster, [self.u])
         self.max_clock[new] = (0, {})
         self.live[new] = self.durable[new].load(self.u, 5.0)
         self._update_reachability()
@@ -259,7 +264,7 @@ class Sim:
         if mine and r < 0.35:
             handle = self.rng.choice(sorted(mine))
             req = m.Release(handle)
-        elif r < 0.45:
+        elif r < 0.35 + self.claim_share:
             self.handles += 1
             handle = f"h{self.handles}"
             address = self.u.start + 1 + self.rng.randrange(self.u.size - 2)
