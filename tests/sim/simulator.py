@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from appliance.core import messages as m
 from appliance.core.addr import cidr, format_addr
+from appliance.core.bootstrap import decided_cluster
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 
@@ -232,7 +233,8 @@ class Sim:
         # decided peers could then form a second majority (README: at most N hosts vote).
         # It learns the cluster's identity from the peer it joins through (a quorum's
         # decided cluster has its own).
-        cluster = next((q.cluster for q in self.live.values() if q.decided), self.cluster)
+        votes = [d.vote.decided for d in self.durable.values() if d.vote and d.vote.decided]
+        cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
         self.durable[new] = Durable(new, cluster, [self.u])
         self.max_clock[new] = (0, {})
         self.live[new] = self.durable[new].load(self.u, 5.0)
