@@ -39,6 +39,7 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.hook_bench
 	$(BIN)/python -m tests.bench.cni_bench
 	$(BIN)/python -m tests.bench.gossip_bench
+	$(BIN)/python -m tests.bench.ring_bench
 
 ## Replay one simulator seed: make sim SEED=123 [PEERS=5] [OPS=1000]
 SEED ?=

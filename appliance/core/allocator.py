@@ -11,10 +11,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .addr import Cidr, format_addr
+from .donation import choose_block
 from .intervals import IntervalSet
 from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, List, Lookup, PutAllocation,
                        Release, Reserve, Row, Status, error, ok)
 from .ring import Ring
+
+CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
 
 
 @dataclass
@@ -245,37 +248,39 @@ class Allocator:
         ring = self.rings[universe]
         return sorted(a for a in set(out) if ring.owner_of(a) == self.me)
 
-    def donatable(self, universe: Cidr, lo: int, hi: int, now: float,
-                  limit: int) -> tuple[int, int] | None:
-        """The largest aligned block of free owned space in [lo, hi), at most `limit` long."""
+    def donatable(self, universe: Cidr, lo: int, hi: int, now: float, limit: int,
+                  to: str) -> tuple[int, int] | None:
+        """A block of free owned space in [lo, hi) for `to`, at most `limit` long, chosen to
+        fragment the ring least (donation.py)."""
         blocked = self._blocked(universe, lo, hi, now)
-        best = None
+        runs = []
         for olo, ohi in self._owned[universe]:
             a, b = max(lo, olo), min(hi, ohi)
-            edges = [x for x in blocked if a <= x < b]
             start = a
-            for x in edges + [b]:
+            for x in [x for x in blocked if a <= x < b] + [b]:
                 if x > start:
-                    block = _largest_aligned(start, x, limit)
-                    if best is None or block[1] - block[0] > best[1] - best[0]:
-                        best = block
+                    runs.append((start, x))
                 start = max(start, x + 1)
-        return best
+        return choose_block(self.rings[universe], self.me, to, runs, limit)
 
-    def block_holding(self, universe: Cidr, address: int, now: float) -> tuple[int, int] | None:
-        """The largest aligned free owned block that holds address, up to 16 addresses: a claim
-        asks for one, and a little more spares the next claim nearby a round trip."""
-        if self.rings[universe].owner_of(address) != self.me or \
-                self._blocked(universe, address, address + 1, now):
+    def block_holding(self, universe: Cidr, address: int, now: float,
+                      to: str) -> tuple[int, int] | None:
+        """A free owned block that holds address, up to CLAIM_BLOCK long, chosen like a
+        donation: a claim asks for one address, and a little more spares the next claim
+        nearby a round trip."""
+        if self.rings[universe].owner_of(address) != self.me:
             return None
-        best = (address, address + 1)
-        for size in (2, 4, 8, 16):
-            lo = address - address % size
-            inside = any(olo <= lo and lo + size <= ohi for olo, ohi in self._owned[universe])
-            if not inside or self._blocked(universe, lo, lo + size, now):
-                break
-            best = (lo, lo + size)
-        return best
+        lo, hi = address - CLAIM_BLOCK + 1, address + CLAIM_BLOCK
+        blocked = set(self._blocked(universe, lo, hi, now))
+        if address in blocked:
+            return None
+        olo, ohi = next((a, b) for a, b in self._owned[universe] if a <= address < b)
+        s, x = address, address + 1
+        while s > max(lo, olo) and s - 1 not in blocked:
+            s -= 1
+        while x < min(hi, ohi) and x not in blocked:
+            x += 1
+        return choose_block(self.rings[universe], self.me, to, [(s, x)], CLAIM_BLOCK, address)
 
     # -- search --------------------------------------------------------------------------------
 
@@ -336,20 +341,6 @@ class Allocator:
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
                 "reserved": sorted(_fmt(k) for k in self.reserved),
                 "handles": len(self.by_handle), "universes": universes}
-
-
-def _largest_aligned(lo: int, hi: int, limit: int) -> tuple[int, int]:
-    """The largest power-of-two block aligned to its size inside [lo, hi), at most limit."""
-    best = (lo, lo + 1)
-    size = 1
-    while size * 2 <= min(hi - lo, limit):
-        size *= 2
-    while size > 1:
-        start = -(-lo // size) * size  # first multiple of size at or after lo
-        if start + size <= hi:
-            return (start, start + size)
-        size //= 2
-    return best
 
 
 def _fmt(key: tuple[int, int]) -> str:

@@ -6,20 +6,22 @@ commits the rows first; nothing leaves before that (DESIGN.md section 2, rules 1
 
 Space on demand: an allocate that finds no local free space asks the reachable peer whose ring
 entries hint at the most free space in that subnet; the donor gives at most half its free space
-there, as one aligned block, commits the transfer, then grants. A claim of an address owned
-elsewhere asks its owner for the smallest aligned free block holding it. Requests wait at most
-`request_timeout`, then fail with an error naming whom they asked.
+there, as one block chosen to fragment the ring least (donation.py), commits the transfer, then
+grants. A claim of an address owned elsewhere asks its owner for a free block holding it.
+Requests wait at most `request_timeout`, then fail with an error naming whom they asked.
 
 Bootstrap (bootstrap.py), leave and rmpeer (removal.py) are mixed in from their own modules.
 """
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from . import messages as m
 from .addr import Cidr, format_addr
 from .allocator import Allocator
+from .donation import returnable
 from .bootstrap import Bootstrap
 from .gossip import Delta, Replica, Vector
 from .removal import Removals
@@ -58,10 +60,10 @@ def _covers(theirs: Vector, ours: Vector) -> bool:
 class Peer(Bootstrap, Removals):
     def __init__(self, me: str, cluster: str, rings: list[Ring], default_subnet: Cidr,
                  reuse_delay: float = 30.0, vector: Vector | None = None, seq: int = 0,
-                 request_timeout: float = 2.0):
+                 request_timeout: float = 2.0, gateways: frozenset = frozenset()):
         self.me, self.cluster = me, cluster
         self.replica = Replica(me, rings, vector, seq)
-        self.allocator = Allocator(me, rings, default_subnet, reuse_delay)
+        self.allocator = Allocator(me, rings, default_subnet, reuse_delay, gateways)
         self.request_timeout = request_timeout
         self.reachable: set[str] = set()
         self.known: dict[str, Vector] = {}  # what each peer told us it has
@@ -129,10 +131,28 @@ class Peer(Bootstrap, Removals):
 
     def status(self, now: float) -> dict:
         s = self.allocator.status(now)
-        s.update(standing=self.standing, note=self.note, reachable=sorted(self.reachable),
+        s.update(standing=self.standing, note=self.note, cluster=self.cluster,
+                 reachable=sorted(self.reachable),
                  pending=len(self.waiting), removed=dict(sorted(self.removed.items())),
                  removing={t: by for t, by in sorted(self.promised.items())})
         s.update(self.bootstrap_status())
+        # Each peer's share of each universe as this peer sees it (free: the owner's hints),
+        # and a digest of the ring, equal on every peer once gossip has converged.
+        digest = hashlib.sha256()
+        for u in s["universes"]:
+            ring = self.replica.rings[next(r for r in self.replica.rings if str(r) == u["range"])]
+            share: dict[str, dict] = {}
+            for e, lo, hi in ring.spans():
+                d = share.setdefault(e.owner, {"owned": 0, "free_hint": 0})
+                d["owned"] += hi - lo
+                if lo == e.start:
+                    d["free_hint"] += e.free_hint
+            u["peers"] = {p: dict(d, reachable=p == self.me or p in self.reachable)
+                          for p, d in sorted(share.items())}
+            for e in ring.entries:
+                digest.update(repr((u["range"], e)).encode())
+        s["members"] = sorted(self.members())
+        s["ring_digest"] = digest.hexdigest()[:16]
         return s
 
     def receive(self, sender: str, msg: Message, now: float) -> Ready:
@@ -230,6 +250,7 @@ class Peer(Bootstrap, Removals):
             return out
         if self.ticks % HINTS == 0:
             self._refresh_hints(now, out)
+            self._give_back(now, out)
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
         # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
@@ -337,6 +358,31 @@ class Peer(Bootstrap, Removals):
         if stamp is not None:
             out.rows.append(self._clock_row())
 
+    def _give_back(self, now: float, out: Ready) -> None:
+        """Hand small wholly free runs of our space to a neighbouring peer (donation.py), so
+        that claims and grants do not leave the ring ever more fragmented. Only with no request of ours
+        waiting for space, only to a reachable peer no removal is under way for, and only
+        runs small beside what we keep free elsewhere in that universe (at most a quarter
+        of it): space is not pushed on peers that did not ask, nor given back and forth."""
+        if self.waiting or self.leaving or self.removing:
+            return
+        stamp = None
+        for u, ring in self.replica.rings.items():
+            free = self.allocator.free_count(u, u.start, u.end, now)
+            written: list[Entry] = []
+            for lo, hi, to in returnable(ring, self.me):
+                if to not in self.reachable or to in self.removed or to in self.promised or \
+                        free - (hi - lo) < 4 * (hi - lo) or \
+                        self.allocator.free_count(u, lo, hi, now) != hi - lo:
+                    continue
+                stamp = stamp or self.replica.next_stamp()
+                written += ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo)
+                free -= hi - lo
+            if written:
+                out.rows += m.ring_rows(u, written) + self.allocator.ring_changed(u)
+        if stamp is not None:
+            out.rows.append(self._clock_row())
+
     # -- space on demand -----------------------------------------------------------------------
 
     def _subnet_bounds(self, req) -> list[tuple[Cidr, int, int]]:
@@ -402,7 +448,7 @@ class Peer(Bootstrap, Removals):
             return
         a = self.allocator
         if msg.address is not None:
-            block = a.block_holding(u, msg.address, now)
+            block = a.block_holding(u, msg.address, now, sender)
             if block is None:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{format_addr(u.family, msg.address)} is not free on "
@@ -410,7 +456,7 @@ class Peer(Bootstrap, Removals):
                 return
         else:
             free = a.free_count(u, msg.lo, msg.hi, now)
-            block = a.donatable(u, msg.lo, msg.hi, now, free // 2) if free >= 2 else None
+            block = a.donatable(u, msg.lo, msg.hi, now, free // 2, sender) if free >= 2 else None
             if block is None:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{self.me} has no free space to spare there")))

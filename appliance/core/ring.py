@@ -142,6 +142,15 @@ class Ring:
                 n, last = n + 1, e.owner
         return n
 
+    def cuts(self, lo: int, hi: int) -> int:
+        """How many new entries a transfer of [lo, hi) would write: one for each end that
+        falls inside an entry rather than on a boundary."""
+        n = 0
+        for edge in (lo, hi):
+            e = self._containing(edge)
+            n += e is not None and e.start < edge
+        return n
+
     # -- changes by the owner ------------------------------------------------------------------
 
     def transfer(self, me: str, lo: int, hi: int, to: str, stamp: tuple[str, int],

@@ -54,7 +54,7 @@ def measure(n: int, seed: int = 1) -> dict:
         sim.u, sim.u.start, sim.u.end, sim.now))
     other = next(p for p in sim.names if p != rich)
     peer = sim.live[rich]
-    lo, hi = peer.allocator.donatable(sim.u, sim.u.start, sim.u.end, sim.now, 16)
+    lo, hi = peer.allocator.donatable(sim.u, sim.u.start, sim.u.end, sim.now, 16, other)
     written = peer.replica.rings[sim.u].transfer(rich, lo, hi, other, peer.replica.next_stamp(),
                                                  hi - lo)
     rows = ring_rows(sim.u, written) + peer.allocator.ring_changed(sim.u) + [peer._clock_row()]

@@ -79,6 +79,10 @@ class Sim:
         self.cluster = "sim"
         self.bootstrap = bootstrap
         self.claim_share = 0.10  # of client operations: claims of random addresses
+        # None: releases are 35% of operations, so the universe fills up and stays nearly full
+        # (the hardest case). A fraction: release whenever that much of it is in use (churn at
+        # a steady level, for measuring the ring's size over time).
+        self.fill: float | None = None
         self.durable = {p: Durable(p, self.cluster, [self.u]) for p in self.names}
         self.live: dict[str, Peer] = {}
         for p in self.names:
@@ -263,10 +267,12 @@ class Sim:
             req = m.RemovePeer(tuple(self.rng.sample(dead, k)))
             self.pending[self.stats.ops] = (p, req)
             return self._handle(p, self.live[p].request(self.stats.ops, req, self.now))
-        if mine and r < 0.35:
+        release = 0.35 if self.fill is None else 0.0
+        if mine and (r < release if self.fill is None else
+                     len(self.acked) >= self.fill * self.u.size):
             handle = self.rng.choice(sorted(mine))
             req = m.Release(handle)
-        elif r < 0.35 + self.claim_share:
+        elif r < release + self.claim_share:
             self.handles += 1
             handle = f"h{self.handles}"
             address = self.u.start + 1 + self.rng.randrange(self.u.size - 2)
