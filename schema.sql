@@ -1,4 +1,4 @@
--- ipamd database, schema version 1 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 2 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -28,7 +28,24 @@ CREATE TABLE ring (
     PRIMARY KEY (universe, start)
 ) STRICT;
 
--- Peers this one knows of (itself included).
+-- This peer's write counter and version vector ({"peer": seq} as JSON): durable before any
+-- ring write leaves the host, so a restart never reuses a stamp.
+CREATE TABLE clock (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    seq    INTEGER NOT NULL CHECK (seq >= 0),
+    vector TEXT NOT NULL
+) STRICT;
+
+-- Peers being removed (state 'promised': this peer promised `by` to take nothing more from
+-- them, since `at`) or removed for good ('removed'): never to return.
+CREATE TABLE removals (
+    target TEXT PRIMARY KEY,
+    by     TEXT NOT NULL,
+    state  TEXT NOT NULL CHECK (state IN ('promised', 'removed')),
+    at     REAL NOT NULL
+) STRICT;
+
+-- Peers this one knows of (itself included), with the address they listen on for peers.
 CREATE TABLE peers (
     id        TEXT PRIMARY KEY,
     nickname  TEXT NOT NULL,

@@ -40,6 +40,27 @@ def _addr_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _hostport_arg(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0 to 65535)")
+    return text
+
+
+def _secret(args) -> bytes | None:
+    if args.secret_file is not None:
+        try:
+            secret = args.secret_file.read_bytes().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read --secret-file: {e}") from None
+    else:
+        secret = os.environ.get("IPAMD_SECRET", "").encode()
+    if (args.peer or args.listen) and len(secret) < 16:
+        raise ValueError("--peer and --listen need a cluster secret of at least 16 bytes "
+                         "(--secret-file or $IPAMD_SECRET), the same on every host")
+    return secret or None
+
+
 def _delay_arg(text: str) -> float:
     try:
         v = float(text)
@@ -91,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "anchor) is gone; released within two intervals (default: 30)")
     la.add_argument("--log-level", default="warning",
                     choices=("debug", "info", "warning", "error"), help="default: warning")
+    la.add_argument("--peer", action="append", default=[], type=_hostport_arg,
+                    metavar="HOST:PORT",
+                    help="a peer to connect to (repeatable; one is enough, the others are "
+                         "learned from it). With a new database: join that peer's cluster, "
+                         "owning nothing until space is needed. Needs the cluster secret")
+    la.add_argument("--listen", type=_hostport_arg, metavar="HOST:PORT",
+                    help="accept peers here (port 0: any free port, printed on the ready "
+                         "line). Needs the cluster secret")
+    la.add_argument("--secret-file", type=Path, metavar="PATH",
+                    help="file holding the cluster secret, shared by every host (default: "
+                         "$IPAMD_SECRET). Peers prove they know it; it never travels")
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
@@ -215,11 +247,17 @@ def _launch(args) -> int:
                 if a.overlaps(b):
                     print(f"ipamd: --iprange {a} and {b} overlap", file=sys.stderr)
                     return EXIT_USAGE
+    try:
+        secret = _secret(args)
+    except ValueError as e:
+        print(f"ipamd: {e}", file=sys.stderr)
+        return EXIT_USAGE
     config = Config(
         data_dir=args.data_dir or default_data_dir(), socket=args.socket or default_socket(),
         universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
-        sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin)
+        sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin,
+        peers=args.peer, listen=args.listen, secret=secret)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except Refused as e:

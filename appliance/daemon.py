@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import trio
 from .core.addr import Cidr, cidr
 from .core import messages as m
 from .core.messages import error
+from .core.peer import Ready
 from .sweeper import Sweeper
 from . import cni_ops
 from .protocols import cni
@@ -44,6 +46,9 @@ class Config:
     gateways: frozenset = field(default_factory=frozenset)
     sweep_interval: float = 30.0
     docker_socket: Path | None = None
+    peers: list[str] = field(default_factory=list)   # HOST:PORT to dial
+    listen: str | None = None                        # HOST:PORT for peers to dial us
+    secret: bytes | None = None                      # the cluster secret
 
 
 class CommitFailed(Exception):
@@ -55,54 +60,110 @@ class Refused(Exception):
 
 
 class _Batch:
-    """Rows applied in memory that will be committed together, and who waits for them."""
-    __slots__ = ("rows", "done", "error")
+    """Rows applied in memory that will be committed together, and what waits for them: the
+    messages and replies of every Ready whose rows are in it, or that came after them."""
+    __slots__ = ("rows", "after", "done", "error")
 
     def __init__(self):
         self.rows: list = []
+        self.after: list[Ready] = []
         self.done = trio.Event()
         self.error: str | None = None
 
 
-class CoreLoop:
-    """Owns the allocator; group-commits what requests change.
+class _Waiter:
+    __slots__ = ("event", "reply")
 
-    A connection task applies its request to the allocator at once (trio runs one task at a
-    time, so the allocator has one user at a time). The first request of a batch to change
-    something leads it: it yields once, so every connection that is ready now can apply its
-    request and join, then commits the batch in one transaction. Every reply waits for the
-    commit of the rows applied before it was made, reads included, so no reply shows what a
-    crash could still take back. The commit runs on the event loop: measured here, trio's thread
-    hand-off costs several times the 35 us a WAL commit takes.
+    def __init__(self):
+        self.event = trio.Event()
+        self.reply = None
+
+
+class CoreLoop:
+    """Owns the peer (core/peer.py); group-commits what requests, peers and ticks change.
+
+    Every event (a hook request, a peer's message, a tick) is applied to the peer at once
+    (trio runs one task at a time, so the core has one user at a time) and gives a Ready:
+    rows, then messages and replies. The first Ready of a batch with rows leads it: it yields
+    once, so every task that is ready now can apply its event and join, then commits the batch
+    in one transaction, and only then sends the batch's messages and replies (DESIGN rules 1
+    and 2: nothing leaves before its commit). A Ready with no rows still waits for a batch
+    under way: what it says may rest on rows not yet durable. The commit runs on the event
+    loop: measured here, trio's thread hand-off costs several times the 35 us a WAL commit
+    takes.
     """
 
     def __init__(self, store: Store, loaded, config: Config, clock=time.time):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
-        self.allocator = self._load()
+        self.peer = self._load()
         self._open = _Batch()
+        self._waiters: dict[int, _Waiter] = {}
+        self._refs = itertools.count()
+        self.send = lambda dst, msg: None  # the peer transport replaces this
+        self.reachable: set[str] = set()
+
+    @property
+    def allocator(self):
+        return self.peer.allocator
 
     def _load(self):
         c = self.config
-        return self.store.load_allocator(self.loaded, c.subnet or self.loaded.universes[0],
-                                         c.reuse_delay, c.gateways)
+        return self.store.load_peer(self.loaded, c.subnet or self.loaded.universes[0],
+                                    c.reuse_delay, c.gateways)
 
     async def submit(self, request) -> dict:
-        return await self.submit_fn(lambda allocator, now: allocator.apply(request, now))
+        """Apply a hook request; return its reply once what it changed is durable. An
+        allocation that needs space from a peer waits for the grant (or the timeout)."""
+        return await self._reply_to(lambda ref: self.peer.request(ref, request, self.clock()))
 
     async def submit_fn(self, fn):
-        """Run fn(allocator, now) -> (reply, rows); return reply once rows are durable."""
-        reply, rows = fn(self.allocator, self.clock())
+        """Run fn(allocator, now) -> (reply, rows) on this peer's own space; return reply
+        once rows are durable."""
+        reply, rows = fn(self.peer.allocator, self.clock())
+        return await self._reply_to(lambda ref: Ready(rows=list(rows), replies=[(ref, reply)]))
+
+    async def _reply_to(self, event) -> dict:
+        """Process event(ref), a Ready; wait for the reply to ref, sent after its commit."""
+        ref = next(self._refs)
+        w = self._waiters[ref] = _Waiter()
+        try:
+            await self._process(event(ref))
+            await w.event.wait()
+        finally:
+            self._waiters.pop(ref, None)
+        if isinstance(w.reply, CommitFailed):
+            raise w.reply
+        return w.reply
+
+    async def receive(self, sender: str, msg) -> None:
+        await self._process(self.peer.receive(sender, msg, self.clock()))
+
+    async def tick(self) -> None:
+        await self._process(self.peer.tick(self.clock()))
+
+    async def join_cluster(self, cluster: str) -> None:
+        """A joiner's first peer told it the cluster's identity: durable before it is used."""
+        self.store.set_cluster(cluster)
+        self.loaded.cluster_id = cluster
+        self.peer.cluster = self.peer.base_cluster = cluster
+        log.warning("event=joined cluster=%s", cluster)
+
+    def set_reachable(self, peers: set[str]) -> None:
+        self.reachable = set(peers)
+        self.peer.reachable = set(peers)
+
+    async def _process(self, ready: Ready) -> None:
         batch = self._open
-        if rows:
+        if ready.rows:
             leader = not batch.rows
-            batch.rows.extend(rows)
+            batch.rows.extend(ready.rows)
+            batch.after.append(ready)
             if leader:
                 await self._lead(batch)
-        if batch.rows:
-            await batch.done.wait()
-            if batch.error is not None:
-                raise CommitFailed(batch.error)
-        return reply
+        elif batch.rows:
+            batch.after.append(ready)
+        else:
+            self._deliver(ready)
 
     async def _lead(self, batch: _Batch) -> None:
         # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
@@ -111,12 +172,38 @@ class CoreLoop:
         try:
             self.store.commit(batch.rows)
         except apsw.Error as e:
-            # Memory ran ahead of a transaction that did not happen: fail the batch and
-            # rebuild memory from the database. Nothing was applied since (no await above).
+            # Memory ran ahead of a transaction that did not happen: fail the batch, send none
+            # of its messages, and rebuild memory from the database. Nothing was applied since
+            # (no await above).
             log.error("event=commit_failed error=%r rows=%d", str(e), len(batch.rows))
-            batch.error = f"the database refused the write ({e}); nothing was changed"
-            self.allocator = self._load()
+            failed = CommitFailed(f"the database refused the write ({e}); nothing was changed")
+            self.peer = self._load()
+            self.peer.reachable = set(self.reachable)
+            for ready in batch.after:
+                for ref, _ in ready.replies:
+                    self._reply(ref, failed)
+            for w in list(self._waiters.values()):  # waiting for space the peer forgot
+                if not w.event.is_set():
+                    w.reply = failed
+                    w.event.set()
+        else:
+            for ready in batch.after:
+                self._deliver(ready)
         batch.done.set()
+
+    def _deliver(self, ready: Ready) -> None:
+        for alarm in ready.alarms:
+            log.warning("event=alarm message=%r", alarm)
+        for dst, msg in ready.messages:
+            self.send(dst, msg)
+        for ref, reply in ready.replies:
+            self._reply(ref, reply)
+
+    def _reply(self, ref, reply) -> None:
+        w = self._waiters.get(ref)
+        if w is not None and not w.event.is_set():
+            w.reply = reply
+            w.event.set()
 
 
 def _lock(data_dir: Path) -> int:
@@ -253,12 +340,20 @@ async def run(config: Config, ready=print) -> None:
             config.universes = [DEFAULT_RANGE]
         if config.universes is not None:
             _check_subnet(config.subnet, config.universes)  # before anything is written
-        loaded = store.open(config.universes, config.name)
+        loaded = store.open(config.universes, config.name, join=bool(config.peers))
         _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
         core.sweeper = Sweeper(core, config.sweep_interval)
         async with trio.open_nursery() as nursery:
             await nursery.start(core.sweeper.run)
+            nursery.start_soon(_ticker, core)
+            listening = ""
+            if config.peers or config.listen:
+                from .peer_net import PeerNet
+                host, port = _split_hostport(config.listen) if config.listen else (None, None)
+                net = PeerNet(core, config.secret, port)
+                bound = await nursery.start(net.run, host, config.peers)
+                listening = f" listen={host or '*'}:{bound}" if bound is not None else ""
             await nursery.start(serve_hooks, config.socket, core)
             if config.docker_socket is not None:
                 from .docker_server import serve_docker
@@ -266,7 +361,8 @@ async def run(config: Config, ready=print) -> None:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
                   f"db={store.path} ranges={','.join(map(str, loaded.universes))} "
-                  f"allocations={len(core.allocator.by_addr)} durability={config.durability}")
+                  f"allocations={len(core.allocator.by_addr)} durability={config.durability}"
+                  f"{listening}")
     except StoreError as e:
         raise Refused(str(e)) from None
     finally:
@@ -274,10 +370,24 @@ async def run(config: Config, ready=print) -> None:
         os.close(lock_fd)
 
 
+def _split_hostport(text: str) -> tuple[str | None, int]:
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]") or None), int(port)
+
+
 def _check_subnet(subnet: Cidr | None, universes: list[Cidr]) -> None:
     if subnet is not None and not any(subnet.overlaps(u) for u in universes):
         raise Refused(f"--subnet {subnet} overlaps no allocation range "
                       f"({', '.join(map(str, universes))})")
+
+
+TICK = 0.1  # seconds between core ticks: gossip rounds, request timeouts, free hints
+
+
+async def _ticker(core: CoreLoop) -> None:
+    while True:
+        await trio.sleep(TICK)
+        await core.tick()
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

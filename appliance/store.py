@@ -7,22 +7,44 @@ naming the problem, and left byte-for-byte as it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import apsw
 
-from .core.addr import Cidr, cidr, parse_addr
-from .core.allocator import Allocator, Held
-from .core.messages import FreeAddress, PutAllocation, Reserve, Row
-from .core.ring import Entry, Ring
+from .core.addr import Cidr, cidr
+from .core.durable import Durable
+from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
+                            Removal, Reserve, RingWrite, Row, Standing)
+from .core.peer import Peer
+from .core.ring import Ring
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
+    # are all its write number 1.
+    1: """
+    CREATE TABLE clock (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        seq    INTEGER NOT NULL CHECK (seq >= 0),
+        vector TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE removals (
+        target TEXT PRIMARY KEY,
+        by     TEXT NOT NULL,
+        state  TEXT NOT NULL CHECK (state IN ('promised', 'removed')),
+        at     REAL NOT NULL
+    ) STRICT;
+    INSERT INTO clock SELECT 1, coalesce(max(stamp_seq), 0),
+        json_object((SELECT value FROM meta WHERE key = 'peer_id'), coalesce(max(stamp_seq), 0))
+        FROM ring WHERE stamp_peer = (SELECT value FROM meta WHERE key = 'peer_id');
+    """,
+}
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
 
 
@@ -52,8 +74,9 @@ class Store:
     # -- opening -------------------------------------------------------------------------------
 
     def open(self, universes: list[Cidr] | None, nickname: str,
-             migrations: dict[int, str] | None = None) -> Loaded:
-        """Open or create; `universes` None means "whatever the database has"."""
+             migrations: dict[int, str] | None = None, join: bool = False) -> Loaded:
+        """Open or create; `universes` None means "whatever the database has". A new database
+        made to join (`join`) owns nothing and has no cluster until its first peer says."""
         migrations = MIGRATIONS if migrations is None else migrations
         exists = self.path.exists()
         flags = apsw.SQLITE_OPEN_READWRITE | (0 if exists else apsw.SQLITE_OPEN_CREATE)
@@ -68,7 +91,7 @@ class Store:
             if version is None:
                 if not universes:
                     raise StoreError(f"{self.path} is new: name its ranges with --iprange")
-                loaded = self._create(conn, universes, nickname)
+                loaded = self._create(conn, universes, nickname, join)
             else:
                 if version < SCHEMA_VERSION:
                     self._migrate(conn, version, migrations)
@@ -106,24 +129,32 @@ class Store:
                              "start. Restore a backup, or remove it and rejoin as a new peer.")
         return version
 
-    def _create(self, conn: apsw.Connection, universes: list[Cidr], nickname: str) -> Loaded:
+    def _create(self, conn: apsw.Connection, universes: list[Cidr], nickname: str,
+                join: bool) -> Loaded:
         conn.execute("PRAGMA journal_mode = WAL")
         peer_id = secrets.token_hex(8)
-        # A single host owning everything is its own cluster; issue #3 adds seed and quorum
-        # bootstrap, which derive the identity from their decision instead.
-        cluster = cluster_id_for(universes, "single:" + peer_id)
+        # A single host owning everything is its own cluster (peers that join it take its
+        # identity); a joiner learns the identity from its first peer.
+        cluster = "" if join else cluster_id_for(universes, "single:" + peer_id)
         with conn:
             conn.execute(schema_path().read_text())
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("peer_id", peer_id), ("cluster_id", cluster), ("bootstrap", "single")])
+                ("peer_id", peer_id), ("cluster_id", cluster),
+                ("bootstrap", "join" if join else "single")])
+            if join:
+                conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
             for u in universes:
                 conn.execute("INSERT INTO universes VALUES (?, ?)", (str(u), u.family))
+                if join:
+                    continue
                 e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
                 conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
                               e.free_hint, *e.stamp))
+            if not join:
+                conn.execute("INSERT INTO clock VALUES (1, 1, ?)", (json.dumps({peer_id: 1}),))
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
         return Loaded(peer_id, cluster, list(universes), True)
 
@@ -155,33 +186,44 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
-                       gateways: frozenset = frozenset()) -> Allocator:
+    def load_peer(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
+                  gateways: frozenset = frozenset(), **kw) -> Peer:
+        """The peer as the database has it: the same rebuild a restart in the simulator does
+        (core/durable.py), from rows read here."""
         conn = self.conn
-        by_text = {str(u): u for u in loaded.universes}
-        entries: dict[str, list[Entry]] = {str(u): [] for u in loaded.universes}
-        for universe, start, last, owner, version, hint, sp, sq in conn.execute(
-                "SELECT universe, start, last, owner, version, free_hint, stamp_peer, stamp_seq "
-                "FROM ring"):
-            entries[universe].append(Entry(parse_addr(start)[1], parse_addr(last)[1] + 1, owner,
-                                           version, hint, (sp, sq)))
-        rings = [Ring(u, entries[str(u)]) for u in loaded.universes]
-        alloc = Allocator(loaded.peer_id, rings, default_subnet, reuse_delay, gateways)
-        subnets: dict[str, Cidr] = {}
-        for address, universe, subnet, handle, anchor, at in conn.execute(
-                "SELECT address, universe, subnet, handle, anchor, allocated_at FROM allocations"):
-            family, value = parse_addr(address)
-            s = subnets.get(subnet) or subnets.setdefault(subnet, cidr(subnet))
-            alloc.load_allocation(Held(family, value, by_text.get(universe), s, handle, anchor, at,
-                                       address))
+        d = Durable(loaded.peer_id, loaded.cluster_id, loaded.universes)
+        for row in conn.execute("SELECT universe, start, last, owner, version, free_hint, "
+                                "stamp_peer, stamp_seq FROM ring"):
+            d.ring[(row[0], row[1])] = RingWrite(*row)
+        for seq, vector in conn.execute("SELECT seq, vector FROM clock"):
+            d.clock = ClockWrite(seq, tuple(sorted(json.loads(vector).items())))
+        for row in conn.execute("SELECT address, universe, subnet, handle, anchor, allocated_at "
+                                "FROM allocations"):
+            d.allocations[row[0]] = PutAllocation(*row)
         for address, universe, freed_at in conn.execute(
-                "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
-            alloc.load_freed(by_text[universe], parse_addr(address)[1], freed_at)
-        for (address,) in conn.execute("SELECT address FROM reserved"):
-            alloc.load_reserved(parse_addr(address))
-        return alloc
+                "SELECT address, universe, freed_at FROM freed"):
+            d.freed[address] = FreeAddress(address, universe, freed_at)
+        for address, universe, note in conn.execute("SELECT address, universe, note FROM reserved"):
+            d.reserved[address] = Reserve(address, universe, note)
+        for target, by, state, at in conn.execute("SELECT target, by, state, at FROM removals"):
+            d.removals[target] = Removal(target, by, state, at)
+        d.seen = {p for (p,) in conn.execute("SELECT id FROM peers") if p != loaded.peer_id}
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if "standing" in meta:
+            d.standing = Standing(meta["standing"], meta.get("standing_note", ""))
+        return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
+
+    def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
+                       gateways: frozenset = frozenset()):
+        return self.load_peer(loaded, default_subnet, reuse_delay, gateways).allocator
 
     # -- writing -------------------------------------------------------------------------------
+
+    def set_cluster(self, cluster: str) -> None:
+        """A joiner's identity, learned from its first peer; set once."""
+        with self.conn:
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'cluster_id' AND value = ''",
+                              (cluster,))
 
     def commit(self, rows: list[Row]) -> None:
         """All rows in one transaction: either every one is durable or none is."""
@@ -202,7 +244,28 @@ class Store:
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
                     conn.execute("INSERT OR IGNORE INTO reserved VALUES (?, ?, ?)",
                                  (r.address, r.universe, r.note))
-                else:
+                elif isinstance(r, ForgetFreed):
+                    conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
+                elif isinstance(r, RingWrite):
+                    conn.execute("INSERT OR REPLACE INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (r.universe, r.start, r.last, r.owner, r.version, r.free_hint,
+                                  r.stamp_peer, r.stamp_seq))
+                elif isinstance(r, ClockWrite):
+                    conn.execute("INSERT OR REPLACE INTO clock VALUES (1, ?, ?)",
+                                 (r.seq, json.dumps(dict(r.vector), sort_keys=True)))
+                elif isinstance(r, Removal):
+                    if r.state == "released":
+                        conn.execute("DELETE FROM removals WHERE target = ?", (r.target,))
+                    else:
+                        conn.execute("INSERT OR REPLACE INTO removals VALUES (?, ?, ?, ?)",
+                                     (r.target, r.by, r.state, r.at))
+                elif isinstance(r, PeerSeen):
+                    conn.execute("INSERT OR IGNORE INTO peers (id, nickname) VALUES (?, '')",
+                                 (r.peer,))
+                elif isinstance(r, Standing):
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('standing', ?), "
+                                 "('standing_note', ?)", (r.state, r.note))
+                else:  # Vote: quorum bootstrap is not wired to the daemon yet (README)
                     raise TypeError(f"not a row: {r!r}")
 
     def close(self) -> None:

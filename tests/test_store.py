@@ -99,12 +99,12 @@ def test_refuses_other_cluster_ranges(tmp_path):
 def test_migration_applies_in_order(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path, allocations=3)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
-    migrations = {1: "ALTER TABLE allocations ADD COLUMN note TEXT",
-                  2: "UPDATE allocations SET note = 'migrated'"}
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 4)
+    migrations = {2: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  3: "UPDATE allocations SET note = 'migrated'"}
     s = Store(path)
     s.open(None, "t", migrations=migrations)
-    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == 3
+    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == 4
     assert {r[0] for r in s.conn.execute("SELECT note FROM allocations")} == {"migrated"}
     s.close()
 
@@ -112,22 +112,55 @@ def test_migration_applies_in_order(tmp_path, monkeypatch):
 def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path, allocations=3)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 4)
     before = apsw.Connection(str(path)).execute("SELECT * FROM allocations").fetchall()
-    migrations = {1: "ALTER TABLE allocations ADD COLUMN note TEXT",
-                  2: "UPDATE no_such_table SET x = 1"}
+    migrations = {2: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  3: "UPDATE no_such_table SET x = 1"}
     with pytest.raises(StoreError, match="migrating .* failed"):
         Store(path).open(None, "t", migrations=migrations)
     c = apsw.Connection(str(path))
-    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 1
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 2
     assert c.execute("SELECT * FROM allocations").fetchall() == before  # no 'note' column
 
 
 def test_missing_migration_refused(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
-    refuses(path, "no migration from version 1", None)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    refuses(path, "no migration from version 2", None)
+
+
+def test_version_1_database_migrates_to_the_peer_protocol_schema(tmp_path):
+    # A version-1 database as the single-host release wrote it: no clock, no removals.
+    path = tmp_path / "ipamd.db"
+    loaded = make_db(path, allocations=3)
+    c = apsw.Connection(str(path))
+    c.execute("DROP TABLE clock; DROP TABLE removals; PRAGMA user_version = 1")
+    c.close()
+    s = Store(path)
+    again = s.open(None, "t")
+    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == store_mod.SCHEMA_VERSION
+    peer = s.load_peer(again, RANGE[0], 30)
+    # Its one write is write number 1: the next write must not reuse that stamp.
+    assert (peer.replica.seq, peer.replica.vector) == (1, {loaded.peer_id: 1})
+    assert sorted(peer.allocator.by_handle) == ["h0", "h1", "h2"]
+    s.close()
+
+
+def test_peer_state_survives_a_restart(tmp_path):
+    from appliance.core import messages as m
+    path = tmp_path / "ipamd.db"
+    loaded = make_db(path)
+    s = Store(path)
+    s.open(None, "t")
+    s.commit([m.ClockWrite(7, ((loaded.peer_id, 7), ("other", 3))), m.PeerSeen("other"),
+              m.Removal("gone", "other", "removed", 5.0), m.Standing("member", "")])
+    s.close()
+    s = Store(path)
+    peer = s.load_peer(s.open(None, "t"), RANGE[0], 30)
+    assert (peer.replica.seq, peer.replica.vector) == (7, {loaded.peer_id: 7, "other": 3})
+    assert "other" in peer.seen and peer.removed == {"gone": "other"}
+    s.close()
 
 
 def test_readable_from_plain_sqlite3(tmp_path):

@@ -1,0 +1,185 @@
+"""Peer messages (core/wire.py) to and from msgpack, checked field by field.
+
+A message is [kind, field, ...] in the dataclass's field order. Addresses and other integers
+that may not fit msgpack's 64 bits (IPv6) travel as big-endian bytes. Decoding trusts nothing:
+every field is checked for its type and range, and anything else is a CodecError naming the
+problem; the caller drops the frame (and the connection) and changes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+
+from .core import wire
+from .core.addr import AddrError, Cidr, parse_cidr
+from .core.gossip import Delta
+from .core.ring import Entry
+
+MAX_NAME = 64       # peer ids and cluster ids are short hex; names bound what a peer must hold
+MAX_TEXT = 1024     # reasons
+MAX_ITEMS = 1 << 20  # entries or vector items in one message; the frame bound comes first
+
+
+class CodecError(ValueError):
+    pass
+
+
+KINDS = {cls.__name__: cls for cls in (
+    wire.Gossip, wire.SpaceRequest, wire.SpaceGrant, wire.SpaceDenied, wire.Refuse,
+    wire.Handover, wire.HandoverAck, wire.RemovePrepare, wire.RemoveAck, wire.RemoveNack,
+    wire.RemoveAbort, wire.RemoveDone, wire.Prepare, wire.Promise, wire.Accept, wire.Accepted,
+    wire.VoteNack, wire.Decided)}
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+def _big(n: int) -> bytes:
+    return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
+
+
+def _enc(v):
+    if isinstance(v, Delta):
+        return [_enc(v.vector), [[str(u), _entry(e)] for u, e in v.entries],
+                None if v.base is None else _enc(v.base)]
+    if isinstance(v, Cidr):
+        return str(v)
+    if isinstance(v, Entry):
+        return _entry(v)
+    if isinstance(v, tuple):
+        return [_enc(x) for x in v]
+    return v
+
+
+def _entry(e: Entry) -> list:
+    return [_big(e.start), _big(e.end), e.owner, e.version, e.free_hint, e.stamp[0], e.stamp[1]]
+
+
+def encode(msg) -> bytes:
+    fields = [_enc(getattr(msg, f.name)) for f in dataclasses.fields(msg)]
+    if isinstance(msg, wire.SpaceRequest):
+        fields[3], fields[4] = _big(msg.lo), _big(msg.hi)
+        fields[5] = None if msg.address is None else _big(msg.address)
+    return msgpack.packb([type(msg).__name__, *fields], use_bin_type=True)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+def _text(v, what: str, most: int = MAX_NAME, empty: bool = False) -> str:
+    if not isinstance(v, str) or len(v) > most or (not v and not empty):
+        raise CodecError(f"{what} must be a string of 1 to {most} characters")
+    return v
+
+
+def _int(v, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CodecError(f"{what} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _addr(v, what: str) -> int:
+    if not isinstance(v, bytes) or not 1 <= len(v) <= 17:
+        raise CodecError(f"{what} must be 1 to 17 bytes")
+    return int.from_bytes(v, "big")
+
+
+def _list(v, what: str, n: int | None = None) -> list:
+    if not isinstance(v, list) or (n is not None and len(v) != n) or len(v) > MAX_ITEMS:
+        raise CodecError(f"{what} must be a list" + (f" of {n}" if n is not None else ""))
+    return v
+
+
+def _cidr(v) -> Cidr:
+    try:
+        block, normalised = parse_cidr(v)
+    except AddrError as e:
+        raise CodecError(f"universe: {e}") from None
+    if normalised:
+        raise CodecError(f"universe {v!r} has host bits set")
+    return block
+
+
+def _vector(v, what: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in _list(v, what):
+        p, s = _list(item, what, 2)
+        out.append((_text(p, what), _int(s, what)))
+    if len({p for p, _ in out}) != len(out):
+        raise CodecError(f"{what} names a peer twice")
+    return tuple(out)
+
+
+def _delta(v) -> Delta:
+    vec, entries, base = _list(v, "delta", 3)
+    out = []
+    for item in _list(entries, "entries"):
+        u, e = _list(item, "entry", 2)
+        s, end, owner, version, hint, sp, sq = _list(e, "entry", 7)
+        out.append((_cidr(u), Entry(_addr(s, "start"), _addr(end, "end"), _text(owner, "owner"),
+                                    _int(version, "version", 1), _int(hint, "free hint"),
+                                    (_text(sp, "stamp", empty=True), _int(sq, "stamp")))))
+    return Delta(_vector(vec, "vector"), tuple(out),
+                 None if base is None else _vector(base, "base"))
+
+
+def _names(v, what: str) -> tuple[str, ...]:
+    return tuple(_text(x, what) for x in _list(v, what))
+
+
+def _ballot(v) -> tuple[int, str]:
+    r, p = _list(v, "ballot", 2)
+    return (_int(r, "ballot round"), _text(p, "ballot proposer"))
+
+
+def decode(data: bytes):
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # untrusted bytes: whatever the unpacker trips on is a refusal
+        raise CodecError(f"not a msgpack message: {e}") from None
+    items = _list(obj, "message")
+    if not items or not isinstance(items[0], str) or items[0] not in KINDS:
+        raise CodecError(f"unknown message kind {items[0] if items else None!r}")
+    cls = KINDS[items[0]]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(items) - 1 != len(names):
+        raise CodecError(f"{cls.__name__} needs {len(names)} fields, got {len(items) - 1}")
+    raw = dict(zip(names, items[1:]))
+    return cls(**{name: _field(cls, name, v) for name, v in raw.items()})
+
+
+def _field(cls, name: str, v):
+    if name == "cluster":
+        return _text(v, "cluster")
+    if name in ("req",):
+        return _int(v, name)
+    if name == "delta":
+        return _delta(v)
+    if name in ("reason", "removed_by"):
+        return _text(v, name, MAX_TEXT, empty=True)
+    if name == "nack":
+        if not isinstance(v, bool):
+            raise CodecError("nack must be a boolean")
+        return v
+    if name == "removed":
+        return tuple((_text(a, "removed"), _text(b, "removed"))
+                     for a, b in (_list(x, "removed", 2) for x in _list(v, "removed")))
+    if name == "universe":
+        return _cidr(v)
+    if name in ("lo", "hi"):
+        return _addr(v, name)
+    if name == "address":
+        return None if v is None else _addr(v, name)
+    if name in ("targets", "members", "value"):
+        return _names(v, name)
+    if name == "vector":
+        return _vector(v, "vector")
+    if name == "writes":
+        return _delta([[], v, None]).entries
+    if name in ("ballot", "promised"):
+        return _ballot(v)
+    if name == "accepted":
+        if v is None:
+            return None
+        b, value = _list(v, "accepted", 2)
+        return (_ballot(b), _names(value, "accepted value"))
+    raise CodecError(f"{cls.__name__}.{name} is not a field this ipamd can read")

@@ -1,0 +1,353 @@
+"""The peer protocol over TCP: authenticated, length-prefixed frames carrying core messages.
+
+Each daemon dials every peer it knows of and sends only on the connection it dialled; it
+receives on the connections others dialled to it. So a pair of peers has one connection each
+way, and there is nothing to deduplicate.
+
+A connection opens with a HELLO each way (magic, protocol version, cluster, peer id, ranges, a
+fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256 under the cluster
+secret over the peer's id, both nonces and the cluster. A proof includes the other side's
+fresh nonce, so an old one cannot be replayed. Every later frame is
+counter (8 bytes) | payload | HMAC of both under a key derived from the secret and both nonces,
+and the counter must be exactly one more than the last: a replayed, reordered or forged frame
+ends the connection. A wrong secret, another cluster, other ranges, another protocol version,
+garbage or an oversized frame each closes the connection with a logged reason, and nothing in
+the core changes.
+
+Reachability, which the core needs for its decisions: a peer is reachable while our connection
+to it is up and we have heard from it (any frame; keepalives go every KEEPALIVE seconds)
+within DEAD_AFTER seconds. Unreachable is never removed: that is rmpeer's decision.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import struct
+
+import msgpack
+import trio
+
+from . import peer_codec
+
+log = logging.getLogger("ipamd.peers")
+
+MAGIC = "ipamd-peer"
+PROTOCOL = 1
+MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
+MAX_HELLO = 4096
+KEEPALIVE = 0.5
+DEAD_AFTER = 2.0
+CONNECT_TIMEOUT = 2.0
+BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
+QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
+ADDRESS_BOOK_EVERY = 2.0
+
+CORE, KEEPALIVE_FRAME, ADDRESSES = 0, 1, 2
+
+
+class ProtocolError(Exception):
+    """The other side broke the protocol; the message names how. The connection is closed."""
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
+
+
+class _Framed:
+    """Length-prefixed frames on a stream, bounded in size."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream, self.buf = stream, bytearray()
+
+    async def read(self, most: int = MAX_FRAME) -> bytes:
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = struct.unpack(">I", self.buf[:4])
+                if n > most:
+                    raise ProtocolError(f"frame of {n} bytes exceeds the {most}-byte bound")
+                if len(self.buf) >= 4 + n:
+                    frame = bytes(self.buf[4:4 + n])
+                    del self.buf[:4 + n]
+                    return frame
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ProtocolError("connection closed")
+            self.buf += data
+
+    async def write(self, frame: bytes) -> None:
+        await self.stream.send_all(struct.pack(">I", len(frame)) + frame)
+
+
+class _Session:
+    """One authenticated connection's frame keys and counters."""
+
+    def __init__(self, framed: _Framed, send_key: bytes, recv_key: bytes, peer: str):
+        self.framed, self.send_key, self.recv_key, self.peer = framed, send_key, recv_key, peer
+        self.sent = self.received = 0
+
+    async def send(self, kind: int, payload: bytes) -> None:
+        self.sent += 1
+        head = struct.pack(">QB", self.sent, kind)
+        await self.framed.write(head + payload + _mac(self.send_key, head, payload))
+
+    async def receive(self) -> tuple[int, bytes]:
+        frame = await self.framed.read()
+        if len(frame) < 9 + 32:
+            raise ProtocolError("frame too short to be authenticated")
+        head, payload, mac = frame[:9], frame[9:-32], frame[-32:]
+        if not hmac.compare_digest(mac, _mac(self.recv_key, head, payload)):
+            raise ProtocolError("frame failed authentication (forged or corrupted)")
+        counter, kind = struct.unpack(">QB", head)
+        if counter != self.received + 1:
+            raise ProtocolError(f"frame {counter} out of sequence (expected "
+                                f"{self.received + 1}): replayed or reordered")
+        self.received = counter
+        return kind, payload
+
+
+class PeerNet:
+    """Dials, accepts, authenticates; feeds the core what peers say and tells it who is
+    reachable."""
+
+    def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time):
+        self.core, self.secret, self.listen_port = core, secret, listen_port
+        self.clock = clock
+        self.addresses: dict[str, str] = {}        # peer id -> "host:port" we dial
+        self.dialing: set[str] = set()             # addresses with a dialer running
+        self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
+        self.heard: dict[str, float] = {}          # peer id -> when we last had a frame
+        self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
+        self.nursery: trio.Nursery | None = None
+        core.send = self.send
+
+    @property
+    def me(self) -> str:
+        return self.core.loaded.peer_id
+
+    # -- the core's side -----------------------------------------------------------------------
+
+    def send(self, dst: str, msg) -> None:
+        q = self.out.get(dst)
+        if q is None:
+            return  # not connected: the core treats it as lost, as any message may be
+        try:
+            q.send_nowait((CORE, peer_codec.encode(msg)))
+        except trio.WouldBlock:
+            log.info("event=dropped peer=%s reason=queue_full", dst)
+
+    def reachable(self) -> set[str]:
+        now = self.clock()
+        return {p for p in self.out if now - self.heard.get(p, -1e9) < DEAD_AFTER}
+
+    def _update_reachable(self) -> None:
+        r = self.reachable()
+        if r != self.core.reachable:
+            gained, lost = r - self.core.reachable, self.core.reachable - r
+            for p in sorted(gained):
+                log.info("event=peer_reachable peer=%s", p)
+            for p in sorted(lost):
+                log.warning("event=peer_unreachable peer=%s", p)
+            self.core.set_reachable(r)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, listen_host: str | None, peers: list[str],
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            bound = None
+            if self.listen_port is not None:
+                serve = functools.partial(trio.serve_tcp, self._accepted, self.listen_port,
+                                          host=listen_host)
+                listeners = await nursery.start(serve)
+                bound = listeners[0].socket.getsockname()[1]
+                self.listen_port = bound
+            for addr in peers:
+                self.dial(addr)
+            nursery.start_soon(self._watch)
+            task_status.started(bound)
+
+    def dial(self, addr: str) -> None:
+        if addr in self.dialing or addr in self.refused or self.nursery is None:
+            return
+        self.dialing.add(addr)
+        self.nursery.start_soon(self._dialer, addr)
+
+    async def _watch(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE / 2)
+            self._update_reachable()
+
+    async def _dialer(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        wait = BACKOFF[0]
+        while addr not in self.refused:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            except (OSError, trio.TooSlowError) as e:
+                log.debug("event=connect_failed address=%s error=%r", addr, str(e))
+            else:
+                try:
+                    async with stream:
+                        if await self._outbound(stream, addr):
+                            wait = BACKOFF[0]  # it worked for a while: retry soon
+                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        trio.TooSlowError, OSError) as e:
+                    log.warning("event=connection_closed address=%s reason=%r", addr, str(e))
+            await trio.sleep(wait)
+            wait = min(wait * 2, BACKOFF[1])
+        self.dialing.discard(addr)
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    def _hello(self, nonce: bytes) -> bytes:
+        loaded = self.core.loaded
+        return msgpack.packb([MAGIC, PROTOCOL, loaded.cluster_id, loaded.peer_id,
+                              sorted(map(str, loaded.universes)), nonce, self.listen_port or 0])
+
+    def _check_hello(self, frame: bytes) -> tuple[str, str, bytes, int]:
+        try:
+            magic, version, cluster, peer, ranges, nonce, port = msgpack.unpackb(frame)
+        except Exception as e:  # untrusted bytes: anything the unpacker trips on
+            raise ProtocolError(f"not an ipamd peer hello ({e})") from None
+        if magic != MAGIC:
+            raise ProtocolError("not an ipamd peer hello")
+        if version != PROTOCOL:
+            raise ProtocolError(f"peer speaks protocol version {version!r}, this ipamd "
+                                f"speaks {PROTOCOL}")
+        if not (isinstance(cluster, str) and isinstance(peer, str) and 0 < len(peer) <= 64
+                and isinstance(nonce, bytes) and len(nonce) == 16 and isinstance(port, int)
+                and 0 <= port < 65536 and isinstance(ranges, list)):
+            raise ProtocolError("malformed hello")
+        loaded = self.core.loaded
+        mine = sorted(map(str, loaded.universes))
+        if ranges != mine:
+            raise ProtocolError(f"peer {peer} has ranges {', '.join(map(str, ranges))}; this "
+                                f"one {', '.join(mine)} (every host needs the same --iprange)")
+        if cluster and loaded.cluster_id and cluster != loaded.cluster_id:
+            raise ProtocolError(f"peer {peer} belongs to cluster {cluster}, this one to "
+                                f"{loaded.cluster_id}")
+        if peer == loaded.peer_id:
+            raise ProtocolError("that is this peer itself")
+        return cluster, peer, nonce, port
+
+    async def _handshake(self, stream, outbound: bool) -> tuple[_Session, str, int]:
+        framed = _Framed(stream)
+        mine = os.urandom(16)
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await framed.write(self._hello(mine))
+            cluster, peer, theirs, port = self._check_hello(await framed.read(MAX_HELLO))
+            if not self.core.loaded.cluster_id:
+                if not (outbound and cluster):
+                    raise ProtocolError("this peer has not joined a cluster yet")
+                await self.core.join_cluster(cluster)
+            cid = self.core.loaded.cluster_id.encode()
+            await framed.write(_mac(self.secret, b"proof", self.me.encode(), theirs, mine, cid))
+            proof = await framed.read(64)
+            if not hmac.compare_digest(proof, _mac(self.secret, b"proof", peer.encode(), mine,
+                                                   theirs, cid)):
+                raise ProtocolError(f"peer {peer} failed authentication (wrong cluster secret?)")
+        send_key = _mac(self.secret, b"key", mine, theirs, self.me.encode())
+        recv_key = _mac(self.secret, b"key", theirs, mine, peer.encode())
+        return _Session(framed, send_key, recv_key, peer), peer, port
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _outbound(self, stream, addr: str) -> bool:
+        try:
+            session, peer, _ = await self._handshake(stream, outbound=True)
+        except ProtocolError as e:
+            if "itself" in str(e):
+                self.refused[addr] = str(e)
+            raise
+        if peer in self.out:
+            log.info("event=duplicate_connection peer=%s address=%s", peer, addr)
+            return False
+        self.addresses[peer] = addr
+        send, recv = trio.open_memory_channel(QUEUE)
+        self.out[peer] = send
+        log.info("event=connected peer=%s address=%s", peer, addr)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._sender, session, recv)
+                n.start_soon(self._book_sender, session)
+                await self._reader(session)  # answers on this side: keepalives only
+        finally:
+            del self.out[peer]
+            self._update_reachable()
+        return True
+
+    async def _accepted(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                session, peer, port = await self._handshake(stream, outbound=False)
+                host = stream.socket.getpeername()[0]
+                if port and peer not in self.addresses:
+                    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    self.addresses[peer] = addr
+                    self.dial(addr)
+                log.info("event=accepted peer=%s", peer)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._keepalive, session)
+                    await self._reader(session)
+                    n.cancel_scope.cancel()
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError, OSError) as e:
+            log.warning("event=connection_refused reason=%r", str(e))
+
+    async def _reader(self, session: _Session) -> None:
+        while True:
+            kind, payload = await session.receive()
+            self.heard[session.peer] = self.clock()
+            if kind == CORE:
+                try:
+                    msg = peer_codec.decode(payload)
+                except peer_codec.CodecError as e:
+                    raise ProtocolError(f"bad message from {session.peer}: {e}") from None
+                await self.core.receive(session.peer, msg)
+            elif kind == ADDRESSES:
+                self._learn(payload)
+            elif kind != KEEPALIVE_FRAME:
+                raise ProtocolError(f"unknown frame kind {kind}")
+
+    async def _sender(self, session: _Session, recv: trio.MemoryReceiveChannel) -> None:
+        while True:
+            with trio.move_on_after(KEEPALIVE):
+                kind, payload = await recv.receive()
+                await session.send(kind, payload)
+                continue
+            await session.send(KEEPALIVE_FRAME, b"")
+
+    async def _keepalive(self, session: _Session) -> None:
+        while True:
+            await session.send(KEEPALIVE_FRAME, b"")
+            await trio.sleep(KEEPALIVE)
+
+    async def _book_sender(self, session: _Session) -> None:
+        q = self.out[session.peer]
+        while True:
+            book = {p: a for p, a in self.addresses.items() if p != session.peer}
+            try:
+                q.send_nowait((ADDRESSES, msgpack.packb(book)))
+            except trio.WouldBlock:
+                pass
+            await trio.sleep(ADDRESS_BOOK_EVERY)
+
+    def _learn(self, payload: bytes) -> None:
+        try:
+            book = msgpack.unpackb(payload, strict_map_key=True)
+        except Exception as e:  # untrusted bytes
+            raise ProtocolError(f"bad address book: {e}") from None
+        if not isinstance(book, dict) or len(book) > 10000:
+            raise ProtocolError("bad address book")
+        for peer, addr in book.items():
+            if not (isinstance(peer, str) and isinstance(addr, str) and len(addr) < 300
+                    and ":" in addr):
+                raise ProtocolError("bad address book entry")
+            if peer != self.me and peer not in self.addresses:
+                self.addresses[peer] = addr
+                self.dial(addr)

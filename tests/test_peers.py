@@ -1,0 +1,94 @@
+"""Real daemons on loopback sharing one range through the peer protocol: join through one
+--peer, space spreading by donation, status agreeing, and refusals of a wrong secret,
+another range, and garbage on the peer port."""
+import re
+import socket
+import time
+
+import pytest
+
+from .daemon_proc import Daemon
+
+RANGE = "10.40.0.0/24"
+SECRET = "peer-test-secret-0123456789"
+
+
+def wait_until(what: str, fn, timeout: float = 30.0):
+    """Poll a condition the daemons reach by themselves (gossip, reconnects)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def launch(tmp_path, name, *flags, secret=SECRET, iprange=RANGE):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "secret").write_text(secret)
+    d = Daemon(tmp_path / name, "--iprange", iprange, "--name", name, "--listen",
+               "127.0.0.1:0", "--secret-file", str(tmp_path / name / "secret"), *flags)
+    d.start()
+    d.port = int(re.search(r"listen=\S+:(\d+)", d.ready_line).group(1))
+    d.addr = f"127.0.0.1:{d.port}"
+    return d
+
+
+def status(d):
+    r = d.call({"op": "status"})
+    assert r["ok"], r
+    return r
+
+
+def test_three_daemons_join_through_one_peer_and_share_the_range(tmp_path):
+    a = launch(tmp_path, "a")
+    b = launch(tmp_path, "b", "--peer", a.addr)
+    c = launch(tmp_path, "c", "--peer", b.addr)  # learns a from b
+    ids = {d: status(d)["peer"] for d in (a, b, c)}
+    for d in (a, b, c):
+        wait_until(f"{d.dir.name} to reach both others",
+                   lambda d=d: set(status(d)["reachable"]) == set(ids.values()) - {ids[d]})
+    assert status(c)["cluster"] == status(a)["cluster"]
+    wait_until("the ring to reach every peer",
+               lambda: len({status(d)["ring_digest"] for d in (a, b, c)}) == 1)
+    got = {}
+    for d in (a, b, c):
+        for i in range(5):
+            r = d.call({"op": "allocate", "handle": f"{d.dir.name}-{i}"})
+            assert r["ok"], r
+            got[r["address"]] = d.dir.name
+    assert len(got) == 15  # no address twice
+    owned = {d.dir.name: status(d)["universes"][0]["owned"] for d in (a, b, c)}
+    assert all(v > 0 for v in owned.values()) and sum(owned.values()) == 254, owned
+    wait_until("every ring digest to agree",
+               lambda: len({status(d)["ring_digest"] for d in (a, b, c)}) == 1)
+    shares = status(c)["universes"][0]["peers"]
+    assert set(shares) == set(ids.values()) and all(v["reachable"] for v in shares.values())
+
+
+def test_wrong_secret_other_range_and_garbage_are_refused(tmp_path):
+    a = launch(tmp_path, "a")
+    a.call({"op": "allocate", "handle": "x"})
+    before = status(a)["ring_digest"]
+    bad = launch(tmp_path, "bad", "--peer", a.addr, secret="not-the-secret-0123456789")
+    other = launch(tmp_path, "other", "--peer", a.addr, iprange="10.41.0.0/24")
+    for raw in (b"\x00\x00\x00\x05hello", b"GET / HTTP/1.0\r\n\r\n", b"\xff" * 64):
+        with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+            s.sendall(raw)
+            s.settimeout(5)
+            try:
+                while s.recv(4096):  # the hello, then the close
+                    pass
+            except ConnectionResetError:
+                pass
+    wait_until("a to log the refusals", lambda: "failed authentication" in a.stderr()
+               and "has ranges 10.41.0.0/24" in a.stderr() and "not an ipamd peer hello"
+               in a.stderr())
+    r = bad.call({"op": "allocate", "handle": "y"})
+    assert not r["ok"], r
+    assert status(bad)["reachable"] == [] and status(other)["reachable"] == []
+    s = status(a)
+    assert s["reachable"] == [] and s["ring_digest"] == before and s["allocations"] == 1
+    assert a.call({"op": "allocate", "handle": "z"})["ok"]
