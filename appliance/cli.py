@@ -146,7 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("handle")
     client("lookup", "show the addresses HANDLE holds").add_argument("handle")
     client("ls", "list every allocation")
-    client("status", "this peer, its ranges and how full they are")
+    client("status", "this peer, its ranges, how full they are, and every peer's share")
+    client("peers", "the peers this one knows of, reachable or not")
+    client("leave", "hand all of this peer's space to reachable peers and stop allocating "
+                    "(refused while it holds addresses)")
+    c = client("rmpeer", "reclaim the space of peers that are gone for good (refused if one "
+                         "is reachable, or without a majority of the known peers)")
+    c.add_argument("peer", nargs="+", help="peer id (see `ipamd peers`)")
+    c.add_argument("--force", action="store_true",
+                   help="skip the reachability and majority checks: only when you know the "
+                        "other peers are gone for good (dangerous behind a partition)")
 
     s = sub.add_parser("sql", help="SQL shell on the database (daemon running or not)")
     s.add_argument("db", nargs="?", type=Path, help=f"default: {default_data_dir() / DB_NAME}")
@@ -183,7 +192,9 @@ def _request(args) -> dict:
         return req
     if cmd in ("release", "lookup"):
         return {"v": 1, "op": cmd, "handle": args.handle}
-    return {"v": 1, "op": {"ls": "list"}.get(cmd, cmd)}
+    if cmd == "rmpeer":
+        return {"v": 1, "op": "rmpeer", "peers": args.peer, "force": args.force}
+    return {"v": 1, "op": {"ls": "list", "peers": "status"}.get(cmd, cmd)}
 
 
 def _show(cmd: str, r: dict) -> None:
@@ -202,13 +213,39 @@ def _show(cmd: str, r: dict) -> None:
         for a in rows:
             print(f"{a['handle']:<{width}}  {a['address']}")
     elif cmd == "status":
-        print(f"peer {r['peer']}  default subnet {r['default_subnet']}  "
-              f"reuse delay {r['reuse_delay']:g}s")
-        print(f"{r['allocations']} addresses held by {r['handles']} handles")
+        print(f"peer {r['peer']}  {r['standing']}{'  (' + r['note'] + ')' if r['note'] else ''}"
+              f"  cluster {r['cluster'] or '(none yet)'}")
+        print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
+              f"{r['allocations']} addresses held by {r['handles']} handles  "
+              f"{r['pending']} requests waiting for peers")
         print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
         for u in r["universes"]:
             print(f"{u['range']:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"
                   f"{u['free']:>12}")
+        for u in r["universes"]:
+            size = sum(p["owned"] for p in u["peers"].values()) or 1
+            print(f"\n{u['range']}: {u['ring_entries']} ring entries")
+            print(f"  {'PEER':<18}{'SHARE':>8}{'FREE':>8}  STATE")
+            for peer, p in u["peers"].items():
+                free = 100 * p["free_hint"] / p["owned"] if p["owned"] else 0
+                state = "this peer" if peer == r["peer"] else \
+                    "reachable" if p["reachable"] else "unreachable"
+                print(f"  {peer:<18}{100 * p['owned'] / size:>7.1f}%{free:>7.1f}%  {state}")
+    elif cmd == "peers":
+        reach = set(r["reachable"])
+        for peer in r["members"]:
+            state = "this peer" if peer == r["peer"] else \
+                "reachable" if peer in reach else "unreachable"
+            print(f"{peer}  {state}")
+        for peer, by in r["removed"].items():
+            print(f"{peer}  removed by {by}")
+    elif cmd == "leave":
+        for peer, ranges in r["handed"].items():
+            print(f"handed {', '.join(ranges)} to {peer}")
+        print(f"{r['left']} left the cluster")
+    elif cmd == "rmpeer":
+        print(f"removed {', '.join(r['removed'])} (by {r['by']}); reclaimed "
+              f"{', '.join(r['reclaimed']) or 'nothing'}")
 
 
 def _client_command(args) -> int:

@@ -52,6 +52,28 @@ class ProtocolError(Exception):
     """The other side broke the protocol; the message names how. The connection is closed."""
 
 
+EXPECTED = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+            OSError)
+
+
+def _reason(e: BaseException) -> str | None:
+    """Why a connection ended, if it is a way connections end (the peer closed, broke the
+    protocol, timed out); None for anything else, which is a bug to log in full."""
+    if isinstance(e, BaseExceptionGroup):
+        reasons = [_reason(x) for x in e.exceptions]
+        return None if None in reasons else "; ".join(reasons)
+    return str(e) or type(e).__name__ if isinstance(e, EXPECTED) else None
+
+
+def _ended(what: str, e: Exception, **fields) -> None:
+    reason = _reason(e)
+    extra = " ".join(f"{k}={v}" for k, v in fields.items())
+    if reason is None:  # a bug must cost one connection, never the daemon
+        log.exception("event=%s_failed %s", what, extra)
+    else:
+        log.warning("event=%s %s reason=%r", what, extra, reason)
+
+
 def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
 
@@ -121,6 +143,7 @@ class PeerNet:
         self.heard: dict[str, float] = {}          # peer id -> when we last had a frame
         self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
         self.nursery: trio.Nursery | None = None
+        self.static: set[str] = set()              # --peer addresses: dialled for ever
         core.send = self.send
 
     @property
@@ -165,6 +188,7 @@ class PeerNet:
                 listeners = await nursery.start(serve)
                 bound = listeners[0].socket.getsockname()[1]
                 self.listen_port = bound
+            self.static = set(peers)
             for addr in peers:
                 self.dial(addr)
             nursery.start_soon(self._watch)
@@ -184,20 +208,24 @@ class PeerNet:
     async def _dialer(self, addr: str) -> None:
         host, _, port = addr.rpartition(":")
         wait = BACKOFF[0]
-        while addr not in self.refused:
+        # Learned addresses are dialled while some peer is known there: a peer that comes
+        # back on another port replaces its old address.
+        while addr not in self.refused and (addr in self.static
+                                            or addr in self.addresses.values()):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
             except (OSError, trio.TooSlowError) as e:
                 log.debug("event=connect_failed address=%s error=%r", addr, str(e))
             else:
+                began = self.clock()
                 try:
                     async with stream:
-                        if await self._outbound(stream, addr):
-                            wait = BACKOFF[0]  # it worked for a while: retry soon
-                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
-                        trio.TooSlowError, OSError) as e:
-                    log.warning("event=connection_closed address=%s reason=%r", addr, str(e))
+                        await self._outbound(stream, addr)
+                except Exception as e:
+                    _ended("connection_closed", e, address=addr)
+                if self.clock() - began > BACKOFF[1]:
+                    wait = BACKOFF[0]  # it worked for a while: retry soon
             await trio.sleep(wait)
             wait = min(wait * 2, BACKOFF[1])
         self.dialing.discard(addr)
@@ -257,7 +285,7 @@ class PeerNet:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def _outbound(self, stream, addr: str) -> bool:
+    async def _outbound(self, stream, addr: str) -> None:
         try:
             session, peer, _ = await self._handshake(stream, outbound=True)
         except ProtocolError as e:
@@ -266,7 +294,7 @@ class PeerNet:
             raise
         if peer in self.out:
             log.info("event=duplicate_connection peer=%s address=%s", peer, addr)
-            return False
+            return
         self.addresses[peer] = addr
         send, recv = trio.open_memory_channel(QUEUE)
         self.out[peer] = send
@@ -279,15 +307,14 @@ class PeerNet:
         finally:
             del self.out[peer]
             self._update_reachable()
-        return True
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
         try:
             async with stream:
                 session, peer, port = await self._handshake(stream, outbound=False)
                 host = stream.socket.getpeername()[0]
-                if port and peer not in self.addresses:
-                    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                if port and self.addresses.get(peer) != addr:
                     self.addresses[peer] = addr
                     self.dial(addr)
                 log.info("event=accepted peer=%s", peer)
@@ -295,9 +322,8 @@ class PeerNet:
                     n.start_soon(self._keepalive, session)
                     await self._reader(session)
                     n.cancel_scope.cancel()
-        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError, OSError) as e:
-            log.warning("event=connection_refused reason=%r", str(e))
+        except Exception as e:
+            _ended("connection_refused", e)
 
     async def _reader(self, session: _Session) -> None:
         while True:

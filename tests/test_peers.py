@@ -92,3 +92,58 @@ def test_wrong_secret_other_range_and_garbage_are_refused(tmp_path):
     s = status(a)
     assert s["reachable"] == [] and s["ring_digest"] == before and s["allocations"] == 1
     assert a.call({"op": "allocate", "handle": "z"})["ok"]
+
+
+def joined(tmp_path, names):
+    first = launch(tmp_path, names[0])
+    ds = [first] + [launch(tmp_path, n, "--peer", first.addr) for n in names[1:]]
+    ids = [status(d)["peer"] for d in ds]
+    for d, me in zip(ds, ids):
+        wait_until(f"{d.dir.name} to reach every other peer",
+                   lambda d=d, me=me: set(status(d)["reachable"]) == set(ids) - {me})
+    wait_until("one ring everywhere", lambda: len({status(d)["ring_digest"] for d in ds}) == 1)
+    return ds, ids
+
+
+def test_leave_rmpeer_and_a_wiped_rejoin_with_real_processes(tmp_path):
+    import json
+    import shutil
+    (a, b, c, d), (ia, ib, ic, idd) = joined(tmp_path, ["a", "b", "c", "d"])
+    for x in (b, c, d):
+        assert x.call({"op": "allocate", "handle": f"{x.dir.name}-1"})["ok"]
+    # leave: refused while c holds an address, then hands c's space to live peers.
+    r = json.loads(c.cli("leave", "--json").stdout)
+    assert not r["ok"] and "hold" in r["error"]["message"], r
+    assert c.call({"op": "release", "handle": "c-1"})["ok"]
+    out = c.cli("leave")
+    assert out.returncode == 0 and "left the cluster" in out.stdout, out
+    wait_until("c's space to be owned by others everywhere",
+               lambda: all(status(x)["universes"][0]["peers"].get(ic, {"owned": 0})["owned"] == 0
+                           for x in (a, b, d)))
+    assert status(c)["standing"] == "left"
+    assert not c.call({"op": "allocate", "handle": "c-2"})["ok"]
+    # rmpeer: d dies holding space; reachable targets are refused, dead ones reclaimed.
+    r = json.loads(a.cli("rmpeer", ib, "--json").stdout)
+    assert not r["ok"] and r["error"]["code"] == "reachable", r
+    d.kill()
+    wait_until("a to see d unreachable", lambda: idd not in status(a)["reachable"])
+    r = json.loads(a.cli("rmpeer", idd, "--json").stdout)
+    assert r["ok"] and r["removed"] == [idd], r
+    wait_until("d's space reclaimed everywhere",
+               lambda: all(idd not in status(x)["universes"][0]["peers"] for x in (a, b)))
+    # A removed peer that comes back is refused and told so.
+    d.start()
+    wait_until("d to learn it was removed", lambda: status(d)["standing"] == "removed")
+    assert not d.call({"op": "allocate", "handle": "d-2"})["ok"]
+    # b loses its database: it comes back under a new id, owning nothing of its old space.
+    b.kill()
+    shutil.rmtree(b.dir / "data")
+    b.start()
+    nb = status(b)["peer"]
+    assert nb != ib and status(b)["universes"][0]["owned"] == 0
+    wait_until("the new b to hear the ring", lambda: status(b)["ring_digest"]
+               == status(a)["ring_digest"])
+    assert status(b)["universes"][0]["peers"][ib]["owned"] > 0  # the old id's, unused
+    r = b.call({"op": "allocate", "handle": "b-2"})
+    assert r["ok"], r
+    assert a.call({"op": "rmpeer", "peers": [ib]})["ok"]

@@ -17,7 +17,7 @@ from ..core.addr import AddrError, parse_addr, parse_cidr
 VERSION = 1
 MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
 MAX_HANDLE = 255
-OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni")
+OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,17 @@ def parse_request(line: bytes) -> m.Request:
         return m.List()
     if op == "status":
         return m.Status()
+    if op == "leave":
+        return m.Leave()
+    if op == "rmpeer":
+        peers = _field(obj, "peers", list, True)
+        if not peers or len(peers) > 1000 or not all(
+                isinstance(p, str) and 0 < len(p) <= 64 for p in peers):
+            raise _bad("peers must be a list of 1 to 1000 peer ids")
+        force = obj.get("force", False)
+        if type(force) is not bool:
+            raise _bad("force must be true or false")
+        return m.RemovePeer(tuple(peers), force)
     if op == "cni":
         env = _field(obj, "env", dict, True)
         if not all(isinstance(k, str) and k.startswith("CNI_") and isinstance(v, str)
