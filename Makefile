@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt c
 SOURCES := $(shell find appliance -name '*.py') schema.sql packaging/ipamd.spec
 ARGS   ?=
 # Debian packages the tests use; installed when missing and we are root (as in CI).
-DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins
+DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins nftables
 
 .PHONY: setup sysdeps run test bench dist clean sim soak-sim
 
