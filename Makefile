@@ -8,7 +8,7 @@ ARGS   ?=
 # Debian packages the tests use; installed when missing and we are root (as in CI).
 DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins nftables
 
-.PHONY: setup sysdeps run test bench dist clean sim soak-sim
+.PHONY: setup sysdeps run test bench dist clean sim soak-sim soak
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ sim: $(STAMP)
 MINUTES ?= 10
 soak-sim: $(STAMP)
 	$(BIN)/python -m tests.sim --minutes $(MINUTES) $(if $(PEERS),--peers $(PEERS)) --ops $(OPS)
+
+## Real daemons in network namespaces, churn and a fault every 10 s (root): make soak MINUTES=30
+soak: $(STAMP) sysdeps
+	$(BIN)/python -m tests.chaos --minutes $(MINUTES)
 
 ## The frozen single-file executable, and the compiled CNI forwarder (see README).
 dist: dist/ipamd dist/ipamd-cni

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--listen", type=_hostport_arg, metavar="HOST:PORT",
                     help="accept peers here (port 0: any free port, printed on the ready "
                          "line). Needs the cluster secret")
+    la.add_argument("--metrics", type=_hostport_arg, metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any "
+                         "free port, printed on the ready line)")
     la.add_argument("--secret-file", type=Path, metavar="PATH",
                     help="file holding the cluster secret, shared by every host (default: "
                          "$IPAMD_SECRET). Peers prove they know it; it never travels")
@@ -294,7 +297,7 @@ def _launch(args) -> int:
         universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
         sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin,
-        peers=args.peer, listen=args.listen, secret=secret)
+        peers=args.peer, listen=args.listen, secret=secret, metrics=args.metrics)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except Refused as e:

@@ -49,6 +49,7 @@ class Config:
     peers: list[str] = field(default_factory=list)   # HOST:PORT to dial
     listen: str | None = None                        # HOST:PORT for peers to dial us
     secret: bytes | None = None                      # the cluster secret
+    metrics: str | None = None                       # HOST:PORT for Prometheus
 
 
 class CommitFailed(Exception):
@@ -100,6 +101,7 @@ class CoreLoop:
         self._waiters: dict[int, _Waiter] = {}
         self._refs = itertools.count()
         self.send = lambda dst, msg: None  # the peer transport replaces this
+        self.metrics = None
         self.reachable: set[str] = set()
 
     @property
@@ -114,7 +116,18 @@ class CoreLoop:
     async def submit(self, request) -> dict:
         """Apply a hook request; return its reply once what it changed is durable. An
         allocation that needs space from a peer waits for the grant (or the timeout)."""
-        return await self._reply_to(lambda ref: self.peer.request(ref, request, self.clock()))
+        asked = []
+
+        def event(ref):
+            ready = self.peer.request(ref, request, self.clock())
+            if all(r != ref for r, _ in ready.replies):
+                asked.append(time.monotonic())  # it waits for a peer: a donation
+            return ready
+
+        reply = await self._reply_to(event)
+        if asked and self.metrics is not None:
+            self.metrics.donation.observe(time.monotonic() - asked[0])
+        return reply
 
     async def submit_fn(self, fn):
         """Run fn(allocator, now) -> (reply, rows) on this peer's own space; return reply
@@ -194,6 +207,8 @@ class CoreLoop:
     def _deliver(self, ready: Ready) -> None:
         for alarm in ready.alarms:
             log.warning("event=alarm message=%r", alarm)
+            if "conflict" in alarm and self.metrics is not None:
+                self.metrics.conflicts.inc()
         for dst, msg in ready.messages:
             self.send(dst, msg)
         for ref, reply in ready.replies:
@@ -354,6 +369,12 @@ async def run(config: Config, ready=print) -> None:
                 net = PeerNet(core, config.secret, port)
                 bound = await nursery.start(net.run, host, config.peers)
                 listening = f" listen={host or '*'}:{bound}" if bound is not None else ""
+            if config.metrics:
+                from .metrics import Metrics, serve_metrics
+                host, port = _split_hostport(config.metrics)
+                core.metrics = Metrics(core)
+                bound = await nursery.start(serve_metrics, host, port, core.metrics)
+                listening += f" metrics={host or '*'}:{bound}"
             await nursery.start(serve_hooks, config.socket, core)
             if config.docker_socket is not None:
                 from .docker_server import serve_docker

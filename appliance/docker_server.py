@@ -24,7 +24,7 @@ async def _respond(stream, conn: h11.Connection, status: int, body: dict) -> Non
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
-async def _next_event(stream, conn: h11.Connection):
+async def next_event(stream, conn: h11.Connection):
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
@@ -38,12 +38,12 @@ async def _serve(stream, core) -> None:
     async with stream:
         while True:
             try:
-                event = await _next_event(stream, conn)
+                event = await next_event(stream, conn)
                 if not isinstance(event, h11.Request):  # closed, or paused after an error
                     return
                 body = b""
                 while True:
-                    e = await _next_event(stream, conn)
+                    e = await next_event(stream, conn)
                     if isinstance(e, h11.Data):
                         body += e.data
                         if len(body) > MAX_BODY:

@@ -147,3 +147,28 @@ def test_leave_rmpeer_and_a_wiped_rejoin_with_real_processes(tmp_path):
     r = b.call({"op": "allocate", "handle": "b-2"})
     assert r["ok"], r
     assert a.call({"op": "rmpeer", "peers": [ib]})["ok"]
+
+
+def test_prometheus_metrics_show_use_peers_and_donations(tmp_path):
+    import urllib.request
+    a = launch(tmp_path, "a")
+    b = launch(tmp_path, "b", "--peer", a.addr, "--metrics", "127.0.0.1:0")
+    port = int(re.search(r"metrics=\S+:(\d+)", b.ready_line).group(1))
+    wait_until("b to hear the ring", lambda: status(b)["ring_digest"] == status(a)["ring_digest"])
+    assert b.call({"op": "allocate", "handle": "x"})["ok"]  # b owns nothing: a donation
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.headers["content-type"].startswith("text/plain")
+            return r.read().decode()
+
+    text = scrape()
+    assert f'ipamd_addresses_in_use{{subnet="{RANGE}",universe="{RANGE}"}} 1.0' in text
+    assert 'ipamd_peers{state="reachable"} 1.0' in text
+    assert "ipamd_donation_seconds_count 1.0" in text
+    assert "ipamd_pending_requests 0.0" in text and "ipamd_ring_conflicts_total 0.0" in text
+    owned = float(re.search(r'ipamd_addresses_owned\{universe="[^"]+"\} (\S+)', text).group(1))
+    assert owned > 0
+    a.kill()
+    wait_until("a to show as unreachable", lambda: 'ipamd_peers{state="unreachable"} 1.0'
+               in scrape())

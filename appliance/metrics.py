@@ -1,0 +1,94 @@
+"""Prometheus metrics on --metrics HOST:PORT, in prometheus-client's text exposition.
+
+Gauges are read from the core when scraped, so they are never stale; the donation latency
+histogram and the conflict counter are fed as things happen.
+"""
+from __future__ import annotations
+
+import logging
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .docker_server import next_event
+
+log = logging.getLogger("ipamd")
+
+
+class Metrics:
+    def __init__(self, core):
+        self.core = core
+        self.registry = CollectorRegistry()
+        self.donation = Histogram(
+            "ipamd_donation_seconds", "time from an allocate or claim that needed space from a "
+            "peer to its reply", registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+        self.conflicts = Counter("ipamd_ring_conflicts", "ring data refused as conflicting "
+                                 "(same start and version, different content)",
+                                 registry=self.registry)
+        self.registry.register(self)
+
+    def collect(self):
+        peer, now = self.core.peer, self.core.clock()
+        s = peer.status(now)
+        a = peer.allocator
+        in_use = GaugeMetricFamily("ipamd_addresses_in_use", "addresses held",
+                                   labels=["universe", "subnet"])
+        by_subnet: dict[tuple[str, str], int] = {}
+        for h in a.by_addr.values():
+            key = (str(h.universe) if h.universe else "", str(h.subnet))
+            by_subnet[key] = by_subnet.get(key, 0) + 1
+        for (u, sub), n in sorted(by_subnet.items()):
+            in_use.add_metric([u, sub], n)
+        free = GaugeMetricFamily("ipamd_addresses_free", "addresses this peer could hand out "
+                                 "now, in the space it owns", labels=["universe"])
+        owned = GaugeMetricFamily("ipamd_addresses_owned", "addresses of the universe this "
+                                  "peer owns", labels=["universe"])
+        for u in s["universes"]:
+            free.add_metric([u["range"]], u["free"] - u["quarantined"])
+            owned.add_metric([u["range"]], u["owned"])
+        peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
+                                  labels=["state"])
+        others = len(set(s["members"]) - {s["peer"]})
+        peers.add_metric(["reachable"], len(s["reachable"]))
+        peers.add_metric(["unreachable"], others - len(s["reachable"]))
+        pending = GaugeMetricFamily("ipamd_pending_requests",
+                                    "requests waiting for space from a peer")
+        pending.add_metric([], s["pending"])
+        return [in_use, free, owned, peers, pending]
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+
+async def serve_metrics(host: str | None, port: int, metrics: Metrics,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def handler(stream):
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            async with stream:
+                event = await next_event(stream, conn)
+                if not isinstance(event, h11.Request):
+                    return
+                while not isinstance(await next_event(stream, conn), (h11.EndOfMessage,
+                                                                      h11.ConnectionClosed)):
+                    pass
+                ok = event.method == b"GET" and event.target.split(b"?")[0] in (b"/metrics", b"/")
+                body = generate_latest(metrics.registry) if ok else b"not found: try /metrics\n"
+                await stream.send_all(conn.send(h11.Response(
+                    status_code=200 if ok else 404, headers=[
+                        (b"content-type", CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close")])))
+                await stream.send_all(conn.send(h11.Data(data=body)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+        except (h11.RemoteProtocolError, h11.LocalProtocolError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as e:
+            log.info("event=metrics_bad_request error=%r", str(e))
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)

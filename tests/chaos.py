@@ -1,0 +1,200 @@
+"""Chaos with real daemons: N hosts in network namespaces, allocation and release churn on
+every host, a fault every FAULT_EVERY seconds (a host cut off, a 2/3 split, SIGKILL and
+restart, SIGSTOP for 5 s), then heal and check I1-I8 from the databases and the client log.
+
+    python -m tests.chaos --minutes N [--seed S]     (as root; `make soak MINUTES=N`)
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from appliance.client import Client, Unreachable
+
+from .multihost import Cluster, allocations, owner_at, owner_spans, read_db, wait_until
+
+FAULT_EVERY = 10.0
+FAULT_LASTS = 5.0
+RATE = 15.0  # client operations per second per host
+
+
+class Violation(AssertionError):
+    pass
+
+
+class Churn(threading.Thread):
+    """One host's clients: allocate new handles, release held ones, at RATE a second."""
+
+    def __init__(self, i: int, socket: Path, seed: int, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.i, self.socket, self.stop, self.rng = i, socket, stop, random.Random(seed)
+        self.acked: dict[str, str] = {}   # handle -> address, acknowledged and not released
+        self.released: set[str] = set()   # release sent: the address may or may not be free
+        self.outcomes: Counter = Counter()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            began = time.monotonic()
+            if self.acked and self.rng.random() < 0.45:
+                handle = self.rng.choice(sorted(self.acked))
+                self.acked.pop(handle)
+                self.released.add(handle)  # from the moment it is sent it may take effect
+                self._call({"op": "release", "handle": handle})
+            else:
+                n += 1
+                handle = f"h{self.i}-{n}"
+                r = self._call({"op": "allocate", "handle": handle})
+                if r is not None and r["ok"]:
+                    self.acked[handle] = r["address"].split("/")[0]
+            self.stop.wait(max(0.0, 1 / RATE - (time.monotonic() - began)))
+
+    def _call(self, request: dict) -> dict | None:
+        try:
+            with Client(self.socket, timeout=15) as c:
+                r = c.call(request)
+        except (Unreachable, OSError) as e:  # killed, restarting or stopped: no answer
+            self.outcomes[f"{request['op']}_no_answer"] += 1
+            return None
+        key = "ok" if r["ok"] else r["error"]["code"]
+        self.outcomes[f"{request['op']}_{key}"] += 1
+        return r
+
+
+class Chaos:
+    def __init__(self, tmp: Path, seconds: float, seed: int, n: int = 5, say=print):
+        self.tmp, self.seconds, self.seed, self.n, self.say = tmp, seconds, seed, n, say
+        self.rng = random.Random(seed)
+        self.faults: Counter = Counter()
+        self.seqs: dict[int, int] = {}               # I7: the highest seq seen per host
+        self.versions: dict[tuple[int, str], int] = {}  # I7: (host, start) -> version
+        self.writes: dict[tuple[str, int], tuple] = {}  # I3: (start, version) -> content
+
+    def run(self) -> dict:
+        c = Cluster(self.tmp, self.n, "10.60.0.0/20", "--reuse-delay", "2")
+        stop = threading.Event()
+        churn = []
+        try:
+            wait_until("the cluster to form", c.converged, 60)
+            self.ids = [c.status(i)["peer"] for i in range(self.n)]
+            churn = [Churn(i, d.socket, self.seed * 100 + i, stop)
+                     for i, d in enumerate(c.daemons)]
+            for t in churn:
+                t.start()
+            end = time.monotonic() + self.seconds
+            while time.monotonic() < end:
+                began = time.monotonic()
+                self._fault(c)
+                self._snapshot(c)
+                time.sleep(max(0.0, FAULT_EVERY - (time.monotonic() - began)))
+            stop.set()
+            for t in churn:
+                t.join()
+            c.heal()
+            wait_until("the rings to converge after the last heal", c.converged, 120)
+            self._snapshot(c)
+            return self._check(c, churn)
+        finally:
+            stop.set()
+            c.close()
+
+    def _fault(self, c: Cluster) -> None:
+        kind = self.rng.choice(["isolate", "split", "kill", "stop"])
+        self.faults[kind] += 1
+        i = self.rng.randrange(self.n)
+        if kind == "isolate":
+            c.link(i, False)
+            time.sleep(FAULT_LASTS)
+            c.link(i, True)
+        elif kind == "split":
+            side = self.rng.sample(range(self.n), 2)
+            c.cut(side, [j for j in range(self.n) if j not in side])
+            time.sleep(FAULT_LASTS)
+            c.heal()
+        elif kind == "kill":
+            d = c.daemons[i]
+            d.kill(signal.SIGKILL)
+            # I8: the database a SIGKILL left behind is sound.
+            ok = read_db(d.db, "PRAGMA integrity_check")
+            if ok != [("ok",)]:
+                raise Violation(f"I8: h{i}'s database after SIGKILL: {ok}")
+            d.start()
+        else:
+            d = c.daemons[i]
+            d.proc.send_signal(signal.SIGSTOP)
+            time.sleep(FAULT_LASTS)
+            d.proc.send_signal(signal.SIGCONT)
+
+    def _snapshot(self, c: Cluster) -> None:
+        """I7 and I3 from every database: seqs and versions never go back, and one content
+        per (start, version) across all hosts and all times."""
+        for i, d in enumerate(c.daemons):
+            (seq,) = read_db(d.db, "SELECT seq FROM clock")[0]
+            if seq < self.seqs.get(i, 0):
+                raise Violation(f"I7: h{i}'s seq went back from {self.seqs[i]} to {seq}")
+            self.seqs[i] = seq
+            for start, version, owner, sp, sq, last in read_db(
+                    d.db, "SELECT start, version, owner, stamp_peer, stamp_seq, last FROM ring"):
+                if version < self.versions.get((i, start), 0):
+                    raise Violation(f"I7: h{i}'s entry at {start} went back to version "
+                                    f"{version}")
+                self.versions[(i, start)] = version
+                content = (owner, sp, sq, last)
+                if self.writes.setdefault((start, version), content) != content:
+                    raise Violation(f"I3: entry {start} version {version} has two contents: "
+                                    f"{self.writes[(start, version)]} and {content}")
+
+    def _check(self, c: Cluster, churn: list[Churn]) -> dict:
+        spans = owner_spans(c.daemons[0])
+        for i in range(1, self.n):  # I6: one ring
+            if owner_spans(c.daemons[i]) != spans:
+                raise Violation(f"I6: h{i}'s ring differs from h0's after the heal")
+        owners = {o for _, _, o in spans}
+        if not owners <= set(self.ids):  # I5: no wipes here, so every owner is alive
+            raise Violation(f"I5: owners {owners - set(self.ids)} are not live peers")
+        held: dict[str, tuple[int, str]] = {}
+        for i, d in enumerate(c.daemons):
+            for address, handle in allocations(d).items():
+                if address in held:  # I1
+                    raise Violation(f"I1: {address} held by h{held[address][0]} "
+                                    f"({held[address][1]}) and h{i} ({handle})")
+                if owner_at(spans, address) != self.ids[i]:  # I4
+                    raise Violation(f"I4: h{i} holds {address} outside its space")
+                held[address] = (i, handle)
+        for t in churn:  # I2: every acknowledged allocation not since released is there
+            for handle, address in t.acked.items():
+                if held.get(address) != (t.i, handle):
+                    raise Violation(f"I2: h{t.i}'s acknowledged {handle} -> {address} is "
+                                    f"missing (found {held.get(address)})")
+        outcomes = sum((t.outcomes for t in churn), Counter())
+        return {"seconds": self.seconds, "hosts": self.n, "faults": dict(self.faults),
+                "operations": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())),
+                "held_at_end": len(held), "ring_entries": len(spans)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.chaos")
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    print(f"chaos seed={seed} minutes={args.minutes:g}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            report = Chaos(Path(tmp), args.minutes * 60, seed).run()
+        except Violation as v:
+            print(f"VIOLATION {v} (seed {seed})")
+            return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
