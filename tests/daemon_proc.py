@@ -77,6 +77,19 @@ class Daemon:
                               env={**os.environ, **(env or {})}, timeout=60)
 
 
+def wait_until(what: str, fn, timeout: float = 60.0):
+    """Poll a condition the daemons reach by themselves (gossip, reconnects); TimeoutError
+    naming it if they do not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import apsw
 
-from .daemon_proc import Daemon
+from .daemon_proc import Daemon, wait_until
 from .netns import Namespaces, need_netns, sh
 
 SECRET = "multihost-test-secret-0123456789"
@@ -19,18 +18,6 @@ PORT = 7300
 
 def ip(i: int) -> str:
     return f"198.18.0.{i + 1}"
-
-
-def wait_until(what: str, fn, timeout: float = 60.0):
-    """Poll a condition the daemons reach by themselves (gossip, reconnects)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class Cluster:

@@ -3,26 +3,11 @@
 another range, and garbage on the peer port."""
 import re
 import socket
-import time
 
-import pytest
-
-from .daemon_proc import Daemon
+from .daemon_proc import Daemon, wait_until
 
 RANGE = "10.40.0.0/24"
 SECRET = "peer-test-secret-0123456789"
-
-
-def wait_until(what: str, fn, timeout: float = 30.0):
-    """Poll a condition the daemons reach by themselves (gossip, reconnects)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def launch(tmp_path, name, *flags, secret=SECRET, iprange=RANGE):
