@@ -102,6 +102,7 @@ class CoreLoop:
         self._refs = itertools.count()
         self.send = lambda dst, msg: None  # the peer transport replaces this
         self.metrics = None
+        self.net = None  # the peer transport, when there is one
         self.reachable: set[str] = set()
 
     @property
@@ -292,6 +293,8 @@ async def _answer(core: CoreLoop, request) -> bytes:
         reply = await core.submit(request)
         if isinstance(request, m.Status) and reply["ok"]:
             reply["swept"] = core.sweeper.swept
+            if core.net is not None:
+                reply["peer_bytes_sent"] = core.net.traffic()
         return encode_reply(reply)
     except CommitFailed as e:
         if isinstance(request, CniRequest):
@@ -366,7 +369,7 @@ async def run(config: Config, ready=print) -> None:
             if config.peers or config.listen:
                 from .peer_net import PeerNet
                 host, port = _split_hostport(config.listen) if config.listen else (None, None)
-                net = PeerNet(core, config.secret, port)
+                net = core.net = PeerNet(core, config.secret, port)
                 bound = await nursery.start(net.run, host, config.peers)
                 listening = f" listen={host or '*'}:{bound}" if bound is not None else ""
             if config.metrics:

@@ -46,6 +46,7 @@ QUEUE = 1024             # messages waiting for one peer's connection; beyond, t
 ADDRESS_BOOK_EVERY = 2.0
 
 CORE, KEEPALIVE_FRAME, ADDRESSES = 0, 1, 2
+KIND_NAMES = {CORE: "messages", KEEPALIVE_FRAME: "keepalives", ADDRESSES: "addresses"}
 
 
 class ProtocolError(Exception):
@@ -106,14 +107,17 @@ class _Framed:
 class _Session:
     """One authenticated connection's frame keys and counters."""
 
-    def __init__(self, framed: _Framed, send_key: bytes, recv_key: bytes, peer: str):
+    def __init__(self, framed: _Framed, send_key: bytes, recv_key: bytes, peer: str,
+                 counts: dict | None = None):
         self.framed, self.send_key, self.recv_key, self.peer = framed, send_key, recv_key, peer
         self.sent = self.received = 0
+        self.counts = counts if counts is not None else {}  # frame kind -> bytes sent
 
     async def send(self, kind: int, payload: bytes) -> None:
         self.sent += 1
         head = struct.pack(">QB", self.sent, kind)
         await self.framed.write(head + payload + _mac(self.send_key, head, payload))
+        self.counts[kind] = self.counts.get(kind, 0) + 4 + len(head) + len(payload) + 32
 
     async def receive(self) -> tuple[int, bytes]:
         frame = await self.framed.read()
@@ -144,6 +148,7 @@ class PeerNet:
         self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
         self.nursery: trio.Nursery | None = None
         self.static: set[str] = set()              # --peer addresses: dialled for ever
+        self.bytes_sent: dict[int, int] = {}       # frame kind -> bytes, for status
         core.send = self.send
 
     @property
@@ -160,6 +165,10 @@ class PeerNet:
             q.send_nowait((CORE, peer_codec.encode(msg)))
         except trio.WouldBlock:
             log.info("event=dropped peer=%s reason=queue_full", dst)
+
+    def traffic(self) -> dict:
+        """Bytes sent to peers since start, by frame kind (frames whole, headers and MACs)."""
+        return {KIND_NAMES[k]: v for k, v in sorted(self.bytes_sent.items())}
 
     def reachable(self) -> set[str]:
         now = self.clock()
@@ -281,7 +290,7 @@ class PeerNet:
                 raise ProtocolError(f"peer {peer} failed authentication (wrong cluster secret?)")
         send_key = _mac(self.secret, b"key", mine, theirs, self.me.encode())
         recv_key = _mac(self.secret, b"key", theirs, mine, peer.encode())
-        return _Session(framed, send_key, recv_key, peer), peer, port
+        return _Session(framed, send_key, recv_key, peer, self.bytes_sent), peer, port
 
     # -- connections ---------------------------------------------------------------------------
 
