@@ -47,6 +47,19 @@ def _hostport_arg(text: str) -> str:
     return text
 
 
+def _hostport_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected HOST:PORT,HOST:PORT,...")
+    return [_hostport_arg(t) for t in items]
+
+
+def _quorum_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hosts (1 to 1000)")
+    return int(text)
+
+
 def _secret(args) -> bytes | None:
     if args.secret_file is not None:
         try:
@@ -55,9 +68,14 @@ def _secret(args) -> bytes | None:
             raise ValueError(f"cannot read --secret-file: {e}") from None
     else:
         secret = os.environ.get("IPAMD_SECRET", "").encode()
-    if (args.peer or args.listen) and len(secret) < 16:
-        raise ValueError("--peer and --listen need a cluster secret of at least 16 bytes "
-                         "(--secret-file or $IPAMD_SECRET), the same on every host")
+    if (args.peer or args.listen or args.init_peers) and len(secret) < 16:
+        raise ValueError("--peer, --listen and --init-peers need a cluster secret of at least "
+                         "16 bytes (--secret-file or $IPAMD_SECRET), the same on every host")
+    if args.init_peers and args.quorum:
+        raise ValueError("--init-peers and --quorum are two ways to bootstrap: pick one")
+    if (args.init_peers or args.quorum) and not args.listen:
+        raise ValueError("--init-peers and --quorum need --listen: the first hosts dial each "
+                         "other")
     return secret or None
 
 
@@ -120,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--listen", type=_hostport_arg, metavar="HOST:PORT",
                     help="accept peers here (port 0: any free port, printed on the ready "
                          "line). Needs the cluster secret")
+    la.add_argument("--init-peers", type=_hostport_list, default=[], metavar="HOST:PORT,...",
+                    help="bootstrap by seeds: every first host is given the same list (itself "
+                         "included) and the range is split among them once each has reached "
+                         "the others. Only for a new database")
+    la.add_argument("--quorum", type=_quorum_arg, metavar="N",
+                    help="bootstrap by a vote of the first N hosts (reach each other with "
+                         "--peer): a majority agrees on who shares the range. At most N hosts "
+                         "may ever start with it. Only for a new database")
     la.add_argument("--metrics", type=_hostport_arg, metavar="HOST:PORT",
                     help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any "
                          "free port, printed on the ready line)")
@@ -297,7 +323,8 @@ def _launch(args) -> int:
         universes=ranges, subnet=args.subnet, name=args.name, durability=args.durability,
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
         sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin,
-        peers=args.peer, listen=args.listen, secret=secret, metrics=args.metrics)
+        peers=args.peer, listen=args.listen, secret=secret, metrics=args.metrics,
+        init_peers=args.init_peers, quorum=args.quorum)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except Refused as e:

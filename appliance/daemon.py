@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import trio
 from .core.addr import Cidr, cidr
 from .core import messages as m
 from .core.messages import error
-from .core.peer import Ready
+from .core.peer import Peer, Ready
 from .sweeper import Sweeper
 from . import cni_ops
 from .protocols import cni
@@ -50,6 +51,8 @@ class Config:
     listen: str | None = None                        # HOST:PORT for peers to dial us
     secret: bytes | None = None                      # the cluster secret
     metrics: str | None = None                       # HOST:PORT for Prometheus
+    init_peers: list[str] = field(default_factory=list)  # seeds: HOST:PORT of each
+    quorum: int | None = None                        # the first hosts vote on the split
 
 
 class CommitFailed(Exception):
@@ -96,7 +99,18 @@ class CoreLoop:
 
     def __init__(self, store: Store, loaded, config: Config, clock=time.time):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
+        self.pending_seeds: dict[str, str | None] | None = None
+        meta = loaded.meta or {}
+        if loaded.mode == "quorum" and "vote" not in meta:
+            # A voter's first start: its (empty) vote is durable before it says anything.
+            _, rows = Peer.voter(loaded.peer_id, loaded.cluster_id, loaded.universes,
+                                 self._subnet(), int(meta["quorum"]), **self._kw())
+            store.commit(rows)
         self.peer = self._load()
+        if loaded.mode == "seeds" and "seeds" not in meta:
+            # The split is over the seeds' ids, learned by dialling their addresses.
+            self.pending_seeds = {a: None for a in meta["seed_addresses"].split(",")}
+            self._note_pending()
         self._open = _Batch()
         self._waiters: dict[int, _Waiter] = {}
         self._refs = itertools.count()
@@ -109,10 +123,40 @@ class CoreLoop:
     def allocator(self):
         return self.peer.allocator
 
+    def _subnet(self):
+        return self.config.subnet or self.loaded.universes[0]
+
+    def _kw(self) -> dict:
+        return {"reuse_delay": self.config.reuse_delay, "gateways": self.config.gateways}
+
     def _load(self):
         c = self.config
-        return self.store.load_peer(self.loaded, c.subnet or self.loaded.universes[0],
-                                    c.reuse_delay, c.gateways)
+        return self.store.load_peer(self.loaded, self._subnet(), c.reuse_delay, c.gateways)
+
+    def _note_pending(self) -> None:
+        missing = sorted(a for a, p in self.pending_seeds.items() if p is None)
+        self.peer.standing = "waiting"
+        self.peer.note = f"waiting to learn the ids of seeds {', '.join(missing)}"
+
+    async def identified(self, address: str, peer: str) -> None:
+        """The transport learned who answers at address. Seeds waiting for every seed's id
+        make the split once they have them all: the same on every seed."""
+        if self.pending_seeds is None or address not in self.pending_seeds:
+            return
+        self.pending_seeds[address] = peer
+        if any(p is None for p in self.pending_seeds.values()):
+            self._note_pending()
+            return
+        ids = sorted(set(self.pending_seeds.values()))
+        _, rows = Peer.seeded(self.loaded.peer_id, self.loaded.cluster_id,
+                              self.loaded.universes, self._subnet(), ids, **self._kw())
+        self.store.commit(rows)
+        self.store.set_meta("seeds", json.dumps(ids))
+        self.loaded.meta["seeds"] = json.dumps(ids)
+        self.pending_seeds = None
+        self.peer = self._load()
+        self.peer.reachable = set(self.reachable)
+        log.warning("event=seeds_split seeds=%s", ",".join(ids))
 
     async def submit(self, request) -> dict:
         """Apply a hook request; return its reply once what it changed is durable. An
@@ -150,10 +194,13 @@ class CoreLoop:
         return w.reply
 
     async def receive(self, sender: str, msg) -> None:
+        if self.pending_seeds is not None:
+            return  # no ring of its own yet: what peers say waits for the split
         await self._process(self.peer.receive(sender, msg, self.clock()))
 
     async def tick(self) -> None:
-        await self._process(self.peer.tick(self.clock()))
+        if self.pending_seeds is None:
+            await self._process(self.peer.tick(self.clock()))
 
     async def join_cluster(self, cluster: str) -> None:
         """A joiner's first peer told it the cluster's identity: durable before it is used."""
@@ -358,7 +405,13 @@ async def run(config: Config, ready=print) -> None:
             config.universes = [DEFAULT_RANGE]
         if config.universes is not None:
             _check_subnet(config.subnet, config.universes)  # before anything is written
-        loaded = store.open(config.universes, config.name, join=bool(config.peers))
+        if config.quorum:
+            mode, meta = "quorum", {"quorum": str(config.quorum)}
+        elif config.init_peers:
+            mode, meta = "seeds", {"seed_addresses": ",".join(sorted(set(config.init_peers)))}
+        else:
+            mode, meta = ("join" if config.peers else "single"), {}
+        loaded = store.open(config.universes, config.name, mode=mode, bootstrap_meta=meta)
         _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
         core.sweeper = Sweeper(core, config.sweep_interval)
@@ -366,11 +419,19 @@ async def run(config: Config, ready=print) -> None:
             await nursery.start(core.sweeper.run)
             nursery.start_soon(_ticker, core)
             listening = ""
-            if config.peers or config.listen:
+            known = store.peer_addresses()
+            known.pop(loaded.peer_id, None)
+            if known and len(config.secret or b"") < 16:
+                log.warning("event=alone reason=%r", "the database knows peers, but there is no "
+                            "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
+            elif config.peers or config.listen or config.init_peers or known:
                 from .peer_net import PeerNet
                 host, port = _split_hostport(config.listen) if config.listen else (None, None)
-                net = core.net = PeerNet(core, config.secret, port)
-                bound = await nursery.start(net.run, host, config.peers)
+                net = core.net = PeerNet(core, config.secret, port, known=known,
+                                         save=store.save_peer_address)
+                seeds = (loaded.meta or {}).get("seed_addresses", "")
+                dial = config.peers + [a for a in seeds.split(",") if a]
+                bound = await nursery.start(net.run, host, sorted(set(dial)))
                 listening = f" listen={host or '*'}:{bound}" if bound is not None else ""
             if config.metrics:
                 from .metrics import Metrics, serve_metrics

@@ -4,10 +4,10 @@ Each daemon dials every peer it knows of and sends only on the connection it dia
 receives on the connections others dialled to it. So a pair of peers has one connection each
 way, and there is nothing to deduplicate.
 
-A connection opens with a HELLO each way (magic, protocol version, cluster, peer id, ranges, a
-fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256 under the cluster
-secret over the peer's id, both nonces and the cluster. A proof includes the other side's
-fresh nonce, so an old one cannot be replayed. Every later frame is
+A connection opens with a HELLO each way (magic, protocol version, cluster and base cluster,
+peer id, ranges, a fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256
+under the cluster secret over the peer's id, both nonces and both hellos. A proof includes the
+other side's fresh nonce, so an old one cannot be replayed. Every later frame is
 counter (8 bytes) | payload | HMAC of both under a key derived from the secret and both nonces,
 and the counter must be exactly one more than the last: a replayed, reordered or forged frame
 ends the connection. A wrong secret, another cluster, other ranges, another protocol version,
@@ -138,10 +138,12 @@ class PeerNet:
     """Dials, accepts, authenticates; feeds the core what peers say and tells it who is
     reachable."""
 
-    def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time):
+    def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time,
+                 known: dict[str, str] | None = None, save=lambda peer, address: None):
         self.core, self.secret, self.listen_port = core, secret, listen_port
-        self.clock = clock
-        self.addresses: dict[str, str] = {}        # peer id -> "host:port" we dial
+        self.clock, self.save = clock, save
+        # peer id -> "host:port" we dial; what the database kept is dialled again on start
+        self.addresses: dict[str, str] = dict(known or {})
         self.dialing: set[str] = set()             # addresses with a dialer running
         self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
         self.heard: dict[str, float] = {}          # peer id -> when we last had a frame
@@ -198,7 +200,7 @@ class PeerNet:
                 bound = listeners[0].socket.getsockname()[1]
                 self.listen_port = bound
             self.static = set(peers)
-            for addr in peers:
+            for addr in sorted(set(peers) | set(self.addresses.values())):
                 self.dial(addr)
             nursery.start_soon(self._watch)
             task_status.started(bound)
@@ -242,13 +244,13 @@ class PeerNet:
     # -- handshake -----------------------------------------------------------------------------
 
     def _hello(self, nonce: bytes) -> bytes:
-        loaded = self.core.loaded
-        return msgpack.packb([MAGIC, PROTOCOL, loaded.cluster_id, loaded.peer_id,
+        loaded, peer = self.core.loaded, self.core.peer
+        return msgpack.packb([MAGIC, PROTOCOL, peer.cluster, peer.base_cluster, loaded.peer_id,
                               sorted(map(str, loaded.universes)), nonce, self.listen_port or 0])
 
     def _check_hello(self, frame: bytes) -> tuple[str, str, bytes, int]:
         try:
-            magic, version, cluster, peer, ranges, nonce, port = msgpack.unpackb(frame)
+            magic, version, *rest = msgpack.unpackb(frame)
         except Exception as e:  # untrusted bytes: anything the unpacker trips on
             raise ProtocolError(f"not an ipamd peer hello ({e})") from None
         if magic != MAGIC:
@@ -256,19 +258,25 @@ class PeerNet:
         if version != PROTOCOL:
             raise ProtocolError(f"peer speaks protocol version {version!r}, this ipamd "
                                 f"speaks {PROTOCOL}")
-        if not (isinstance(cluster, str) and isinstance(peer, str) and 0 < len(peer) <= 64
-                and isinstance(nonce, bytes) and len(nonce) == 16 and isinstance(port, int)
-                and 0 <= port < 65536 and isinstance(ranges, list)):
+        try:
+            cluster, base, peer, ranges, nonce, port = rest
+        except ValueError:
+            raise ProtocolError("malformed hello") from None
+        if not (isinstance(cluster, str) and isinstance(base, str) and isinstance(peer, str)
+                and 0 < len(peer) <= 64 and isinstance(nonce, bytes) and len(nonce) == 16
+                and isinstance(port, int) and 0 <= port < 65536 and isinstance(ranges, list)):
             raise ProtocolError("malformed hello")
-        loaded = self.core.loaded
-        mine = sorted(map(str, loaded.universes))
+        mine = sorted(map(str, self.core.loaded.universes))
         if ranges != mine:
             raise ProtocolError(f"peer {peer} has ranges {', '.join(map(str, ranges))}; this "
                                 f"one {', '.join(mine)} (every host needs the same --iprange)")
-        if cluster and loaded.cluster_id and cluster != loaded.cluster_id:
+        ours = self.core.peer
+        # Voters of one quorum share the base identity until, and after, their decision.
+        same = cluster == ours.cluster or (base and base == ours.base_cluster)
+        if cluster and ours.cluster and not same:
             raise ProtocolError(f"peer {peer} belongs to cluster {cluster}, this one to "
-                                f"{loaded.cluster_id}")
-        if peer == loaded.peer_id:
+                                f"{ours.cluster}")
+        if peer == self.me:
             raise ProtocolError("that is this peer itself")
         return cluster, peer, nonce, port
 
@@ -276,17 +284,22 @@ class PeerNet:
         framed = _Framed(stream)
         mine = os.urandom(16)
         with trio.fail_after(CONNECT_TIMEOUT):
-            await framed.write(self._hello(mine))
-            cluster, peer, theirs, port = self._check_hello(await framed.read(MAX_HELLO))
-            if not self.core.loaded.cluster_id:
+            hello = self._hello(mine)
+            await framed.write(hello)
+            heard = await framed.read(MAX_HELLO)
+            cluster, peer, theirs, port = self._check_hello(heard)
+            if not self.core.peer.cluster:
                 if not (outbound and cluster):
                     raise ProtocolError("this peer has not joined a cluster yet")
                 await self.core.join_cluster(cluster)
-            cid = self.core.loaded.cluster_id.encode()
-            await framed.write(_mac(self.secret, b"proof", self.me.encode(), theirs, mine, cid))
+            # Each proof binds both hellos (the dialler's first), so neither side's identity,
+            # cluster or ranges can be changed on the way, and both nonces, so no proof can
+            # be replayed.
+            both = hashlib.sha256(hello + heard if outbound else heard + hello).digest()
+            await framed.write(_mac(self.secret, b"proof", self.me.encode(), theirs, mine, both))
             proof = await framed.read(64)
             if not hmac.compare_digest(proof, _mac(self.secret, b"proof", peer.encode(), mine,
-                                                   theirs, cid)):
+                                                   theirs, both)):
                 raise ProtocolError(f"peer {peer} failed authentication (wrong cluster secret?)")
         send_key = _mac(self.secret, b"key", mine, theirs, self.me.encode())
         recv_key = _mac(self.secret, b"key", theirs, mine, peer.encode())
@@ -300,11 +313,13 @@ class PeerNet:
         except ProtocolError as e:
             if "itself" in str(e):
                 self.refused[addr] = str(e)
+                await self.core.identified(addr, self.me)
             raise
+        await self.core.identified(addr, peer)
         if peer in self.out:
             log.info("event=duplicate_connection peer=%s address=%s", peer, addr)
             return
-        self.addresses[peer] = addr
+        self._remember(peer, addr)
         send, recv = trio.open_memory_channel(QUEUE)
         self.out[peer] = send
         log.info("event=connected peer=%s address=%s", peer, addr)
@@ -324,7 +339,7 @@ class PeerNet:
                 host = stream.socket.getpeername()[0]
                 addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 if port and self.addresses.get(peer) != addr:
-                    self.addresses[peer] = addr
+                    self._remember(peer, addr)
                     self.dial(addr)
                 log.info("event=accepted peer=%s", peer)
                 async with trio.open_nursery() as n:
@@ -384,5 +399,10 @@ class PeerNet:
                     and ":" in addr):
                 raise ProtocolError("bad address book entry")
             if peer != self.me and peer not in self.addresses:
-                self.addresses[peer] = addr
+                self._remember(peer, addr)
                 self.dial(addr)
+
+    def _remember(self, peer: str, addr: str) -> None:
+        if self.addresses.get(peer) != addr:
+            self.addresses[peer] = addr
+            self.save(peer, addr)

@@ -17,7 +17,7 @@ import apsw
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
 from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
-                            Removal, Reserve, RingWrite, Row, Standing)
+                            Removal, Reserve, RingWrite, Row, Standing, Vote)
 from .core.peer import Peer
 from .core.ring import Ring
 from .resources import schema_path
@@ -55,9 +55,11 @@ class StoreError(Exception):
 @dataclass
 class Loaded:
     peer_id: str
-    cluster_id: str
+    cluster_id: str  # for a quorum, the base identity; the core derives the decided one
     universes: list[Cidr]
     created: bool
+    mode: str = "single"
+    meta: dict | None = None
 
 
 def cluster_id_for(universes: list[Cidr], bootstrap: str) -> str:
@@ -74,9 +76,13 @@ class Store:
     # -- opening -------------------------------------------------------------------------------
 
     def open(self, universes: list[Cidr] | None, nickname: str,
-             migrations: dict[int, str] | None = None, join: bool = False) -> Loaded:
+             migrations: dict[int, str] | None = None, mode: str = "single",
+             bootstrap_meta: dict[str, str] | None = None) -> Loaded:
         """Open or create; `universes` None means "whatever the database has". A new database
-        made to join (`join`) owns nothing and has no cluster until its first peer says."""
+        owns everything (mode "single"), or nothing yet: "join" (no cluster until its first
+        peer says), "seeds" or "quorum" (the cluster named from the flags every first host
+        shares; the split comes later). bootstrap_meta (the seed list, the quorum size) is
+        kept in meta so a restart needs no flags to carry on."""
         migrations = MIGRATIONS if migrations is None else migrations
         exists = self.path.exists()
         flags = apsw.SQLITE_OPEN_READWRITE | (0 if exists else apsw.SQLITE_OPEN_CREATE)
@@ -91,7 +97,7 @@ class Store:
             if version is None:
                 if not universes:
                     raise StoreError(f"{self.path} is new: name its ranges with --iprange")
-                loaded = self._create(conn, universes, nickname, join)
+                loaded = self._create(conn, universes, nickname, mode, bootstrap_meta or {})
             else:
                 if version < SCHEMA_VERSION:
                     self._migrate(conn, version, migrations)
@@ -129,34 +135,40 @@ class Store:
                              "start. Restore a backup, or remove it and rejoin as a new peer.")
         return version
 
-    def _create(self, conn: apsw.Connection, universes: list[Cidr], nickname: str,
-                join: bool) -> Loaded:
+    def _create(self, conn: apsw.Connection, universes: list[Cidr], nickname: str, mode: str,
+                bootstrap_meta: dict[str, str]) -> Loaded:
         conn.execute("PRAGMA journal_mode = WAL")
         peer_id = secrets.token_hex(8)
         # A single host owning everything is its own cluster (peers that join it take its
-        # identity); a joiner learns the identity from its first peer.
-        cluster = "" if join else cluster_id_for(universes, "single:" + peer_id)
+        # identity); a joiner learns the identity from its first peer; seeds and voters name
+        # it from what they all are given.
+        cluster = {"single": cluster_id_for(universes, "single:" + peer_id), "join": "",
+                   "seeds": cluster_id_for(universes, "seeds:" + bootstrap_meta.get(
+                       "seed_addresses", "")),
+                   "quorum": cluster_id_for(universes, "quorum:" + bootstrap_meta.get(
+                       "quorum", ""))}[mode]
         with conn:
             conn.execute(schema_path().read_text())
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("peer_id", peer_id), ("cluster_id", cluster),
-                ("bootstrap", "join" if join else "single")])
-            if join:
-                conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
+                ("peer_id", peer_id), ("cluster_id", cluster), ("bootstrap", mode),
+                *sorted(bootstrap_meta.items())])
             for u in universes:
                 conn.execute("INSERT INTO universes VALUES (?, ?)", (str(u), u.family))
-                if join:
-                    continue
-                e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
-                conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (str(u), u.addr(e.start), u.addr(e.end - 1), e.owner, e.version,
-                              e.free_hint, *e.stamp))
-            if not join:
+            if mode == "single":
+                for u in universes:
+                    e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
+                    conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (str(u), u.addr(e.start), u.addr(e.end - 1), e.owner,
+                                  e.version, e.free_hint, *e.stamp))
                 conn.execute("INSERT INTO clock VALUES (1, 1, ?)", (json.dumps({peer_id: 1}),))
+            else:
+                conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
-        return Loaded(peer_id, cluster, list(universes), True)
+        return Loaded(peer_id, cluster, list(universes), True, mode,
+                      {"peer_id": peer_id, "cluster_id": cluster, "bootstrap": mode,
+                       **bootstrap_meta})
 
     def _migrate(self, conn: apsw.Connection, version: int, migrations: dict[int, str]) -> None:
         missing = [v for v in range(version, SCHEMA_VERSION) if v not in migrations]
@@ -182,7 +194,8 @@ class Store:
                 f"{self.path} belongs to a cluster with ranges {', '.join(map(str, have))}, but "
                 f"this launch asked for {', '.join(map(str, universes))}; give the same "
                 "--iprange, or use another --data-dir for a new cluster")
-        return Loaded(meta["peer_id"], meta["cluster_id"], have, False)
+        return Loaded(meta["peer_id"], meta["cluster_id"], have, False,
+                      meta.get("bootstrap", "single"), meta)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -211,13 +224,45 @@ class Store:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         if "standing" in meta:
             d.standing = Standing(meta["standing"], meta.get("standing_note", ""))
+        if loaded.mode == "seeds" and "seeds" in meta:
+            d.mode, d.seeds = "seeds", tuple(json.loads(meta["seeds"]))
+        elif loaded.mode == "quorum":
+            d.mode, d.quorum = "quorum", int(meta["quorum"])
+            if "vote" in meta:
+                promised, accepted, decided = json.loads(meta["vote"])
+                d.vote = Vote(tuple(promised) if promised else None,
+                              (tuple(accepted[0]), tuple(accepted[1])) if accepted else None,
+                              tuple(decided) if decided else None)
         return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
                        gateways: frozenset = frozenset()):
         return self.load_peer(loaded, default_subnet, reuse_delay, gateways).allocator
 
     # -- writing -------------------------------------------------------------------------------
+
+    def peer_addresses(self) -> dict[str, str]:
+        """Where each peer was last reached: dialled again after a restart."""
+        out = {}
+        for peer, addresses in self.conn.execute("SELECT id, addresses FROM peers"):
+            try:
+                known = json.loads(addresses)
+            except ValueError:
+                continue
+            if isinstance(known, list) and known and isinstance(known[-1], str):
+                out[peer] = known[-1]
+        return out
+
+    def save_peer_address(self, peer: str, address: str) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname) VALUES (?, '')",
+                              (peer,))
+            self.conn.execute("UPDATE peers SET addresses = ? WHERE id = ?",
+                              (json.dumps([address]), peer))
 
     def set_cluster(self, cluster: str) -> None:
         """A joiner's identity, learned from its first peer; set once."""
@@ -265,7 +310,10 @@ class Store:
                 elif isinstance(r, Standing):
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('standing', ?), "
                                  "('standing_note', ?)", (r.state, r.note))
-                else:  # Vote: quorum bootstrap is not wired to the daemon yet (README)
+                elif isinstance(r, Vote):
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('vote', ?)",
+                                 (json.dumps([r.promised, r.accepted, r.decided]),))
+                else:
                     raise TypeError(f"not a row: {r!r}")
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """The peer handshake and frames, in process over memory streams: both sides prove the
 secret, a wrong secret or a replayed proof fails, and a replayed, reordered or altered frame
 ends the connection."""
+import hashlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,14 +21,24 @@ class Loaded:
     universes: list = field(default_factory=lambda: [cidr("10.0.0.0/24")])
 
 
+@dataclass
+class FakePeer:
+    cluster: str
+    base_cluster: str
+
+
 class FakeCore:
     def __init__(self, peer_id, cluster="c1"):
         self.loaded = Loaded(peer_id, cluster)
+        self.peer = FakePeer(cluster, cluster)
         self.reachable = set()
         self.send = None
 
     async def join_cluster(self, cluster):
-        self.loaded.cluster_id = cluster
+        self.loaded.cluster_id = self.peer.cluster = self.peer.base_cluster = cluster
+
+    async def identified(self, address, peer):
+        pass
 
 
 def net(peer_id, secret=SECRET, cluster="c1"):
@@ -72,7 +83,7 @@ async def test_foreign_cluster_refused():
 async def test_a_joiner_takes_the_cluster_of_the_peer_it_dials():
     joiner = net("j", cluster="")
     (s, peer, _), _ = await both(joiner, net("b"))
-    assert peer == "b" and joiner.core.loaded.cluster_id == "c1"
+    assert peer == "b" and joiner.core.peer.cluster == "c1"
     # ... but a peer with no cluster is never taken in by one it did not dial.
     _, y = await both(net("b"), net("j2", cluster=""))
     assert isinstance(y, ProtocolError) and "not joined" in str(y)
@@ -91,10 +102,12 @@ async def test_a_recorded_handshake_replayed_to_a_new_connection_fails():
     async with trio.open_nursery() as nursery:
         nursery.start_soon(record)
         # Play a's part by hand so b's frames can be kept.
-        await reader.write(a1._hello(b"\x01" * 16))
+        hello = a1._hello(b"\x01" * 16)
+        await reader.write(hello)
         recorded.append(await reader.read())
         theirs = PeerNet._check_hello(a1, recorded[0])[2]
-        await reader.write(_mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, b"c1"))
+        both = hashlib.sha256(hello + recorded[0]).digest()
+        await reader.write(_mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, both))
         recorded.append(await reader.read())
     # Replay to a fresh a, which picks a fresh nonce: the old proof cannot match it.
     left, right = trio.testing.memory_stream_pair()

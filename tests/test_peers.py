@@ -51,6 +51,14 @@ def test_three_daemons_join_through_one_peer_and_share_the_range(tmp_path):
                lambda: len({status(d)["ring_digest"] for d in (a, b, c)}) == 1)
     shares = status(c)["universes"][0]["peers"]
     assert set(shares) == set(ids.values()) and all(v["reachable"] for v in shares.values())
+    out = c.cli("status")
+    assert out.returncode == 0, out
+    for peer in ids.values():
+        assert re.search(rf"{peer}\s+\d+\.\d%\s+\d+\.\d%\s+(this peer|reachable)",
+                         out.stdout), out.stdout
+    out = c.cli("peers").stdout.splitlines()
+    assert sorted(out) == sorted(f"{p}  {'this peer' if d is c else 'reachable'}"
+                                 for d, p in ids.items()), out
 
 
 def test_wrong_secret_other_range_and_garbage_are_refused(tmp_path):
@@ -157,3 +165,83 @@ def test_prometheus_metrics_show_use_peers_and_donations(tmp_path):
     a.kill()
     wait_until("a to show as unreachable", lambda: 'ipamd_peers{state="unreachable"} 1.0'
                in scrape())
+
+
+def test_a_restarted_host_finds_its_peers_without_peer_flags(tmp_path):
+    a = launch(tmp_path, "a")
+    b = launch(tmp_path, "b", "--peer", a.addr)
+    ia = status(a)["peer"]
+    wait_until("b to reach a", lambda: status(b)["reachable"] == [ia])
+    b.kill()
+    again = Daemon(b.dir, "--name", "b", "--listen", "127.0.0.1:0", "--secret-file",
+                   str(b.dir / "secret"))  # no --peer: the database remembers where a is
+    again.start()
+    wait_until("b to reach a again", lambda: status(again)["reachable"] == [ia])
+    r = again.call({"op": "allocate", "handle": "x"})
+    assert r["ok"], r
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def launch_fixed(tmp_path, name, port, *flags):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "secret").write_text(SECRET)
+    d = Daemon(tmp_path / name, "--iprange", RANGE, "--name", name, "--listen",
+               f"127.0.0.1:{port}", "--secret-file", str(tmp_path / name / "secret"), *flags)
+    d.start()
+    return d
+
+
+def test_seeds_split_the_range_once_every_seed_is_reached(tmp_path):
+    ports = free_ports(3)
+    seeds = ",".join(f"127.0.0.1:{p}" for p in ports)
+    a = launch_fixed(tmp_path, "a", ports[0], "--init-peers", seeds)
+    s = status(a)
+    assert s["standing"] == "waiting" and "127.0.0.1" in s["note"], s
+    assert not a.call({"op": "allocate", "handle": "early"})["ok"]  # says why: waiting
+    b = launch_fixed(tmp_path, "b", ports[1], "--init-peers", seeds)
+    c = launch_fixed(tmp_path, "c", ports[2], "--init-peers", seeds)
+    ds = [a, b, c]
+    wait_until("every seed to be a member", lambda: all(
+        status(d)["standing"] == "member" for d in ds))
+    wait_until("one ring", lambda: len({status(d)["ring_digest"] for d in ds}) == 1)
+    owned = [status(d)["universes"][0]["owned"] for d in ds]
+    assert all(o >= 63 for o in owned) and sum(owned) == 254, owned  # a /24 in 4 blocks
+    for d in ds:
+        assert d.call({"op": "allocate", "handle": "x"})["ok"]
+    # A restart keeps the split and needs no flags but the secret and where to listen.
+    b.kill()
+    again = Daemon(b.dir, "--name", "b", "--listen", f"127.0.0.1:{ports[1]}", "--secret-file",
+                   str(b.dir / "secret"))
+    again.start()
+    assert status(again)["universes"][0]["owned"] == owned[1]
+    wait_until("b back in touch", lambda: len(status(again)["reachable"]) == 2)
+
+
+def test_quorum_of_three_decides_the_split(tmp_path):
+    ports = free_ports(3)
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    ds = []
+    for i, name in enumerate("abc"):
+        others = [x for a in addrs if a != addrs[i] for x in ("--peer", a)]
+        ds.append(launch_fixed(tmp_path, name, ports[i], "--quorum", "3", *others))
+    wait_until("the vote to be decided everywhere", lambda: all(
+        status(d)["standing"] == "member" and status(d)["decided"] for d in ds), 30)
+    decided = {tuple(status(d)["decided"]) for d in ds}
+    assert len(decided) == 1
+    clusters = {status(d)["cluster"] for d in ds}
+    assert len(clusters) == 1 and "/" in clusters.pop()  # the decided identity
+    wait_until("one ring", lambda: len({status(d)["ring_digest"] for d in ds}) == 1)
+    owners = set(status(ds[0])["universes"][0]["peers"])
+    assert owners == set(decided.pop())
+    for d in ds:
+        r = d.call({"op": "allocate", "handle": "x"})
+        assert r["ok"], r

@@ -424,6 +424,17 @@ class Peer(Bootstrap, Removals):
                 if hint > 0 and (best is None or hint > best[0]):
                     best = (hint, peer, u, lo, hi)
         if best is None:
+            # Knowing no entry at all (a newcomer that has not heard the ring yet), ask a
+            # reachable peer anyway rather than fail: its answer or grant brings the ring.
+            blind = [(peer, u, lo, hi) for u, lo, hi in self._subnet_bounds(req)
+                     if not self.replica.rings[u].entries
+                     for peer in sorted(self.reachable - set(w.asked))]
+            if blind:
+                peer, u, lo, hi = blind[0]
+                w.asked.append(peer)
+                self.waiting[self.next_req] = w
+                out.messages.append((peer, SpaceRequest(self.cluster, self.next_req, u, lo, hi)))
+                return
             out.replies.append((w.ref, last_error if not w.asked else m.error(
                 "exhausted", f"{last_error['error']['message']}; asked "
                 f"{', '.join(w.asked)} for space in vain")))
