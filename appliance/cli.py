@@ -246,7 +246,7 @@ def _show(cmd: str, r: dict) -> None:
               f"  cluster {r['cluster'] or '(none yet)'}")
         print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
               f"{r['allocations']} addresses held by {r['handles']} handles  "
-              f"{r['pending']} requests waiting for peers")
+              f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
         print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
         for u in r["universes"]:
             print(f"{u['range']:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"

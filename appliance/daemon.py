@@ -117,6 +117,7 @@ class CoreLoop:
         self.send = lambda dst, msg: None  # the peer transport replaces this
         self.metrics = None
         self.net = None  # the peer transport, when there is one
+        self.conflicts = 0  # ring data refused as conflicting, since start
         self.reachable: set[str] = set()
 
     @property
@@ -255,8 +256,10 @@ class CoreLoop:
     def _deliver(self, ready: Ready) -> None:
         for alarm in ready.alarms:
             log.warning("event=alarm message=%r", alarm)
-            if "conflict" in alarm and self.metrics is not None:
-                self.metrics.conflicts.inc()
+            if "conflict" in alarm:
+                self.conflicts += 1
+                if self.metrics is not None:
+                    self.metrics.conflicts.inc()
         for dst, msg in ready.messages:
             self.send(dst, msg)
         for ref, reply in ready.replies:
@@ -340,6 +343,7 @@ async def _answer(core: CoreLoop, request) -> bytes:
         reply = await core.submit(request)
         if isinstance(request, m.Status) and reply["ok"]:
             reply["swept"] = core.sweeper.swept
+            reply["conflicts"] = core.conflicts
             if core.net is not None:
                 reply["peer_bytes_sent"] = core.net.traffic()
         return encode_reply(reply)

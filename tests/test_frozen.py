@@ -44,3 +44,32 @@ def test_frozen_and_venv_are_the_same_program():
     outs = [subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
             for cmd in ([frozen()], PYTHON_IPAMD)]
     assert outs[0] == outs[1] and "launch" in outs[0]
+
+
+def test_frozen_binaries_join_and_share_over_the_peer_protocol(tmp_path):
+    import json
+    import re
+
+    from .daemon_proc import wait_until
+    (tmp_path / "secret").write_text("frozen-test-secret-0123456789")
+    common = ["--iprange", "10.51.0.0/24", "--listen", "127.0.0.1:0", "--secret-file",
+              str(tmp_path / "secret"), "--metrics", "127.0.0.1:0"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Daemon(tmp_path / "a", *common, command=[frozen()])
+    a.start()
+    try:
+        port = re.search(r"listen=\S+:(\d+)", a.ready_line).group(1)
+        b = Daemon(tmp_path / "b", *common, "--peer", f"127.0.0.1:{port}", command=[frozen()])
+        b.start()
+        try:
+            def status(d):
+                return json.loads(d.cli("status", "--json").stdout)
+            wait_until("one ring", lambda: status(a)["ring_digest"] == status(b)["ring_digest"]
+                       and status(b)["reachable"])
+            r = b.cli("allocate", "web-1")  # b owns nothing: a donation from a
+            assert r.returncode == 0 and r.stdout.startswith("10.51.0."), r
+        finally:
+            b.stop()
+    finally:
+        a.stop()

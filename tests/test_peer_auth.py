@@ -168,3 +168,17 @@ async def test_oversized_frame_is_refused_before_it_is_read():
     await left.send_all(b"\xff\xff\xff\xff")
     with pytest.raises(ProtocolError, match="exceeds"):
         await _Framed(right).read()
+
+
+def test_hellos_of_another_protocol_version_or_malformed_are_refused():
+    import msgpack
+    n = net("a")
+    good = msgpack.unpackb(net("b")._hello(b"\x02" * 16))
+    for bad, reason in ((good[:1] + [0] + good[2:], "protocol version 0"),
+                        (good[:-1], "malformed hello"),
+                        (["HTTP/1.1"] + good[1:], "not an ipamd peer hello"),
+                        (good[:5] + [["10.9.0.0/24"]] + good[6:], "has ranges 10.9.0.0/24")):
+        with pytest.raises(ProtocolError, match=reason):
+            n._check_hello(msgpack.packb(bad))
+    with pytest.raises(ProtocolError, match="not an ipamd peer hello"):
+        n._check_hello(b"\xc1garbage")
