@@ -360,10 +360,10 @@ class Peer(Bootstrap, Removals):
 
     def _give_back(self, now: float, out: Ready) -> None:
         """Hand small wholly free runs of our space to a neighbouring peer (donation.py), so
-        that claims and grants do not leave the ring ever more fragmented. Only with no request of ours
-        waiting for space, only to a reachable peer no removal is under way for, and only
-        runs small beside what we keep free elsewhere in that universe (at most a quarter
-        of it): space is not pushed on peers that did not ask, nor given back and forth."""
+        that claims and grants do not leave the ring ever more fragmented. Only with no
+        request of ours waiting for space, only to a reachable peer no removal is under way
+        for, and only runs small beside what we keep free elsewhere in that universe (at most
+        a quarter of it): space is not pushed on peers that did not ask."""
         if self.waiting or self.leaving or self.removing:
             return
         stamp = None
