@@ -1,6 +1,7 @@
 """Chaos with real daemons: N hosts in network namespaces, allocation and release churn on
-every host, a fault every FAULT_EVERY seconds (a host cut off, a 2/3 split, SIGKILL and
-restart, SIGSTOP for 5 s), then heal and check I1-I8 from the databases and the client log.
+every host, a fault every FAULT_EVERY seconds (a host's link down, a 2/3 split, a bridge (two
+sides cut apart but for one host that reaches both), a one-way drop, SIGKILL and restart,
+SIGSTOP for 5 s), then heal and check I1-I8 from the databases and the client log.
 
     python -m tests.chaos --minutes N [--seed S]     (as root; `make soak MINUTES=N`)
 """
@@ -106,16 +107,21 @@ class Chaos:
             c.close()
 
     def _fault(self, c: Cluster) -> None:
-        kind = self.rng.choice(["isolate", "split", "kill", "stop"])
+        kind = self.rng.choice(["isolate", "split", "bridge", "one_way", "kill", "stop"])
         self.faults[kind] += 1
         i = self.rng.randrange(self.n)
-        if kind == "isolate":
+        order = self.rng.sample(range(self.n), self.n)
+        if kind == "isolate":  # the host's link on the bridge goes down
             c.link(i, False)
             time.sleep(FAULT_LASTS)
             c.link(i, True)
-        elif kind == "split":
-            side = self.rng.sample(range(self.n), 2)
-            c.cut(side, [j for j in range(self.n) if j not in side])
+        elif kind in ("split", "bridge", "one_way"):  # nft drop rules
+            if kind == "split":
+                c.cut(order[:2], order[2:])
+            elif kind == "bridge":  # order[2] still reaches both sides
+                c.cut(order[:2], order[3:])
+            else:
+                c.one_way(order[0], order[1])
             time.sleep(FAULT_LASTS)
             c.heal()
         elif kind == "kill":

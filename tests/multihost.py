@@ -79,18 +79,27 @@ class Cluster:
         sh("ip", "-n", self.hub, "link", "set", f"p{i}", "up" if up else "down")
 
     def cut(self, side_a: list[int], side_b: list[int]) -> None:
-        """nft rules in each host's namespace dropping everything to and from the other side."""
+        """nft rules in each host's namespace dropping everything to and from the other side
+        (hosts on neither side, a bridge, still reach both)."""
         for mine, other in ((side_a, side_b), (side_b, side_a)):
-            addrs = ", ".join(ip(j) for j in other)
-            rules = f"""
-                table inet cut {{
-                    chain in {{ type filter hook input priority 0; ip saddr {{ {addrs} }} drop; }}
-                    chain out {{ type filter hook output priority 0; ip daddr {{ {addrs} }} drop; }}
-                }}"""
             for i in mine:
-                subprocess.run(["ip", "netns", "exec", self.hosts[i], "nft", "-f", "-"],
-                               input=rules, text=True, check=True, capture_output=True,
-                               timeout=30)
+                self._drop(i, other, both_ways=True)
+
+    def one_way(self, deaf: int, unheard: int) -> None:
+        """deaf drops whatever unheard sends it; the other direction is left alone."""
+        self._drop(deaf, [unheard], both_ways=False)
+
+    def _drop(self, i: int, others: list[int], both_ways: bool) -> None:
+        addrs = ", ".join(ip(j) for j in others)
+        out = (f"chain out {{ type filter hook output priority 0; ip daddr {{ {addrs} }} "
+               "drop; }") if both_ways else ""
+        rules = f"""
+            table inet cut {{
+                chain in {{ type filter hook input priority 0; ip saddr {{ {addrs} }} drop; }}
+                {out}
+            }}"""
+        subprocess.run(["ip", "netns", "exec", self.hosts[i], "nft", "-f", "-"], input=rules,
+                       text=True, check=True, capture_output=True, timeout=30)
 
     def heal(self) -> None:
         for i, h in enumerate(self.hosts):
