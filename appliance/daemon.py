@@ -149,6 +149,8 @@ class CoreLoop:
             self._note_pending()
             return
         ids = sorted(set(self.pending_seeds.values()))
+        if self._open.rows:  # the peer is rebuilt from the database: let it be complete
+            await self._open.done.wait()
         _, rows = Peer.seeded(self.loaded.peer_id, self.loaded.cluster_id,
                               self.loaded.universes, self._subnet(), ids, **self._kw())
         self.store.commit(rows)

@@ -44,11 +44,19 @@ class Metrics:
         for (u, sub), n in sorted(by_subnet.items()):
             in_use.add_metric([u, sub], n)
         free = GaugeMetricFamily("ipamd_addresses_free", "addresses this peer could hand out "
-                                 "now, in the space it owns", labels=["universe"])
+                                 "now, in the space it owns, by universe and subnet (the "
+                                 "default subnet and every subnet in use)",
+                                 labels=["universe", "subnet"])
+        subnets = {a.default_subnet} | {h.subnet for h in a.by_addr.values()}
+        for u in a.rings:
+            for sub in sorted(subnets, key=str):
+                if sub.overlaps(u):
+                    lo, hi = sub.host_bounds()
+                    free.add_metric([str(u), str(sub)], a.free_count(
+                        u, max(lo, u.start), min(hi, u.end), now))
         owned = GaugeMetricFamily("ipamd_addresses_owned", "addresses of the universe this "
                                   "peer owns", labels=["universe"])
         for u in s["universes"]:
-            free.add_metric([u["range"]], u["free"] - u["quarantined"])
             owned.add_metric([u["range"]], u["owned"])
         peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
                                   labels=["state"])

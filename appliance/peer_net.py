@@ -53,6 +53,10 @@ class ProtocolError(Exception):
     """The other side broke the protocol; the message names how. The connection is closed."""
 
 
+class SelfConnection(ProtocolError):
+    """The address dialled is this peer's own."""
+
+
 EXPECTED = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
             OSError)
 
@@ -73,6 +77,14 @@ def _ended(what: str, e: Exception, **fields) -> None:
         log.exception("event=%s_failed %s", what, extra)
     else:
         log.warning("event=%s %s reason=%r", what, extra, reason)
+
+
+def _port(addr: str) -> int | None:
+    """The port of HOST:PORT, or None if addr is not of that form."""
+    host, sep, port = addr.rpartition(":")
+    if not (sep and host and port.isdigit() and int(port) < 65536):
+        return None
+    return int(port)
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -217,7 +229,7 @@ class PeerNet:
             self._update_reachable()
 
     async def _dialer(self, addr: str) -> None:
-        host, _, port = addr.rpartition(":")
+        host, port = addr.rpartition(":")[0], _port(addr)
         wait = BACKOFF[0]
         # Learned addresses are dialled while some peer is known there: a peer that comes
         # back on another port replaces its old address.
@@ -225,7 +237,7 @@ class PeerNet:
                                             or addr in self.addresses.values()):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                    stream = await trio.open_tcp_stream(host.strip("[]"), port)
             except (OSError, trio.TooSlowError) as e:
                 log.debug("event=connect_failed address=%s error=%r", addr, str(e))
             else:
@@ -277,7 +289,7 @@ class PeerNet:
             raise ProtocolError(f"peer {peer} belongs to cluster {cluster}, this one to "
                                 f"{ours.cluster}")
         if peer == self.me:
-            raise ProtocolError("that is this peer itself")
+            raise SelfConnection("that is this peer itself")
         return cluster, peer, nonce, port
 
     async def _handshake(self, stream, outbound: bool) -> tuple[_Session, str, int]:
@@ -288,10 +300,9 @@ class PeerNet:
             await framed.write(hello)
             heard = await framed.read(MAX_HELLO)
             cluster, peer, theirs, port = self._check_hello(heard)
-            if not self.core.peer.cluster:
-                if not (outbound and cluster):
-                    raise ProtocolError("this peer has not joined a cluster yet")
-                await self.core.join_cluster(cluster)
+            joining = not self.core.peer.cluster
+            if joining and not (outbound and cluster):
+                raise ProtocolError("this peer has not joined a cluster yet")
             # Each proof binds both hellos (the dialler's first), so neither side's identity,
             # cluster or ranges can be changed on the way, and both nonces, so no proof can
             # be replayed.
@@ -301,6 +312,8 @@ class PeerNet:
             if not hmac.compare_digest(proof, _mac(self.secret, b"proof", peer.encode(), mine,
                                                    theirs, both)):
                 raise ProtocolError(f"peer {peer} failed authentication (wrong cluster secret?)")
+        if joining:  # only once the peer has proved it knows the secret
+            await self.core.join_cluster(cluster)
         send_key = _mac(self.secret, b"key", mine, theirs, self.me.encode())
         recv_key = _mac(self.secret, b"key", theirs, mine, peer.encode())
         return _Session(framed, send_key, recv_key, peer, self.bytes_sent), peer, port
@@ -310,10 +323,9 @@ class PeerNet:
     async def _outbound(self, stream, addr: str) -> None:
         try:
             session, peer, _ = await self._handshake(stream, outbound=True)
-        except ProtocolError as e:
-            if "itself" in str(e):
-                self.refused[addr] = str(e)
-                await self.core.identified(addr, self.me)
+        except SelfConnection as e:
+            self.refused[addr] = str(e)
+            await self.core.identified(addr, self.me)
             raise
         await self.core.identified(addr, peer)
         if peer in self.out:
@@ -395,9 +407,10 @@ class PeerNet:
         if not isinstance(book, dict) or len(book) > 10000:
             raise ProtocolError("bad address book")
         for peer, addr in book.items():
-            if not (isinstance(peer, str) and isinstance(addr, str) and len(addr) < 300
-                    and ":" in addr):
-                raise ProtocolError("bad address book entry")
+            if not (isinstance(peer, str) and 0 < len(peer) <= 64 and isinstance(addr, str)
+                    and len(addr) < 300 and _port(addr) is not None):
+                raise ProtocolError(f"bad address book entry {peer!r}: {addr!r}")
+        for peer, addr in book.items():  # all checked first: a bad book changes nothing
             if peer != self.me and peer not in self.addresses:
                 self._remember(peer, addr)
                 self.dial(addr)

@@ -84,7 +84,11 @@ async def test_a_joiner_takes_the_cluster_of_the_peer_it_dials():
     joiner = net("j", cluster="")
     (s, peer, _), _ = await both(joiner, net("b"))
     assert peer == "b" and joiner.core.peer.cluster == "c1"
-    # ... but a peer with no cluster is never taken in by one it did not dial.
+    # Nor by one that cannot prove the secret: the joiner's cluster stays unset.
+    stranger = net("j3", cluster="")
+    x, _ = await both(stranger, net("evil", secret=b"not-the-cluster-secret", cluster="c9"))
+    assert isinstance(x, Exception) and stranger.core.peer.cluster == ""
+    # ... and a peer with no cluster is never taken in by one it did not dial.
     _, y = await both(net("b"), net("j2", cluster=""))
     assert isinstance(y, ProtocolError) and "not joined" in str(y)
 
@@ -182,3 +186,13 @@ def test_hellos_of_another_protocol_version_or_malformed_are_refused():
             n._check_hello(msgpack.packb(bad))
     with pytest.raises(ProtocolError, match="not an ipamd peer hello"):
         n._check_hello(b"\xc1garbage")
+
+
+def test_an_address_book_with_bad_entries_is_refused_whole():
+    import msgpack
+    n = net("a")
+    for book in ({"b": "no-port"}, {"b": "host:99999"}, {"b": "host:12x"}, {"": "h:1"},
+                 {"b": 5}, ["b", "h:1"], {"c": "h:1", "d": "bad"}):
+        with pytest.raises(ProtocolError, match="address book"):
+            n._learn(msgpack.packb(book))
+    assert n.addresses == {}

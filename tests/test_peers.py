@@ -161,7 +161,9 @@ def test_prometheus_metrics_show_use_peers_and_donations(tmp_path):
     assert "ipamd_donation_seconds_count 1.0" in text
     assert "ipamd_pending_requests 0.0" in text and "ipamd_ring_conflicts_total 0.0" in text
     owned = float(re.search(r'ipamd_addresses_owned\{universe="[^"]+"\} (\S+)', text).group(1))
-    assert owned > 0
+    free = float(re.search(r'ipamd_addresses_free\{subnet="[^"]+",universe="[^"]+"\} (\S+)',
+                           text).group(1))
+    assert owned > 0 and free == owned - 1  # one address held
     a.kill()
     wait_until("a to show as unreachable", lambda: 'ipamd_peers{state="unreachable"} 1.0'
                in scrape())
