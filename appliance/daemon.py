@@ -361,10 +361,46 @@ async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
     except cni.CniError as e:
         log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
         return encode_cni_reply(cni.error_result(e), 1)
+    fetched = await _space_for_cni(core, call) if call.command == "ADD" else []
     output, code = await core.submit_fn(
         lambda allocator, now: _cni_step(call, allocator, now))
+    if code and fetched:  # the ADD failed: what was fetched for it goes back
+        for key in fetched:
+            await core.submit(m.Release(call.handle, key))
     log.info("event=cni command=%s handle=%s exit=%d", call.command, call.handle, code)
     return encode_cni_reply(output, code)
+
+
+async def _space_for_cni(core: CoreLoop, call) -> list[tuple[int, int]]:
+    """Before an ADD runs on this host's own space (all its range sets in one commit): for
+    each range set this host cannot serve alone, take the address through the peer path,
+    which asks peers for space or asks a claimed address's owner for it. The ADD then finds
+    the handle already holding it (allocate and claim are idempotent per handle)."""
+    if not core.reachable:
+        return []
+    a, now = core.allocator, core.clock()
+    anchor = json.dumps({"netns": call.netns}, sort_keys=True)
+    fetched = []
+    for rs in call.range_sets:
+        held = a.by_handle.get(call.handle, {})
+        if any(r.subnet in held for r in rs):
+            continue
+        want = [ip for ip in call.ips if any(ip in r for r in rs)]
+        if want:
+            r = next(r for r in rs if want[0] in r)
+            u = a.universe_of(want[0])
+            if u is None or a.rings[u].owner_of(want[0][1]) == core.peer.me:
+                continue
+            req = m.Claim(call.handle, want[0][0], want[0][1], r.subnet, anchor)
+        elif any(a.can_allocate(r.subnet, (r.first, r.last), now) for r in rs):
+            continue
+        else:
+            r = rs[0]
+            req = m.Allocate(call.handle, r.subnet, anchor, (r.first, r.last), r.gateway)
+        reply = await core.submit(req)
+        if reply["ok"]:
+            fetched.append((r.subnet.family, a.by_handle[call.handle][r.subnet].address))
+    return fetched
 
 
 def _cni_step(call, allocator, now):

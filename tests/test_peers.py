@@ -247,3 +247,38 @@ def test_quorum_of_three_decides_the_split(tmp_path):
     for d in ds:
         r = d.call({"op": "allocate", "handle": "x"})
         assert r["ok"], r
+
+
+def cni_call(d, command, conf, cid="c1"):
+    """The hook protocol's cni op, as the forwarder sends it."""
+    import json
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/var/run/netns/x",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(d.socket))
+        s.sendall(json.dumps({"op": "cni", "env": env, "stdin": json.dumps(conf)}).encode()
+                  + b"\n")
+        f = s.makefile("rb")
+        head = json.loads(f.readline())
+        return head["exit"], f.read(head["length"]).decode()
+
+
+def test_cni_add_on_a_host_that_owns_nothing_gets_space_from_a_peer(tmp_path):
+    import json
+    a = launch(tmp_path, "a")
+    b = launch(tmp_path, "b", "--peer", a.addr)
+    wait_until("b to hear the ring", lambda: status(b)["ring_digest"] == status(a)["ring_digest"])
+    assert status(b)["universes"][0]["owned"] == 0
+    conf = {"cniVersion": "1.0.0", "name": "net1",
+            "ipam": {"type": "ipamd", "ranges": [[{"subnet": RANGE}]]}}
+    code, out = cni_call(b, "ADD", conf)
+    assert code == 0, out
+    address = json.loads(out)["ips"][0]["address"]
+    assert status(b)["universes"][0]["owned"] > 0 and status(b)["allocations"] == 1
+    assert cni_call(b, "ADD", conf)[1] == out  # idempotent
+    # A static address a owns, asked for by name: a hands it over.
+    conf2 = dict(conf, args={"cni": {"ips": ["10.40.0.250"]}})
+    code, out2 = cni_call(b, "ADD", conf2, cid="c2")
+    assert code == 0 and json.loads(out2)["ips"][0]["address"].startswith("10.40.0.250/"), out2
+    assert cni_call(b, "DEL", conf)[0] == 0 and address not in json.dumps(
+        b.call({"op": "list"}))
