@@ -8,9 +8,9 @@ A connection opens with a HELLO each way (magic, protocol version, cluster and b
 peer id, ranges, a fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256
 under the cluster secret over the peer's id, both nonces and both hellos. A proof includes the
 other side's fresh nonce, so an old one cannot be replayed. Every later frame is
-counter (8 bytes) | payload | HMAC of both under a key derived from the secret and both nonces,
-and the counter must be exactly one more than the last: a replayed, reordered or forged frame
-ends the connection. A wrong secret, another cluster, other ranges, another protocol version,
+version (1 byte) | counter (8) | kind (1) | payload | HMAC of all that under a key derived
+from the secret and both nonces, and the counter must be exactly one more than the last: a
+replayed, reordered or forged frame ends the connection. Core messages carry the cluster. A wrong secret, another cluster, other ranges, another protocol version,
 garbage or an oversized frame each closes the connection with a logged reason, and nothing in
 the core changes.
 
@@ -45,6 +45,7 @@ BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
 
+HEAD = struct.Struct(">BQB")  # protocol version, counter, kind; then payload and MAC
 CORE, KEEPALIVE_FRAME, ADDRESSES = 0, 1, 2
 KIND_NAMES = {CORE: "messages", KEEPALIVE_FRAME: "keepalives", ADDRESSES: "addresses"}
 
@@ -127,18 +128,20 @@ class _Session:
 
     async def send(self, kind: int, payload: bytes) -> None:
         self.sent += 1
-        head = struct.pack(">QB", self.sent, kind)
+        head = HEAD.pack(PROTOCOL, self.sent, kind)
         await self.framed.write(head + payload + _mac(self.send_key, head, payload))
         self.counts[kind] = self.counts.get(kind, 0) + 4 + len(head) + len(payload) + 32
 
     async def receive(self) -> tuple[int, bytes]:
         frame = await self.framed.read()
-        if len(frame) < 9 + 32:
+        if len(frame) < HEAD.size + 32:
             raise ProtocolError("frame too short to be authenticated")
-        head, payload, mac = frame[:9], frame[9:-32], frame[-32:]
+        head, payload, mac = frame[:HEAD.size], frame[HEAD.size:-32], frame[-32:]
         if not hmac.compare_digest(mac, _mac(self.recv_key, head, payload)):
             raise ProtocolError("frame failed authentication (forged or corrupted)")
-        counter, kind = struct.unpack(">QB", head)
+        version, counter, kind = HEAD.unpack(head)
+        if version != PROTOCOL:  # authenticated, so a peer's bug, not noise on the wire
+            raise ProtocolError(f"frame of protocol version {version}, expected {PROTOCOL}")
         if counter != self.received + 1:
             raise ProtocolError(f"frame {counter} out of sequence (expected "
                                 f"{self.received + 1}): replayed or reordered")
