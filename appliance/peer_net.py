@@ -161,7 +161,9 @@ class PeerNet:
         self.addresses: dict[str, str] = dict(known or {})
         self.dialing: set[str] = set()             # addresses with a dialer running
         self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
-        self.heard: dict[str, float] = {}          # peer id -> when we last had a frame
+        # peer id -> when a frame last came on the connection it dialled to us
+        self.heard: dict[str, float] = {}
+        self.wake: dict[str, trio.Event] = {}      # address -> cut its dialler's backoff short
         self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
         self.nursery: trio.Nursery | None = None
         self.static: set[str] = set()              # --peer addresses: dialled for ever
@@ -188,6 +190,9 @@ class PeerNet:
         return {KIND_NAMES[k]: v for k, v in sorted(self.bytes_sent.items())}
 
     def reachable(self) -> set[str]:
+        """Peers we can talk with both ways: our connection to it is up (we can send), and
+        its connection to us has carried a frame lately (it can send; replies go that way).
+        One way only would let a request go out whose answer could not come back."""
         now = self.clock()
         return {p for p in self.out if now - self.heard.get(p, -1e9) < DEAD_AFTER}
 
@@ -252,9 +257,12 @@ class PeerNet:
                     _ended("connection_closed", e, address=addr)
                 if self.clock() - began > BACKOFF[1]:
                     wait = BACKOFF[0]  # it worked for a while: retry soon
-            await trio.sleep(wait)
+            self.wake[addr] = trio.Event()
+            with trio.move_on_after(wait):
+                await self.wake[addr].wait()
             wait = min(wait * 2, BACKOFF[1])
         self.dialing.discard(addr)
+        self.wake.pop(addr, None)
 
     # -- handshake -----------------------------------------------------------------------------
 
@@ -342,7 +350,7 @@ class PeerNet:
             async with trio.open_nursery() as n:
                 n.start_soon(self._sender, session, recv)
                 n.start_soon(self._book_sender, session)
-                await self._reader(session)  # answers on this side: keepalives only
+                await self._reader(session, inbound=False)  # keepalives only, this way
         finally:
             del self.out[peer]
             self._update_reachable()
@@ -356,18 +364,24 @@ class PeerNet:
                 if port and self.addresses.get(peer) != addr:
                     self._remember(peer, addr)
                     self.dial(addr)
+                if peer not in self.out and addr in self.wake:
+                    self.wake[addr].set()  # it is up: dial back now, not after the backoff
                 log.info("event=accepted peer=%s", peer)
                 async with trio.open_nursery() as n:
                     n.start_soon(self._keepalive, session)
-                    await self._reader(session)
+                    await self._reader(session, inbound=True)
                     n.cancel_scope.cancel()
         except Exception as e:
             _ended("connection_refused", e)
 
-    async def _reader(self, session: _Session) -> None:
+    async def _reader(self, session: _Session, inbound: bool) -> None:
         while True:
-            kind, payload = await session.receive()
-            self.heard[session.peer] = self.clock()
+            # Both ends send a frame at least every KEEPALIVE: silence means the path is
+            # gone (a partition stalls TCP without closing it), so hang up and redial.
+            with trio.fail_after(DEAD_AFTER * 2):
+                kind, payload = await session.receive()
+            if inbound:
+                self.heard[session.peer] = self.clock()
             if kind == CORE:
                 try:
                     msg = peer_codec.decode(payload)

@@ -242,6 +242,8 @@ def test_quorum_of_three_decides_the_split(tmp_path):
     clusters = {status(d)["cluster"] for d in ds}
     assert len(clusters) == 1 and "/" in clusters.pop()  # the decided identity
     wait_until("one ring", lambda: len({status(d)["ring_digest"] for d in ds}) == 1)
+    wait_until("every voter to reach the others",
+               lambda: all(len(status(d)["reachable"]) == 2 for d in ds))
     owners = set(status(ds[0])["universes"][0]["peers"])
     assert owners == set(decided.pop())
     for d in ds:
