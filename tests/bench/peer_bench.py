@@ -95,6 +95,7 @@ def spread_run(tmp: Path) -> dict:
         def traffic() -> int:
             return sum(status(d).get("peer_bytes_sent", {}).get("messages", 0) for d in ds)
 
+        quiet = status(ds[0])["ring_digest"]
         t_idle, idle0 = time.monotonic(), traffic()
         time.sleep(2.0)  # an idle window, to measure the background probe traffic
         idle_rate = (traffic() - idle0) / (time.monotonic() - t_idle)
@@ -103,9 +104,10 @@ def spread_run(tmp: Path) -> dict:
         # The change: a claim on the last daemon of an address the first one owns.
         r = ds[-1].call({"op": "claim", "handle": "change", "address": "10.70.255.200"})
         assert r["ok"], r
-        target = status(ds[-1])["ring_digest"]
+        # Every ring equal again (ds[-1]'s holds the change, so all do): a digest captured
+        # once could be overtaken by a later free-hint write and never be seen everywhere.
         wait_until("the change everywhere",
-                   lambda: all(status(d)["ring_digest"] == target for d in ds), 30)
+                   lambda: len({status(d)["ring_digest"] for d in ds} | {quiet}) == 2, 30)
         took = time.monotonic() - t0
         used = traffic() - before - idle_rate * (time.monotonic() - t0)
         return {"seconds": took, "bytes": used, "idle_bytes_per_s": idle_rate, "peers": len(ids)}
