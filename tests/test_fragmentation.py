@@ -78,8 +78,8 @@ def quiesce(sim: Sim) -> Ring:
 
 def test_after_churn_with_claims_the_ring_settles_to_a_few_runs_per_peer():
     # 10,000 operations at half full, 10% of them claims of random addresses (each carves a
-    # block out of some other peer's space). With free runs given back: 13 runs once quiet;
-    # with _give_back disabled, 276 (entries: about 290 either way, never deleted).
+    # block out of some other peer's space). With free runs given back: 9 runs once quiet;
+    # with _give_back disabled, 288 (entries: about 310 either way, never deleted).
     sim = churned(0.5, 0.10, 10_000)
     ring = quiesce(sim)
     assert ring.segments() <= 3 * len(sim.names), ring.segments()
