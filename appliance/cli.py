@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .client import Client, Unreachable
-from .core.addr import AddrError, parse_addr, parse_cidr
+from .core.addr import AddrError, parse_addr, parse_cidr, parse_hostport
 from .paths import DB_NAME, default_data_dir, default_socket
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
@@ -41,9 +41,18 @@ def _addr_arg(text: str):
 
 
 def _hostport_arg(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0 to 65535)")
+    try:
+        parse_hostport(text)
+    except AddrError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _peer_arg(text: str) -> str:
+    """HOST:PORT to dial: the host may not be left out."""
+    _hostport_arg(text)
+    if parse_hostport(text)[0] is None:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host to connect to")
     return text
 
 
@@ -51,7 +60,7 @@ def _hostport_list(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected HOST:PORT,HOST:PORT,...")
-    return [_hostport_arg(t) for t in items]
+    return [_peer_arg(t) for t in items]
 
 
 def _quorum_arg(text: str) -> int:
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "anchor) is gone; released within two intervals (default: 30)")
     la.add_argument("--log-level", default="warning",
                     choices=("debug", "info", "warning", "error"), help="default: warning")
-    la.add_argument("--peer", action="append", default=[], type=_hostport_arg,
+    la.add_argument("--peer", action="append", default=[], type=_peer_arg,
                     metavar="HOST:PORT",
                     help="a peer to connect to (repeatable; one is enough, the others are "
                          "learned from it). With a new database: join that peer's cluster, "

@@ -20,7 +20,7 @@ from pathlib import Path
 import apsw
 import trio
 
-from .core.addr import Cidr, cidr
+from .core.addr import Cidr, cidr, parse_hostport
 from .core import messages as m
 from .core.messages import error
 from .core.peer import Peer, Ready
@@ -66,13 +66,12 @@ class Refused(Exception):
 class _Batch:
     """Rows applied in memory that will be committed together, and what waits for them: the
     messages and replies of every Ready whose rows are in it, or that came after them."""
-    __slots__ = ("rows", "after", "done", "error")
+    __slots__ = ("rows", "after", "done")
 
     def __init__(self):
         self.rows: list = []
         self.after: list[Ready] = []
         self.done = trio.Event()
-        self.error: str | None = None
 
 
 class _Waiter:
@@ -468,7 +467,7 @@ async def run(config: Config, ready=print) -> None:
                             "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
             elif config.peers or config.listen or config.init_peers or known:
                 from .peer_net import PeerNet
-                host, port = _split_hostport(config.listen) if config.listen else (None, None)
+                host, port = parse_hostport(config.listen) if config.listen else (None, None)
                 net = core.net = PeerNet(core, config.secret, port, known=known,
                                          save=store.save_peer_address)
                 seeds = (loaded.meta or {}).get("seed_addresses", "")
@@ -477,7 +476,7 @@ async def run(config: Config, ready=print) -> None:
                 listening = f" listen={host or '*'}:{bound}" if bound is not None else ""
             if config.metrics:
                 from .metrics import Metrics, serve_metrics
-                host, port = _split_hostport(config.metrics)
+                host, port = parse_hostport(config.metrics)
                 core.metrics = Metrics(core)
                 bound = await nursery.start(serve_metrics, host, port, core.metrics)
                 listening += f" metrics={host or '*'}:{bound}"
@@ -495,11 +494,6 @@ async def run(config: Config, ready=print) -> None:
     finally:
         store.close()
         os.close(lock_fd)
-
-
-def _split_hostport(text: str) -> tuple[str | None, int]:
-    host, _, port = text.rpartition(":")
-    return (host.strip("[]") or None), int(port)
 
 
 def _check_subnet(subnet: Cidr | None, universes: list[Cidr]) -> None:

@@ -10,9 +10,10 @@ under the cluster secret over the peer's id, both nonces and both hellos. A proo
 other side's fresh nonce, so an old one cannot be replayed. Every later frame is
 version (1 byte) | counter (8) | kind (1) | payload | HMAC of all that under a key derived
 from the secret and both nonces, and the counter must be exactly one more than the last: a
-replayed, reordered or forged frame ends the connection. Core messages carry the cluster. A wrong secret, another cluster, other ranges, another protocol version,
-garbage or an oversized frame each closes the connection with a logged reason, and nothing in
-the core changes.
+replayed, reordered or forged frame ends the connection. Core messages carry the cluster.
+A wrong secret, another cluster, other ranges, another protocol version, garbage or an
+oversized frame each closes the connection with a logged reason, and nothing in the core
+changes.
 
 Reachability, which the core needs for its decisions: a peer is reachable while our connection
 to it is up and we have heard from it (any frame; keepalives go every KEEPALIVE seconds)
@@ -31,6 +32,7 @@ import msgpack
 import trio
 
 from . import peer_codec
+from .core.addr import AddrError, parse_hostport
 
 log = logging.getLogger("ipamd.peers")
 
@@ -78,14 +80,6 @@ def _ended(what: str, e: Exception, **fields) -> None:
         log.exception("event=%s_failed %s", what, extra)
     else:
         log.warning("event=%s %s reason=%r", what, extra, reason)
-
-
-def _port(addr: str) -> int | None:
-    """The port of HOST:PORT, or None if addr is not of that form."""
-    host, sep, port = addr.rpartition(":")
-    if not (sep and host and port.isdigit() and int(port) < 65536):
-        return None
-    return int(port)
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -237,7 +231,11 @@ class PeerNet:
             self._update_reachable()
 
     async def _dialer(self, addr: str) -> None:
-        host, port = addr.rpartition(":")[0], _port(addr)
+        host, port = parse_hostport(addr)  # checked before anyone asked to dial it
+        if host is None:
+            log.warning("event=not_dialled address=%s reason='no host'", addr)
+            self.dialing.discard(addr)
+            return
         wait = BACKOFF[0]
         # Learned addresses are dialled while some peer is known there: a peer that comes
         # back on another port replaces its old address.
@@ -245,7 +243,7 @@ class PeerNet:
                                             or addr in self.addresses.values()):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(host.strip("[]"), port)
+                    stream = await trio.open_tcp_stream(host, port)
             except (OSError, trio.TooSlowError) as e:
                 log.debug("event=connect_failed address=%s error=%r", addr, str(e))
             else:
@@ -424,8 +422,12 @@ class PeerNet:
         if not isinstance(book, dict) or len(book) > 10000:
             raise ProtocolError("bad address book")
         for peer, addr in book.items():
-            if not (isinstance(peer, str) and 0 < len(peer) <= 64 and isinstance(addr, str)
-                    and len(addr) < 300 and _port(addr) is not None):
+            try:
+                host, _ = parse_hostport(addr)
+            except AddrError:
+                host = None
+            if not (isinstance(peer, str) and 0 < len(peer) <= 64 and host
+                    and len(addr) < 300):
                 raise ProtocolError(f"bad address book entry {peer!r}: {addr!r}")
         for peer, addr in book.items():  # all checked first: a bad book changes nothing
             if peer != self.me and peer not in self.addresses:

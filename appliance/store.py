@@ -235,16 +235,6 @@ class Store:
                               tuple(decided) if decided else None)
         return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
-    def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
-                       gateways: frozenset = frozenset()):
-        return self.load_peer(loaded, default_subnet, reuse_delay, gateways).allocator
-
-    # -- writing -------------------------------------------------------------------------------
-
     def peer_addresses(self) -> dict[str, str]:
         """Where each peer was last reached: dialled again after a restart."""
         out = {}
@@ -257,12 +247,22 @@ class Store:
                 out[peer] = known[-1]
         return out
 
+    def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
+                       gateways: frozenset = frozenset()):
+        return self.load_peer(loaded, default_subnet, reuse_delay, gateways).allocator
+
+    # -- writing -------------------------------------------------------------------------------
+
     def save_peer_address(self, peer: str, address: str) -> None:
         with self.conn:
             self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname) VALUES (?, '')",
                               (peer,))
             self.conn.execute("UPDATE peers SET addresses = ? WHERE id = ?",
                               (json.dumps([address]), peer))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def set_cluster(self, cluster: str) -> None:
         """A joiner's identity, learned from its first peer; set once."""

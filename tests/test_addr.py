@@ -2,7 +2,7 @@
 import pytest
 
 from appliance.core.addr import (AddrError, Cidr, format_addr, parse_addr, parse_cidr,
-                                 range_to_cidrs)
+                                 parse_hostport, range_to_cidrs)
 from appliance.core.intervals import IntervalSet
 
 
@@ -119,3 +119,20 @@ def test_interval_set_table():
     top = 2**32 - 1
     s.add(top)
     assert s.first_gap(top, 2**32) is None and s.first_gap(top - 1, 2**32) == top - 1
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("198.18.0.1:6786", "198.18.0.1", 6786),
+    ("[fd00::1]:6786", "fd00::1", 6786),
+    ("host.example:0", "host.example", 0),
+    (":7000", None, 7000),
+    ("0.0.0.0:65535", "0.0.0.0", 65535),
+])
+def test_parse_hostport(text, host, port):
+    assert parse_hostport(text) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["198.18.0.1", "h:65536", "h:-1", "h:12x", "h:", "", 5, None])
+def test_parse_hostport_rejects(text):
+    with pytest.raises(AddrError):
+        parse_hostport(text)

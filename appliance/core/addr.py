@@ -29,6 +29,17 @@ def parse_addr(text: object) -> tuple[int, int]:
     return a.version, int(a)
 
 
+def parse_hostport(text: object) -> tuple[str | None, int]:
+    """'host:6786' -> ('host', 6786); '[fd00::1]:6786' -> ('fd00::1', 6786); ':0' -> (None, 0).
+    The host is not resolved here: a name is fine."""
+    if not isinstance(text, str):
+        raise AddrError(f"HOST:PORT must be a string, got {type(text).__name__}")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise AddrError(f"{text!r} is not HOST:PORT (port 0 to 65535)")
+    return host.strip("[]") or None, int(port)
+
+
 def format_addr(family: int, value: int) -> str:
     return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
 

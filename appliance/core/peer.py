@@ -139,8 +139,9 @@ class Peer(Bootstrap, Removals):
         # Each peer's share of each universe as this peer sees it (free: the owner's hints),
         # and a digest of the ring, equal on every peer once gossip has converged.
         digest = hashlib.sha256()
-        for u in s["universes"]:
-            ring = self.replica.rings[next(r for r in self.replica.rings if str(r) == u["range"])]
+        by_range = {x["range"]: x for x in s["universes"]}
+        for universe, ring in self.replica.rings.items():
+            u = by_range[str(universe)]
             share: dict[str, dict] = {}
             for e, lo, hi in ring.spans():
                 d = share.setdefault(e.owner, {"owned": 0, "free_hint": 0})
@@ -368,9 +369,12 @@ class Peer(Bootstrap, Removals):
             return
         stamp = None
         for u, ring in self.replica.rings.items():
+            candidates = returnable(ring, self.me)
+            if not candidates:
+                continue  # a lone host, or nothing beside another's space: no scan each second
             free = self.allocator.free_count(u, u.start, u.end, now)
             written: list[Entry] = []
-            for lo, hi, to in returnable(ring, self.me):
+            for lo, hi, to in candidates:
                 if to not in self.reachable or to in self.removed or to in self.promised or \
                         free - (hi - lo) < 4 * (hi - lo) or \
                         self.allocator.free_count(u, lo, hi, now) != hi - lo:
