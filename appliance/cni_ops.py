@@ -1,111 +1,92 @@
-"""Runs a parsed CNI call against the allocator. Pure: returns (stdout, exit code, rows).
+"""A parsed CNI call as one request to the core, and the core's reply as the CNI result.
 
-Every request of one call goes through the allocator in one go and the daemon commits their rows
-in one transaction, so the runtime never sees a result that a crash could take back. A half-done
-ADD (one range set served, the next one not) is rolled back before the error is returned.
+Pure. Every verb that changes who holds an address is one core request, judged at the gate
+(core/peer.py `request`) like a hook request: ADD is one TakeSets (all range sets or none, in
+one commit, asking peers for space where needed), DEL a Release, GC a ReleaseUnlisted. CHECK
+reads the container's allocations (Lookup); STATUS asks whether the cluster could serve every
+range set now (CanServe), not just this host.
 """
 from __future__ import annotations
 
 import json
 
 from .core import messages as m
-from .core.allocator import Allocator
-from .core.messages import Row
+from .core.addr import parse_addr
 from .protocols import cni
-from .protocols.cni import Call, CniError, Range
+from .protocols.cni import Call, CniError
 
-_REFUSALS = {"bad_subnet": cni.BAD_CONFIG, "bad_address": cni.BAD_CONFIG}
-
-
-def run(call: Call, allocator: Allocator, now: float) -> tuple[bytes, int, list[Row]]:
-    rows: list[Row] = []
-    try:
-        out = _dispatch(call, allocator, now, rows)
-    except CniError as e:
-        return cni.error_result(e, call.version), 1, rows
-    return out, 0, rows
+# The core's refusals as CNI codes. A host not in good standing (removed, left, waiting,
+# stale) refuses with 100 and names why; timeouts are worth retrying (11).
+_CODES = {"bad_subnet": cni.BAD_CONFIG, "bad_address": cni.BAD_CONFIG,
+          "timeout": cni.TRY_LATER, "internal": cni.IO_FAILURE}
 
 
-def _apply(allocator: Allocator, req, now: float, rows: list[Row]) -> dict:
-    reply, r = allocator.apply(req, now)
-    rows.extend(r)
-    return reply
-
-
-def _dispatch(call: Call, a: Allocator, now: float, rows: list[Row]) -> bytes:
+def request_for(call: Call):
+    """The core request that carries out call, or None (VERSION needs none)."""
     if call.command == "VERSION":
-        return cni.version_result()
+        return None
     if call.command == "ADD":
-        return _add(call, a, now, rows)
-    if call.command == "DEL":
-        _apply(a, m.Release(call.handle), now, rows)
-        return b""
-    if call.command == "CHECK":
-        _check(call, a)
-        return b""
-    if call.command == "GC":
-        prefix = f"cni/{call.name}/"
-        for handle in [h for h in a.by_handle if h.startswith(prefix)]:
-            cid, _, ifname = handle[len(prefix):].partition("/")
-            if (cid, ifname) not in call.valid:
-                _apply(a, m.Release(handle), now, rows)
-        return b""
-    if call.command == "STATUS":
-        for i, rs in enumerate(call.range_sets):
-            if not any(a.can_allocate(r.subnet, (r.first, r.last), now) for r in rs):
-                raise CniError(cni.NOT_AVAILABLE, f"range set {i} has no free address on "
-                               "this host")
-        return b""
-    raise AssertionError(call.command)  # parse_call admits no other
-
-
-def _add(call: Call, a: Allocator, now: float, rows: list[Row]) -> bytes:
-    anchor = json.dumps({"netns": call.netns}, sort_keys=True)
-    taken: list[tuple[int, int]] = []  # new in this call, to undo on failure
-    held_before = {(h.family, h.address) for h in a.by_handle.get(call.handle, {}).values()}
-    result: list[tuple[str, Range]] = []
-    try:
+        anchor = json.dumps({"netns": call.netns}, sort_keys=True)
+        sets = []
         for i, rs in enumerate(call.range_sets):
             want = [ip for ip in call.ips if any(ip in r for r in rs)]
             if len(want) > 1:
                 raise CniError(cni.BAD_CONFIG, f"more than one requested IP for range set {i}")
-            reply, r = _one_set(call, a, now, rows, rs, want[0] if want else None, anchor, i)
-            key = (r.subnet.family, a.by_handle[call.handle][r.subnet].address)
-            if key not in held_before:
-                taken.append(key)
-            result.append((reply["address"], r))
-    except CniError:
-        for key in taken:
-            _apply(a, m.Release(call.handle, key), now, rows)
-        raise
-    return cni.add_result(call, result)
+            if want:
+                r = next(r for r in rs if want[0] in r)
+                sets.append((m.Claim(call.handle, want[0][0], want[0][1], r.subnet, anchor),))
+            else:
+                sets.append(tuple(m.Allocate(call.handle, r.subnet, anchor, (r.first, r.last),
+                                             r.gateway) for r in rs))
+        return m.TakeSets(call.handle, tuple(sets))
+    if call.command == "DEL":
+        return m.Release(call.handle)
+    if call.command == "CHECK":
+        return m.Lookup(call.handle)
+    if call.command == "GC":
+        return m.ReleaseUnlisted(f"cni/{call.name}/",
+                                 frozenset(cni.handle_for(call.name, cid, ifname)
+                                           for cid, ifname in call.valid))
+    if call.command == "STATUS":
+        return m.CanServe(tuple(tuple((r.subnet, r.first, r.last) for r in rs)
+                                for rs in call.range_sets))
+    raise AssertionError(call.command)  # parse_call admits no other
 
 
-def _one_set(call, a, now, rows, rs: list[Range], ip, anchor: str, i: int):
-    last = None
-    for r in rs:
-        if ip is not None:
-            if ip not in r:
-                continue
-            reply = _apply(a, m.Claim(call.handle, ip[0], ip[1], r.subnet, anchor), now, rows)
-        else:
-            reply = _apply(a, m.Allocate(call.handle, r.subnet, anchor, (r.first, r.last),
-                                         r.gateway), now, rows)
-        if reply["ok"]:
-            return reply, r
-        last = reply["error"]
-        if last["code"] != "exhausted":
-            break
-    code = _REFUSALS.get(last["code"], cni.REFUSED)
-    raise CniError(code, f"failed to allocate for range set {i}: {last['message']}",
-                   last["code"])
+def result(call: Call, reply: dict | None) -> tuple[bytes, int]:
+    """What the plugin prints, and its exit code."""
+    try:
+        return _result(call, reply), 0
+    except CniError as e:
+        return cni.error_result(e, call.version), 1
 
 
-def _check(call: Call, a: Allocator) -> None:
-    held = a.by_handle.get(call.handle, {})
-    if not held:
+def _result(call: Call, reply: dict | None) -> bytes:
+    if call.command == "VERSION":
+        return cni.version_result()
+    if call.command == "CHECK":
+        return _check(call, reply)
+    if not reply["ok"]:
+        err = reply["error"]
+        if call.command == "STATUS":
+            raise CniError(cni.NOT_AVAILABLE, err["message"], err["code"])
+        raise CniError(_CODES.get(err["code"], cni.REFUSED),
+                       f"{call.command} refused ({err['code']}): {err['message']}", err["code"])
+    if call.command == "ADD":
+        served = []
+        for rs, address in zip(call.range_sets, reply["addresses"]):
+            key = parse_addr(address.split("/")[0])
+            served.append((address, next(r for r in rs if key in r)))
+        return cni.add_result(call, served)
+    return b""
+
+
+def _check(call: Call, reply: dict) -> bytes:
+    if not reply["ok"]:
         raise CniError(cni.UNKNOWN_CONTAINER, f"no address is held for {call.handle}")
+    held = [parse_addr(a["address"].split("/")[0]) for a in reply["addresses"]]
     for i, rs in enumerate(call.range_sets):
-        if not any((h.family, h.address) in r for h in held.values() for r in rs):
+        if not any(key in r for key in held for r in rs):
             raise CniError(cni.UNKNOWN_CONTAINER,
                            f"{call.handle} holds no address of range set {i}")
+    return b""

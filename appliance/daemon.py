@@ -59,6 +59,10 @@ class CommitFailed(Exception):
     """The batch holding this request's changes was not committed; nothing changed."""
 
 
+class CoreBug(Exception):
+    """The core raised where it should not: a bug. Memory is rebuilt from the database."""
+
+
 class Refused(Exception):
     """Start-up cannot go on; the message says why."""
 
@@ -66,12 +70,13 @@ class Refused(Exception):
 class _Batch:
     """Rows applied in memory that will be committed together, and what waits for them: the
     messages and replies of every Ready whose rows are in it, or that came after them."""
-    __slots__ = ("rows", "after", "done")
+    __slots__ = ("rows", "after", "done", "failed")
 
     def __init__(self):
         self.rows: list = []
         self.after: list[Ready] = []
         self.done = trio.Event()
+        self.failed: Exception | None = None  # a core bug while open: commit none of it
 
 
 class _Waiter:
@@ -118,6 +123,7 @@ class CoreLoop:
         self.net = None  # the peer transport, when there is one
         self.conflicts = 0  # ring data refused as conflicting, since start
         self.reachable: set[str] = set()
+        self.dialling = False
 
     @property
     def allocator(self):
@@ -176,33 +182,61 @@ class CoreLoop:
             self.metrics.donation.observe(time.monotonic() - asked[0])
         return reply
 
-    async def submit_fn(self, fn):
-        """Run fn(allocator, now) -> (reply, rows) on this peer's own space; return reply
-        once rows are durable."""
-        reply, rows = fn(self.peer.allocator, self.clock())
-        return await self._reply_to(lambda ref: Ready(rows=list(rows), replies=[(ref, reply)]))
-
     async def _reply_to(self, event) -> dict:
         """Process event(ref), a Ready; wait for the reply to ref, sent after its commit."""
         ref = next(self._refs)
         w = self._waiters[ref] = _Waiter()
         try:
-            await self._process(event(ref))
+            await self._process(self._core(lambda: event(ref)))
             await w.event.wait()
         finally:
             self._waiters.pop(ref, None)
-        if isinstance(w.reply, CommitFailed):
+        if isinstance(w.reply, (CommitFailed, CoreBug)):
             raise w.reply
         return w.reply
 
     async def receive(self, sender: str, msg) -> None:
         if self.pending_seeds is not None:
             return  # no ring of its own yet: what peers say waits for the split
-        await self._process(self.peer.receive(sender, msg, self.clock()))
+        try:
+            ready = self._core(lambda: self.peer.receive(sender, msg, self.clock()))
+        except CoreBug:
+            return
+        await self._process(ready)
 
     async def tick(self) -> None:
         if self.pending_seeds is None:
-            await self._process(self.peer.tick(self.clock()))
+            try:
+                ready = self._core(lambda: self.peer.tick(self.clock()))
+            except CoreBug:
+                return
+            await self._process(ready)
+
+    def _core(self, call) -> Ready:
+        """Run one core call. An exception from it is a bug that may have left memory ahead of
+        the database: nothing of the open batch is committed, and memory is rebuilt from the
+        database (at once, or by the batch's leader), as after a failed commit."""
+        try:
+            return call()
+        except Exception as e:
+            log.exception("event=core_bug")
+            bug = CoreBug(f"internal error ({type(e).__name__}: {e}); nothing was changed")
+            if self._open.rows:
+                self._open.failed = self._open.failed or bug
+            else:
+                self._rebuild(bug)
+            raise bug from e
+
+    def _rebuild(self, failed: Exception) -> None:
+        """Memory from the database; requests waiting for peers' space fail (the peer
+        that was waiting for it is gone)."""
+        self.peer = self._load()
+        self.peer.reachable = set(self.reachable)
+        self.peer.dialling = self.dialling
+        for w in list(self._waiters.values()):
+            if not w.event.is_set():
+                w.reply = failed
+                w.event.set()
 
     async def join_cluster(self, cluster: str) -> None:
         """A joiner's first peer told it the cluster's identity: durable before it is used."""
@@ -211,9 +245,13 @@ class CoreLoop:
         self.peer.cluster = self.peer.base_cluster = cluster
         log.warning("event=joined cluster=%s", cluster)
 
-    def set_reachable(self, peers: set[str]) -> None:
+    def set_reachable(self, peers: set[str], dialling: bool | None = None) -> None:
+        """From the transport: the peers reachable now, and whether it still dials peer
+        addresses it has never reached (a request lacking space waits for those)."""
         self.reachable = set(peers)
         self.peer.reachable = set(peers)
+        if dialling is not None:
+            self.dialling = self.peer.dialling = dialling
 
     async def _process(self, ready: Ready) -> None:
         batch = self._open
@@ -232,23 +270,22 @@ class CoreLoop:
         # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
         await trio.lowlevel.cancel_shielded_checkpoint()
         self._open = _Batch()
-        try:
-            self.store.commit(batch.rows)
-        except apsw.Error as e:
+        failed = batch.failed
+        if failed is None:
+            try:
+                self.store.commit(batch.rows)
+            except apsw.Error as e:
+                log.error("event=commit_failed error=%r rows=%d", str(e), len(batch.rows))
+                failed = CommitFailed(f"the database refused the write ({e}); nothing was "
+                                      "changed")
+        if failed is not None:
             # Memory ran ahead of a transaction that did not happen: fail the batch, send none
             # of its messages, and rebuild memory from the database. Nothing was applied since
             # (no await above).
-            log.error("event=commit_failed error=%r rows=%d", str(e), len(batch.rows))
-            failed = CommitFailed(f"the database refused the write ({e}); nothing was changed")
-            self.peer = self._load()
-            self.peer.reachable = set(self.reachable)
             for ready in batch.after:
                 for ref, _ in ready.replies:
                     self._reply(ref, failed)
-            for w in list(self._waiters.values()):  # waiting for space the peer forgot
-                if not w.event.is_set():
-                    w.reply = failed
-                    w.event.set()
+            self._rebuild(failed)
         else:
             for ready in batch.after:
                 self._deliver(ready)
@@ -348,7 +385,7 @@ async def _answer(core: CoreLoop, request) -> bytes:
             if core.net is not None:
                 reply["peer_bytes_sent"] = core.net.traffic()
         return encode_reply(reply)
-    except CommitFailed as e:
+    except (CommitFailed, CoreBug) as e:
         if isinstance(request, CniRequest):
             return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
         return encode_reply(error("internal", str(e)))
@@ -357,54 +394,14 @@ async def _answer(core: CoreLoop, request) -> bytes:
 async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
     try:
         call = cni.parse_call(request.env, request.stdin)
+        req = cni_ops.request_for(call)
     except cni.CniError as e:
         log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
         return encode_cni_reply(cni.error_result(e), 1)
-    fetched = await _space_for_cni(core, call) if call.command == "ADD" else []
-    output, code = await core.submit_fn(
-        lambda allocator, now: _cni_step(call, allocator, now))
-    if code and fetched:  # the ADD failed: what was fetched for it goes back
-        for key in fetched:
-            await core.submit(m.Release(call.handle, key))
+    reply = await core.submit(req) if req is not None else None
+    output, code = cni_ops.result(call, reply)
     log.info("event=cni command=%s handle=%s exit=%d", call.command, call.handle, code)
     return encode_cni_reply(output, code)
-
-
-async def _space_for_cni(core: CoreLoop, call) -> list[tuple[int, int]]:
-    """Before an ADD runs on this host's own space (all its range sets in one commit): for
-    each range set this host cannot serve alone, take the address through the peer path,
-    which asks peers for space or asks a claimed address's owner for it. The ADD then finds
-    the handle already holding it (allocate and claim are idempotent per handle)."""
-    if not core.reachable:
-        return []
-    a, now = core.allocator, core.clock()
-    anchor = json.dumps({"netns": call.netns}, sort_keys=True)
-    fetched = []
-    for rs in call.range_sets:
-        held = a.by_handle.get(call.handle, {})
-        if any(r.subnet in held for r in rs):
-            continue
-        want = [ip for ip in call.ips if any(ip in r for r in rs)]
-        if want:
-            r = next(r for r in rs if want[0] in r)
-            u = a.universe_of(want[0])
-            if u is None or a.rings[u].owner_of(want[0][1]) == core.peer.me:
-                continue
-            req = m.Claim(call.handle, want[0][0], want[0][1], r.subnet, anchor)
-        elif any(a.can_allocate(r.subnet, (r.first, r.last), now) for r in rs):
-            continue
-        else:
-            r = rs[0]
-            req = m.Allocate(call.handle, r.subnet, anchor, (r.first, r.last), r.gateway)
-        reply = await core.submit(req)
-        if reply["ok"]:
-            fetched.append((r.subnet.family, a.by_handle[call.handle][r.subnet].address))
-    return fetched
-
-
-def _cni_step(call, allocator, now):
-    output, code, rows = cni_ops.run(call, allocator, now)
-    return (output, code), rows
 
 
 async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -1,22 +1,117 @@
-"""Docker's remote IPAM driver API (libnetwork), answered from the allocator.
+"""Docker's remote IPAM driver API (libnetwork's ipamapi), planned as core requests.
 
-Pool ids name the pool itself ("ipamd:10.32.0.0/12", with ",SUBPOOL" when docker narrows it), so a
-restarted daemon needs no pool table. Handles are "docker/POOLID/...": the gateway's, one per
-address docker asked for by name, one random token per address we chose. Requests that docker
-replays after its own restart (RequiresRequestReplay) name the addresses they had, and get them.
+Pure: `call(path, body, state, caller)` is a generator. It yields the core requests that decide
+the answer (messages.Allocate, Claim and Release change who holds an address; Status and List
+only read) and `Gone(owner)` questions about a docker daemon's process; the shell
+(docker_server.py) answers each one (`await core.submit(req)`, or a look at /proc) and sends the
+answer back in. The generator's return value is Docker's answer; DockerError is the driver's
+{"Error": ...} answer. Every change of who holds an address is a core request, judged by the
+core's checks (standing, ownership, quarantine, holders) and committed before it is answered.
+
+Names, so that the handles alone say what belongs to what (no table to lose):
+
+- A pool id is made afresh by every RequestPool: "ipamd:POOL[,SUBPOOL]#TOKEN@OWNER", OWNER being
+  the docker daemon that asked ("p<pid>.<start time>", or "e<epoch>" when its pid is unknown).
+  Docker rolls back a network it refuses (ReleaseAddress of the gateway, ReleasePool) with that
+  pool's own id, so a refused duplicate network never touches the live one.
+- Every address held for Docker has the handle "docker/POOLID/ROLE": "gateway" (one per pool),
+  "addr/ADDRESS" (an auxiliary address, or an endpoint replayed without its identity), or
+  "ep/TOKEN[/MAC[/NAME]]" (an endpoint: libnetwork sends the MAC address because we declare
+  RequiresMACAddress, newer versions also the endpoint's name).
+
+Telling a replay from a new request. libnetwork (controller.reservePools) replays on its own
+start, because we declare RequiresRequestReplay: RequestPool for every local network (with the
+old subnet and gateway named), RequestAddress for the gateway, for each --aux-address, and for
+each endpoint it has stored, with no options (an endpoint's options are not persisted). A new
+endpoint's request always carries its MAC address. So an address that is already held is given
+again only when:
+- the holder is in the same pool and in the same role (the same gateway; the same MAC; an
+  auxiliary or replayed address asked again without options), or
+- the holder is a pool with the same POOL and SUBPOOL whose docker daemon is gone (a restarted
+  daemon replaying: the allocation moves to the new pool id, Release then Claim, keeping its
+  role), never from a daemon still running (that is a second network on the same subnet).
+Otherwise the answer is the core's "in_use" error naming the holder, which Docker shows.
+Pool ids of an older ipamd ("ipamd:POOL[,SUBPOOL]", handles "docker/POOLID/...") keep working;
+their daemon counts as gone once a docker daemon has sent /Plugin.Activate to this ipamd.
 """
 from __future__ import annotations
 
-import secrets
+import re
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .core import messages as m
-from .core.addr import AddrError, Cidr, parse_addr, parse_cidr
+from .core.addr import BITS, AddrError, Cidr, format_addr, parse_addr, parse_cidr
 
-GATEWAY_OPTION = "com.docker.network.gateway"
+GATEWAY_OPTION = "com.docker.network.gateway"  # netlabel.Gateway
+ADDRESS_TYPE = "RequestAddressType"  # ipamapi.RequestAddressType
+MAC_OPTION = "com.docker.network.endpoint.macaddress"  # netlabel.MacAddress
+NAME_OPTION = "com.docker.network.endpoint.name"  # netlabel.EndpointName (Docker 27 and later)
+CAPABILITIES = {"RequiresMACAddress": True, "RequiresRequestReplay": True}
+DEFAULT_PREFIX = {4: 24, 6: 64}  # a network without --subnet gets a block this size
+
+_CIDR = r"[0-9A-Fa-f.:]+/\d{1,3}"
+_POOL_ID = re.compile(rf"ipamd:({_CIDR})(?:,({_CIDR}))?"
+                      r"(?:#([0-9a-f]{1,32})@([a-z0-9.]{0,64}))?")
+_HANDLE = re.compile(rf"docker/(ipamd:{_CIDR}(?:,{_CIDR})?(?:#[^/]*)?)/(.+)")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5,19}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 
 class DockerError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Gone:
+    """Question to the shell: is the docker daemon `owner` ("p<pid>.<start>") gone, on proof
+    (no such process, or one started at another time)? Answer True, or False when it is alive
+    or cannot be told (DESIGN.md rule 10)."""
+    owner: str
+
+
+@dataclass
+class DriverState:
+    """What the shell keeps between calls (memory only; the handles are the durable truth)."""
+    token: Callable[[], str]  # random hex, from the shell
+    epoch: str = ""  # renewed by every /Plugin.Activate: a docker daemon (re)started
+    activated: bool = False  # an Activate came since this ipamd started
+    pools: dict[str, Cidr] = field(default_factory=dict)  # ids handed out, not yet released
+
+    def __post_init__(self):
+        if not self.epoch:
+            self.epoch = self.token()
+
+
+@dataclass(frozen=True)
+class PoolId:
+    text: str
+    pool: Cidr
+    sub: Cidr | None
+    owner: str | None  # None: an id from an ipamd before pool ids were unique
+
+    @property
+    def prefix(self) -> str:
+        return f"docker/{self.text}/"
+
+
+def parse_pool_id(value) -> PoolId:
+    if not isinstance(value, str) or not (match := _POOL_ID.fullmatch(value)):
+        raise DockerError(f"unknown PoolID {value!r}")
+    pool = _cidr(match[1], "PoolID")
+    sub = _cidr(match[2], "PoolID") if match[2] else None
+    return PoolId(value, pool, sub, match[4] if match[3] else None)
+
+
+def split_handle(handle: str) -> tuple[PoolId, str] | None:
+    """(pool, role) of a Docker handle; None for any other handle."""
+    match = _HANDLE.fullmatch(handle)
+    if not match:
+        return None
+    try:
+        return parse_pool_id(match[1]), match[2]
+    except DockerError:
+        return None
 
 
 def _cidr(text: str, what: str) -> Cidr:
@@ -27,13 +122,6 @@ def _cidr(text: str, what: str) -> Cidr:
     return block
 
 
-def _pool(pool_id) -> tuple[Cidr, Cidr | None]:
-    if not isinstance(pool_id, str) or not pool_id.startswith("ipamd:"):
-        raise DockerError(f"unknown PoolID {pool_id!r}")
-    pool, _, sub = pool_id[len("ipamd:"):].partition(",")
-    return _cidr(pool, "PoolID"), _cidr(sub, "PoolID") if sub else None
-
-
 def _str(body: dict, key: str) -> str:
     v = body.get(key) or ""
     if not isinstance(v, str):
@@ -41,104 +129,241 @@ def _str(body: dict, key: str) -> str:
     return v
 
 
-def _check(reply: dict) -> dict:
+def _options(body: dict) -> dict:
+    options = body.get("Options") or {}
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise DockerError("Options must be an object of strings")
+    return options
+
+
+def _failed(reply: dict) -> DockerError:
+    return DockerError(f"{reply['error']['code']}: {reply['error']['message']}")
+
+
+def _ok(reply: dict) -> dict:
     if not reply["ok"]:
-        raise DockerError(f"{reply['error']['code']}: {reply['error']['message']}")
+        raise _failed(reply)
     return reply
 
 
-def handle(path: str, body: dict, allocator, now: float, rows: list) -> dict:
-    """One API call; raises DockerError for the driver's {"Error": ...} answer."""
-    def apply(req):
-        reply, r = allocator.apply(req, now)
-        rows.extend(r)
-        return reply
-
+def call(path: str, body: dict, state: DriverState, caller: str):
+    """One API call (a generator, see the module's doc). caller: the asking docker daemon,
+    "p<pid>.<start>", or "" when the shell could not tell."""
     if path == "/Plugin.Activate":
+        # A docker daemon starts using us: any daemon that used us before has restarted.
+        state.epoch, state.activated = state.token(), True
         return {"Implements": ["IpamDriver"]}
     if path == "/IpamDriver.GetCapabilities":
-        return {"RequiresMACAddress": False, "RequiresRequestReplay": True}
+        return dict(CAPABILITIES)
     if path == "/IpamDriver.GetDefaultAddressSpaces":
         return {"LocalDefaultAddressSpace": "local", "GlobalDefaultAddressSpace": "global"}
     if path == "/IpamDriver.RequestPool":
-        return _request_pool(body, allocator, apply)
+        return (yield from _request_pool(body, state, caller or f"e{state.epoch}"))
     if path == "/IpamDriver.ReleasePool":
-        pool_id = _str(body, "PoolID")
-        _pool(pool_id)
-        for h in [h for h in allocator.by_handle if h.startswith(f"docker/{pool_id}/")]:
-            apply(m.Release(h))
+        pool = parse_pool_id(body.get("PoolID"))
+        state.pools.pop(pool.text, None)
+        listing = _ok((yield m.List()))
+        for handle in sorted({a["handle"] for a in listing["allocations"]
+                              if a["handle"].startswith(pool.prefix)}):
+            _ok((yield m.Release(handle)))
         return {}
     if path == "/IpamDriver.RequestAddress":
-        return _request_address(body, allocator, apply)
+        return (yield from _request_address(body, state))
     if path == "/IpamDriver.ReleaseAddress":
-        pool_id = _str(body, "PoolID")
-        _pool(pool_id)
-        try:
-            key = parse_addr(_str(body, "Address").split("/")[0])
-        except AddrError as e:
-            raise DockerError(f"Address: {e}") from None
-        held = allocator.by_addr.get(key)
-        if held is not None and held.handle.startswith(f"docker/{pool_id}/"):
-            apply(m.Release(held.handle, key))
+        pool = parse_pool_id(body.get("PoolID"))
+        key = _address(_str(body, "Address"))
+        holder = yield from _holder(key)
+        if holder is not None and holder.startswith(pool.prefix):
+            _ok((yield m.Release(holder, key)))  # only this pool's own holder of it
         return {}
     raise LookupError(path)
 
 
-def _request_pool(body: dict, allocator, apply) -> dict:
+def _address(text: str) -> tuple[int, int]:
+    try:
+        return parse_addr(text.split("/")[0])
+    except AddrError as e:
+        raise DockerError(f"Address: {e}") from None
+
+
+def _holder(key: tuple[int, int]):
+    """The handle holding address key, or None."""
+    text = format_addr(*key) + "/"
+    listing = _ok((yield m.List()))
+    return next((a["handle"] for a in listing["allocations"]
+                 if a["address"].startswith(text)), None)
+
+
+# -- pools ---------------------------------------------------------------------------------------
+
+def _request_pool(body: dict, state: DriverState, owner: str):
     v6 = body.get("V6") is True
-    text = _str(body, "Pool")
+    family = 6 if v6 else 4
+    _options(body)
+    text, subtext = _str(body, "Pool"), _str(body, "SubPool")
+    status = _ok((yield m.Status()))
+    universes = [_cidr(u["range"], "range") for u in status["universes"]]
+    ranges = ", ".join(map(str, universes))
     if text:
         pool = _cidr(text, "Pool")
-    elif v6:
-        pool = next((u for u in allocator.rings if u.family == 6), None)
-        if pool is None:
-            raise DockerError("ipamd has no IPv6 range; start it with an IPv6 --iprange")
+        if pool.family != family:
+            raise DockerError(f"Pool {pool} is not IPv{family}, as V6={v6} asks")
     else:
-        pool = allocator.default_subnet
-    if not any(pool.overlaps(u) for u in allocator.rings):
-        raise DockerError(f"pool {pool} overlaps no ipamd range "
-                          f"({', '.join(map(str, allocator.rings))})")
-    sub = _str(body, "SubPool")
+        pool = yield from _default_pool(family, universes, _cidr(status["default_subnet"],
+                                                                 "default subnet"), state)
+    if not any(pool.overlaps(u) for u in universes):
+        raise DockerError(f"pool {pool} lies outside every ipamd range ({ranges}); "
+                          f"ipamd hands out addresses only from its ranges")
     pool_id = f"ipamd:{pool}"
-    if sub:
-        subpool = _cidr(sub, "SubPool")
-        if not pool.contains_cidr(subpool):
-            raise DockerError(f"SubPool {subpool} is not inside {pool}")
-        pool_id += f",{subpool}"
-    gateway = pool.host_bounds()[0]
-    reply = _check(apply(m.Claim(f"docker/{pool_id}/gateway", pool.family, gateway, pool)))
-    return {"PoolID": pool_id, "Pool": str(pool),
-            "Data": {GATEWAY_OPTION: reply["address"]}}
+    if subtext:
+        sub = _cidr(subtext, "SubPool")
+        if not pool.contains_cidr(sub):
+            raise DockerError(f"SubPool {sub} is not inside {pool}")
+        if not any(sub.overlaps(u) for u in universes):
+            raise DockerError(f"SubPool {sub} lies outside every ipamd range ({ranges})")
+        pool_id += f",{sub}"
+    pool_id += f"#{state.token()}@{owner}"
+    state.pools[pool_id] = pool
+    # No gateway in Data: libnetwork then asks for one with RequestAddress (gateway type),
+    # the user's --gateway or one we choose, held under this pool's own handle.
+    return {"PoolID": pool_id, "Pool": str(pool), "Data": {}}
 
 
-def _request_address(body: dict, allocator, apply) -> dict:
-    pool_id = _str(body, "PoolID")
-    pool, sub = _pool(pool_id)
-    options = body.get("Options") or {}
-    if not isinstance(options, dict):
-        raise DockerError("Options must be an object")
+def _default_pool(family: int, universes: list[Cidr], default_subnet: Cidr, state):
+    """A network without --subnet: the lowest block of DEFAULT_PREFIX (or the whole base, if
+    smaller) in the default subnet (for IPv6, or when the default subnet is of the other
+    family: the first range of that family) that no Docker pool uses. libnetwork asks again
+    while a pool overlaps a route of the host, so each answer must differ from the last."""
+    base = default_subnet if default_subnet.family == family else \
+        next((u for u in universes if u.family == family), None)
+    if base is None:
+        raise DockerError(f"ipamd has no IPv{family} range; start it with an IPv{family} "
+                          "--iprange, or give the network a --subnet")
+    listing = _ok((yield m.List()))
+    taken = set()
+    for pool_id, pool in list(state.pools.items()):
+        # Handed out in this run and not released: taken, unless its docker daemon is gone
+        # (then docker forgot it: a restarted daemon replays its networks under new ids).
+        owner = parse_pool_id(pool_id).owner
+        gone = _owner_gone(owner, state)
+        if gone is None:
+            gone = yield Gone(owner)
+        if gone:
+            del state.pools[pool_id]
+        else:
+            taken.add(pool)
+    for a in listing["allocations"]:
+        parts = split_handle(a["handle"])
+        if parts is not None:
+            taken.add(parts[0].pool)
+    taken = [t for t in taken if t.family == family]
+    prefix = max(base.prefix, DEFAULT_PREFIX[family])
+    size = 1 << (BITS[family] - prefix)
+    inside = [u for u in universes if u.family == family]
+    # The lowest free aligned block starts at the base, right after a taken pool, or at a range.
+    starts = {base.start} | {-(-t.end // size) * size for t in taken} | \
+        {u.start // size * size for u in inside}
+    for start in sorted(starts):
+        block = Cidr(family, start, prefix)
+        if base.contains_cidr(block) and any(block.overlaps(u) for u in inside) and \
+                not any(block.overlaps(t) for t in taken):
+            return block
+    raise DockerError(f"every /{prefix} of {base} is used by a Docker pool; give the network a "
+                      "--subnet")
+
+
+# -- addresses -----------------------------------------------------------------------------------
+
+def _request_address(body: dict, state: DriverState):
+    pool = parse_pool_id(body.get("PoolID"))
+    options = _options(body)
     text = _str(body, "Address")
-    key = None
-    if text:
-        try:
-            key = parse_addr(text.split("/")[0])
-        except AddrError as e:
-            raise DockerError(f"Address: {e}") from None
-        if key not in pool:
-            raise DockerError(f"{text} is not in pool {pool}")
-    if options.get("RequestAddressType") == GATEWAY_OPTION:
+    key = _address(text) if text else None
+    if key is not None and key not in pool.pool:
+        raise DockerError(f"{format_addr(*key)} is not in pool {pool.pool}")
+    if options.get(ADDRESS_TYPE) == GATEWAY_OPTION:
+        role = "gateway"
         if key is None:
-            key = (pool.family, pool.host_bounds()[0])
-        handle = f"docker/{pool_id}/gateway"
-    elif key is not None:
-        held = allocator.by_addr.get(key)
-        if held is not None and held.handle.startswith(f"docker/{pool_id}/"):
-            return {"Address": held.view()["address"], "Data": {}}  # a replay: it is ours
-        handle = f"docker/{pool_id}/{text.split('/')[0]}"
-    else:
-        handle = f"docker/{pool_id}/{secrets.token_hex(8)}"
-        rng = (sub.start, sub.end - 1) if sub else None
-        reply = _check(apply(m.Allocate(handle, pool, None, rng)))
-        return {"Address": reply["address"], "Data": {}}
-    reply = _check(apply(m.Claim(handle, key[0], key[1], pool)))
-    return {"Address": reply["address"], "Data": {}}
+            # The pool's first address, as Docker's own driver gives; if that is taken, any.
+            first = pool.pool.host_bounds()[0]
+            reply = yield m.Claim(pool.prefix + role, pool.pool.family, first, pool.pool)
+            if reply["ok"] or reply["error"]["code"] not in ("in_use", "reserved"):
+                return _answer(reply)
+            return _answer((yield m.Allocate(pool.prefix + role, pool.pool)))
+        return (yield from _claim(pool, role, key, state))
+    mac = options.get(MAC_OPTION, "").lower()
+    if mac and not _MAC.fullmatch(mac):
+        raise DockerError(f"{MAC_OPTION} {mac!r} is not a MAC address")
+    name = options.get(NAME_OPTION, "")
+    fresh = bool(mac or name)  # a new endpoint: replays and auxiliary addresses carry neither
+    if key is None:
+        role = _endpoint(state.token(), mac, name)
+        rng = (pool.sub.start, pool.sub.end - 1) if pool.sub else None
+        return _answer((yield m.Allocate(pool.prefix + role, pool.pool, None, rng)))
+    role = _endpoint(state.token(), mac, name) if fresh else f"addr/{format_addr(*key)}"
+    return (yield from _claim(pool, role, key, state))
+
+
+def _endpoint(token: str, mac: str, name: str) -> str:
+    role = f"ep/{token}"
+    if mac:
+        role += f"/{mac}"
+        if _NAME.fullmatch(name):
+            role += f"/{name}"
+    return role
+
+
+def _answer(reply: dict) -> dict:
+    return {"Address": _ok(reply)["address"], "Data": {}}
+
+
+def _claim(pool: PoolId, role: str, key: tuple[int, int], state: DriverState):
+    """Claim key for pool in role; if it is held, give it again only to the same holder, or
+    move it from a pool of a docker daemon that is gone (see the module's doc)."""
+    reply = yield m.Claim(pool.prefix + role, key[0], key[1], pool.pool)
+    if reply["ok"] or reply["error"]["code"] != "in_use":
+        return _answer(reply)
+    holder = yield from _holder(key)
+    if holder is None:  # freed meanwhile: one more try
+        return _answer((yield m.Claim(pool.prefix + role, key[0], key[1], pool.pool)))
+    parts = split_handle(holder)
+    if parts is None or not _same_role(role, parts[1]):
+        raise _failed(reply)
+    theirs, their_role = parts
+    if (theirs.pool, theirs.sub) != (pool.pool, pool.sub):
+        raise _failed(reply)
+    if theirs.text == pool.text:
+        return {"Address": f"{format_addr(*key)}/{pool.pool.prefix}", "Data": {}}
+    gone = _owner_gone(theirs.owner, state)
+    if gone is None:
+        gone = yield Gone(theirs.owner)
+    if not gone:
+        raise DockerError(f"in_use: {reply['error']['message']}, a pool of a docker daemon "
+                          "that is still running")
+    # A restarted docker daemon replays: the allocation moves to the new pool id.
+    state.pools.pop(theirs.text, None)
+    _ok((yield m.Release(holder, key)))
+    return _answer((yield m.Claim(pool.prefix + their_role, key[0], key[1], pool.pool)))
+
+
+def _same_role(role: str, theirs: str) -> bool:
+    """May a request in `role` be given an address held in role `theirs`?"""
+    if role == "gateway" or theirs == "gateway":
+        return role == theirs
+    if role.startswith("ep/"):  # a new endpoint: only its own address (the same MAC)
+        mine = role.split("/")[2:]
+        other = theirs.split("/")[2:] if theirs.startswith("ep/") else []
+        return bool(mine) and bool(other) and mine[0] == other[0] and \
+            (len(mine) < 2 or len(other) < 2 or mine[1] == other[1])
+    return True  # asked without identity: an auxiliary address or a replayed endpoint
+
+
+def _owner_gone(owner: str | None, state: DriverState) -> bool | None:
+    """Is the daemon that made a pool gone? None: ask the shell (a pid to look at)."""
+    if owner is not None and owner.startswith("p"):
+        return None
+    if owner is not None and owner.startswith("e"):
+        return state.activated and owner[1:] != state.epoch
+    # An id from before pool ids were unique, or of unknown owner: a docker daemon started
+    # since this ipamd did, so the daemon that made it has restarted (one daemon per ipamd).
+    return state.activated

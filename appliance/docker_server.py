@@ -1,19 +1,37 @@
-"""HTTP/1.1 on a unix socket for Docker's plugin API, with h11 doing the HTTP."""
+"""HTTP/1.1 on a unix socket for Docker's plugin API, with h11 doing the HTTP.
+
+The I/O side of docker_ipam.py: runs its plan of core requests through `core.submit` (the one
+gate, DESIGN.md rule 9), answers its questions about docker daemons from /proc, and learns who
+asks from the socket's peer credentials. Bounded (rule 10): at most MAX_CONNECTIONS at once, a
+connection idle for IDLE_TIMEOUT is closed, a request must arrive whole within REQUEST_TIMEOUT.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import secrets
+import socket
+import struct
 from pathlib import Path
 
 import h11
 import trio
 
-from .docker_ipam import DockerError, handle
+from . import docker_ipam
+from .docker_ipam import DockerError, DriverState, Gone
 
 log = logging.getLogger("ipamd")
 MAX_BODY = 1 << 20
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 300.0  # docker's plugin client keeps connections open, and redials if closed
+REQUEST_TIMEOUT = 30.0
+ENDPOINTS = {"/Plugin.Activate", "/IpamDriver.GetCapabilities",
+             "/IpamDriver.GetDefaultAddressSpaces", "/IpamDriver.RequestPool",
+             "/IpamDriver.ReleasePool", "/IpamDriver.RequestAddress",
+             "/IpamDriver.ReleaseAddress"}
 
 
 async def _respond(stream, conn: h11.Connection, status: int, body: dict) -> None:
@@ -33,27 +51,41 @@ async def next_event(stream, conn: h11.Connection):
         conn.receive_data(data)  # b"" tells h11 the peer closed
 
 
-async def _serve(stream, core) -> None:
+async def _read_request(stream, conn: h11.Connection):
+    """(request, body), None when the peer closed, or ("too_large", None)."""
+    with trio.move_on_after(IDLE_TIMEOUT):
+        event = await next_event(stream, conn)
+        if not isinstance(event, h11.Request):  # closed, or paused after an error
+            return None
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            body = b""
+            while True:
+                e = await next_event(stream, conn)
+                if isinstance(e, h11.Data):
+                    body += e.data
+                    if len(body) > MAX_BODY:
+                        return "too_large", None
+                elif isinstance(e, h11.EndOfMessage):
+                    return event, body
+                else:
+                    return None
+    return None  # idle, or too slow to send one request: hang up
+
+
+async def _serve(stream, core, state: DriverState, caller: str) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
     async with stream:
         while True:
             try:
-                event = await next_event(stream, conn)
-                if not isinstance(event, h11.Request):  # closed, or paused after an error
+                got = await _read_request(stream, conn)
+                if got is None:
                     return
-                body = b""
-                while True:
-                    e = await next_event(stream, conn)
-                    if isinstance(e, h11.Data):
-                        body += e.data
-                        if len(body) > MAX_BODY:
-                            await _respond(stream, conn, 413, {"Error": "request too large"})
-                            return
-                    elif isinstance(e, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                status, reply = await _answer(core, event.target.decode("latin-1"), body)
+                event, body = got
+                if event == "too_large":
+                    await _respond(stream, conn, 413, {"Error": "request too large"})
+                    return
+                status, reply = await _answer(core, state, caller,
+                                              event.target.decode("latin-1"), body)
                 await _respond(stream, conn, status, reply)
                 if conn.our_state is h11.MUST_CLOSE:
                     return
@@ -62,35 +94,81 @@ async def _serve(stream, core) -> None:
                 log.info("event=docker_bad_http error=%r", str(e))
                 try:
                     await _respond(stream, conn, e.error_status_hint, {"Error": str(e)})
-                except (h11.LocalProtocolError, trio.BrokenResourceError):
+                except (h11.LocalProtocolError, trio.BrokenResourceError,
+                        trio.ClosedResourceError):
                     pass
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
 
-async def _answer(core, path: str, raw: bytes) -> tuple[int, dict]:
+async def _answer(core, state: DriverState, caller: str, path: str,
+                  raw: bytes) -> tuple[int, dict]:
+    if path not in ENDPOINTS:
+        return 404, {"Error": f"no such endpoint {path}"}
     try:
         body = json.loads(raw) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
         return 400, {"Error": f"request body is not JSON: {e}"}
     if not isinstance(body, dict):
         return 400, {"Error": "request body must be a JSON object"}
-
-    def step(allocator, now):
-        rows: list = []
-        try:
-            return (200, handle(path, body, allocator, now, rows)), rows
-        except DockerError as e:
-            # A refusal may follow requests that already changed something (a pool's
-            # gateway): those rows stand, as they would after a successful call.
-            return (200, {"Error": str(e)}), rows
-        except LookupError:
-            return (404, {"Error": f"no such endpoint {path}"}), []
-
-    status, reply = await core.submit_fn(step)
+    log.debug("event=docker_call path=%s caller=%s body=%s", path, caller or "?",
+              json.dumps(body, sort_keys=True))
+    plan = docker_ipam.call(path, body, state, caller)
+    answer = None
+    try:
+        while True:
+            step = plan.send(answer)
+            if isinstance(step, Gone):
+                answer = _pid_gone(step.owner)  # procfs: answers at once
+            else:
+                answer = await core.submit(step)
+    except StopIteration as done:
+        status, reply = 200, done.value
+    except DockerError as e:
+        status, reply = 200, {"Error": str(e)}
+    except Exception as e:  # a bug, or the database refused a commit: this call fails only
+        log.exception("event=docker_failed path=%s", path)
+        status, reply = 200, {"Error": f"internal: {e}"}
+    finally:
+        plan.close()
     log.info("event=docker path=%s status=%d error=%r", path, status, reply.get("Error"))
     return status, reply
+
+
+def _caller(sock) -> str:
+    """The connecting process (a docker daemon) as "p<pid>.<start time>", or "" if unknown."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+    except (OSError, AttributeError, struct.error):
+        return ""
+    start = _start_time(pid) if pid > 0 else None
+    return f"p{pid}.{start}" if isinstance(start, int) else ""
+
+
+def _start_time(pid: int) -> int | str:
+    """The process's start time (field 22 of /proc/PID/stat), or "gone", or "unknown"."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError as e:
+        return "gone" if e.errno in (errno.ENOENT, errno.ESRCH) else "unknown"
+    try:
+        # Counted after the command name, which may hold spaces and parentheses.
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return "unknown"
+
+
+def _pid_gone(owner: str) -> bool:
+    """Gone only on proof: no process with that pid, or one started at another time."""
+    try:
+        pid, start = (int(x) for x in owner[1:].split("."))
+    except ValueError:
+        return False
+    now = _start_time(pid)
+    return now == "gone" or isinstance(now, int) and now != start
 
 
 async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -104,15 +182,26 @@ async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED) -
     finally:
         os.umask(old)
     sock.listen(64)
+    state = DriverState(token=lambda: secrets.token_hex(6))
+    open_connections = 0
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
 
             async def handler(stream):
+                nonlocal open_connections
+                if open_connections >= MAX_CONNECTIONS:
+                    log.warning("event=docker_refused reason=%r",
+                                f"{MAX_CONNECTIONS} connections already open")
+                    await stream.aclose()
+                    return
+                open_connections += 1
                 try:
-                    await _serve(stream, core)
-                except Exception:
+                    await _serve(stream, core, state, _caller(stream.socket))
+                except Exception:  # a bug must cost one connection, never the daemon
                     log.exception("event=docker_connection_failed")
+                finally:
+                    open_connections -= 1
 
             await trio.serve_listeners(handler, [trio.SocketListener(sock)],
                                        handler_nursery=nursery)

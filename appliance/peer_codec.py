@@ -154,11 +154,13 @@ def _field(cls, name: str, v):
         return _int(v, name)
     if name == "delta":
         return _delta(v)
+    if name == "code":
+        return _text(v, name, 32)
     if name in ("reason", "removed_by"):
         return _text(v, name, MAX_TEXT, empty=True)
-    if name == "nack":
+    if name in ("nack", "gateway"):
         if not isinstance(v, bool):
-            raise CodecError("nack must be a boolean")
+            raise CodecError(f"{name} must be a boolean")
         return v
     if name == "removed":
         return tuple((_text(a, "removed"), _text(b, "removed"))

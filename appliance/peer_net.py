@@ -37,7 +37,7 @@ from .core.addr import AddrError, parse_hostport
 log = logging.getLogger("ipamd.peers")
 
 MAGIC = "ipamd-peer"
-PROTOCOL = 1
+PROTOCOL = 2  # 2: SpaceRequest.gateway, SpaceDenied.code
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 KEEPALIVE = 0.5
@@ -190,8 +190,18 @@ class PeerNet:
         now = self.clock()
         return {p for p in self.out if now - self.heard.get(p, -1e9) < DEAD_AFTER}
 
+    def _dialling(self) -> bool:
+        """A --peer address whose peer is not reachable (yet): a request lacking space waits
+        for it, up to its deadline, before refusing."""
+        r = self.reachable()
+        at = {a for p, a in self.addresses.items() if p in r}
+        return any(a not in at and a not in self.refused for a in self.static)
+
     def _update_reachable(self) -> None:
         r = self.reachable()
+        dialling = self._dialling()
+        if dialling != self.core.dialling:
+            self.core.set_reachable(self.core.reachable, dialling)
         if r != self.core.reachable:
             gained, lost = r - self.core.reachable, self.core.reachable - r
             for p in sorted(gained):
@@ -214,6 +224,7 @@ class PeerNet:
                 bound = listeners[0].socket.getsockname()[1]
                 self.listen_port = bound
             self.static = set(peers)
+            self.core.set_reachable(self.core.reachable, self._dialling())
             for addr in sorted(set(peers) | set(self.addresses.values())):
                 self.dial(addr)
             nursery.start_soon(self._watch)

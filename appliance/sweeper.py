@@ -2,48 +2,101 @@
 
 An allocation may carry a liveness anchor: {"netns": PATH} (gone once the path is) or
 {"pid": N, "start_time": T} (gone once no process N started at T). Every interval the sweeper
-looks; an allocation older than one interval whose anchor is gone is released, so a container
-that vanished loses its addresses within two intervals.
+looks; an allocation older than one interval whose own anchor is gone is released, so a
+container that vanished loses its addresses within two intervals.
+
+Absence needs evidence (DESIGN.md rule 10): an anchor is gone only on ENOENT for the netns
+path, or ESRCH/ENOENT for the pid (or a start time that differs). Any other error (EMFILE,
+EACCES, EIO, a slow filesystem) keeps the allocation, and is logged and counted. The checks run
+in a thread with a time bound, off the event loop. What is found dead is released through the
+core (ReleaseIf), which releases an address only while it is still the allocation judged.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 
 import trio
 
-from .core.messages import Release
+from .core.messages import ReleaseIf
 
 log = logging.getLogger("ipamd")
+ALIVE, GONE, UNKNOWN = "alive", "gone", "unknown"
+CHECK_TIMEOUT = 10.0  # seconds for one sweep's filesystem checks
+_ABSENT = (errno.ENOENT, errno.ESRCH)
 
 
-def anchor_alive(anchor: str) -> bool:
-    a = json.loads(anchor)
-    if "netns" in a:
-        return os.path.lexists(a["netns"])
+def anchor_state(anchor: str) -> tuple[str, str]:
+    """(ALIVE | GONE | UNKNOWN, why). GONE only on positive proof."""
     try:
-        with open(f"/proc/{a['pid']}/stat") as f:
+        a = json.loads(anchor)
+    except ValueError:
+        return UNKNOWN, "anchor is not JSON"
+    if not isinstance(a, dict):
+        return UNKNOWN, "anchor is not an object"
+    if "netns" in a:
+        try:
+            os.lstat(a["netns"])
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return GONE, f"{a['netns']} does not exist"
+            return UNKNOWN, f"cannot look at {a['netns']}: {e.strerror}"
+        except (TypeError, ValueError) as e:
+            return UNKNOWN, f"bad netns path: {e}"
+        return ALIVE, ""
+    pid = a.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return UNKNOWN, "anchor has neither netns nor a valid pid"
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
-        return False
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return GONE, f"no process {pid}"
+        return UNKNOWN, f"cannot read /proc/{pid}/stat: {e.strerror}"
     if "start_time" not in a:
-        return True
-    # Field 22, counted after the command name, which may hold spaces and parentheses.
-    return int(stat.rsplit(")", 1)[1].split()[19]) == a["start_time"]
+        return ALIVE, ""  # a pid alone: alive while any process has it
+    try:
+        # Field 22, counted after the command name, which may hold spaces and parentheses.
+        started = int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return UNKNOWN, f"cannot parse /proc/{pid}/stat"
+    if started != a["start_time"]:
+        return GONE, f"process {pid} started at {started}, not {a['start_time']}"
+    return ALIVE, ""
 
 
-def is_dead(allocator, now: float, min_age: float, handle: str) -> bool:
-    """Every anchored address of the handle is old enough and its anchor is gone."""
-    anchored = [h for h in allocator.by_handle.get(handle, {}).values() if h.anchor]
-    return bool(anchored) and all(now - h.allocated_at >= min_age and not anchor_alive(h.anchor)
-                                  for h in anchored)
+def candidates(allocator, now: float, min_age: float) -> list[tuple[str, int, int, float, str]]:
+    """Anchored allocations old enough to be judged: (handle, family, address, at, anchor)."""
+    return [(h.handle, h.family, h.address, h.allocated_at, h.anchor)
+            for h in list(allocator.by_addr.values())
+            if h.anchor and now - h.allocated_at >= min_age]
+
+
+def judge(found: list[tuple[str, int, int, float, str]]) -> tuple[dict, list[str]]:
+    """Check every anchor once (blocking I/O: run in a thread). Returns the allocations
+    proven dead, by handle, and the reasons for those that could not be judged."""
+    states: dict[str, tuple[str, str]] = {}
+    dead: dict[str, list[tuple[int, int, float]]] = {}
+    unknown = []
+    for handle, family, address, at, anchor in found:
+        if anchor not in states:
+            states[anchor] = anchor_state(anchor)
+        state, why = states[anchor]
+        if state == GONE:
+            dead.setdefault(handle, []).append((family, address, at))
+        elif state == UNKNOWN:
+            unknown.append(f"{handle}: {why}")
+    return dead, unknown
 
 
 class Sweeper:
     def __init__(self, core, interval: float):
         self.core, self.interval = core, interval
         self.swept = 0
+        self.undecided = 0  # anchors that could not be judged (kept), since start
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -52,18 +105,28 @@ class Sweeper:
             await self.sweep()
 
     async def sweep(self) -> None:
-        a, now = self.core.allocator, self.core.clock()
-        for handle in [h for h in list(a.by_handle) if is_dead(a, now, self.interval, h)]:
-            released = await self.core.submit_fn(lambda a, now, h=handle: self._release(a, now, h))
+        found = candidates(self.core.allocator, self.core.clock(), self.interval)
+        if not found:
+            return
+        try:
+            with trio.fail_after(CHECK_TIMEOUT):
+                dead, unknown = await trio.to_thread.run_sync(judge, found,
+                                                              abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.undecided += len(found)
+            log.warning("event=sweep_skipped reason=%r",
+                        f"anchor checks took over {CHECK_TIMEOUT:g}s; nothing released")
+            return
+        except RuntimeError as e:  # no thread to be had (resources exhausted): judge nothing
+            self.undecided += len(found)
+            log.warning("event=sweep_skipped reason=%r", str(e))
+            return
+        if unknown:
+            self.undecided += len(unknown)
+            log.warning("event=sweep_undecided count=%d first=%r", len(unknown), unknown[0])
+        for handle, allocations in dead.items():
+            reply = await self.core.submit(ReleaseIf(handle, tuple(allocations)))
+            released = reply.get("released", []) if reply["ok"] else []
             if released:
                 self.swept += len(released)
                 log.warning("event=swept handle=%s released=%s", handle, ",".join(released))
-
-    def _release(self, allocator, now: float, handle: str):
-        # Checked again at the moment of release: the handle may have been given a new,
-        # live anchor while an earlier release in this sweep waited for its commit.
-        if not is_dead(allocator, now, self.interval, handle):
-            return [], []
-        reply, rows = allocator.apply(Release(handle), now)
-        return reply["released"], rows
-

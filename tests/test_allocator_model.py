@@ -135,11 +135,18 @@ class AllocatorMachine(RuleBasedStateMachine):
             if holder is not None:
                 assert reply["error"]["code"] == "in_use", reply
                 return
-            self.model.reserved.add(gw)  # for good, even if the allocation then fails
-            self.model.freed.pop(gw, None)
+            self.model.reserved.add(gw)  # for good, if the allocation succeeds
+            tentative = (gw, self.model.freed.pop(gw, None))
+        else:
+            tentative = None
         best = self.model.candidates(s, self.now, rng)
         if not best:
             assert not reply["ok"] and reply["error"]["code"] == "exhausted", reply
+            if tentative is not None:  # a request that fails reserves nothing
+                self.model.reserved.discard(gw)
+                if tentative[1] is not None:
+                    self.model.freed = dict(sorted({**self.model.freed, gw: tentative[1]}
+                                                   .items(), key=lambda kv: kv[1]))
             return
         assert reply["ok"], reply
         got = parse_addr(reply["address"].split("/")[0])

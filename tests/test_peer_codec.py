@@ -39,6 +39,10 @@ def test_ipv6_addresses_beyond_64_bits():
     assert decode(encode(msg)) == msg
     req = wire.SpaceRequest("c", 2, V6, V6.start + 1, V6.end, V6.end - 1)
     assert decode(encode(req)) == req
+    gw = wire.SpaceRequest("c", 3, V6, V6.start + 1, V6.start + 2, V6.start + 1, gateway=True)
+    assert decode(encode(gw)) == gw
+    no = wire.SpaceDenied("c", 4, "fd00::1 is held by handle 'x' on peer p", "in_use")
+    assert decode(encode(no)) == no
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -48,10 +52,13 @@ def test_ipv6_addresses_beyond_64_bits():
     (msgpack.packb(["HandoverAck", "c", -1]), "req must be an integer"),
     (msgpack.packb(["HandoverAck", "c", True]), "req must be an integer"),
     (msgpack.packb(["HandoverAck", "", 1]), "cluster must be a string"),
-    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.1/24", b"\x01", b"\x02", None]),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.1/24", b"\x01", b"\x02", None, False]),
      "host bits"),
-    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", 5, b"\x02", None]),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", 5, b"\x02", None, False]),
      "lo must be 1 to 17 bytes"),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, 1]),
+     "gateway must be a boolean"),
+    (msgpack.packb(["SpaceDenied", "c", 1, "why", "x" * 33]), "code must be a string"),
     (msgpack.packb(["Gossip", "c", [[["a", 1], ["a", 2]], [], None], False, []]),
      "names a peer twice"),
     (msgpack.packb({"a": 1}), "message must be a list"),

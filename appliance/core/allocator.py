@@ -14,7 +14,8 @@ from .addr import Cidr, format_addr
 from .donation import choose_block
 from .intervals import IntervalSet
 from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, List, Lookup, PutAllocation,
-                       Release, Reserve, Row, Status, error, ok)
+                       Release, ReleaseIf, ReleaseUnlisted, Reserve, ReserveGateway, Row, Status,
+                       TakeSets, error, ok)
 from .ring import Ring
 
 CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
@@ -60,6 +61,12 @@ class Allocator:
         self.reserved: set[tuple[int, int]] = set()
         for g in gateways:
             self.load_reserved(g)
+        # While a TakeSets runs: how to undo, in memory, each take it made (its rows are simply
+        # not returned), so a half-served request leaves nothing behind, not even quarantine.
+        self._journal: list | None = None
+        # Set by the peer: other hosts exist. Static addresses outside every range have no owner
+        # in the ring then, so nothing could stop two hosts claiming one: refuse them.
+        self.clustered = False
 
     # -- loading (restart) ---------------------------------------------------------------------
 
@@ -74,6 +81,22 @@ class Allocator:
         if u is not None:
             self.used[u].add(key[1])
             self.freed[u].pop(key[1], None)
+
+    def _mark_used(self, u: Cidr, address: int):
+        """Mark address used and not freed; return what undoes that."""
+        was_used = address in self.used[u]
+        freed_at = self.freed[u].pop(address, None)
+        self.used[u].add(address)
+
+        def undo():
+            if not was_used:
+                self.used[u].discard(address)
+            if freed_at is not None:
+                # Back in its place: the freed list is ordered by time of freeing.
+                items = list(self.freed[u].items()) + [(address, freed_at)]
+                items.sort(key=lambda kv: kv[1])
+                self.freed[u] = OrderedDict(items)
+        return undo
 
     def universe_of(self, key: tuple[int, int]) -> Cidr | None:
         return next((u for u in self.rings if key in u), None)
@@ -90,8 +113,15 @@ class Allocator:
             return self._allocate(req, now)
         if isinstance(req, Claim):
             return self._claim(req, now)
+        if isinstance(req, TakeSets):
+            reply, rows, _ = self.take_sets(req, now)
+            return reply, rows
         if isinstance(req, Release):
             return self._release(req, now)
+        if isinstance(req, ReleaseIf):
+            return self._release_if(req, now)
+        if isinstance(req, ReleaseUnlisted):
+            return self._release_unlisted(req, now)
         if isinstance(req, Lookup):
             held = self.by_handle.get(req.handle)
             if not held:
@@ -112,8 +142,9 @@ class Allocator:
             return error("bad_subnet", f"subnet {subnet} overlaps no allocation range "
                          f"({', '.join(map(str, self.rings))})"), []
         rows: list[Row] = []
+        undo_gateway = None
         if req.gateway is not None:
-            err = self._reserve_gateway((subnet.family, req.gateway), rows)
+            err, undo_gateway = self._reserve_gateway((subnet.family, req.gateway), rows)
             if err is not None:
                 return err, []
         lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
@@ -122,11 +153,14 @@ class Allocator:
             u, address = found
             reply, take = self._take(Held(u.family, address, u, subnet, req.handle, req.anchor,
                                           now))
+            if undo_gateway is not None and self._journal is not None:
+                self._journal.append(undo_gateway)
             return reply, rows + take
+        if undo_gateway is not None:
+            undo_gateway()  # a request that fails reserves nothing
         where = f"subnet {subnet}" if req.range is None else \
             f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
-        # A gateway reserved on the way stays reserved: it is durable only if committed.
-        return error("exhausted", f"no free address in {where} on this peer"), rows
+        return error("exhausted", f"no free address in {where} on this peer"), []
 
     def can_allocate(self, subnet: Cidr, rng: tuple[int, int], now: float) -> bool:
         """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
@@ -144,20 +178,86 @@ class Allocator:
                     return u, found
         return None
 
-    def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]) -> dict | None:
+    def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]):
+        """Reserve a gateway a request names; return (error, undo)."""
         if key in self.reserved:
-            return None
+            return None, None
         u = self.universe_of(key)
         if u is None:
-            return None  # outside every range: never handed out anyway
+            return None, None  # outside every range: never handed out anyway
         holder = self.by_addr.get(key)
         if holder is not None:
-            return error("in_use", f"gateway {_fmt(key)} is held by handle {holder.handle!r}")
-        if self.rings[u].owner_of(key[1]) != self.me:
-            return None  # its owner keeps it out of use; issue #3 carries reservations
-        self.load_reserved(key)
+            return error("in_use", f"gateway {_fmt(key)} is held by handle "
+                         f"{holder.handle!r}"), None
+        owner = self.rings[u].owner_of(key[1])
+        if owner != self.me:
+            # Its owner must keep it out of use: the peer asks it to (ReserveGateway).
+            return error("not_owned", f"gateway {_fmt(key)} is owned by peer {owner}, which "
+                         "has not reserved it yet"), None
+        self.reserved.add(key)
+        undo_used = self._mark_used(u, key[1])
         rows.append(Reserve(_fmt(key), str(u), "gateway"))
+
+        def undo():
+            self.reserved.discard(key)
+            undo_used()
+        return None, undo
+
+    def need_for(self, req, reply: dict):
+        """What req lacks that a peer may give: space to allocate from, a claimed address's
+        block, or a gateway's reservation by its owner. None when peers cannot help."""
+        code = reply["error"]["code"]
+        if code == "exhausted" and isinstance(req, Allocate) or \
+                code == "not_owned" and isinstance(req, Claim):
+            return req
+        if code == "not_owned" and isinstance(req, Allocate) and req.gateway is not None:
+            subnet = req.subnet or self.default_subnet
+            return ReserveGateway(subnet.family, req.gateway, subnet)
         return None
+
+    def reserve_remote(self, key: tuple[int, int], owner: str) -> list[Row]:
+        """A gateway its owner has reserved for us: never handed out here either."""
+        if key in self.reserved:
+            return []
+        self.load_reserved(key)
+        return [Reserve(_fmt(key), str(self.universe_of(key)), f"gateway, reserved by {owner}")]
+
+    def reserve_owned(self, key: tuple[int, int]) -> tuple[dict | None, list[Row]]:
+        """Reserve a gateway this peer owns, asked by another peer: (error, rows)."""
+        rows: list[Row] = []
+        err, _ = self._reserve_gateway(key, rows)
+        return err, rows
+
+    def take_sets(self, req: TakeSets, now: float):
+        """All of req's sets or none: returns (reply, rows, need), need being the Allocate or
+        Claim that failed for want of space here (peers may have it), else None."""
+        self._journal = []
+        rows: list[Row] = []
+        addresses = []
+        try:
+            for i, alternatives in enumerate(req.sets):
+                reply, need = None, None
+                for alt in alternatives:
+                    reply, r = self.apply(alt, now)
+                    if reply["ok"]:
+                        rows += r
+                        break
+                    code = reply["error"]["code"]
+                    if need is None:
+                        need = self.need_for(alt, reply)
+                    if code != "exhausted":
+                        break
+                if not reply["ok"]:
+                    for undo in reversed(self._journal):
+                        undo()
+                    code = reply["error"]["code"]
+                    if code not in ("exhausted", "not_owned"):
+                        need = None
+                    return error(code, f"range set {i}: {reply['error']['message']}"), [], need
+                addresses.append(reply["address"])
+        finally:
+            self._journal = None
+        return ok(handle=req.handle, addresses=addresses), rows, None
 
     def _claim(self, req: Claim, now: float) -> tuple[dict, list[Row]]:
         key = (req.family, req.address)
@@ -178,6 +278,10 @@ class Allocator:
             if holder.handle == req.handle and holder.subnet == subnet:
                 return ok(**holder.view()), []
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
+        if universe is None and self.clustered:
+            return error("no_owner", f"{_fmt(key)} lies outside every allocation range "
+                         f"({', '.join(map(str, self.rings))}): in a cluster no host owns it, "
+                         "so two hosts could each claim it; claim addresses inside a range"), []
         mine = self.by_handle.get(req.handle, {}).get(subnet)
         if mine is not None:
             return error("conflict", f"handle {req.handle!r} already holds {mine.text} in "
@@ -197,6 +301,29 @@ class Allocator:
         # whose container may still be terminating; a claim names the address on purpose.
         return self._take(Held(req.family, req.address, universe, subnet, req.handle, req.anchor,
                                now))
+
+    def _release_if(self, req: ReleaseIf, now: float) -> tuple[dict, list[Row]]:
+        held = self.by_handle.get(req.handle, {})
+        rows: list[Row] = []
+        released: list[str] = []
+        for family, address, at in req.allocations:
+            h = self.by_addr.get((family, address))
+            if h is not None and h.handle == req.handle and h.allocated_at == at and \
+                    held.get(h.subnet) is h:
+                reply, r = self._release(Release(req.handle, (family, address)), now)
+                rows += r
+                released += reply["released"]
+        return ok(handle=req.handle, released=released), rows
+
+    def _release_unlisted(self, req: ReleaseUnlisted, now: float) -> tuple[dict, list[Row]]:
+        rows: list[Row] = []
+        released: list[str] = []
+        for handle in [h for h in self.by_handle if h.startswith(req.prefix)
+                       and h not in req.keep]:
+            reply, r = self._release(Release(handle), now)
+            rows += r
+            released += reply["released"]
+        return ok(released=released), rows
 
     def _release(self, req: Release, now: float) -> tuple[dict, list[Row]]:
         mine = self.by_handle.get(req.handle, {})
@@ -263,6 +390,20 @@ class Allocator:
                 start = max(start, x + 1)
         return choose_block(self.rings[universe], self.me, to, runs, limit)
 
+    def why_not_free(self, universe: Cidr, address: int, now: float) -> tuple[str, str]:
+        """(code, message) for an owned address a claim from another peer cannot have."""
+        key = (universe.family, address)
+        h = self.by_addr.get(key)
+        if h is not None:
+            return "in_use", f"{_fmt(key)} is held by handle {h.handle!r} on peer {self.me}"
+        if key in self.reserved:
+            return "reserved", f"{_fmt(key)} is a gateway, reserved on peer {self.me}"
+        t = self.freed[universe].get(address)
+        if t is not None and t + self.reuse_delay > now:
+            return "quarantined", (f"{_fmt(key)} was freed on peer {self.me} and is in "
+                                   f"quarantine for {t + self.reuse_delay - now:.0f}s more")
+        return "exhausted", f"{_fmt(key)} is not free on peer {self.me}"
+
     def block_holding(self, universe: Cidr, address: int, now: float,
                       to: str) -> tuple[int, int] | None:
         """A free owned block that holds address, up to CLAIM_BLOCK long, chosen like a
@@ -309,10 +450,19 @@ class Allocator:
         return None
 
     def _take(self, held: Held) -> tuple[dict, list[Row]]:
-        if held.universe is not None:
-            self.used[held.universe].add(held.address)
-            self.freed[held.universe].pop(held.address, None)
+        undo_used = self._mark_used(held.universe, held.address) if held.universe else None
         self._hold(held)
+        if self._journal is not None:
+            def undo():
+                key = (held.family, held.address)
+                del self.by_addr[key]
+                mine = self.by_handle[held.handle]
+                del mine[held.subnet]
+                if not mine:
+                    del self.by_handle[held.handle]
+                if undo_used is not None:
+                    undo_used()
+            self._journal.append(undo)
         row = PutAllocation(held.text,
                             str(held.universe) if held.universe else None, str(held.subnet),
                             held.handle, held.anchor, held.allocated_at)

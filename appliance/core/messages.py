@@ -37,6 +37,49 @@ class Release:
 
 
 @dataclass(frozen=True)
+class TakeSets:
+    """One address per set, all or nothing, in one commit (a CNI ADD with several range sets).
+
+    Each set lists alternatives (Allocate or Claim for `handle`), tried in order; only
+    "exhausted" moves on to the next one. When a set cannot be served here, nothing of this
+    request is kept and peers are asked for space as for a single Allocate or Claim."""
+    handle: str
+    sets: tuple[tuple[Allocate | Claim, ...], ...]
+
+
+@dataclass(frozen=True)
+class ReserveGateway:
+    """Not a client request: what an Allocate lacks when the gateway it names is owned by
+    another peer. That owner is asked to reserve it, so no host ever hands it out."""
+    family: int
+    address: int
+    subnet: Cidr
+
+
+@dataclass(frozen=True)
+class ReleaseIf:
+    """The sweeper's release: only these allocations of handle, and only while each is still
+    the very allocation found dead (same address and allocated_at), so an address given
+    anew in the meantime is never taken from its new holder."""
+    handle: str
+    allocations: tuple[tuple[int, int, float], ...]  # (family, address, allocated_at)
+
+
+@dataclass(frozen=True)
+class ReleaseUnlisted:
+    """CNI GC: release every handle that starts with prefix and is not in keep."""
+    prefix: str
+    keep: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CanServe:
+    """Could allocations for these sets succeed now, from this host or a reachable peer
+    (CNI STATUS)? Changes nothing. Each set: (subnet, first, last) alternatives."""
+    sets: tuple[tuple[tuple[Cidr, int, int], ...], ...]
+
+
+@dataclass(frozen=True)
 class Lookup:
     handle: str
 
@@ -63,7 +106,10 @@ class RemovePeer:
     force: bool = False  # skip the reachability and majority checks: the operator vouches
 
 
-Request = Allocate | Claim | Release | Lookup | List | Status | Leave | RemovePeer
+Request = (Allocate | Claim | TakeSets | Release | ReleaseIf | ReleaseUnlisted | Lookup | List
+           | Status | CanServe | Leave | RemovePeer)
+# What a host may do only as a member in good standing: it gives out addresses or moves space.
+TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer)
 
 
 # Rows: what must be durable before a reply is sent.

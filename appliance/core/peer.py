@@ -25,7 +25,7 @@ from .donation import returnable
 from .bootstrap import Bootstrap
 from .gossip import Delta, Replica, Vector
 from .removal import Removals
-from .ring import Entry, Ring, RingConflict, RingError
+from .ring import HINT_MAX, Entry, Ring, RingConflict, RingError
 from .wire import (Accept, Accepted, Decided, Gossip, Handover, HandoverAck, Message, Prepare,
                    Promise, Refuse, RemoveAbort, RemoveAck, RemoveDone, RemoveNack,
                    RemovePrepare, SpaceDenied, SpaceGrant, SpaceRequest, VoteNack)
@@ -48,9 +48,11 @@ class Ready:
 @dataclass
 class _Waiting:
     ref: object
-    request: m.Allocate | m.Claim
+    request: m.Allocate | m.Claim | m.TakeSets
     deadline: float
     asked: list[str]
+    need: m.Allocate | m.Claim | None = None  # what we lack: space for it is asked of peers
+    parked: bool = False  # nobody to ask yet, but peers we have not reached: wait for them
 
 
 def _covers(theirs: Vector, ours: Vector) -> bool:
@@ -78,6 +80,7 @@ class Peer(Bootstrap, Removals):
         # "member" allocates; "waiting" (bootstrap undecided or unconfirmed), "left" and
         # "removed" do not. `note` says why, for status and errors.
         self.standing, self.note = "member", ""
+        self.dialling = False  # the shell's transport has peer addresses it has not reached
         Bootstrap.__init__(self)
         Removals.__init__(self)
 
@@ -104,13 +107,17 @@ class Peer(Bootstrap, Removals):
         self.reachable.discard(peer)
 
     def request(self, ref, req, now: float) -> Ready:
+        """The one gate (DESIGN.md rule 9): every entrance (hook, CNI, Docker, sweeper, GC)
+        hands its change here. Taking addresses or moving space needs a member in good
+        standing; giving addresses back is allowed in every standing (it never gives anyone
+        an address, and a container that is gone must not keep one)."""
         out = Ready()
         if isinstance(req, m.Status):
             out.replies.append((ref, m.ok(**self.status(now))))
             return out
-        if self.standing != "member" and isinstance(req, (m.Allocate, m.Claim, m.Leave,
-                                                          m.RemovePeer)):
-            out.replies.append((ref, m.error(self.standing, self.note)))
+        if self.standing != "member" and isinstance(req, m.TAKES + (m.CanServe,)):
+            out.replies.append((ref, m.error(self.standing, self.note or
+                                             f"{self.me} is {self.standing}")))
             return out
         if isinstance(req, m.Leave):
             self._leave(ref, now, out)
@@ -118,16 +125,55 @@ class Peer(Bootstrap, Removals):
         if isinstance(req, m.RemovePeer):
             self._rmpeer(ref, req, now, out)
             return out
-        reply, rows = self.allocator.apply(req, now)
-        out.rows += rows
-        if not reply["ok"] and isinstance(req, (m.Allocate, m.Claim)):
-            code = reply["error"]["code"]
-            if code == "exhausted" and isinstance(req, m.Allocate) or \
-                    code == "not_owned" and isinstance(req, m.Claim):
-                self._ask(_Waiting(ref, req, now + self.request_timeout, []), out, reply)
-                return out
-        out.replies.append((ref, reply))
+        self._attempt(_Waiting(ref, req, now + self.request_timeout, []), now, out)
         return out
+
+    def _attempt(self, w: _Waiting, now: float, out: Ready) -> None:
+        """Serve w's request from this peer's space, or ask a peer for the space it lacks."""
+        req = w.request
+        need = None
+        self.allocator.clustered = self.dialling or len(self.members()) > 1
+        if isinstance(req, m.CanServe):
+            reply = self._can_serve(req, now)
+            if not reply["ok"] and self._unreached():
+                # Judged as an ADD would be: it would wait for peers not reached yet.
+                self.next_req += 1
+                w.parked = True
+                self.waiting[self.next_req] = w
+            else:
+                out.replies.append((w.ref, reply))
+            return
+        if isinstance(req, m.TakeSets):
+            reply, rows, need = self.allocator.take_sets(req, now)
+        else:
+            reply, rows = self.allocator.apply(req, now)
+            if not reply["ok"]:
+                need = self.allocator.need_for(req, reply)
+        out.rows += rows
+        if reply["ok"] or need is None:
+            out.replies.append((w.ref, reply))
+            return
+        if need != w.need:  # another set of a TakeSets: its own round of peers
+            w.need, w.asked = need, []
+        self._ask(w, out, reply)
+
+    def _can_serve(self, req: m.CanServe, now: float) -> dict:
+        """Could each set be served now, here or by a reachable peer (CNI STATUS)?"""
+        for i, alternatives in enumerate(req.sets):
+            if any(self.allocator.can_allocate(s, (first, last), now)
+                   for s, first, last in alternatives):
+                continue
+            bounds = [b for s, first, last in alternatives
+                      for b in self._bounds(s, (first, last))]
+            if any(self._hint(p, u, lo, hi) > 0 for u, lo, hi in bounds
+                   for p in self.reachable):
+                continue
+            if self.reachable and any(not self.replica.rings[u].entries for u, _, _ in bounds):
+                continue  # a newcomer that has not heard the ring: a reachable peer may serve
+            where = ", ".join(f"{s}" for s, _, _ in alternatives)
+            return m.error("exhausted", f"set {i}: no free address in {where} on {self.me} "
+                           "or any peer it can reach")
+        return m.ok()
 
     def status(self, now: float) -> dict:
         s = self.allocator.status(now)
@@ -197,11 +243,14 @@ class Peer(Bootstrap, Removals):
             self._merge_given(sender, msg.delta, out)
             w = self.waiting.pop(msg.req, None)
             if w is not None:
+                if isinstance(w.need, m.ReserveGateway) and sender in w.asked:
+                    out.rows += self.allocator.reserve_remote(
+                        (w.need.family, w.need.address), sender)
                 self._retry(w, now, out)
         elif isinstance(msg, SpaceDenied):
             w = self.waiting.pop(msg.req, None)
             if w is not None:
-                self._ask(w, out, m.error("exhausted", msg.reason))
+                self._ask(w, out, m.error(msg.code, msg.reason))
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
                               RemoveAbort, RemoveDone)):
             self._membership(sender, msg, now, out)
@@ -239,9 +288,19 @@ class Peer(Bootstrap, Removals):
         for req, w in list(self.waiting.items()):
             if now >= w.deadline:
                 del self.waiting[req]
+                if w.parked:
+                    out.replies.append((w.ref, m.error("timeout", (
+                        f"no free space on {self.me}, and within {self.request_timeout:g}s it "
+                        f"reached none of the peers that might have some "
+                        f"({self._unreached_text()})"))))
+                    continue
                 asked = ", ".join(w.asked) or "nobody"
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
+            elif w.parked and (self.reachable or not self._unreached()):
+                del self.waiting[req]  # someone to ask now (or no one left to wait for)
+                w.parked = False
+                self._attempt(w, now, out)
         self.ticks += 1
         self._membership_tick(now, out)
         if not self.decided:
@@ -339,10 +398,13 @@ class Peer(Bootstrap, Removals):
     def _clock_row(self) -> m.ClockWrite:
         return m.ClockWrite(self.replica.seq, tuple(sorted(self.replica.vector.items())))
 
-    def _refresh_hints(self, now: float, out: Ready) -> None:
-        """Tell others how much is free in our entries, when it changed enough to matter."""
+    def _refresh_hints(self, now: float, out: Ready, exact: Cidr | None = None) -> None:
+        """Tell others how much is free in our entries, when it changed enough to matter
+        (in universe `exact`: whenever it changed at all)."""
         stamp = None
         for u, ring in self.replica.rings.items():
+            if exact is not None and u != exact:
+                continue
             changed = []
             pieces: dict[int, list[tuple[int, int]]] = {}
             for e, lo, hi in ring.spans():
@@ -351,7 +413,8 @@ class Peer(Bootstrap, Removals):
             for start, spans in pieces.items():
                 e = ring.get(start)
                 free = sum(self.allocator.free_count(u, lo, hi, now) for lo, hi in spans)
-                if (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
+                if exact is not None and min(free, HINT_MAX) != e.free_hint or \
+                        (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
                         max(16, e.free_hint // 4):
                     stamp = stamp or self.replica.next_stamp()
                     changed.append(ring.set_hint(self.me, e.start, free, stamp))
@@ -390,10 +453,13 @@ class Peer(Bootstrap, Removals):
     # -- space on demand -----------------------------------------------------------------------
 
     def _subnet_bounds(self, req) -> list[tuple[Cidr, int, int]]:
-        subnet = req.subnet or self.allocator.default_subnet
+        rng = req.range if isinstance(req, m.Allocate) else None
+        return self._bounds(req.subnet or self.allocator.default_subnet, rng)
+
+    def _bounds(self, subnet: Cidr, rng) -> list[tuple[Cidr, int, int]]:
         lo, hi = subnet.host_bounds()
-        if isinstance(req, m.Allocate) and req.range is not None:
-            lo, hi = max(lo, req.range[0]), min(hi, req.range[1] + 1)
+        if rng is not None:
+            lo, hi = max(lo, rng[0]), min(hi, rng[1] + 1)
         return [(u, max(lo, u.start), min(hi, u.end)) for u in self.replica.rings
                 if u.overlaps(subnet)]
 
@@ -403,23 +469,11 @@ class Peer(Bootstrap, Removals):
 
     def _ask(self, w: _Waiting, out: Ready, last_error: dict) -> None:
         """Send the request to the next peer worth asking, or give the client its answer."""
-        req = w.request
+        req = w.need
         self.next_req += 1
-        if isinstance(req, m.Claim):
-            u = self.allocator.universe_of((req.family, req.address))
-            owner = self.replica.rings[u].owner_of(req.address) if u else None
-            if owner is None or owner in w.asked:
-                out.replies.append((w.ref, last_error))
-            elif owner not in self.reachable:
-                out.replies.append((w.ref, m.error(
-                    "unreachable", f"{format_addr(req.family, req.address)} is owned by "
-                    f"{owner}, which {self.me} cannot reach")))
-            else:
-                w.asked.append(owner)
-                self.waiting[self.next_req] = w
-                out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, u,
-                                                         req.address, req.address + 1,
-                                                         req.address)))
+        if isinstance(req, (m.Claim, m.ReserveGateway)):
+            self._ask_owner(w, out, last_error, req.family, req.address,
+                            isinstance(req, m.ReserveGateway))
             return
         best = None
         for u, lo, hi in self._subnet_bounds(req):
@@ -439,6 +493,12 @@ class Peer(Bootstrap, Removals):
                 self.waiting[self.next_req] = w
                 out.messages.append((peer, SpaceRequest(self.cluster, self.next_req, u, lo, hi)))
                 return
+            if not w.asked and self._unreached():
+                # Peers we know of but have not reached yet (a joiner just started): wait for
+                # them, up to the request's deadline, rather than refuse at once.
+                w.parked = True
+                self.waiting[self.next_req] = w
+                return
             out.replies.append((w.ref, last_error if not w.asked else m.error(
                 "exhausted", f"{last_error['error']['message']}; asked "
                 f"{', '.join(w.asked)} for space in vain")))
@@ -448,13 +508,40 @@ class Peer(Bootstrap, Removals):
         self.waiting[self.next_req] = w
         out.messages.append((peer, SpaceRequest(self.cluster, self.next_req, u, lo, hi)))
 
-    def _retry(self, w: _Waiting, now: float, out: Ready) -> None:
-        reply, rows = self.allocator.apply(w.request, now)
-        out.rows += rows
-        if reply["ok"]:
-            out.replies.append((w.ref, reply))
+    def _ask_owner(self, w: _Waiting, out: Ready, last_error: dict, family: int, address: int,
+                   gateway: bool) -> None:
+        """A claim (or a gateway's reservation) of an address owned elsewhere: ask its owner."""
+        u = self.allocator.universe_of((family, address))
+        owner = self.replica.rings[u].owner_of(address) if u else None
+        what = f"gateway {format_addr(family, address)}" if gateway else \
+            format_addr(family, address)
+        if u is not None and owner is None and (self.reachable or self._unreached()):
+            # No ring heard yet (a joiner): wait for it; ticks retry, up to the deadline.
+            w.parked = True
+            self.waiting[self.next_req] = w
+        elif owner is None or owner in w.asked or owner == self.me:
+            out.replies.append((w.ref, last_error))
+        elif owner not in self.reachable:
+            out.replies.append((w.ref, m.error(
+                "unreachable", f"{what} is owned by {owner}, which {self.me} cannot reach")))
         else:
-            self._ask(w, out, reply)
+            w.asked.append(owner)
+            self.waiting[self.next_req] = w
+            out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, u, address,
+                                                     address + 1, address, gateway)))
+
+    def _retry(self, w: _Waiting, now: float, out: Ready) -> None:
+        self._attempt(w, now, out)
+
+    def _unreached(self) -> set[str]:
+        """Peers that may hold space we lack but are not reachable now: members we know of,
+        or peer addresses the transport is still dialling (`dialling`, set by the shell)."""
+        gone = self.members() - self.reachable - {self.me}
+        return gone | ({"(peers being dialled)"} if self.dialling else set())
+
+    def _unreached_text(self) -> str:
+        names = sorted(self._unreached())
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
     def _donate(self, sender: str, msg: SpaceRequest, now: float, out: Ready) -> None:
         u = msg.universe
@@ -462,16 +549,38 @@ class Peer(Bootstrap, Removals):
             out.alarms.append(f"refused a space request from {sender}: bad bounds")
             return
         a = self.allocator
+        if msg.gateway:
+            if msg.address is None or self.replica.rings[u].owner_of(msg.address) != self.me:
+                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
+                                     f"{self.me} does not own that gateway", "not_owned")))
+                return
+            err, rows = a.reserve_owned((u.family, msg.address))
+            if err is not None:
+                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
+                                                         err["error"]["message"],
+                                                         err["error"]["code"])))
+                return
+            # Durable here before the (empty) grant says it is reserved.
+            out.rows += rows
+            out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
+                                                    self._delta_for(sender))))
+            return
         if msg.address is not None:
             block = a.block_holding(u, msg.address, now, sender)
             if block is None:
-                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
-                                     f"{format_addr(u.family, msg.address)} is not free on "
-                                     f"{self.me}")))
+                if self.replica.rings[u].owner_of(msg.address) != self.me:
+                    code, why = "not_owned", (f"{format_addr(u.family, msg.address)} is not "
+                                              f"owned by {self.me}")
+                else:
+                    code, why = a.why_not_free(u, msg.address, now)
+                out.messages.append((sender, SpaceDenied(self.cluster, msg.req, why, code)))
                 return
         else:
+            # At most half of what is free there, but the last free address too: allocation
+            # must succeed while free space exists anywhere (the asker has none).
             free = a.free_count(u, msg.lo, msg.hi, now)
-            block = a.donatable(u, msg.lo, msg.hi, now, free // 2, sender) if free >= 2 else None
+            block = a.donatable(u, msg.lo, msg.hi, now, max(1, free // 2), sender) \
+                if free >= 1 else None
             if block is None:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{self.me} has no free space to spare there")))
@@ -481,6 +590,9 @@ class Peer(Bootstrap, Removals):
         written = ring.transfer(self.me, lo, hi, sender, self.replica.next_stamp(),
                                 free_hint=hi - lo)
         out.rows += m.ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
+        # Our entries split by the transfer still carry hints of their old size: correct them
+        # now, so no peer counts on space that just left (status would show over 100% free).
+        self._refresh_hints(now, out, exact=u)
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self._delta_for(sender))))
 
 

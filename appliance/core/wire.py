@@ -30,6 +30,9 @@ class SpaceRequest:
     lo: int
     hi: int
     address: int | None = None  # a claim: the block holding this address
+    # A gateway: the owner reserves `address` for good (never handed out) and says so with an
+    # empty grant; no space moves.
+    gateway: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class SpaceDenied:
     cluster: str
     req: int
     reason: str
+    code: str = "exhausted"  # the error the asker's client gets if no one else can help
 
 
 @dataclass(frozen=True)
