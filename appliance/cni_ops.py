@@ -74,9 +74,13 @@ def _result(call: Call, reply: dict | None) -> bytes:
                        f"{call.command} refused ({err['code']}): {err['message']}", err["code"])
     if call.command == "ADD":
         served = []
-        for rs, address in zip(call.range_sets, reply["addresses"]):
+        for i, (rs, address) in enumerate(zip(call.range_sets, reply["addresses"])):
             key = parse_addr(address.split("/")[0])
-            served.append((address, next(r for r in rs if key in r)))
+            r = next((r for r in rs if key in r), None)
+            if r is None:  # held from before, by an ADD whose config had other ranges
+                raise CniError(cni.BAD_CONFIG, f"{call.handle} already holds {address}, outside "
+                               f"range set {i}; DEL it first")
+            served.append((address, r))
         return cni.add_result(call, served)
     return b""
 

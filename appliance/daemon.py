@@ -123,6 +123,7 @@ class CoreLoop:
         self.net = None  # the peer transport, when there is one
         self.conflicts = 0  # ring data refused as conflicting, since start
         self.reachable: set[str] = set()
+        self.ever_reached: set[str] = set()
         self.dialling = False
 
     @property
@@ -162,8 +163,7 @@ class CoreLoop:
         self.store.set_meta("seeds", json.dumps(ids))
         self.loaded.meta["seeds"] = json.dumps(ids)
         self.pending_seeds = None
-        self.peer = self._load()
-        self.peer.reachable = set(self.reachable)
+        self._reload()
         log.warning("event=seeds_split seeds=%s", ",".join(ids))
 
     async def submit(self, request) -> dict:
@@ -230,9 +230,7 @@ class CoreLoop:
     def _rebuild(self, failed: Exception) -> None:
         """Memory from the database; requests waiting for peers' space fail (the peer
         that was waiting for it is gone)."""
-        self.peer = self._load()
-        self.peer.reachable = set(self.reachable)
-        self.peer.dialling = self.dialling
+        self._reload()
         for w in list(self._waiters.values()):
             if not w.event.is_set():
                 w.reply = failed
@@ -249,9 +247,26 @@ class CoreLoop:
         """From the transport: the peers reachable now, and whether it still dials peer
         addresses it has never reached (a request lacking space waits for those)."""
         self.reachable = set(peers)
-        self.peer.reachable = set(peers)
+        self.ever_reached |= self.reachable
         if dialling is not None:
-            self.dialling = self.peer.dialling = dialling
+            self.dialling = dialling
+        self._tell_peer()
+
+    def _tell_peer(self) -> None:
+        """What the shell knows of the network, into the peer (a new one after a reload)."""
+        self.peer.reachable = set(self.reachable)
+        self.peer.ever_reached = set(self.ever_reached)
+        self.peer.dialling = self.dialling
+
+    def _reload(self) -> None:
+        """The peer anew from the database, keeping what only the shell knows, and the
+        request counter: a late answer to a request of the old peer must not match a new one."""
+        old = self.peer
+        self.peer = self._load()
+        self.peer.next_req = old.next_req
+        self._tell_peer()
+        if self.pending_seeds is not None:
+            self._note_pending()
 
     async def _process(self, ready: Ready) -> None:
         batch = self._open

@@ -125,7 +125,11 @@ class Sweeper:
             self.undecided += len(unknown)
             log.warning("event=sweep_undecided count=%d first=%r", len(unknown), unknown[0])
         for handle, allocations in dead.items():
-            reply = await self.core.submit(ReleaseIf(handle, tuple(allocations)))
+            try:
+                reply = await self.core.submit(ReleaseIf(handle, tuple(allocations)))
+            except Exception as e:  # a failed commit or a core bug: next sweep tries again
+                log.error("event=sweep_failed handle=%s error=%r", handle, str(e))
+                return
             released = reply.get("released", []) if reply["ok"] else []
             if released:
                 self.swept += len(released)

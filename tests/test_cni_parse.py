@@ -167,6 +167,26 @@ def test_del_check_gc():
     assert sorted(a.by_handle) == ["cni/net1/b/eth0"]
 
 
+def test_two_range_sets_in_one_subnet_are_refused():
+    stdin = conf(ranges=[[{"subnet": "198.18.0.0/24", "rangeEnd": "198.18.0.9"}],
+                         [{"subnet": "198.18.0.0/24", "rangeStart": "198.18.0.10"}]])
+    with pytest.raises(CniError) as e:
+        call(stdin=stdin)
+    assert e.value.code == 7 and e.value.msg == ("range sets 0 and 1 share subnet "
+                                                 "198.18.0.0/24; ipamd gives a container one "
+                                                 "address per subnet")
+
+
+def test_an_add_after_the_range_changed_names_what_the_container_holds():
+    a = allocator()
+    assert run(a, stdin=conf(ranges=[[{"subnet": "198.18.0.0/24", "rangeEnd": "198.18.0.9"}]]))[1] == 0
+    out, code, rows = run(a, stdin=conf(ranges=[[{"subnet": "198.18.0.0/24",
+                                                  "rangeStart": "198.18.0.100"}]]))
+    assert (code, out["code"], rows) == (1, 7, [])
+    assert out["msg"] == ("cni/net1/c1/eth0 already holds 198.18.0.2/24, outside range set 0; "
+                          "DEL it first")
+
+
 def test_version_needs_nothing_but_a_version():
     out, code, _ = run(allocator(), env={"CNI_COMMAND": "VERSION"},
                        stdin={"cniVersion": "1.1.0"})

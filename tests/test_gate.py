@@ -18,6 +18,7 @@ from appliance.core.addr import cidr, parse_addr
 from appliance.core.allocator import Allocator
 from appliance.core.peer import Peer
 from appliance.core.ring import Ring
+from appliance.core.wire import SpaceDenied
 from appliance.daemon import Config, CoreBug, CoreLoop
 from appliance.store import Store
 from appliance.sweeper import ALIVE, GONE, UNKNOWN, Sweeper, anchor_state
@@ -107,6 +108,7 @@ def test_anchor_needs_evidence_to_be_gone(tmp_path, monkeypatch):
     start = int(Path(f"/proc/{me}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
     assert anchor_state(json.dumps({"pid": me, "start_time": start}))[0] == ALIVE
     assert anchor_state(json.dumps({"pid": me, "start_time": start + 1}))[0] == GONE
+    assert anchor_state(json.dumps({"pid": me}))[0] == ALIVE  # a pid alone: alive while it runs
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     assert anchor_state(json.dumps({"pid": dead.pid}))[0] == GONE
@@ -178,3 +180,19 @@ def test_cni_status_on_a_newcomer_asks_the_cluster_not_just_this_host():
     newcomer.reachable = {"a"}  # knows no ring yet, but a reachable peer may serve
     ((_, r),) = newcomer.request(2, req, 0.0).replies
     assert r == m.ok()
+
+
+def test_a_parked_request_meets_the_gate_again_when_it_is_retried():
+    b = Peer("b", "c", [Ring(RANGE)], RANGE)
+    b.dialling = True  # a joiner that has not reached its --peer yet
+    ready = b.request("r1", m.Allocate("x"), 0.0)
+    assert ready.replies == [] and ready.messages == [] and len(b.waiting) == 1
+    (req,) = b.waiting
+    # An answer nobody was sent to (a forged or late req id) is ignored, not a crash.
+    ready = b.receive("z", SpaceDenied("c", req, "no", "exhausted"), 0.1)
+    assert ready.replies == [] and len(b.waiting) == 1
+    b.standing, b.note = "removed", "removed by a"
+    b.reachable = {"a"}
+    ready = b.tick(0.2)
+    assert ready.replies == [("r1", m.error("removed", "removed by a"))]
+    assert not [r for r in ready.rows if isinstance(r, m.PutAllocation)] and not b.waiting

@@ -81,6 +81,7 @@ class Peer(Bootstrap, Removals):
         # "removed" do not. `note` says why, for status and errors.
         self.standing, self.note = "member", ""
         self.dialling = False  # the shell's transport has peer addresses it has not reached
+        self.ever_reached: set[str] = set()  # peers reachable at some time since start
         Bootstrap.__init__(self)
         Removals.__init__(self)
 
@@ -115,7 +116,7 @@ class Peer(Bootstrap, Removals):
         if isinstance(req, m.Status):
             out.replies.append((ref, m.ok(**self.status(now))))
             return out
-        if self.standing != "member" and isinstance(req, m.TAKES + (m.CanServe,)):
+        if self.standing != "member" and isinstance(req, (m.Leave, m.RemovePeer)):
             out.replies.append((ref, m.error(self.standing, self.note or
                                              f"{self.me} is {self.standing}")))
             return out
@@ -132,6 +133,11 @@ class Peer(Bootstrap, Removals):
         """Serve w's request from this peer's space, or ask a peer for the space it lacks."""
         req = w.request
         need = None
+        if self.standing != "member" and isinstance(req, m.TAKES + (m.CanServe,)):
+            # Checked again at every retry: the standing may have changed while it waited.
+            out.replies.append((w.ref, m.error(self.standing, self.note or
+                                               f"{self.me} is {self.standing}")))
+            return
         self.allocator.clustered = self.dialling or len(self.members()) > 1
         if isinstance(req, m.CanServe):
             reply = self._can_serve(req, now)
@@ -241,20 +247,28 @@ class Peer(Bootstrap, Removals):
         elif isinstance(msg, SpaceGrant):
             # Ownership moved whether or not anyone still waits for it: merge it always.
             self._merge_given(sender, msg.delta, out)
-            w = self.waiting.pop(msg.req, None)
+            w = self._answered(sender, msg.req)
             if w is not None:
-                if isinstance(w.need, m.ReserveGateway) and sender in w.asked:
+                if isinstance(w.need, m.ReserveGateway):
                     out.rows += self.allocator.reserve_remote(
                         (w.need.family, w.need.address), sender)
                 self._retry(w, now, out)
         elif isinstance(msg, SpaceDenied):
-            w = self.waiting.pop(msg.req, None)
+            w = self._answered(sender, msg.req)
             if w is not None:
                 self._ask(w, out, m.error(msg.code, msg.reason))
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
                               RemoveAbort, RemoveDone)):
             self._membership(sender, msg, now, out)
         return out
+
+    def _answered(self, sender: str, req: int) -> _Waiting | None:
+        """The request waiting for this answer: only one sent to `sender`, last in its asked
+        list (a parked one was sent to nobody; anything else is late, or forged)."""
+        w = self.waiting.get(req)
+        if w is None or w.parked or not w.asked or w.asked[-1] != sender:
+            return None
+        return self.waiting.pop(req)
 
     def _gossip(self, sender: str, msg: Gossip, out: Ready) -> None:
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
@@ -534,9 +548,10 @@ class Peer(Bootstrap, Removals):
         self._attempt(w, now, out)
 
     def _unreached(self) -> set[str]:
-        """Peers that may hold space we lack but are not reachable now: members we know of,
-        or peer addresses the transport is still dialling (`dialling`, set by the shell)."""
-        gone = self.members() - self.reachable - {self.me}
+        """Peers that may hold space we lack and that we have not reached since start: members
+        we know of, or peer addresses the transport is still dialling (`dialling`, set by the
+        shell). A peer reached once and lost since is not waited for: it may be dead."""
+        gone = self.members() - self.reachable - self.ever_reached - {self.me}
         return gone | ({"(peers being dialled)"} if self.dialling else set())
 
     def _unreached_text(self) -> str:

@@ -180,6 +180,11 @@ def _range_sets(ipam: dict) -> list[list[Range]]:
         for j, q in flat[a + 1:]:
             if r.subnet.family == q.subnet.family and r.first <= q.last and q.first <= r.last:
                 raise CniError(BAD_CONFIG, f"range set {i} overlaps with {j}")
+            if i != j and r.subnet == q.subnet:
+                # A container holds one address per subnet: a second set there would be
+                # answered with the first set's address.
+                raise CniError(BAD_CONFIG, f"range sets {i} and {j} share subnet {r.subnet}; "
+                               "ipamd gives a container one address per subnet")
     return sets
 
 
