@@ -13,6 +13,7 @@ import apsw
 from appliance.client import Client, Unreachable
 
 from .daemon_proc import Daemon
+from .threads import Worker, first_error, join_all, raise_first_error
 
 CLIENTS = 8
 KILLS = 24
@@ -60,6 +61,13 @@ class Harness:
                     return None
 
     def client(self, i: int) -> None:
+        try:
+            self._client(i)
+        finally:  # wake the main thread, which also waits for a client that died
+            with self.cond:
+                self.cond.notify_all()
+
+    def _client(self, i: int) -> None:
         rng = random.Random(self.rng.random())
         held = self.held[i]
         state: dict = {}
@@ -103,14 +111,16 @@ def test_sigkill_under_load_loses_and_duplicates_nothing(tmp_path):
     d = Daemon(tmp_path, "--iprange", "10.40.0.0/22", "--reuse-delay", "0")
     d.start()
     h = Harness(d, seed)
-    threads = [threading.Thread(target=h.client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    # A client's failed assert (a refused allocate) fails the test: join_all raises it here.
+    threads = [Worker(h.client, (i,), name=f"client-{i}") for i in range(CLIENTS)]
     for t in threads:
         t.start()
     try:
         for _ in range(KILLS):
             with h.cond:
                 target = h.acks + ACKS_BETWEEN_KILLS + h.rng.randrange(ACKS_BETWEEN_KILLS)
-                h.cond.wait_for(lambda: h.acks >= target, timeout=60)
+                h.cond.wait_for(lambda: h.acks >= target or first_error(threads), timeout=60)
+                raise_first_error(threads)
                 assert h.acks >= target, "clients made no progress"
             d.kill()
             d.start()
@@ -119,13 +129,14 @@ def test_sigkill_under_load_loses_and_duplicates_nothing(tmp_path):
                 h.cond.notify_all()
         with h.cond:
             target = h.acks + ACKS_BETWEEN_KILLS
-            h.cond.wait_for(lambda: h.acks >= target, timeout=60)
+            h.cond.wait_for(lambda: h.acks >= target or first_error(threads), timeout=60)
+            raise_first_error(threads)
+            assert h.acks >= target, "clients made no progress after the last kill"
     finally:
         with h.cond:
             h.stop = True
             h.cond.notify_all()
-        for t in threads:
-            t.join(timeout=60)
+        join_all(threads, timeout=60)
     d.kill()  # the last one too: the database is checked as a crash leaves it
 
     db = apsw.Connection(str(d.db))

@@ -9,6 +9,7 @@ import subprocess
 from .daemon_proc import ROOT, Daemon, wait_until
 from .test_docker import GW, Driver, mac
 from .test_peers import SECRET, free_ports, launch, status
+from .test_peers import joined as peers_joined
 
 FORWARDER = ROOT / "dist" / "ipamd-cni"
 
@@ -58,16 +59,8 @@ def refused_everywhere(d, standing: str, words: str) -> None:
 
 def joined(tmp_path, names):
     """Hosts joined through the first, each also serving the Docker driver."""
-    first = launch(tmp_path, names[0], "--docker-plugin", str(tmp_path / names[0] /
-                                                             "docker.sock"))
-    ds = [first] + [launch(tmp_path, n, "--peer", first.addr, "--docker-plugin",
-                           str(tmp_path / n / "docker.sock")) for n in names[1:]]
-    ids = [status(d)["peer"] for d in ds]
-    for d, me in zip(ds, ids):
-        wait_until(f"{d.dir.name} to reach every other peer",
-                   lambda d=d, me=me: set(status(d)["reachable"]) == set(ids) - {me})
-    wait_until("one ring everywhere", lambda: len({status(d)["ring_digest"] for d in ds}) == 1)
-    return ds, ids
+    return peers_joined(tmp_path, names, lambda name: (
+        "--docker-plugin", str(tmp_path / name / "docker.sock")))
 
 
 def test_hosts_not_in_good_standing_refuse_every_entrance(tmp_path):

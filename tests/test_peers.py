@@ -79,17 +79,20 @@ def test_wrong_secret_other_range_and_garbage_are_refused(tmp_path):
     wait_until("a to log the refusals", lambda: "failed authentication" in a.stderr()
                and "has ranges 10.41.0.0/24" in a.stderr() and "not an ipamd peer hello"
                in a.stderr())
+    # bad owns nothing and reaches no peer: it waits for one, then says so.
     r = bad.call({"op": "allocate", "handle": "y"})
-    assert not r["ok"], r
+    assert not r["ok"] and r["error"]["code"] == "timeout", r
+    assert "reached none of the peers" in r["error"]["message"], r
     assert status(bad)["reachable"] == [] and status(other)["reachable"] == []
     s = status(a)
     assert s["reachable"] == [] and s["ring_digest"] == before and s["allocations"] == 1
     assert a.call({"op": "allocate", "handle": "z"})["ok"]
 
 
-def joined(tmp_path, names):
-    first = launch(tmp_path, names[0])
-    ds = [first] + [launch(tmp_path, n, "--peer", first.addr) for n in names[1:]]
+def joined(tmp_path, names, flags=lambda name: ()):
+    """Daemons joined through the first; flags(name) adds each one's own flags."""
+    first = launch(tmp_path, names[0], *flags(names[0]))
+    ds = [first] + [launch(tmp_path, n, "--peer", first.addr, *flags(n)) for n in names[1:]]
     ids = [status(d)["peer"] for d in ds]
     for d, me in zip(ds, ids):
         wait_until(f"{d.dir.name} to reach every other peer",
@@ -101,20 +104,30 @@ def joined(tmp_path, names):
 def test_leave_rmpeer_and_a_wiped_rejoin_with_real_processes(tmp_path):
     import json
     import shutil
-    (a, b, c, d), (ia, ib, ic, idd) = joined(tmp_path, ["a", "b", "c", "d"])
+    (a, b, c, d), (ia, ib, ic, idd) = joined(tmp_path, ["a", "b", "c", "d"],
+                                             lambda name: ("--reuse-delay", "1"))
     for x in (b, c, d):
         assert x.call({"op": "allocate", "handle": f"{x.dir.name}-1"})["ok"]
     # leave: refused while c holds an address, then hands c's space to live peers.
     r = json.loads(c.cli("leave", "--json").stdout)
-    assert not r["ok"] and "hold" in r["error"]["message"], r
+    assert not r["ok"] and r["error"]["code"] == "busy", r
+    assert r["error"]["message"] == f"{ic} still holds 1 address: release them before it " \
+        "leaves", r
     assert c.call({"op": "release", "handle": "c-1"})["ok"]
-    out = c.cli("leave")
-    assert out.returncode == 0 and "left the cluster" in out.stdout, out
+    # Not while the freed address is in quarantine: its new owner would hand it out at once.
+    r = json.loads(c.cli("leave", "--json").stdout)
+    assert not r["ok"] and r["error"]["code"] == "busy" and \
+        r["error"]["message"].startswith(f"{ic} freed 1 address less than 1s ago"), r
+    out = wait_until("c to leave once the quarantine is over", lambda: (
+        lambda o: o if o.returncode == 0 else None)(c.cli("leave")))
+    assert "left the cluster" in out.stdout, out
     wait_until("c's space to be owned by others everywhere",
                lambda: all(status(x)["universes"][0]["peers"].get(ic, {"owned": 0})["owned"] == 0
                            for x in (a, b, d)))
     assert status(c)["standing"] == "left"
-    assert not c.call({"op": "allocate", "handle": "c-2"})["ok"]
+    r = c.call({"op": "allocate", "handle": "c-2"})
+    assert not r["ok"] and r["error"]["code"] == "left", r
+    assert r["error"]["message"] == f"{ic} left the cluster", r
     # rmpeer: d dies holding space; reachable targets are refused, dead ones reclaimed.
     r = json.loads(a.cli("rmpeer", ib, "--json").stdout)
     assert not r["ok"] and r["error"]["code"] == "reachable", r
@@ -127,7 +140,10 @@ def test_leave_rmpeer_and_a_wiped_rejoin_with_real_processes(tmp_path):
     # A removed peer that comes back is refused and told so.
     d.start()
     wait_until("d to learn it was removed", lambda: status(d)["standing"] == "removed")
-    assert not d.call({"op": "allocate", "handle": "d-2"})["ok"]
+    r = d.call({"op": "allocate", "handle": "d-2"})
+    assert not r["ok"] and r["error"]["code"] == "removed", r
+    assert f"{idd} was removed from the cluster by {ia}" in r["error"]["message"] and \
+        "start it afresh with an empty database" in r["error"]["message"], r
     # b loses its database: it comes back under a new id, owning nothing of its old space.
     b.kill()
     shutil.rmtree(b.dir / "data")
@@ -208,7 +224,11 @@ def test_seeds_split_the_range_once_every_seed_is_reached(tmp_path):
     a = launch_fixed(tmp_path, "a", ports[0], "--init-peers", seeds)
     s = status(a)
     assert s["standing"] == "waiting" and "127.0.0.1" in s["note"], s
-    assert not a.call({"op": "allocate", "handle": "early"})["ok"]  # says why: waiting
+    r = a.call({"op": "allocate", "handle": "early"})
+    assert not r["ok"] and r["error"]["code"] == "waiting", r
+    # The message names why: the seeds it has not heard from yet, by address.
+    assert r["error"]["message"].startswith("waiting ") and all(
+        f"127.0.0.1:{p}" in r["error"]["message"] for p in ports[1:]), r
     b = launch_fixed(tmp_path, "b", ports[1], "--init-peers", seeds)
     c = launch_fixed(tmp_path, "c", ports[2], "--init-peers", seeds)
     ds = [a, b, c]

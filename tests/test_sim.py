@@ -3,7 +3,10 @@
 CI tier: 300 seeds of 3-7 peers with 1,000 operations each and random fault rates, plus 10
 seeds of 100 peers; zero violations. Each seed draws its bootstrap (founder, seeds or quorum)
 too. Seeds are spread over both cores. A failure names its seed; `make sim SEED=n` replays it.
+Ten more seeds run in the test's own process: `make mutate` maps each mutated function to the
+tests that call it in-process, and the pool's workers are other processes.
 """
+import math
 import multiprocessing as mp
 import os
 import subprocess
@@ -16,10 +19,13 @@ from appliance.core import allocator as allocator_mod
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
 
-from .sim.simulator import Sim, Violation
+from appliance.core import messages as m
+
+from .sim.simulator import Faults, Sim, Violation
 
 SMALL_SEEDS = range(300)
 BIG_SEEDS = range(10)
+IN_PROCESS_SEEDS = range(300, 310)
 
 
 def run_seed(args):
@@ -70,6 +76,12 @@ def test_ci_tier_hundred_peers():
     bad = [(seed, v) for seed, v, _ in results if v]
     assert not bad, f"violations: {bad[:5]}"
     summarise(results, "100 peers")
+
+
+def test_ci_tier_in_this_process():
+    bad = [(seed, v) for seed, v, _ in map(run_seed, [(s, None, 1000) for s in IN_PROCESS_SEEDS])
+           if v]
+    assert not bad, f"violations (replay with make sim SEED=...): {bad[:5]}"
 
 
 def test_a_seed_replays_exactly():
@@ -132,3 +144,54 @@ def test_checker_catches_rmpeer_without_promises(monkeypatch):
     found = find_violation()
     assert found is not None
     print(f"rmpeer without promises: caught at seed {found[0]}: {found[1]}")
+
+
+@pytest.mark.parametrize("where", ["_reusable", "_blocked"])
+def test_checker_catches_quarantine_ignored(monkeypatch, where):
+    """I9: an allocator that takes every quarantine as over: _reusable hands a just-freed
+    address out again, _blocked lets donations and give-backs carry one away."""
+    real = getattr(allocator_mod.Allocator, where)
+
+    def at_the_end_of_time(self, *args):  # both take `now` last
+        return real(self, *args[:-1], math.inf)
+
+    monkeypatch.setattr(allocator_mod.Allocator, where, at_the_end_of_time)
+    found = find_violation()
+    assert found is not None, f"ignoring quarantine in {where} went unnoticed"
+    assert found[1].startswith(f"I9 seed={found[0]}: "), found
+    print(f"quarantine ignored in {where}: caught at seed {found[0]}: {found[1]}")
+
+
+def drive(sim, p, req):
+    """One client request to peer p, through the simulator's checks."""
+    sim.stats.ops += 1
+    ref = ("test", sim.stats.ops)
+    sim.pending[ref] = (p, req)
+    sim._handle(p, sim.live[p].request(ref, req, sim.now))
+    return ref
+
+
+def test_checker_sees_a_quarantined_address_in_a_handover():
+    """I9's transfer check covers handovers too (the simulated clients never leave), shown
+    with a leave that hands a just-freed address over on purpose (the quarantine taken as
+    over)."""
+    sim = Sim(1, 2, Faults())
+    sim.live["p0"].allocator.reuse_delay = 0.0  # as if its quarantine were not kept
+    drive(sim, "p0", m.Allocate("x"))
+    drive(sim, "p0", m.Release("x"))
+    with pytest.raises(Violation, match=r"^I9 seed=1: p0 gave p1 10\.0\.0\.0-10\.0\.3\.255, "
+                       r"holding 10\.0\.0\.1, 0\.00s after freeing it"):
+        drive(sim, "p0", m.Leave())
+
+
+def test_leave_hands_over_no_quarantined_address():
+    sim = Sim(1, 2, Faults())
+    drive(sim, "p0", m.Allocate("x"))
+    drive(sim, "p0", m.Release("x"))
+    sim.now += 1.0
+    drive(sim, "p0", m.Leave())  # refused, or waits out the quarantine: anything but I9
+    assert sim.stats.refused["busy"] == 1  # refused, naming the quarantine
+    assert sim.live["p0"].standing == "member"
+    sim.now += 10.0  # the quarantine is over: it may leave now
+    drive(sim, "p0", m.Leave())
+    assert sim.stats.refused["busy"] == 1 and sim.live["p0"].standing == "left"

@@ -88,6 +88,17 @@ class Removals:
                                              f"address{'es' if held > 1 else ''}: "
                                              "release them before it leaves")))
             return
+        # Quarantined addresses would reach their new owner as never used, and be handed out
+        # at once while their old containers may still be terminating.
+        a = self.allocator
+        until = [t + a.reuse_delay for f in a.freed.values() for t in f.values()
+                 if t + a.reuse_delay > now]
+        if until:
+            out.replies.append((ref, m.error("busy", (
+                f"{self.me} freed {len(until)} address{'es' if len(until) > 1 else ''} less "
+                f"than {a.reuse_delay:g}s ago; they are in quarantine for "
+                f"{max(until) - now:.0f}s more: leave then"))))
+            return
         targets = sorted(self.reachable - set(self.promised))
         if not targets:
             out.replies.append((ref, m.error("unreachable", f"{self.me} can reach no peer to "

@@ -8,7 +8,12 @@ Invariants (DESIGN.md section 7) checked as it runs and at the end:
 I1 no address held by two handles at once; I2 no acknowledged allocation lost; I3 no two peers
 own overlapping space, and no (start, version) has two contents (a ring conflict is a violation);
 I4 every allocation lies in space its host owns; I5 after healing every range has a live owner;
-I6 after healing all rings are equal; I7 a peer's seq and vector only grow, restarts included.
+I6 after healing all rings are equal; I7 a peer's seq and vector only grow, restarts included;
+I9 no quarantined address is handed out or given away: the simulator keeps, per peer, every
+address that peer freed and when (from the rows it committed), and checks every Ready before it
+is committed: an allocate reply must not hand out an address the same peer freed less than
+REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a handover) may
+move space holding such an address. (A claim may take a quarantined address on purpose.)
 A restart may lose the peer's whole database: it comes back under a new id, and its old id
 stays dead until some peer runs rmpeer on it (during the run, from any peer at any time, so
 concurrent and partitioned removals happen; after the heal, until it succeeds: I5 needs it).
@@ -22,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from appliance.core import messages as m
-from appliance.core.addr import cidr, format_addr
+from appliance.core.addr import Cidr, cidr, format_addr, parse_addr
 from appliance.core.bootstrap import decided_cluster
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
@@ -30,6 +35,7 @@ from appliance.core.peer import Peer, Ready
 UNIVERSE = cidr("10.0.0.0/22")     # small enough that peers run short and ask each other
 BIG_UNIVERSE = cidr("10.0.0.0/16")  # for 100 peers
 TICK = 0.1
+REUSE_DELAY = 5.0  # every peer's quarantine (--reuse-delay), seconds of simulated time
 CRASH_POINTS = ("before_commit", "after_commit", "after_send")
 
 
@@ -79,6 +85,9 @@ class Sim:
         self.cluster = "sim"
         self.bootstrap = bootstrap
         self.claim_share = 0.10  # of client operations: claims of random addresses
+        self.entrance_share = 0.15  # of client operations: what CNI, GC and the sweeper send
+        half = self.u.prefix + 1
+        self.subnets = (Cidr(4, self.u.start, half), Cidr(4, self.u.start + self.u.size // 2, half))
         # None: releases are 35% of operations, so the universe fills up and stays nearly full
         # (the hardest case). A fraction: release whenever that much of it is in use (churn at
         # a steady level, for measuring the ring's size over time).
@@ -90,14 +99,16 @@ class Sim:
             if bootstrap == "seeds":
                 d.mode, d.seeds = "seeds", tuple(self.names)
                 peer, rows = Peer.seeded(p, self.cluster, [self.u], self.u, self.names,
-                                         reuse_delay=5.0)
+                                         reuse_delay=REUSE_DELAY)
             elif bootstrap == "quorum":
                 d.mode, d.quorum = "quorum", n
-                peer, rows = Peer.voter(p, self.cluster, [self.u], self.u, n, reuse_delay=5.0)
+                peer, rows = Peer.voter(p, self.cluster, [self.u], self.u, n,
+                                        reuse_delay=REUSE_DELAY)
             elif p == self.names[0]:
-                peer, rows = Peer.founder(p, self.cluster, [self.u], self.u, reuse_delay=5.0)
+                peer, rows = Peer.founder(p, self.cluster, [self.u], self.u,
+                                          reuse_delay=REUSE_DELAY)
             else:
-                peer, rows = d.load(self.u, 5.0), []
+                peer, rows = d.load(self.u, REUSE_DELAY), []
             d.apply(rows)
             self.live[p] = peer
         self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs the network drops
@@ -111,6 +122,9 @@ class Sim:
         self.stats = Stats()
         self.max_clock = {p: (0, {}) for p in self.names}
         self.gone: list[str] = []  # ids whose database was lost: dead for good
+        # I9: per peer, address -> when that peer freed it (committed FreeAddress rows); an
+        # address is quarantined there until freed_at + REUSE_DELAY.
+        self.freed: dict[str, dict[str, float]] = {p: {} for p in self.names}
         self.wipes = 0
         self._update_reachability()
 
@@ -175,17 +189,18 @@ class Sim:
         for alarm in ready.alarms:
             if "conflict" in alarm:
                 raise Violation(f"I3 seed={self.seed}: {p}: {alarm}")
+        self._check_quarantine(p, ready)
         point = self.rng.choice(CRASH_POINTS) if self.rng.random() < self.faults.crash else None
         if self.broken == "send_before_commit":
             for dst, msg in ready.messages:
                 self._send(p, dst, msg)
             if point is not None:
                 return self._crash(p, point)
-            self.durable[p].apply(ready.rows)
+            self._commit(p, ready.rows)
         else:
             if point == "before_commit":
                 return self._crash(p, point)
-            self.durable[p].apply(ready.rows)
+            self._commit(p, ready.rows)
             if point == "after_commit":
                 return self._crash(p, point)
             for dst, msg in ready.messages:
@@ -195,6 +210,51 @@ class Sim:
         for ref, reply in ready.replies:
             self._client_reply(p, ref, reply)
         self._check_clock(p)
+
+    def _commit(self, p: str, rows: list) -> None:
+        self.durable[p].apply(rows)
+        freed = self.freed[p]
+        for r in rows:
+            if isinstance(r, m.FreeAddress) and r.universe is not None:
+                freed[r.address] = r.freed_at
+            elif isinstance(r, (m.PutAllocation, m.ForgetFreed)):
+                freed.pop(r.address, None)  # taken again (a claim), or gone with its space
+
+    def _check_quarantine(self, p: str, ready: Ready) -> None:
+        """I9, on what p is about to commit and say."""
+        freed = self.freed[p]
+        if not freed:
+            return
+        for a in [a for a, t in freed.items() if t + REUSE_DELAY <= self.now]:
+            del freed[a]  # quarantine over
+        if not freed:
+            return
+        for ref, reply in ready.replies:
+            got = self.pending.get(ref)
+            if got is None or not reply["ok"] or \
+                    not isinstance(got[1], (m.Allocate, m.TakeSets)):
+                continue
+            for text in reply.get("addresses", [reply.get("address")]):
+                address = text.split("/")[0]
+                if address in freed:
+                    raise Violation(f"I9 seed={self.seed}: {p} handed out {address} to "
+                                    f"{got[1].handle} {self.now - freed[address]:.2f}s after "
+                                    f"freeing it (quarantine {REUSE_DELAY:g}s)")
+        given = [r for r in ready.rows if isinstance(r, m.RingWrite) and r.stamp_peer == p
+                 and r.owner != p]
+        if not given:
+            return
+        spans = {e.start: (lo, hi) for e, lo, hi in self.live[p].replica.rings[self.u].spans()}
+        quarantined = sorted((parse_addr(a)[1], a) for a in freed)
+        for r in given:
+            lo, hi = spans[parse_addr(r.start)[1]]
+            for value, address in quarantined:
+                if lo <= value < hi:
+                    fam = self.u.family
+                    raise Violation(f"I9 seed={self.seed}: {p} gave {r.owner} "
+                                    f"{format_addr(fam, lo)}-{format_addr(fam, hi - 1)}, holding "
+                                    f"{address}, {self.now - freed[address]:.2f}s after freeing it "
+                                    f"(quarantine {REUSE_DELAY:g}s)")
 
     def _crash(self, p: str, point: str) -> None:
         self.stats.faults[f"crash_{point}"] += 1
@@ -218,7 +278,7 @@ class Sim:
         d = self.durable[p]
         if self.broken == "reuse_seq":  # as if the write counter were never made durable
             d.clock = m.ClockWrite(0, tuple((k, v) for k, v in d.clock.vector if k != p))
-        self.live[p] = d.load(self.u, 5.0)
+        self.live[p] = d.load(self.u, REUSE_DELAY)
         self._update_reachability()
         self._check_clock(p)
 
@@ -241,7 +301,8 @@ class Sim:
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
         self.durable[new] = Durable(new, cluster, [self.u])
         self.max_clock[new] = (0, {})
-        self.live[new] = self.durable[new].load(self.u, 5.0)
+        self.freed[new] = {}
+        self.live[new] = self.durable[new].load(self.u, REUSE_DELAY)
         self._update_reachability()
 
     def _check_clock(self, p: str) -> None:
@@ -268,10 +329,15 @@ class Sim:
             self.pending[self.stats.ops] = (p, req)
             return self._handle(p, self.live[p].request(self.stats.ops, req, self.now))
         release = 0.35 if self.fill is None else 0.0
+        entrance = self.rng.random() < self.entrance_share
         if mine and (r < release if self.fill is None else
                      len(self.acked) >= self.fill * self.u.size):
-            handle = self.rng.choice(sorted(mine))
+            handle = self.rng.choice(sorted(mine)).split("/")[0]
             req = m.Release(handle)
+            if entrance:
+                req = self._entrance_release(p, handle)
+        elif entrance:
+            req = self._entrance_take()
         elif r < release + self.claim_share:
             self.handles += 1
             handle = f"h{self.handles}"
@@ -283,10 +349,58 @@ class Sim:
             req = m.Allocate(handle)
         ref = self.stats.ops
         self.pending[ref] = (p, req)
+        # From the moment a release is sent it may take effect: stop counting its addresses.
+        for key in self._releasing(p, req):
+            self.acked.pop(key, None)
+        ready = self.live[p].request(ref, req, self.now)
+        if isinstance(req, m.CanServe) and ready.rows:
+            raise Violation(f"gate seed={self.seed}: CanServe on {p} wrote {ready.rows[:3]}")
+        self._handle(p, ready)
+
+    # What the entrances send (DESIGN rule 9): CNI ADD as one TakeSets over two subnets with a
+    # gateway, CNI STATUS, GC with a valid list, the sweeper's ReleaseIf.
+
+    def _entrance_take(self):
+        self.handles += 1
+        handle = f"h{self.handles}"
+        low, high = self.subnets
+        if self.rng.random() < 0.2:
+            return m.CanServe((((low, low.start + 1, low.end - 2),),
+                               ((high, high.start + 1, high.end - 2),)))
+        return m.TakeSets(handle, ((m.Allocate(handle, low, None, None, low.start + 1),),
+                                   (m.Allocate(handle, high),)))
+
+    def _entrance_release(self, p: str, handle: str):
+        if self.rng.random() < 0.5:
+            # The sweeper: what it judged dead, sometimes judged on an older allocation (a
+            # wrong time), which must then be left alone.
+            held = self.live[p].allocator.by_handle.get(handle, {}).values()
+            stale = self.rng.random() < 0.3
+            return m.ReleaseIf(handle, tuple((h.family, h.address,
+                                              h.allocated_at - (1.0 if stale else 0.0))
+                                             for h in held))
+        # GC: keep some of p's handles that share a prefix, release the rest.
+        prefix = handle[:2]
+        mine = sorted({h.split("/")[0] for (q, h) in self.acked if q == p})
+        keep = frozenset(h for h in mine if h.startswith(prefix) and self.rng.random() < 0.5
+                         and h != handle)
+        return m.ReleaseUnlisted(prefix, keep)
+
+    def _releasing(self, p: str, req) -> list[tuple[str, str]]:
+        """The acknowledged (peer, key) pairs a release request may free."""
         if isinstance(req, m.Release):
-            # From the moment a release is sent it may take effect: stop counting the address.
-            self.acked.pop((p, req.handle), None)
-        self._handle(p, self.live[p].request(ref, req, self.now))
+            handles = {req.handle}
+        elif isinstance(req, m.ReleaseUnlisted):
+            handles = {h.split("/")[0] for (q, h) in self.acked if q == p
+                       and h.startswith(req.prefix) and h.split("/")[0] not in req.keep}
+        elif isinstance(req, m.ReleaseIf):
+            held = self.live[p].allocator.by_addr
+            dead = {format_addr(f, a) for f, a, t in req.allocations
+                    if (f, a) in held and held[(f, a)].allocated_at == t}
+            return [k for k, v in self.acked.items() if k[0] == p and v in dead]
+        else:
+            return []
+        return [k for k in self.acked if k[0] == p and k[1].split("/")[0] in handles]
 
     def _client_reply(self, p: str, ref, reply: dict) -> None:
         got = self.pending.pop(ref, None)
@@ -300,13 +414,20 @@ class Sim:
             self.stats.removals += 1
             return
         self.stats.acked += 1
-        if isinstance(req, (m.Allocate, m.Claim)):
-            address = reply["address"].split("/")[0]
-            for (q, h), a in self.acked.items():
-                if a == address and (q, h) != (p, req.handle):
-                    raise Violation(f"I1 seed={self.seed}: {address} acknowledged to {p}/"
-                                    f"{req.handle} while {q}/{h} holds it")
-            self.acked[(p, req.handle)] = address
+        if isinstance(req, (m.Allocate, m.Claim, m.TakeSets)):
+            got = reply["addresses"] if isinstance(req, m.TakeSets) else [reply["address"]]
+            for i, text in enumerate(got):
+                address = text.split("/")[0]
+                key = req.handle if i == 0 else f"{req.handle}/{i}"
+                for (q, h), a in self.acked.items():
+                    if a == address and (q, h) != (p, key):
+                        raise Violation(f"I1 seed={self.seed}: {address} acknowledged to {p}/"
+                                        f"{key} while {q}/{h} holds it")
+                self.acked[(p, key)] = address
+        if isinstance(req, m.ReleaseIf) and any(
+                (f, a) in self.live[p].allocator.by_addr for f, a, _ in req.allocations
+                if format_addr(f, a) in reply["released"]):
+            raise Violation(f"gate seed={self.seed}: {p} still holds what ReleaseIf released")
 
     # -- invariants ----------------------------------------------------------------------------
 
@@ -319,7 +440,7 @@ class Sim:
                 views[p] = peer.replica.rings[self.u].owned_by(p)
             else:  # a crashed peer's disk does not change until it restarts
                 if p not in self.views_of_down:
-                    down = self.durable[p].load(self.u, 5.0)
+                    down = self.durable[p].load(self.u, REUSE_DELAY)
                     self.views_of_down[p] = down.replica.rings[self.u].owned_by(p)
                 views[p] = self.views_of_down[p]
         return views
@@ -347,7 +468,7 @@ class Sim:
                                         "its space")
         for (p, handle), address in self.acked.items():
             row = self.durable[p].allocations.get(address)
-            if row is None or row.handle != handle:
+            if row is None or row.handle != handle.split("/")[0]:
                 raise Violation(f"I2 seed={self.seed}: acknowledged {p}/{handle} -> {address} "
                                 "is not in its database")
 
