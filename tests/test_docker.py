@@ -403,7 +403,8 @@ def test_docker_goes_through_the_gate_on_a_joined_host(tmp_path):
     from .test_peers import launch, status
     a = launch(tmp_path, "a")
     sock = tmp_path / "b.sock"
-    b = launch(tmp_path, "b", "--peer", a.addr, "--docker-plugin", str(sock))
+    b = launch(tmp_path, "b", "--peer", a.addr, "--docker-plugin", str(sock),
+               "--reuse-delay", "0.5")
     wait_until("a and b to reach each other",
                lambda: len(status(a)["reachable"]) == 1 and len(status(b)["reachable"]) == 1)
     api = Driver(sock)
@@ -417,7 +418,8 @@ def test_docker_goes_through_the_gate_on_a_joined_host(tmp_path):
     # b leaves: its Docker driver then refuses to take addresses, naming why; releases pass.
     assert api.release(pid, c1.split("/")[0]) == {}
     assert api("/IpamDriver.ReleasePool", {"PoolID": pid}) == {}
-    assert json.loads(b.cli("leave", "--json").stdout)["ok"]
+    # (once what it freed is out of quarantine: leave refuses until then)
+    wait_until("b to leave", lambda: json.loads(b.cli("leave", "--json").stdout)["ok"])
     me = status(b)["peer"]
     assert api.address(pid, "", GW) == {"Error": f"left: {me} left the cluster"}
     assert api.address(pid, "10.40.0.9", mac(2)) == {"Error": f"left: {me} left the cluster"}
