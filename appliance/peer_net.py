@@ -162,6 +162,7 @@ class PeerNet:
         self.nursery: trio.Nursery | None = None
         self.static: set[str] = set()              # --peer addresses: dialled for ever
         self.bytes_sent: dict[int, int] = {}       # frame kind -> bytes, for status
+        self.unsendable = 0                        # messages that failed to encode (a bug)
         core.send = self.send
 
     @property
@@ -175,7 +176,14 @@ class PeerNet:
         if q is None:
             return  # not connected: the core treats it as lost, as any message may be
         try:
-            q.send_nowait((CORE, peer_codec.encode(msg)))
+            frame = peer_codec.encode(msg)
+        except Exception as e:  # a bug in what the core made: lose this message, not the daemon
+            self.unsendable += 1
+            log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r", dst,
+                      type(msg).__name__, str(e))
+            return
+        try:
+            q.send_nowait((CORE, frame))
         except trio.WouldBlock:
             log.info("event=dropped peer=%s reason=queue_full", dst)
 
@@ -242,9 +250,14 @@ class PeerNet:
             self._update_reachable()
 
     async def _dialer(self, addr: str) -> None:
-        host, port = parse_hostport(addr)  # checked before anyone asked to dial it
+        try:
+            host, port = parse_hostport(addr)
+        except AddrError as e:  # e.g. kept in the database by an older ipamd
+            host, why = None, str(e)
+        else:
+            why = "no host"
         if host is None:
-            log.warning("event=not_dialled address=%s reason='no host'", addr)
+            log.warning("event=not_dialled address=%r reason=%r", addr, why)
             self.dialing.discard(addr)
             return
         wait = BACKOFF[0]
@@ -255,7 +268,9 @@ class PeerNet:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await trio.open_tcp_stream(host, port)
-            except (OSError, trio.TooSlowError) as e:
+            except (OSError, trio.TooSlowError, UnicodeError, ValueError) as e:
+                # A name that cannot be encoded or resolved is one more failed dial, never the
+                # end of the daemon.
                 log.debug("event=connect_failed address=%s error=%r", addr, str(e))
             else:
                 began = self.clock()
@@ -432,15 +447,21 @@ class PeerNet:
             raise ProtocolError(f"bad address book: {e}") from None
         if not isinstance(book, dict) or len(book) > 10000:
             raise ProtocolError("bad address book")
+        good, bad = {}, []
         for peer, addr in book.items():
             try:
                 host, _ = parse_hostport(addr)
             except AddrError:
                 host = None
-            if not (isinstance(peer, str) and 0 < len(peer) <= 64 and host
-                    and len(addr) < 300):
-                raise ProtocolError(f"bad address book entry {peer!r}: {addr!r}")
-        for peer, addr in book.items():  # all checked first: a bad book changes nothing
+            if isinstance(peer, str) and 0 < len(peer) <= 64 and peer.isprintable() and host \
+                    and len(addr) < 300:
+                good[peer] = addr
+            else:
+                bad.append(peer)
+        if bad:  # dropped, each: one bad entry costs neither the others nor the connection
+            log.warning("event=bad_address_book_entries count=%d first=%r", len(bad),
+                        str(bad[0])[:80])
+        for peer, addr in good.items():
             if peer != self.me and peer not in self.addresses:
                 self._remember(peer, addr)
                 self.dial(addr)

@@ -6,6 +6,7 @@ arithmetic (which needs exclusive ends that may equal 2**32 or 2**128) never ove
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -37,7 +38,27 @@ def parse_hostport(text: object) -> tuple[str | None, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise AddrError(f"{text!r} is not HOST:PORT (port 0 to 65535)")
-    return host.strip("[]") or None, int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if host and not _host_ok(host, bracketed):
+        raise AddrError(f"{text!r}: {host!r} is neither an IP address nor a valid DNS name")
+    return host or None, int(port)
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _host_ok(host: str, bracketed: bool) -> bool:
+    """An IP literal (IPv6 in brackets), or a DNS name of letters, digits and hyphens: what
+    can be dialled without surprises (IDNA errors, empty labels)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if bracketed or ip is not None:
+        return ip is not None and (ip.version == 4) != bracketed
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_LABEL.match(x) for x in name.split("."))
 
 
 def format_addr(family: int, value: int) -> str:

@@ -138,9 +138,9 @@ class Allocator:
         existing = self.by_handle.get(req.handle, {}).get(subnet)
         if existing is not None:
             return ok(**existing.view()), []
-        if not any(u.overlaps(subnet) for u in self.rings):
-            return error("bad_subnet", f"subnet {subnet} overlaps no allocation range "
-                         f"({', '.join(map(str, self.rings))})"), []
+        bad = self._bad_subnet(subnet)
+        if bad is not None:
+            return bad, []
         rows: list[Row] = []
         undo_gateway = None
         if req.gateway is not None:
@@ -161,6 +161,15 @@ class Allocator:
         where = f"subnet {subnet}" if req.range is None else \
             f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
         return error("exhausted", f"no free address in {where} on this peer"), []
+
+    def _bad_subnet(self, subnet: Cidr) -> dict | None:
+        """A request's subnet is the default one or lies inside a range: anything else (a
+        /0, a subnet straddling a range) would hand out or record addresses no range gives."""
+        if subnet == self.default_subnet or any(u.contains_cidr(subnet) for u in self.rings):
+            return None
+        return error("bad_subnet", f"subnet {subnet} is neither the default subnet "
+                     f"{self.default_subnet} nor inside an allocation range "
+                     f"({', '.join(map(str, self.rings))})")
 
     def can_allocate(self, subnet: Cidr, rng: tuple[int, int], now: float) -> bool:
         """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
@@ -273,6 +282,11 @@ class Allocator:
                              f"the default subnet {self.default_subnet}; name its subnet"), []
         elif key not in subnet:
             return error("bad_address", f"{_fmt(key)} is not inside subnet {subnet}"), []
+        elif self._bad_subnet(subnet) is not None:
+            return self._bad_subnet(subnet), []
+        if req.family == 6 and (req.address >> 32) == 0xFFFF:
+            return error("bad_address", f"{_fmt(key)} is an IPv4-mapped IPv6 address; claim "
+                         f"the IPv4 address {format_addr(4, req.address & 0xFFFFFFFF)}"), []
         holder = self.by_addr.get(key)
         if holder is not None:
             if holder.handle == req.handle and holder.subnet == subnet:

@@ -178,7 +178,7 @@ class Ring:
                 written[edge] = self._put(Entry(edge, e.end, me, 1, 0, stamp))
         for e in list(self.entries):
             if lo <= e.start < hi:
-                hint = free_hint if e.start == lo else 0
+                hint = min(free_hint, HINT_MAX) if e.start == lo else 0  # a /48 counts past 2^64
                 written[e.start] = self._put(replace(e, owner=to, version=e.version + 1,
                                                      free_hint=hint, stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)

@@ -26,6 +26,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from appliance import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import Cidr, cidr, format_addr, parse_addr
 from appliance.core.bootstrap import decided_cluster
@@ -145,6 +146,8 @@ class Sim:
 
     def _send(self, src: str, dst: str, msg) -> None:
         self.stats.messages += 1
+        # Through the real codec, as on the wire: a message it cannot carry is a bug here too.
+        msg = peer_codec.decode(peer_codec.encode(msg))
         f = self.faults
         if (src, dst) in self.blocked or self.rng.random() < f.drop:
             self.stats.faults["drop"] += 1

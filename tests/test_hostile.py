@@ -1,0 +1,93 @@
+"""Fed garbage, the daemon keeps every address it should (issue: starved, flooded and fed
+garbage): requests naming subnets or addresses no range gives, peer addresses that cannot be
+dialled, and IPv6 ranges whose counts do not fit in 64 bits."""
+import json
+import subprocess
+
+import pytest
+
+from appliance.core import messages as m
+from appliance.core.addr import AddrError, cidr, parse_addr, parse_hostport
+from appliance.core.peer import Peer
+
+from .daemon_proc import ROOT, PYTHON_IPAMD, wait_until
+from .test_gate_hosts import launch_ranges
+from .test_peers import status
+
+V4, V6 = cidr("198.18.0.0/24"), cidr("2001:db8::/64")
+
+
+def host():
+    peer, _ = Peer.founder("me", "c", [V4, V6], V4)
+    return peer
+
+
+def ask(peer, req):
+    ((_, reply),) = peer.request("r", req, 1000.0).replies
+    return reply
+
+
+@pytest.mark.parametrize("req, code, words", [
+    (m.Claim("x", *parse_addr("8.8.8.8"), cidr("8.8.8.0/24")), "bad_subnet",
+     "subnet 8.8.8.0/24 is neither the default subnet 198.18.0.0/24 nor inside an allocation "
+     "range (198.18.0.0/24, 2001:db8::/64)"),
+    (m.Claim("x", *parse_addr("255.255.255.255"), cidr("255.255.255.255/32")), "bad_subnet",
+     "subnet 255.255.255.255/32 is neither"),
+    (m.Claim("x", *parse_addr("::ffff:198.18.0.5"), cidr("::ffff:198.18.0.0/120")),
+     "bad_subnet", "subnet ::ffff:c612:0/120 is neither"),
+    (m.Claim("x", *parse_addr("::ffff:198.18.0.5")), "bad_address",
+     "::ffff:c612:5 lies in no allocation range"),
+    (m.Allocate("x", cidr("0.0.0.0/0")), "bad_subnet", "subnet 0.0.0.0/0 is neither"),
+    (m.Allocate("x", cidr("198.18.0.0/23")), "bad_subnet", "subnet 198.18.0.0/23 is neither"),
+    (m.Claim("x", *parse_addr("198.18.0.0")), "reserved", "network or broadcast"),
+])
+def test_claims_and_subnets_no_range_gives_are_refused(req, code, words):
+    peer = host()
+    reply = ask(peer, req)
+    assert not reply["ok"] and reply["error"]["code"] == code, reply
+    assert words in reply["error"]["message"], reply
+    assert peer.allocator.by_addr == {}
+
+
+def test_ipv4_mapped_form_of_a_held_address_is_refused():
+    peer, _ = Peer.founder("me", "c", [V4, cidr("::ffff:198.18.0.0/120")], V4)
+    assert ask(peer, m.Claim("a", *parse_addr("198.18.0.5")))["ok"]
+    reply = ask(peer, m.Claim("b", *parse_addr("::ffff:198.18.0.5")))
+    assert reply == m.error("bad_address", "::ffff:c612:5 is an IPv4-mapped IPv6 address; claim "
+                            "the IPv4 address 198.18.0.5")
+
+
+@pytest.mark.parametrize("text", ["peer1..example.com:6786", "a" * 64 + ".example.com:1",
+                                  "-a.example.com:1", "x_y:1", "[not-an-ip]:1", "a b:1",
+                                  "h:65536", "h:-1", "h"])
+def test_undiallable_peer_addresses_are_refused(text):
+    with pytest.raises(AddrError):
+        parse_hostport(text)
+
+
+def test_launch_refuses_a_bad_peer_with_exit_2(tmp_path):
+    r = subprocess.run([*PYTHON_IPAMD, "launch", "--data-dir", str(tmp_path), "--peer",
+                        "peer1..example.com:6786"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 2 and "neither an IP address nor a valid DNS name" in r.stderr, r
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "ipamd.db").exists()
+
+
+@pytest.mark.parametrize("ranges", [["fd00:1::/48"], ["fd00:2::/56"], ["fd00:3::/32"],
+                                    ["198.18.20.0/24", "2001:db8::/32"]])
+def test_ipv6_ranges_wider_than_a_64_travel_between_hosts(tmp_path, ranges):
+    a = launch_ranges(tmp_path, "a", ranges)
+    b = launch_ranges(tmp_path, "b", ranges, "--peer", a.addr)
+    v6 = ranges[-1]
+    r = b.call({"op": "allocate", "handle": "first", "subnet": v6})  # needs a donation
+    assert r["ok"] and r["address"].endswith("/" + v6.split("/")[1]), r
+    r = b.call({"op": "claim", "handle": "mine", "address": v6.split("/")[0] + "99"})
+    assert r["ok"], r
+    wait_until("one ring", lambda: status(a)["ring_digest"] == status(b)["ring_digest"])
+    for d in (a, b):
+        assert d.proc.poll() is None, d.stderr()
+        assert "Traceback" not in d.stderr() and "encode_failed" not in d.stderr()
+    shares = status(a)["universes"][-1]["peers"]
+    assert all(0 <= v["free_hint"] <= v["owned"] for v in shares.values()), shares
+    assert json.dumps(shares)  # counts above 2^64 are plain JSON integers
