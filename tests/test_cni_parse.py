@@ -39,7 +39,10 @@ def allocator():
 
 def run(a, env=None, stdin=None, **over):
     c = call(env, stdin, **over)
-    req, reply, rows = cni_ops.request_for(c), None, []
+    try:
+        req, reply, rows = cni_ops.request_for(c), None, []
+    except CniError as e:  # as the daemon answers it
+        return json.loads(cni.error_result(e, c.version)), 1, []
     if req is not None:
         ready = a.peer.request("r", req, 1000.0)
         ((_, reply),) = ready.replies
@@ -149,7 +152,8 @@ def test_exhausted_range_set_refused_and_status_says_50():
     out, code, _ = run(a, env={"CNI_CONTAINERID": "c9"}, stdin=small)
     assert code == 1 and out["code"] == 100 and "198.18.5.2-198.18.5.3" in out["msg"]
     out, code, _ = run(a, env={"CNI_COMMAND": "STATUS"}, stdin={**small, "cniVersion": "1.1.0"})
-    assert (code, out["code"]) == (1, 50)
+    assert (code, out["code"], out["details"]) == (1, 50, "exhausted")
+    assert out["msg"] == "set 0: no free address in 198.18.5.0/29 on me or any peer it can reach"
 
 
 def test_del_check_gc():
@@ -197,3 +201,20 @@ def test_error_output_shape():
     e = json.loads(cni.error_result(CniError(7, "bad", "why"), "1.0.0"))
     assert e == {"cniVersion": "1.0.0", "code": 7, "msg": "bad", "details": "why"}
     assert parse_addr("198.18.0.1")[0] == 4
+
+
+def test_two_requested_addresses_for_one_range_set_are_refused():
+    a = allocator()
+    stdin = conf()
+    stdin["runtimeConfig"] = {"ips": ["198.18.0.7", "198.18.0.8"]}
+    out, code, rows = run(a, stdin=stdin)
+    assert (code, out["code"], out["msg"], rows) == (
+        1, 7, "more than one requested IP for range set 0", [])
+    assert a.by_addr == {}
+
+
+def test_the_anchor_is_the_netns_as_canonical_json():
+    a = allocator()
+    run(a, env={"CNI_NETNS": "/run/netns/x"})
+    (held,) = a.by_addr.values()
+    assert held.anchor == '{"netns": "/run/netns/x"}'

@@ -196,3 +196,19 @@ def test_a_parked_request_meets_the_gate_again_when_it_is_retried():
     ready = b.tick(0.2)
     assert ready.replies == [("r1", m.error("removed", "removed by a"))]
     assert not [r for r in ready.rows if isinstance(r, m.PutAllocation)] and not b.waiting
+
+
+async def test_sweeper_keeps_what_it_cannot_judge_and_counts_it(tmp_path, monkeypatch):
+    now = [1000.0]
+    core = core_loop(tmp_path, clock=lambda: now[0])
+    await core.submit(m.Allocate("a", None, json.dumps({"netns": "/gone/a"})))
+    await core.submit(m.Allocate("b", None, json.dumps({"netns": "/gone/b"})))
+    real = sweeper_mod.anchor_state
+    monkeypatch.setattr(sweeper_mod, "anchor_state", lambda anchor: (
+        (UNKNOWN, "Too many open files") if "/a" in anchor else real(anchor)))
+    s = Sweeper(core, 30.0)
+    now[0] = 1030.0  # exactly one interval old: judged
+    await s.sweep()
+    assert held_in_db(core) == {"198.18.0.1": "a"}
+    assert (s.swept, s.undecided) == (1, 1)
+    core.store.close()
