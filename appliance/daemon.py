@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -25,7 +26,8 @@ from .core import messages as m
 from .core.messages import error
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
-from . import cni_ops
+from . import cni_ops, limits
+from .limits import ConnectionCap
 from .protocols import cni
 from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
                              parse_request)
@@ -364,11 +366,13 @@ async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
                     err = HookError("too_large", f"request line exceeds {MAX_LINE} bytes")
                     await stream.send_all(encode_reply(err.reply()))
                     return
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                if not data:
+                data = None
+                with trio.move_on_after(HOOK_IDLE):
+                    try:
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                if not data:  # closed, or idle too long: a slot for someone else
                     return
                 buf += data
                 continue
@@ -419,7 +423,11 @@ async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
     return encode_cni_reply(output, code)
 
 
-async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED) -> None:
+HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
+
+
+async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
+                      cap: int = 512) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -440,7 +448,8 @@ async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_I
                 except Exception:  # a bug must cost one connection, never the daemon
                     log.exception("event=connection_failed")
 
-            await trio.serve_listeners(handler, [listener], handler_nursery=nursery)
+            await trio.serve_listeners(ConnectionCap("hook", cap).wrap(handler), [listener],
+                                       handler_nursery=nursery)
     finally:
         with trio.CancelScope(shield=True):
             try:
@@ -450,6 +459,10 @@ async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_I
 
 
 async def run(config: Config, ready=print) -> None:
+    caps = limits.caps(limits.raise_nofile())
+    # trio's accept loop logs a traceback every 100 ms while descriptors run out: one line
+    # per interval says as much.
+    logging.getLogger("trio.serve_listeners").addFilter(limits.RateLimitFilter())
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_fd = _lock(config.data_dir)
     store = Store(config.data_dir / "ipamd.db", config.durability)
@@ -481,7 +494,7 @@ async def run(config: Config, ready=print) -> None:
                 from .peer_net import PeerNet
                 host, port = parse_hostport(config.listen) if config.listen else (None, None)
                 net = core.net = PeerNet(core, config.secret, port, known=known,
-                                         save=store.save_peer_address)
+                                         save=store.save_peer_address, cap=caps["peer"])
                 seeds = (loaded.meta or {}).get("seed_addresses", "")
                 dial = config.peers + [a for a in seeds.split(",") if a]
                 bound = await nursery.start(net.run, host, sorted(set(dial)))
@@ -490,12 +503,15 @@ async def run(config: Config, ready=print) -> None:
                 from .metrics import Metrics, serve_metrics
                 host, port = parse_hostport(config.metrics)
                 core.metrics = Metrics(core)
-                bound = await nursery.start(serve_metrics, host, port, core.metrics)
+                bound = await nursery.start(functools.partial(
+                    serve_metrics, host, port, core.metrics, cap=caps["metrics"]))
                 listening += f" metrics={host or '*'}:{bound}"
-            await nursery.start(serve_hooks, config.socket, core)
+            await nursery.start(functools.partial(serve_hooks, config.socket, core,
+                                                  cap=caps["hook"]))
             if config.docker_socket is not None:
                 from .docker_server import serve_docker
-                await nursery.start(serve_docker, config.docker_socket, core)
+                await nursery.start(functools.partial(serve_docker, config.docker_socket, core,
+                                                      cap=caps["docker"]))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
                   f"db={store.path} ranges={','.join(map(str, loaded.universes))} "

@@ -2,8 +2,9 @@
 
 The I/O side of docker_ipam.py: runs its plan of core requests through `core.submit` (the one
 gate, DESIGN.md rule 9), answers its questions about docker daemons from /proc, and learns who
-asks from the socket's peer credentials. Bounded (rule 10): at most MAX_CONNECTIONS at once, a
-connection idle for IDLE_TIMEOUT is closed, a request must arrive whole within REQUEST_TIMEOUT.
+asks from the socket's peer credentials. Bounded (rule 10): at most MAX_CONNECTIONS at once (fewer
+under a low descriptor limit: limits.py), a connection idle for IDLE_TIMEOUT is closed, a request
+must arrive whole within REQUEST_TIMEOUT.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import h11
 import trio
 
 from . import docker_ipam
+from .limits import ConnectionCap
 from .docker_ipam import DockerError, DriverState, Gone
 
 log = logging.getLogger("ipamd")
@@ -171,7 +173,8 @@ def _pid_gone(owner: str) -> bool:
     return now == "gone" or isinstance(now, int) and now != start
 
 
-async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED,
+                       cap: int = MAX_CONNECTIONS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         path.unlink()  # the lock on the data dir already keeps a second daemon out
@@ -183,28 +186,18 @@ async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED) -
         os.umask(old)
     sock.listen(64)
     state = DriverState(token=lambda: secrets.token_hex(6))
-    open_connections = 0
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
 
             async def handler(stream):
-                nonlocal open_connections
-                if open_connections >= MAX_CONNECTIONS:
-                    log.warning("event=docker_refused reason=%r",
-                                f"{MAX_CONNECTIONS} connections already open")
-                    await stream.aclose()
-                    return
-                open_connections += 1
                 try:
                     await _serve(stream, core, state, _caller(stream.socket))
                 except Exception:  # a bug must cost one connection, never the daemon
                     log.exception("event=docker_connection_failed")
-                finally:
-                    open_connections -= 1
 
-            await trio.serve_listeners(handler, [trio.SocketListener(sock)],
-                                       handler_nursery=nursery)
+            await trio.serve_listeners(ConnectionCap("docker", cap).wrap(handler),
+                                       [trio.SocketListener(sock)], handler_nursery=nursery)
     finally:
         with trio.CancelScope(shield=True):
             path.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .docker_server import next_event
+from .limits import ConnectionCap
 
 log = logging.getLogger("ipamd")
 
@@ -72,31 +73,40 @@ class Metrics:
         return []  # collected at scrape time only
 
 
+SCRAPE_TIMEOUT = 10.0  # a whole scrape, request to response: a slow client is hung up on
+
+
 async def serve_metrics(host: str | None, port: int, metrics: Metrics,
-                        task_status=trio.TASK_STATUS_IGNORED) -> None:
-    async def handler(stream):
+                        task_status=trio.TASK_STATUS_IGNORED, cap: int = 16) -> None:
+    async def scrape(stream):
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        event = await next_event(stream, conn)
+        if not isinstance(event, h11.Request):
+            return
+        while not isinstance(await next_event(stream, conn), (h11.EndOfMessage,
+                                                              h11.ConnectionClosed)):
+            pass
+        ok = event.method == b"GET" and event.target.split(b"?")[0] in (b"/metrics", b"/")
+        body = generate_latest(metrics.registry) if ok else b"not found: try /metrics\n"
+        await stream.send_all(conn.send(h11.Response(
+            status_code=200 if ok else 404, headers=[
+                (b"content-type", CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")])))
+        await stream.send_all(conn.send(h11.Data(data=body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    async def handler(stream):
         try:
             async with stream:
-                event = await next_event(stream, conn)
-                if not isinstance(event, h11.Request):
-                    return
-                while not isinstance(await next_event(stream, conn), (h11.EndOfMessage,
-                                                                      h11.ConnectionClosed)):
-                    pass
-                ok = event.method == b"GET" and event.target.split(b"?")[0] in (b"/metrics", b"/")
-                body = generate_latest(metrics.registry) if ok else b"not found: try /metrics\n"
-                await stream.send_all(conn.send(h11.Response(
-                    status_code=200 if ok else 404, headers=[
-                        (b"content-type", CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")])))
-                await stream.send_all(conn.send(h11.Data(data=body)))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
+                with trio.fail_after(SCRAPE_TIMEOUT):
+                    await scrape(stream)
         except (h11.RemoteProtocolError, h11.LocalProtocolError, trio.BrokenResourceError,
-                trio.ClosedResourceError) as e:
+                trio.ClosedResourceError, trio.TooSlowError) as e:
             log.info("event=metrics_bad_request error=%r", str(e))
+        except Exception:  # a bug must cost one scrape, never the daemon
+            log.exception("event=metrics_failed")
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await trio.serve_listeners(ConnectionCap("metrics", cap).wrap(handler), listeners)

@@ -33,6 +33,7 @@ import trio
 
 from . import peer_codec
 from .core.addr import AddrError, parse_hostport
+from .limits import ConnectionCap, Summary
 
 log = logging.getLogger("ipamd.peers")
 
@@ -73,11 +74,16 @@ def _reason(e: BaseException) -> str | None:
     return str(e) or type(e).__name__ if isinstance(e, EXPECTED) else None
 
 
+_REFUSED = Summary("connection_refused")  # unauthenticated connections: floods are summed
+
+
 def _ended(what: str, e: Exception, **fields) -> None:
     reason = _reason(e)
     extra = " ".join(f"{k}={v}" for k, v in fields.items())
     if reason is None:  # a bug must cost one connection, never the daemon
         log.exception("event=%s_failed %s", what, extra)
+    elif what == "connection_refused":
+        _REFUSED.note(reason)  # anyone can connect: one line per interval, with a count
     else:
         log.warning("event=%s %s reason=%r", what, extra, reason)
 
@@ -148,7 +154,8 @@ class PeerNet:
     reachable."""
 
     def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time,
-                 known: dict[str, str] | None = None, save=lambda peer, address: None):
+                 known: dict[str, str] | None = None, save=lambda peer, address: None,
+                 cap: int = 1024):
         self.core, self.secret, self.listen_port = core, secret, listen_port
         self.clock, self.save = clock, save
         # peer id -> "host:port" we dial; what the database kept is dialled again on start
@@ -163,6 +170,7 @@ class PeerNet:
         self.static: set[str] = set()              # --peer addresses: dialled for ever
         self.bytes_sent: dict[int, int] = {}       # frame kind -> bytes, for status
         self.unsendable = 0                        # messages that failed to encode (a bug)
+        self.cap = ConnectionCap("peer", cap)      # inbound connections at once
         core.send = self.send
 
     @property
@@ -226,8 +234,8 @@ class PeerNet:
             self.nursery = nursery
             bound = None
             if self.listen_port is not None:
-                serve = functools.partial(trio.serve_tcp, self._accepted, self.listen_port,
-                                          host=listen_host)
+                serve = functools.partial(trio.serve_tcp, self.cap.wrap(self._accepted),
+                                          self.listen_port, host=listen_host)
                 listeners = await nursery.start(serve)
                 bound = listeners[0].socket.getsockname()[1]
                 self.listen_port = bound

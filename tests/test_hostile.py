@@ -91,3 +91,90 @@ def test_ipv6_ranges_wider_than_a_64_travel_between_hosts(tmp_path, ranges):
     shares = status(a)["universes"][-1]["peers"]
     assert all(0 <= v["free_hint"] <= v["owned"] for v in shares.values()), shares
     assert json.dumps(shares)  # counts above 2^64 are plain JSON integers
+
+
+def _start_time(pid: int) -> int:
+    from pathlib import Path
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+
+
+def test_idle_connections_on_every_listener_cannot_starve_the_daemon(tmp_path):
+    """Under a low descriptor limit, hundreds of idle connections on each listener in turn:
+    each listener refuses what is over its cap, the sweeper keeps the live container's
+    address (and still frees a dead one's), and everything answers once they close."""
+    import socket
+
+    from .daemon_proc import Daemon
+    from .test_peers import SECRET, free_ports
+    (tmp_path / "secret").write_text(SECRET)
+    metrics_port, peer_port = free_ports(2)
+    d = Daemon(tmp_path, "--iprange", "198.18.30.0/24", "--sweep-interval", "0.2",
+               "--metrics", f"127.0.0.1:{metrics_port}", "--listen", f"127.0.0.1:{peer_port}",
+               "--secret-file", str(tmp_path / "secret"),
+               "--docker-plugin", str(tmp_path / "docker.sock"),
+               command=["prlimit", "--nofile=256:256", *PYTHON_IPAMD])
+    d.start()
+    live = subprocess.Popen(["sleep", "600"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for handle, p in (("live", live.pid), ("dead", dead.pid)):
+            anchor = {"pid": p, "start_time": _start_time(live.pid)} if p == live.pid else \
+                {"pid": p}
+            assert d.call({"op": "allocate", "handle": handle, "anchor": anchor})["ok"]
+        wait_until("the dead one swept", lambda: d.call({"op": "status"})["swept"] == 1)
+
+        def tcp(port):
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+        def unix(path):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+            return s
+        for what, connect in (("metrics", lambda: tcp(metrics_port)),
+                              ("peer", lambda: tcp(peer_port)),
+                              ("hook", lambda: unix(d.socket)),
+                              ("docker", lambda: unix(tmp_path / "docker.sock"))):
+            held = []
+            try:
+                for _ in range(300):
+                    try:
+                        held.append(connect())
+                    except OSError:
+                        break  # the backlog is full: refused early, as it should be
+                wait_until(f"{what} connections over the cap refused",
+                           lambda: f"event={what}_connection_refused" in d.stderr())
+                if what != "hook":  # (with the hook socket full, status must wait)
+                    assert d.call({"op": "status"})["ok"]
+            finally:
+                for s in held:
+                    s.close()
+            r = d.call({"op": "lookup", "handle": "live"})  # answered once they close
+            assert r["ok"] and r["addresses"][0]["address"] == "198.18.30.1/24", r
+            assert d.proc.poll() is None, d.stderr()
+        assert d.call({"op": "status"})["swept"] == 1  # the live container kept its address
+        assert "Traceback" not in d.stderr()
+    finally:
+        live.kill()
+        live.wait()
+        d.stop()
+
+
+def test_descriptor_budget_and_flood_summaries(caplog):
+    from appliance import limits
+    assert limits.caps(256) == {"hook": 76, "peer": 57, "docker": 28, "metrics": 16}
+    assert limits.caps(1 << 20) == {"hook": 512, "peer": 1024, "docker": 64, "metrics": 16}
+    assert min(limits.caps(10).values()) == 2  # never none at all
+    now = [0.0]
+    s = limits.Summary("x_refused", clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="ipamd"):
+        for i in range(3500):
+            s.note("failed authentication" if i % 2 else "not an ipamd peer hello")
+        now[0] = 11.0
+        s.note("failed authentication")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["event=x_refused reason='not an ipamd peer hello'",
+                     "event=x_refused reason='failed authentication'",
+                     "event=x_refused count=3498 reason='more of the reasons above'",
+                     "event=x_refused reason='failed authentication'"], lines
+    assert s.count == 3501

@@ -188,11 +188,16 @@ def test_hellos_of_another_protocol_version_or_malformed_are_refused():
         n._check_hello(b"\xc1garbage")
 
 
-def test_an_address_book_with_bad_entries_is_refused_whole():
+def test_bad_address_book_entries_are_dropped_one_by_one():
     import msgpack
     n = net("a")
     for book in ({"b": "no-port"}, {"b": "host:99999"}, {"b": "host:12x"}, {"": "h:1"},
-                 {"b": 5}, ["b", "h:1"], {"c": "h:1", "d": "bad"}):
-        with pytest.raises(ProtocolError, match="address book"):
-            n._learn(msgpack.packb(book))
+                 {"b": 5}, {"b": "peer1..example.com:6786"}, {"b": "a" * 64 + ".com:1"},
+                 {"b\n": "h:1"}):
+        n._learn(msgpack.packb(book))  # dropped with a log line; the connection stays
     assert n.addresses == {}
+    n._learn(msgpack.packb({"c": "h:1", "d": "bad", "e": "[fd00::1]:2"}))
+    assert n.addresses == {"c": "h:1", "e": "[fd00::1]:2"}
+    for book in (["b", "h:1"], b"\xc1"):  # not a book at all: the peer is broken
+        with pytest.raises(ProtocolError, match="address book"):
+            n._learn(book if isinstance(book, bytes) else msgpack.packb(book))
