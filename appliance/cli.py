@@ -336,13 +336,22 @@ def _launch(args) -> int:
         init_peers=args.init_peers, quorum=args.quorum)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
-    except Refused as e:
+    except (Refused, OSError) as e:
         print(f"ipamd: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as e:
-        print(f"ipamd: {e}", file=sys.stderr)
+    except BaseExceptionGroup as group:  # refused while a listener started (trio wraps it)
+        leaves = _leaves(group)
+        if not all(isinstance(x, (Refused, OSError)) for x in leaves):
+            raise
+        for x in leaves:
+            print(f"ipamd: {x}", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [y for x in group.exceptions
+            for y in (_leaves(x) if isinstance(x, BaseExceptionGroup) else [x])]
 
 
 def _sql(args) -> int:

@@ -88,6 +88,12 @@ def _result(call: Call, reply: dict | None) -> bytes:
 def _check(call: Call, reply: dict) -> bytes:
     if not reply["ok"]:
         raise CniError(cni.UNKNOWN_CONTAINER, f"no address is held for {call.handle}")
+    if call.prev is not None:
+        have = sorted(a["address"] for a in reply["addresses"])
+        if sorted(call.prev) != have:
+            prev = ", ".join(sorted(call.prev)) or "no address"
+            raise CniError(cni.UNKNOWN_CONTAINER,
+                           f"prevResult has {prev} but {call.handle} holds {', '.join(have)}")
     held = [parse_addr(a["address"].split("/")[0]) for a in reply["addresses"]]
     for i, rs in enumerate(call.range_sets):
         if not any(key in r for key in held for r in rs):

@@ -28,6 +28,7 @@ from .core.peer import Peer, Ready
 from .sweeper import Sweeper
 from . import cni_ops, limits
 from .limits import ConnectionCap
+from .unixsock import SocketPathError, claim_socket_path
 from .protocols import cni
 from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
                              parse_request)
@@ -340,18 +341,10 @@ def _lock(data_dir: Path) -> int:
 
 
 def _claim_socket_path(path: Path) -> None:
-    """Remove a stale socket file; refuse if a live daemon answers there."""
-    if not path.exists() and not path.is_symlink():
-        return
-    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()
-    else:
-        raise Refused(f"another daemon is already serving {path}")
-    finally:
-        probe.close()
+        claim_socket_path(path)
+    except SocketPathError as e:
+        raise Refused(str(e)) from None
 
 
 async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
@@ -419,7 +412,7 @@ async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
         return encode_cni_reply(cni.error_result(e), 1)
     reply = await core.submit(req) if req is not None else None
     output, code = cni_ops.result(call, reply)
-    log.info("event=cni command=%s handle=%s exit=%d", call.command, call.handle, code)
+    log.info("event=cni command=%s handle=%r exit=%d", call.command, call.handle, code)
     return encode_cni_reply(output, code)
 
 
@@ -510,6 +503,7 @@ async def run(config: Config, ready=print) -> None:
                                                   cap=caps["hook"]))
             if config.docker_socket is not None:
                 from .docker_server import serve_docker
+                _claim_socket_path(config.docker_socket)  # refused with a message, not a trace
                 await nursery.start(functools.partial(serve_docker, config.docker_socket, core,
                                                       cap=caps["docker"]))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

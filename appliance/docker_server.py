@@ -22,6 +22,7 @@ import trio
 
 from . import docker_ipam
 from .limits import ConnectionCap
+from .unixsock import claim_socket_path
 from .docker_ipam import DockerError, DriverState, Gone
 
 log = logging.getLogger("ipamd")
@@ -176,8 +177,7 @@ def _pid_gone(owner: str) -> bool:
 async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED,
                        cap: int = MAX_CONNECTIONS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        path.unlink()  # the lock on the data dir already keeps a second daemon out
+    claim_socket_path(path)  # a stale socket only; raises SocketPathError (launch refused)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o117)
     try:

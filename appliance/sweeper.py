@@ -128,9 +128,9 @@ class Sweeper:
             try:
                 reply = await self.core.submit(ReleaseIf(handle, tuple(allocations)))
             except Exception as e:  # a failed commit or a core bug: next sweep tries again
-                log.error("event=sweep_failed handle=%s error=%r", handle, str(e))
+                log.error("event=sweep_failed handle=%r error=%r", handle, str(e))
                 return
             released = reply.get("released", []) if reply["ok"] else []
             if released:
                 self.swept += len(released)
-                log.warning("event=swept handle=%s released=%s", handle, ",".join(released))
+                log.warning("event=swept handle=%r released=%s", handle, ",".join(released))

@@ -218,3 +218,40 @@ def test_the_anchor_is_the_netns_as_canonical_json():
     run(a, env={"CNI_NETNS": "/run/netns/x"})
     (held,) = a.by_addr.values()
     assert held.anchor == '{"netns": "/run/netns/x"}'
+
+
+@pytest.mark.parametrize("ip", ["198.18.0.70/33", "198.18.0.75/abc", "198.18.0.75/", "2001:2::5/129"])
+def test_requested_addresses_are_parsed_strictly(ip):
+    stdin = conf(ranges=[[{"subnet": "198.18.0.0/24"}], [{"subnet": "2001:2::/64"}]])
+    stdin["runtimeConfig"] = {"ips": [ip]}
+    with pytest.raises(CniError) as e:
+        call(stdin=stdin)
+    assert e.value.code == 7 and e.value.msg == f"invalid requested IP address {ip!r}: bad " \
+        "prefix length"
+    with pytest.raises(CniError) as e:  # and as IP= in CNI_ARGS
+        call(env={"CNI_ARGS": f"IP={ip}"})
+    assert e.value.code == 7
+
+
+def test_check_compares_prev_result_with_what_the_container_holds():
+    a = allocator()
+    out, code, _ = run(a)
+    given = out["ips"][0]["address"]
+    ok = {**conf(), "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": given}]}}
+    assert run(a, env={"CNI_COMMAND": "CHECK"}, stdin=ok)[1] == 0
+    wrong = {**conf(), "prevResult": {"cniVersion": "1.0.0",
+                                      "ips": [{"address": "198.18.0.99/24"}]}}
+    out, code, _ = run(a, env={"CNI_COMMAND": "CHECK"}, stdin=wrong)
+    assert (code, out["code"], out["msg"]) == (
+        1, 3, f"prevResult has 198.18.0.99/24 but cni/net1/c1/eth0 holds {given}")
+
+
+def test_del_releases_even_when_the_requested_ip_left_every_range_set():
+    a = allocator()
+    stdin = conf()
+    stdin["runtimeConfig"] = {"ips": ["198.18.0.77"]}
+    assert run(a, stdin=stdin)[1] == 0
+    moved = conf(ranges=[[{"subnet": "198.18.1.0/24"}]])
+    moved["runtimeConfig"] = {"ips": ["198.18.0.77"]}
+    out, code, _ = run(a, env={"CNI_COMMAND": "DEL"}, stdin=moved)
+    assert (code, out) == (0, None) and a.by_addr == {}

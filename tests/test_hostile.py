@@ -178,3 +178,17 @@ def test_descriptor_budget_and_flood_summaries(caplog):
                      "event=x_refused count=3498 reason='more of the reasons above'",
                      "event=x_refused reason='failed authentication'"], lines
     assert s.count == 3501
+
+
+@pytest.mark.parametrize("which", ["--socket", "--docker-plugin"])
+def test_a_socket_path_naming_a_regular_file_is_refused_and_the_file_kept(tmp_path, which):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    argv = [*PYTHON_IPAMD, "launch", "--data-dir", str(tmp_path / "data"),
+            "--iprange", "198.18.40.0/24"]
+    argv += [which, str(victim)] + (["--socket", str(tmp_path / "s")] if which != "--socket"
+                                    else [])
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode != 0 and f"{victim} exists and is not a socket; not removing it" in \
+        r.stderr, r
+    assert "Traceback" not in r.stderr and victim.read_text() == "keep me"

@@ -55,6 +55,7 @@ class Call:
     dns: dict = field(default_factory=dict)
     ips: list[tuple[int, int]] = field(default_factory=list)  # addresses asked for by name
     valid: set[tuple[str, str]] | None = None  # GC: (container id, ifname) to keep
+    prev: list[str] | None = None  # CHECK: prevResult's addresses, "a.b.c.d/len"
 
     @property
     def handle(self) -> str:
@@ -108,7 +109,12 @@ def parse_call(env: dict[str, str], stdin: bytes) -> Call:
     call.range_sets = _range_sets(ipam)
     call.routes = _routes(ipam.get("routes"))
     call.dns = _dns(ipam.get("dns"))
-    call.ips = _claims(conf, env.get("CNI_ARGS", ""), call.range_sets)
+    # DEL releases what the container holds, whatever it asks for now (host-local's DEL
+    # succeeds for an address no longer in any range set).
+    if command != "DEL":
+        call.ips = _claims(conf, env.get("CNI_ARGS", ""), call.range_sets)
+    if command == "CHECK":
+        call.prev = _prev_addresses(conf.get("prevResult"))
     if command == "GC":
         call.valid = _attachments(conf)
     return call
@@ -238,11 +244,28 @@ def _claims(conf: dict, cni_args: str, sets: list[list[Range]]) -> list[tuple[in
             texts += value.split(",")
     out = []
     for t in texts:
-        a = _addr(t.split("/")[0], "requested ips")
+        text, slash, prefix = t.partition("/")
+        a = _addr(text, "requested ips")
+        if slash and not (prefix.isdigit() and int(prefix) <= (32 if a[0] == 4 else 128)):
+            raise CniError(BAD_CONFIG, f"invalid requested IP address {t!r}: bad prefix length")
         if not any(a in r for rs in sets for r in rs):
             raise CniError(BAD_CONFIG, f"requested IP address {t} is not in any range set")
         if a not in out:
             out.append(a)
+    return out
+
+
+def _prev_addresses(prev) -> list[str] | None:
+    """CHECK: the addresses the runtime was given (prevResult.ips[].address), or None."""
+    if prev is None:
+        return None
+    if not isinstance(prev, dict) or not isinstance(prev.get("ips", []), list):
+        raise CniError(BAD_CONFIG, "prevResult must be an object with a list of \"ips\"")
+    out = []
+    for i, ip in enumerate(prev.get("ips", [])):
+        if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
+            raise CniError(BAD_CONFIG, f"prevResult.ips[{i}] needs an \"address\"")
+        out.append(ip["address"])
     return out
 
 
