@@ -28,7 +28,7 @@ from .core.peer import Peer, Ready
 from .sweeper import Sweeper
 from . import cni_ops, limits
 from .limits import ConnectionCap
-from .unixsock import SocketPathError, claim_socket_path
+from .unixsock import SocketPathError, claim_socket_path, prepare_dir
 from .protocols import cni
 from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
                              parse_request)
@@ -342,6 +342,7 @@ def _lock(data_dir: Path) -> int:
 
 def _claim_socket_path(path: Path) -> None:
     try:
+        prepare_dir(path)
         claim_socket_path(path)
     except SocketPathError as e:
         raise Refused(str(e)) from None
@@ -421,7 +422,6 @@ HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
 
 async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
                       cap: int = 512) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     _claim_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o117)  # born 0660: no window in which others could connect

@@ -17,5 +17,11 @@ def default_socket() -> Path:
         return Path(os.environ["IPAMD_SOCKET"])
     if os.geteuid() == 0:
         return Path("/run/ipamd/ipamd.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ipamd-{os.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or fallback_runtime_dir()
     return Path(runtime) / "ipamd.sock"
+
+
+def fallback_runtime_dir() -> Path:
+    """Where a user's socket goes without XDG_RUNTIME_DIR: made 0700, refused if another
+    user owns it (anyone can create it first in /tmp)."""
+    return Path(f"/tmp/ipamd-{os.geteuid()}")

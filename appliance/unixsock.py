@@ -1,13 +1,33 @@
 """Taking over a unix socket path: only ever a stale socket is removed."""
 from __future__ import annotations
 
+import os
 import socket
 import stat
 from pathlib import Path
 
+from .paths import fallback_runtime_dir
+
 
 class SocketPathError(Exception):
     """The path cannot be ours: the message says why."""
+
+
+def prepare_dir(path: Path) -> None:
+    """Make the socket's folder (0700 for the per-user fallback in /tmp), and refuse one that
+    another user owns or that is a link: its owner could swap our socket for theirs."""
+    parent = path.parent
+    private = parent == fallback_runtime_dir()
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+    st = parent.lstat()
+    if stat.S_ISLNK(st.st_mode) and private:
+        raise SocketPathError(f"{parent} is a symbolic link; not serving a socket there")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise SocketPathError(f"{parent} belongs to uid {st.st_uid}, not to this user "
+                              f"(uid {os.geteuid()}); not serving a socket there")
+    if private and stat.S_IMODE(st.st_mode) & 0o077:
+        raise SocketPathError(f"{parent} is open to other users (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}); make it 0700")
 
 
 def claim_socket_path(path: Path) -> None:

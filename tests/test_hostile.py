@@ -10,7 +10,8 @@ from appliance.core import messages as m
 from appliance.core.addr import AddrError, cidr, parse_addr, parse_hostport
 from appliance.core.peer import Peer
 
-from .daemon_proc import ROOT, PYTHON_IPAMD, wait_until
+from .conftest import need
+from .daemon_proc import PYTHON_IPAMD, ROOT, wait_until
 from .test_gate_hosts import launch_ranges
 from .test_peers import status
 
@@ -192,3 +193,17 @@ def test_a_socket_path_naming_a_regular_file_is_refused_and_the_file_kept(tmp_pa
     assert r.returncode != 0 and f"{victim} exists and is not a socket; not removing it" in \
         r.stderr, r
     assert "Traceback" not in r.stderr and victim.read_text() == "keep me"
+
+
+def test_a_socket_folder_another_user_owns_is_refused(tmp_path):
+    import os
+    need(os.geteuid() == 0, "needs root to give a folder to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 12345, 12345)
+    r = subprocess.run([*PYTHON_IPAMD, "launch", "--data-dir", str(tmp_path / "data"),
+                        "--iprange", "198.18.40.0/24", "--socket", str(theirs / "ipamd.sock")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and f"{theirs} belongs to uid 12345, not to this user (uid 0)" \
+        in r.stderr, r
+    assert not (theirs / "ipamd.sock").exists()
