@@ -353,7 +353,7 @@ async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
     async with stream:
         while True:
             nl = buf.find(b"\n")
-            if nl < 0:
+            if nl < 0 or nl > MAX_LINE:
                 if len(buf) > MAX_LINE:
                     # The rest of the line cannot be told apart from the next request: say why
                     # and hang up rather than guess.

@@ -135,6 +135,22 @@ def test_oversized_line_is_refused_then_daemon_serves(daemon):
     assert daemon.call({"op": "status"})["ok"]
 
 
+def test_an_oversized_line_with_its_newline_closes_the_connection(daemon):
+    """A whole line over the limit, newline included, sent at once: refused, and the
+    connection closed as README says (it was kept open)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket))
+        line = b'{"op":"list","pad":"' + b"x" * (MAX_LINE + 10) + b'"}\n'
+        try:
+            s.sendall(line + b'{"op":"status"}\n')
+        except BrokenPipeError:
+            pass
+        f = s.makefile("rb")
+        reply = json.loads(f.readline())
+        assert reply["error"]["code"] == "too_large"
+        assert f.readline() == b""  # closed: the status after it is not answered
+
+
 def test_many_clients_get_distinct_addresses(tmp_path):
     d = Daemon(tmp_path, "--iprange", "10.10.0.0/20")
     d.start()
