@@ -38,17 +38,15 @@ class Metrics:
         a = peer.allocator
         in_use = GaugeMetricFamily("ipamd_addresses_in_use", "addresses held",
                                    labels=["universe", "subnet"])
-        by_subnet: dict[tuple[str, str], int] = {}
-        for h in a.by_addr.values():
-            key = (str(h.universe) if h.universe else "", str(h.subnet))
-            by_subnet[key] = by_subnet.get(key, 0) + 1
-        for (u, sub), n in sorted(by_subnet.items()):
-            in_use.add_metric([u, sub], n)
+        # From the counts the allocator keeps: a scrape never scans the allocations.
+        for (u, sub), n in sorted(a.in_use.items(), key=lambda kv: (str(kv[0][0] or ""),
+                                                                    str(kv[0][1]))):
+            in_use.add_metric([str(u) if u else "", str(sub)], n)
         free = GaugeMetricFamily("ipamd_addresses_free", "addresses this peer could hand out "
                                  "now, in the space it owns, by universe and subnet (the "
                                  "default subnet and every subnet in use)",
                                  labels=["universe", "subnet"])
-        subnets = {a.default_subnet} | {h.subnet for h in a.by_addr.values()}
+        subnets = {a.default_subnet} | {sub for _, sub in a.in_use}
         for u in a.rings:
             for sub in sorted(subnets, key=str):
                 if sub.overlaps(u):

@@ -196,6 +196,22 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert got == self.model.held
 
     @invariant()
+    def counted_free_space_agrees_with_a_scan(self):
+        """free_count counts (bisect, the tail of the freed list); _blocked scans everything.
+        They must agree on every universe and on pieces of it."""
+        a = self.alloc
+        for u in a.rings:
+            for lo, hi in ((u.start, u.end), (u.start + 3, u.start + 9), (u.start, u.start + 1),
+                           (u.end - 5, u.end)):
+                owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in a._owned[u])
+                assert a.free_count(u, lo, hi, self.now) == \
+                    owned - len(a._blocked(u, lo, hi, self.now)), (u, lo, hi)
+        counts = {}
+        for h in a.by_addr.values():
+            counts[(h.universe, h.subnet)] = counts.get((h.universe, h.subnet), 0) + 1
+        assert dict(a.in_use) == counts
+
+    @invariant()
     def database_agrees(self):
         rows = self.store.conn.execute("SELECT address, handle FROM allocations").fetchall()
         assert {parse_addr(a): h for a, h in rows} == \

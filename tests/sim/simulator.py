@@ -472,6 +472,14 @@ class Sim:
                     if not any(lo <= h.address < hi for lo, hi in views[p]):
                         raise Violation(f"I4 seed={self.seed}: {p} holds {h.text} outside "
                                         "its space")
+        if self.stats.ops % 50 == 0:  # counted free space against a full scan, now and then
+            for p, peer in self.live.items():
+                a = peer.allocator
+                owned = sum(h - l for l, h in a._owned[self.u])
+                if a.free_count(self.u, self.u.start, self.u.end, self.now) != \
+                        owned - len(a._blocked(self.u, self.u.start, self.u.end, self.now)):
+                    raise Violation(f"count seed={self.seed}: {p}'s counted free space "
+                                    "disagrees with a scan")
         for (p, handle), address in self.acked.items():
             row = self.durable[p].allocations.get(address)
             if row is None or row.handle != handle.split("/")[0]:
