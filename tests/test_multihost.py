@@ -63,9 +63,10 @@ def test_five_hosts_share_the_range_through_partitions(cluster):
 
     # Split 2/3 with nft drop rules.
     c.cut([0, 1], [2, 3, 4])
-    wait_until("the split to be seen on both sides",
-               lambda: set(c.status(0)["reachable"]) == {ids[1]}
-               and set(c.status(2)["reachable"]) == {ids[3], ids[4]})
+    sides = ([0, 1], [2, 3, 4])
+    wait_until("the split to be seen by every host",  # h1 asks h3 below: both must see it
+               lambda: all(set(c.status(i)["reachable"]) == {ids[j] for j in side if j != i}
+                           for side in sides for i in side))
     for i in range(N):
         allocate(i, 3)
     r = ds[1].call({"op": "claim", "handle": "static-2", "address": probe(ds[3])})

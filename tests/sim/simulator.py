@@ -475,9 +475,14 @@ class Sim:
         if self.stats.ops % 50 == 0:  # counted free space against a full scan, now and then
             for p, peer in self.live.items():
                 a = peer.allocator
-                owned = sum(h - l for l, h in a._owned[self.u])
+                ring = a.rings[self.u]
+                owned = sum(h - l for l, h in ring.owned_by(p))
+                blocked = {x.address for x in a.by_addr.values() if x.universe == self.u}
+                blocked |= {x for x, t in a.freed[self.u].items() if t + a.reuse_delay > self.now}
+                blocked |= {x for f, x in a.reserved if f == 4}
+                blocked = {x for x in blocked if ring.owner_of(x) == p}
                 if a.free_count(self.u, self.u.start, self.u.end, self.now) != \
-                        owned - len(a._blocked(self.u, self.u.start, self.u.end, self.now)):
+                        owned - len(blocked):
                     raise Violation(f"count seed={self.seed}: {p}'s counted free space "
                                     "disagrees with a scan")
         for (p, handle), address in self.acked.items():
