@@ -8,16 +8,26 @@
  * carried as one code point (latin-1), so no UTF-8 handling is needed here.
  * Reply: {"ok":true,"exit":N,"length":L}\n followed by L bytes to print.
  * The socket: ipam.socket in the network config, else $IPAMD_SOCKET, else the default.
+ * Bounds: the request line may be at most MAX_REQUEST bytes (the daemon's hook line limit), and
+ * the whole answer must come within REPLY_TIMEOUT_MS ($IPAMD_CNI_TIMEOUT seconds if set), else
+ * CNI error 11 (try again later).
+ * Whatever happens, stdout gets exactly one JSON document (or, for DEL/CHECK, the daemon's
+ * possibly empty output): the reply is read whole before any of it is printed.
  */
 #include <errno.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_STDIN (1 << 20)
+#define MAX_REQUEST (64 * 1024)        /* appliance/protocols/hook.py MAX_LINE */
+#define REPLY_TIMEOUT_MS 20000         /* an ADD may wait 2 s for peers; this is far above */
 
 extern char **environ;
 
@@ -110,12 +120,16 @@ static const char *member(const char *p, const char *e, const char *key) {
     return NULL;
 }
 
-/* ipam.socket if it is a plain string (no escapes), copied into out. */
+/* ipam.socket copied into out: 1; none given: 0; given but unusable (not a plain string,
+ * escapes, too long for a unix socket address): -1, never a silent fallback to another
+ * daemon's socket. */
 static int config_socket(const char *s, size_t n, char *out, size_t outlen) {
     const char *e = s + n, *ipam = member(s, e, "ipam"), *v;
-    if (!ipam || !(v = member(ipam, e, "socket")) || *v != '"') return 0;
+    if (!ipam || !(v = member(ipam, e, "socket"))) return 0;
+    if (*v != '"') return -1;
     const char *end = memchr(v + 1, '"', e - v - 1);
-    if (!end || memchr(v + 1, '\\', end - v - 1) || (size_t)(end - v - 1) >= outlen) return 0;
+    if (!end || memchr(v + 1, '\\', end - v - 1) || (size_t)(end - v - 1) >= outlen ||
+        end == v + 1) return -1;
     memcpy(out, v + 1, end - v - 1);
     out[end - v - 1] = 0;
     return 1;
@@ -157,16 +171,40 @@ static int write_all(int fd, const char *p, size_t n) {
     return 0;
 }
 
+/* Read once from fd, waiting at most until deadline (ms of CLOCK_MONOTONIC): >0 bytes,
+ * 0 closed, -1 error, -2 timed out. */
+static ssize_t read_by(int fd, char *p, size_t n, long long deadline) {
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        long long left = deadline - (ts.tv_sec * 1000LL + ts.tv_nsec / 1000000);
+        if (left <= 0) return -2;
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int k = poll(&pfd, 1, (int)left);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return -1;
+        if (k == 0) return -2;
+        ssize_t r = read(fd, p, n);
+        if (r < 0 && errno == EINTR) continue;
+        return r;
+    }
+}
+
 int main(void) {
     buf_t in = {0}, req = {0};
     char chunk[65536], path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     ssize_t r;
+    signal(SIGPIPE, SIG_IGN);  /* a daemon that hangs up gives EPIPE, and an answer, not death */
     while ((r = read(0, chunk, sizeof chunk)) > 0 && in.len <= MAX_STDIN) put(&in, chunk, r);
     if (!in.p) put(&in, "", 0);
 
     const char *cmd = getenv("CNI_COMMAND");
     int status = cmd && strcmp(cmd, "STATUS") == 0;
-    if (!config_socket(in.p, in.len, path, sizeof path)) default_socket(path, sizeof path);
+    int given = config_socket(in.p, in.len, path, sizeof path);
+    if (given < 0)
+        return fail(7, "ipam.socket must be a plain string path shorter than 108 bytes",
+                    "ipam.socket", "not used: no other socket is tried in its place");
+    if (!given) default_socket(path, sizeof path);
 
     puts_(&req, "{\"v\":1,\"op\":\"cni\",\"env\":{");
     int first = 1;
@@ -182,6 +220,11 @@ int main(void) {
     puts_(&req, "},\"stdin\":");
     put_json(&req, (const unsigned char *)in.p, in.len);
     puts_(&req, "}\n");
+    if (req.len > MAX_REQUEST) {
+        char why[96];
+        snprintf(why, sizeof why, "%zu bytes as sent, at most %d", req.len, MAX_REQUEST);
+        return fail(7, "the network config is too large for ipamd", "request", why);
+    }
 
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -192,25 +235,36 @@ int main(void) {
                       : fail(11, "cannot reach the ipamd daemon; try again later", path,
                              strerror(errno));
 
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    const char *t = getenv("IPAMD_CNI_TIMEOUT");  /* seconds; for tests and slow hosts */
+    long long wait_ms = t && atof(t) > 0 ? (long long)(atof(t) * 1000) : REPLY_TIMEOUT_MS;
+    long long deadline = ts.tv_sec * 1000LL + ts.tv_nsec / 1000000 + wait_ms;
     buf_t reply = {0};
     char *nl = NULL;
     while (!(nl = reply.p ? memchr(reply.p, '\n', reply.len) : NULL)) {
-        r = read(fd, chunk, sizeof chunk);
+        r = read_by(fd, chunk, sizeof chunk, deadline);
+        if (r == -2)
+            return fail(11, "no answer from the ipamd daemon in time; try again later", path,
+                        "timed out");
         if (r <= 0) return fail(11, "the ipamd daemon closed the connection", path, "no reply");
         put(&reply, chunk, r);
     }
     *nl = 0;
+    size_t head = (size_t)(nl + 1 - reply.p);
     const char *ex = strstr(reply.p, "\"exit\":"), *ln = strstr(reply.p, "\"length\":");
     if (!strstr(reply.p, "\"ok\":true") || !ex || !ln)
-        return fail(999, "ipamd refused the request", path, reply.p);
+        return fail(7, "ipamd refused the request", path, reply.p);
     int code = atoi(ex + 7);
-    size_t want = strtoul(ln + 9, NULL, 10), have = reply.len - (nl + 1 - reply.p);
-    fwrite(nl + 1, 1, have < want ? have : want, stdout);
-    while (have < want && (r = read(fd, chunk, sizeof chunk)) > 0) {
-        size_t n = (size_t)r < want - have ? (size_t)r : want - have;
-        fwrite(chunk, 1, n, stdout);
-        have += n;
+    size_t want = strtoul(ln + 9, NULL, 10);
+    while (reply.len - head < want) {  /* the whole output first: never half a document */
+        r = read_by(fd, chunk, sizeof chunk, deadline);
+        if (r == -2)
+            return fail(11, "no answer from the ipamd daemon in time; try again later", path,
+                        "timed out mid-reply");
+        if (r <= 0) return fail(11, "the ipamd daemon went away mid-reply", path, "short read");
+        put(&reply, chunk, r);
     }
-    if (have < want) return fail(11, "the ipamd daemon went away mid-reply", path, "short read");
+    fwrite(reply.p + head, 1, want, stdout);
     return code;
 }
