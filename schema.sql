@@ -46,6 +46,8 @@ CREATE TABLE removals (
 ) STRICT;
 
 -- Peers this one knows of (itself included), with the address they listen on for peers.
+-- state 'alive': heard from (authenticated), a member; 'candidate': an address another peer
+-- told us of, dialled but not a member until it answers.
 CREATE TABLE peers (
     id        TEXT PRIMARY KEY,
     nickname  TEXT NOT NULL,

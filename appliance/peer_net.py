@@ -75,6 +75,8 @@ def _reason(e: BaseException) -> str | None:
 
 
 _REFUSED = Summary("connection_refused")  # unauthenticated connections: floods are summed
+_BOOK_FULL = Summary("address_book_full")
+MAX_CANDIDATES = 256  # peer addresses learned from others and dialled (the requirements: 100 hosts)
 
 
 def _ended(what: str, e: Exception, **fields) -> None:
@@ -471,6 +473,9 @@ class PeerNet:
                         str(bad[0])[:80])
         for peer, addr in good.items():
             if peer != self.me and peer not in self.addresses:
+                if len(self.addresses) >= MAX_CANDIDATES:
+                    _BOOK_FULL.note(f"already {MAX_CANDIDATES} peer addresses known")
+                    continue
                 self._remember(peer, addr)
                 self.dial(addr)
 

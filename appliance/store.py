@@ -220,7 +220,10 @@ class Store:
             d.reserved[address] = Reserve(address, universe, note)
         for target, by, state, at in conn.execute("SELECT target, by, state, at FROM removals"):
             d.removals[target] = Removal(target, by, state, at)
-        d.seen = {p for (p,) in conn.execute("SELECT id FROM peers") if p != loaded.peer_id}
+        # Members are peers heard from (authenticated); addresses others told us of are only
+        # candidates to dial: they never count as members (and never block rmpeer).
+        d.seen = {p for (p,) in conn.execute("SELECT id FROM peers WHERE state != 'candidate'")
+                  if p != loaded.peer_id}
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         if "standing" in meta:
             d.standing = Standing(meta["standing"], meta.get("standing_note", ""))
@@ -255,8 +258,8 @@ class Store:
 
     def save_peer_address(self, peer: str, address: str) -> None:
         with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname) VALUES (?, '')",
-                              (peer,))
+            self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname, state) "
+                              "VALUES (?, '', 'candidate')", (peer,))
             self.conn.execute("UPDATE peers SET addresses = ? WHERE id = ?",
                               (json.dumps([address]), peer))
 
@@ -307,6 +310,8 @@ class Store:
                 elif isinstance(r, PeerSeen):
                     conn.execute("INSERT OR IGNORE INTO peers (id, nickname) VALUES (?, '')",
                                  (r.peer,))
+                    conn.execute("UPDATE peers SET state = 'alive' WHERE id = ? AND "
+                                 "state = 'candidate'", (r.peer,))
                 elif isinstance(r, Standing):
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('standing', ?), "
                                  "('standing_note', ?)", (r.state, r.note))

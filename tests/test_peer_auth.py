@@ -201,3 +201,29 @@ def test_bad_address_book_entries_are_dropped_one_by_one():
     for book in (["b", "h:1"], b"\xc1"):  # not a book at all: the peer is broken
         with pytest.raises(ProtocolError, match="address book"):
             n._learn(book if isinstance(book, bytes) else msgpack.packb(book))
+
+
+def test_phantom_peers_from_an_address_book_stay_candidates(tmp_path):
+    """A thousand made-up entries: at most MAX_CANDIDATES are kept and dialled, none of them is
+    a member after a restart, and so none can block rmpeer."""
+    import msgpack
+
+    from appliance import peer_net
+    from appliance.core.addr import cidr
+    from appliance.core.messages import PeerSeen
+    from appliance.store import Store
+    store = Store(tmp_path / "ipamd.db")
+    loaded = store.open([cidr("198.18.0.0/24")], "t")
+    n = net("a")
+    n.save = store.save_peer_address
+    n._learn(msgpack.packb({f"phantom{i}": f"198.18.9.{i % 250 + 1}:{7000 + i}"
+                            for i in range(1000)}))
+    assert len(n.addresses) == peer_net.MAX_CANDIDATES
+    store.commit([PeerSeen("phantom3")])  # one of them answered, authenticated
+    store.close()
+    again = Store(tmp_path / "ipamd.db")
+    reloaded = again.open(None, "t")
+    peer = again.load_peer(reloaded, cidr("198.18.0.0/24"), 30.0, frozenset())
+    assert peer.seen == {"phantom3"} and peer.members() == {reloaded.peer_id, "phantom3"}
+    assert len(again.peer_addresses()) == peer_net.MAX_CANDIDATES
+    again.close()
