@@ -255,3 +255,14 @@ def test_del_releases_even_when_the_requested_ip_left_every_range_set():
     moved["runtimeConfig"] = {"ips": ["198.18.0.77"]}
     out, code, _ = run(a, env={"CNI_COMMAND": "DEL"}, stdin=moved)
     assert (code, out) == (0, None) and a.by_addr == {}
+
+
+def test_check_names_the_range_set_the_container_holds_nothing_in():
+    a = allocator()
+    assert run(a)[1] == 0  # an address of 198.18.0.0/24 only
+    dual = conf(ranges=[[{"subnet": "198.18.0.0/24"}], [{"subnet": "2001:2::/64"}]])
+    out, code, _ = run(a, env={"CNI_COMMAND": "CHECK"}, stdin=dual)
+    assert (code, out["code"], out["msg"]) == (1, 3, "cni/net1/c1/eth0 holds no address of "
+                                                     "range set 1")
+    out, code, _ = run(a, env={"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": "c9"})
+    assert (code, out["code"], out["msg"]) == (1, 3, "no address is held for cni/net1/c9/eth0")
