@@ -202,12 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pid_start_time(pid: int) -> int:
-    # Field 22 of /proc/PID/stat; the command name before it may hold spaces, so cut after ')'.
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _request(args) -> dict:
     cmd = args.command
     if cmd == "allocate":
@@ -217,9 +211,9 @@ def _request(args) -> dict:
         if args.anchor_netns:
             req["anchor"] = {"netns": os.path.abspath(args.anchor_netns)}
         elif args.anchor_pid is not None:
-            try:
-                start = _pid_start_time(args.anchor_pid)
-            except (OSError, ValueError, IndexError):
+            from .liveness import ALIVE, start_time
+            state, start = start_time(args.anchor_pid)
+            if state != ALIVE:
                 raise SystemExit(f"ipamd: no process {args.anchor_pid} to anchor to")
             req["anchor"] = {"pid": args.anchor_pid, "start_time": start}
         return req
@@ -312,6 +306,7 @@ def _launch(args) -> int:
     import trio
 
     from .daemon import Config, Refused, run
+    from .unixsock import SocketPathError
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s %(message)s")
@@ -341,7 +336,7 @@ def _launch(args) -> int:
         return EXIT_ERROR
     except BaseExceptionGroup as group:  # refused while a listener started (trio wraps it)
         leaves = _leaves(group)
-        if not all(isinstance(x, (Refused, OSError)) for x in leaves):
+        if not all(isinstance(x, (Refused, OSError, SocketPathError)) for x in leaves):
             raise
         for x in leaves:
             print(f"ipamd: {x}", file=sys.stderr)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket as stdsocket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,7 @@ from .core.messages import error
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
 from . import cni_ops, limits
-from .limits import ConnectionCap
-from .unixsock import SocketPathError, claim_socket_path, prepare_dir
+from .unixsock import serve_unix
 from .protocols import cni
 from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
                              parse_request)
@@ -340,14 +338,6 @@ def _lock(data_dir: Path) -> int:
     return fd
 
 
-def _claim_socket_path(path: Path) -> None:
-    try:
-        prepare_dir(path)
-        claim_socket_path(path)
-    except SocketPathError as e:
-        raise Refused(str(e)) from None
-
-
 async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
     buf = bytearray()
     async with stream:
@@ -422,33 +412,8 @@ HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
 
 async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
                       cap: int = 512) -> None:
-    _claim_socket_path(path)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old = os.umask(0o117)  # born 0660: no window in which others could connect
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(256)
-    listener = trio.SocketListener(sock)
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(listener)
-
-            async def handler(stream):
-                try:
-                    await _serve_connection(stream, core)
-                except Exception:  # a bug must cost one connection, never the daemon
-                    log.exception("event=connection_failed")
-
-            await trio.serve_listeners(ConnectionCap("hook", cap).wrap(handler), [listener],
-                                       handler_nursery=nursery)
-    finally:
-        with trio.CancelScope(shield=True):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+    await serve_unix(path, lambda stream: _serve_connection(stream, core), "hook", cap, 256,
+                     task_status=task_status)
 
 
 async def run(config: Config, ready=print) -> None:
@@ -503,7 +468,6 @@ async def run(config: Config, ready=print) -> None:
                                                   cap=caps["hook"]))
             if config.docker_socket is not None:
                 from .docker_server import serve_docker
-                _claim_socket_path(config.docker_socket)  # refused with a message, not a trace
                 await nursery.start(functools.partial(serve_docker, config.docker_socket, core,
                                                       cap=caps["docker"]))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

@@ -244,11 +244,7 @@ def _default_pool(family: int, universes: list[Cidr], default_subnet: Cidr, stat
     for pool_id, pool in list(state.pools.items()):
         # Handed out in this run and not released: taken, unless its docker daemon is gone
         # (then docker forgot it: a restarted daemon replays its networks under new ids).
-        owner = parse_pool_id(pool_id).owner
-        gone = _owner_gone(owner, state)
-        if gone is None:
-            gone = yield Gone(owner)
-        if gone:
+        if (yield from _gone(parse_pool_id(pool_id).owner, state)):
             del state.pools[pool_id]
         else:
             taken.add(pool)
@@ -334,10 +330,7 @@ def _claim(pool: PoolId, role: str, key: tuple[int, int], state: DriverState):
         raise _failed(reply)
     if theirs.text == pool.text:
         return {"Address": f"{format_addr(*key)}/{pool.pool.prefix}", "Data": {}}
-    gone = _owner_gone(theirs.owner, state)
-    if gone is None:
-        gone = yield Gone(theirs.owner)
-    if not gone:
+    if not (yield from _gone(theirs.owner, state)):
         raise DockerError(f"in_use: {reply['error']['message']}, a pool of a docker daemon "
                           "that is still running")
     # A restarted docker daemon replays: the allocation moves to the new pool id.
@@ -358,10 +351,10 @@ def _same_role(role: str, theirs: str) -> bool:
     return True  # asked without identity: an auxiliary address or a replayed endpoint
 
 
-def _owner_gone(owner: str | None, state: DriverState) -> bool | None:
-    """Is the daemon that made a pool gone? None: ask the shell (a pid to look at)."""
+def _gone(owner: str | None, state: DriverState):
+    """Is the docker daemon that made a pool gone? (A generator: a pid is asked of the shell.)"""
     if owner is not None and owner.startswith("p"):
-        return None
+        return (yield Gone(owner))
     if owner is not None and owner.startswith("e"):
         return state.activated and owner[1:] != state.epoch
     # An id from before pool ids were unique, or of unknown owner: a docker daemon started

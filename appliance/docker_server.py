@@ -8,10 +8,8 @@ must arrive whole within REQUEST_TIMEOUT.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import secrets
 import socket
 import struct
@@ -21,8 +19,8 @@ import h11
 import trio
 
 from . import docker_ipam
-from .limits import ConnectionCap
-from .unixsock import claim_socket_path
+from .liveness import ALIVE, GONE, UNKNOWN, pid_state, start_time
+from .unixsock import serve_unix
 from .docker_ipam import DockerError, DriverState, Gone
 
 log = logging.getLogger("ipamd")
@@ -146,22 +144,8 @@ def _caller(sock) -> str:
         pid = struct.unpack("3i", creds)[0]
     except (OSError, AttributeError, struct.error):
         return ""
-    start = _start_time(pid) if pid > 0 else None
-    return f"p{pid}.{start}" if isinstance(start, int) else ""
-
-
-def _start_time(pid: int) -> int | str:
-    """The process's start time (field 22 of /proc/PID/stat), or "gone", or "unknown"."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError as e:
-        return "gone" if e.errno in (errno.ENOENT, errno.ESRCH) else "unknown"
-    try:
-        # Counted after the command name, which may hold spaces and parentheses.
-        return int(stat.rsplit(b")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return "unknown"
+    state, start = start_time(pid) if pid > 0 else (UNKNOWN, "")
+    return f"p{pid}.{start}" if state == ALIVE else ""
 
 
 def _pid_gone(owner: str) -> bool:
@@ -170,34 +154,11 @@ def _pid_gone(owner: str) -> bool:
         pid, start = (int(x) for x in owner[1:].split("."))
     except ValueError:
         return False
-    now = _start_time(pid)
-    return now == "gone" or isinstance(now, int) and now != start
+    return pid_state(pid, start)[0] == GONE
 
 
 async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED,
                        cap: int = MAX_CONNECTIONS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    claim_socket_path(path)  # a stale socket only; raises SocketPathError (launch refused)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old = os.umask(0o117)
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(64)
     state = DriverState(token=lambda: secrets.token_hex(6))
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-
-            async def handler(stream):
-                try:
-                    await _serve(stream, core, state, _caller(stream.socket))
-                except Exception:  # a bug must cost one connection, never the daemon
-                    log.exception("event=docker_connection_failed")
-
-            await trio.serve_listeners(ConnectionCap("docker", cap).wrap(handler),
-                                       [trio.SocketListener(sock)], handler_nursery=nursery)
-    finally:
-        with trio.CancelScope(shield=True):
-            path.unlink(missing_ok=True)
+    await serve_unix(path, lambda stream: _serve(stream, core, state, _caller(stream.socket)),
+                     "docker", cap, 64, task_status=task_status)

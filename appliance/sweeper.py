@@ -13,19 +13,16 @@ core (ReleaseIf), which releases an address only while it is still the allocatio
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 
 import trio
 
 from .core.messages import ReleaseIf
+from .liveness import ALIVE, GONE, UNKNOWN, path_state, pid_state  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ipamd")
-ALIVE, GONE, UNKNOWN = "alive", "gone", "unknown"
 CHECK_TIMEOUT = 10.0  # seconds for one sweep's filesystem checks
-_ABSENT = (errno.ENOENT, errno.ESRCH)
 
 
 def anchor_state(anchor: str) -> tuple[str, str]:
@@ -37,35 +34,11 @@ def anchor_state(anchor: str) -> tuple[str, str]:
     if not isinstance(a, dict):
         return UNKNOWN, "anchor is not an object"
     if "netns" in a:
-        try:
-            os.lstat(a["netns"])
-        except OSError as e:
-            if e.errno in _ABSENT:
-                return GONE, f"{a['netns']} does not exist"
-            return UNKNOWN, f"cannot look at {a['netns']}: {e.strerror}"
-        except (TypeError, ValueError) as e:
-            return UNKNOWN, f"bad netns path: {e}"
-        return ALIVE, ""
+        return path_state(a["netns"])
     pid = a.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return UNKNOWN, "anchor has neither netns nor a valid pid"
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError as e:
-        if e.errno in _ABSENT:
-            return GONE, f"no process {pid}"
-        return UNKNOWN, f"cannot read /proc/{pid}/stat: {e.strerror}"
-    if "start_time" not in a:
-        return ALIVE, ""  # a pid alone: alive while any process has it
-    try:
-        # Field 22, counted after the command name, which may hold spaces and parentheses.
-        started = int(stat.rsplit(b")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return UNKNOWN, f"cannot parse /proc/{pid}/stat"
-    if started != a["start_time"]:
-        return GONE, f"process {pid} started at {started}, not {a['start_time']}"
-    return ALIVE, ""
+    return pid_state(pid, a.get("start_time"))
 
 
 def candidates(allocator, now: float, min_age: float) -> list[tuple[str, int, int, float, str]]:

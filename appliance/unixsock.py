@@ -1,12 +1,20 @@
-"""Taking over a unix socket path: only ever a stale socket is removed."""
+"""Serving a unix socket (the hook socket, Docker's plugin socket): its folder checked, only
+ever a stale socket removed, the socket born 0660, connections capped, a failing connection
+logged rather than fatal, the socket file removed at the end."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 from pathlib import Path
 
+import trio
+
+from .limits import ConnectionCap
 from .paths import fallback_runtime_dir
+
+log = logging.getLogger("ipamd")
 
 
 class SocketPathError(Exception):
@@ -48,3 +56,33 @@ def claim_socket_path(path: Path) -> None:
         raise SocketPathError(f"another daemon is already serving {path}")
     finally:
         probe.close()
+
+
+async def serve_unix(path: Path, handler, name: str, cap: int, backlog: int,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve handler(stream) on path, at most `cap` connections at once. Raises
+    SocketPathError before it starts when the path cannot be ours."""
+    prepare_dir(path)
+    claim_socket_path(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o117)  # born 0660: no window in which others could connect
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+
+    async def guarded(stream):
+        try:
+            await handler(stream)
+        except Exception:  # a bug must cost one connection, never the daemon
+            log.exception("event=%s_connection_failed", name)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(ConnectionCap(name, cap).wrap(guarded),
+                                       [trio.SocketListener(sock)], handler_nursery=nursery)
+    finally:
+        with trio.CancelScope(shield=True):
+            path.unlink(missing_ok=True)

@@ -77,9 +77,9 @@ class Daemon:
                               env={**os.environ, **(env or {})}, timeout=60)
 
 
-def wait_until(what: str, fn, timeout: float = 60.0):
+def wait_until(what: str, fn, timeout: float = 60.0, interval: float = 0.05):
     """Poll a condition the daemons reach by themselves (gossip, reconnects); TimeoutError
-    naming it if they do not."""
+    naming it if they do not. Returns what fn returned."""
     deadline = time.monotonic() + timeout
     while True:
         got = fn()
@@ -87,7 +87,7 @@ def wait_until(what: str, fn, timeout: float = 60.0):
             return got
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def _children(pid: int) -> list[int]:

@@ -15,10 +15,10 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 from .conftest import need
+from .daemon_proc import wait_until
 
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
@@ -38,18 +38,6 @@ def need_docker() -> None:
     need(os.path.exists(DOCKERD) and docker_client() is not None,
          "docker.io is not installed (make sysdeps installs it as root)")
     need(os.path.exists(BUSYBOX), "busybox-static is not installed (make sysdeps installs it)")
-
-
-def poll(what: str, fn, timeout: float = 60.0, interval: float = 0.1):
-    """fn() until it returns something true; TimeoutError naming `what` if it never does."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class DockerError(AssertionError):
@@ -96,7 +84,7 @@ class Engine:
                                    f"{self.log()[-3000:]}")
             return self.run("version", "--format", "{{.Server.Version}}",
                             check=False).returncode == 0
-        poll("dockerd to answer", up, timeout=90)
+        wait_until("dockerd to answer", up, timeout=90, interval=0.1)
 
     def log(self) -> str:
         return (self.dir / f"dockerd-{self.starts}.log").read_text(errors="replace")
@@ -146,15 +134,19 @@ class Engine:
 
     # -- cleanup -------------------------------------------------------------------------------
 
+    def remove_all(self) -> None:
+        """Every container and custom network, whatever state they are in."""
+        ids = self("ps", "-aq").split()
+        if ids:
+            self.run("rm", "-f", *ids, check=False)
+        nets = self("network", "ls", "-q", "--filter", "type=custom").split()
+        if nets:
+            self.run("network", "rm", *nets, check=False)
+
     def close(self) -> None:
         try:
             if self.proc is not None and self.proc.poll() is None:
-                ids = self("ps", "-aq").split()
-                if ids:
-                    self.run("rm", "-f", *ids, check=False)
-                nets = self("network", "ls", "-q", "--filter", "type=custom").split()
-                if nets:
-                    self.run("network", "rm", *nets, check=False)
+                self.remove_all()
             self.stop()
         finally:
             self._kill_containerd()
@@ -192,7 +184,8 @@ class Engine:
             return  # not ours (a reused pid)
         os.kill(pid, signal.SIGTERM)
         try:
-            poll("containerd to exit", lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+            wait_until("containerd to exit", lambda: not Path(f"/proc/{pid}").exists(),
+                       timeout=30, interval=0.1)
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
 

@@ -11,8 +11,8 @@ import ipaddress
 
 import pytest
 
-from .daemon_proc import Daemon
-from .docker_engine import IMAGE, PLUGIN_DIR, Engine, need_docker, poll
+from .daemon_proc import Daemon, wait_until
+from .docker_engine import IMAGE, PLUGIN_DIR, Engine, need_docker
 
 V4, V6 = "198.19.0.0/16", "fd00:19::/48"  # inside 198.18.0.0/15; clear of the CNI tests' 198.18
 
@@ -41,13 +41,7 @@ def world(tmp_path_factory):
 def docker(world):
     engine, ipamd, plugin = world
     yield world
-    # Whatever a failed test left: gone before the next one starts.
-    ids = engine("ps", "-aq").split()
-    if ids:
-        engine.run("rm", "-f", *ids, check=False)
-    nets = engine("network", "ls", "-q", "--filter", "type=custom").split()
-    if nets:
-        engine.run("network", "rm", *nets, check=False)
+    engine.remove_all()  # whatever a failed test left: gone before the next one starts
 
 
 def held(ipamd) -> dict[str, str]:
@@ -119,7 +113,7 @@ def held_when(ipamd, what: str, ok) -> dict[str, str]:
     def check():
         h = held(ipamd)
         return (h,) if ok(h) else None
-    return poll(what, check, timeout=60)[0]
+    return wait_until(what, check, timeout=60, interval=0.1)[0]
 
 
 def gone_from(ipamd, addresses) -> dict[str, str]:

@@ -121,7 +121,7 @@ def test_anchor_needs_evidence_to_be_gone(tmp_path, monkeypatch):
             raise OSError(err, os.strerror(err))
         return f
     for err in (errno.EMFILE, errno.EACCES, errno.EIO, errno.ENFILE):
-        monkeypatch.setattr(sweeper_mod.os, "lstat", failing(err))
+        monkeypatch.setattr(os, "lstat", failing(err))
         monkeypatch.setattr("builtins.open", failing(err))
         state, why = anchor_state(json.dumps({"netns": str(tmp_path / "no")}))
         assert state == UNKNOWN and os.strerror(err) in why, (err, state, why)

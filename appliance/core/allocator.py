@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from .addr import Cidr, format_addr
 from .donation import choose_block
@@ -69,9 +70,9 @@ class Allocator:
         # While a TakeSets runs: how to undo, in memory, each take it made (its rows are simply
         # not returned), so a half-served request leaves nothing behind, not even quarantine.
         self._journal: list | None = None
-        # Set by the peer: other hosts exist. Static addresses outside every range have no owner
-        # in the ring then, so nothing could stop two hosts claiming one: refuse them.
-        self.clustered = False
+        # Set by the peer: are there other hosts? Static addresses outside every range have no
+        # owner in the ring then, so nothing could stop two hosts claiming one: refuse them.
+        self.clustered: Callable[[], bool] = lambda: False
 
     # -- loading (restart) ---------------------------------------------------------------------
 
@@ -287,8 +288,8 @@ class Allocator:
                              f"the default subnet {self.default_subnet}; name its subnet"), []
         elif key not in subnet:
             return error("bad_address", f"{_fmt(key)} is not inside subnet {subnet}"), []
-        elif self._bad_subnet(subnet) is not None:
-            return self._bad_subnet(subnet), []
+        elif (bad := self._bad_subnet(subnet)) is not None:
+            return bad, []
         if req.family == 6 and (req.address >> 32) == 0xFFFF:
             return error("bad_address", f"{_fmt(key)} is an IPv4-mapped IPv6 address; claim "
                          f"the IPv4 address {format_addr(4, req.address & 0xFFFFFFFF)}"), []
@@ -297,7 +298,7 @@ class Allocator:
             if holder.handle == req.handle and holder.subnet == subnet:
                 return ok(**holder.view()), []
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
-        if universe is None and self.clustered:
+        if universe is None and self.clustered():
             return error("no_owner", f"{_fmt(key)} lies outside every allocation range "
                          f"({', '.join(map(str, self.rings))}): in a cluster no host owns it, "
                          "so two hosts could each claim it; claim addresses inside a range"), []
@@ -389,18 +390,18 @@ class Allocator:
             if a < b:
                 n += b - a
                 held += bisect_left(hs, b) - bisect_left(hs, a)
-        other = {a for a in self._quarantined(universe, now) if lo <= a < hi}
+        other = {a for a, _ in self.quarantined(universe, now) if lo <= a < hi}
         other |= {a for f, a in self.reserved if f == universe.family and lo <= a < hi}
         ring = self.rings[universe]
         return n - held - sum(1 for a in other if ring.owner_of(a) == self.me)
 
-    def _quarantined(self, universe: Cidr, now: float):
-        """Addresses freed less than reuse_delay ago, most recent first: the freed list is in
-        order of freeing, so only its tail is read."""
+    def quarantined(self, universe: Cidr, now: float):
+        """(address, freed_at) of those freed less than reuse_delay ago, most recent first:
+        the freed list is in order of freeing, so only its tail is read."""
         for address, t in reversed(self.freed[universe].items()):
             if t + self.reuse_delay <= now:
                 return
-            yield address
+            yield address, t
 
     def _blocked(self, universe: Cidr, lo: int, hi: int, now: float) -> list[int]:
         """Owned addresses in [lo, hi) that are not free: held, quarantined or reserved."""
@@ -534,7 +535,7 @@ class Allocator:
             lo, hi = u.host_bounds()
             owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[u])
             allocated = len(self.held_sorted[u])
-            quarantined = sum(1 for _ in self._quarantined(u, now))
+            quarantined = sum(1 for _ in self.quarantined(u, now))
             universes.append({"range": str(u), "owned": owned, "allocated": allocated,
                               "quarantined": quarantined, "free": owned - allocated,
                               "ring_entries": len(ring.entries)})

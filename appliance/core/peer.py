@@ -66,6 +66,8 @@ class Peer(Bootstrap, Removals):
         self.me, self.cluster = me, cluster
         self.replica = Replica(me, rings, vector, seq)
         self.allocator = Allocator(me, rings, default_subnet, reuse_delay, gateways)
+        # Asked only by a claim outside every range (rare): not worked out for every request.
+        self.allocator.clustered = lambda: self.dialling or len(self.members()) > 1
         self.request_timeout = request_timeout
         self.reachable: set[str] = set()
         self.known: dict[str, Vector] = {}  # what each peer told us it has
@@ -138,7 +140,6 @@ class Peer(Bootstrap, Removals):
             out.replies.append((w.ref, m.error(self.standing, self.note or
                                                f"{self.me} is {self.standing}")))
             return
-        self.allocator.clustered = self.dialling or len(self.members()) > 1
         if isinstance(req, m.CanServe):
             reply = self._can_serve(req, now)
             if not reply["ok"] and self._unreached():
@@ -252,7 +253,7 @@ class Peer(Bootstrap, Removals):
                 if isinstance(w.need, m.ReserveGateway):
                     out.rows += self.allocator.reserve_remote(
                         (w.need.family, w.need.address), sender)
-                self._retry(w, now, out)
+                self._attempt(w, now, out)
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
             if w is not None:
@@ -543,9 +544,6 @@ class Peer(Bootstrap, Removals):
             self.waiting[self.next_req] = w
             out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, u, address,
                                                      address + 1, address, gateway)))
-
-    def _retry(self, w: _Waiting, now: float, out: Ready) -> None:
-        self._attempt(w, now, out)
 
     def _unreached(self) -> set[str]:
         """Peers that may hold space we lack and that we have not reached since start: members

@@ -91,8 +91,7 @@ class Removals:
         # Quarantined addresses would reach their new owner as never used, and be handed out
         # at once while their old containers may still be terminating.
         a = self.allocator
-        until = [t + a.reuse_delay for f in a.freed.values() for t in f.values()
-                 if t + a.reuse_delay > now]
+        until = [t + a.reuse_delay for u in a.freed for _, t in a.quarantined(u, now)]
         if until:
             out.replies.append((ref, m.error("busy", (
                 f"{self.me} freed {len(until)} address{'es' if len(until) > 1 else ''} less "
