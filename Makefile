@@ -41,6 +41,7 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.gossip_bench
 	$(BIN)/python -m tests.bench.ring_bench
 	$(BIN)/python -m tests.bench.peer_bench
+	$(BIN)/python -m tests.bench.scrape_bench
 
 ## Replay one simulator seed: make sim SEED=123 [PEERS=5] [OPS=1000]
 SEED ?=

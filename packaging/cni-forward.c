@@ -9,8 +9,9 @@
  * Reply: {"ok":true,"exit":N,"length":L}\n followed by L bytes to print.
  * The socket: ipam.socket in the network config, else $IPAMD_SOCKET, else the default.
  * Bounds: the request line may be at most MAX_REQUEST bytes (the daemon's hook line limit), and
- * the whole answer must come within REPLY_TIMEOUT_MS ($IPAMD_CNI_TIMEOUT seconds if set), else
- * CNI error 11 (try again later).
+ * the whole exchange (connecting, sending, the whole answer) must be done within
+ * REPLY_TIMEOUT_MS ($IPAMD_CNI_TIMEOUT seconds if set), else CNI error 11 (try again later):
+ * a stalled daemon whose listen backlog is full makes connect() wait, so it has the deadline too.
  * Whatever happens, stdout gets exactly one JSON document (or, for DEL/CHECK, the daemon's
  * possibly empty output): the reply is read whole before any of it is printed.
  */
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -121,26 +123,30 @@ static const char *member(const char *p, const char *e, const char *key) {
 }
 
 /* ipam.socket copied into out: 1; none given: 0; given but unusable (not a plain string,
- * escapes, too long for a unix socket address): -1, never a silent fallback to another
- * daemon's socket. */
+ * escapes, empty, a NUL byte, too long for a unix socket address): -1, never a silent fallback
+ * to another daemon's socket (nor a cut-short path, which names another one). */
 static int config_socket(const char *s, size_t n, char *out, size_t outlen) {
     const char *e = s + n, *ipam = member(s, e, "ipam"), *v;
     if (!ipam || !(v = member(ipam, e, "socket"))) return 0;
     if (*v != '"') return -1;
     const char *end = memchr(v + 1, '"', e - v - 1);
-    if (!end || memchr(v + 1, '\\', end - v - 1) || (size_t)(end - v - 1) >= outlen ||
-        end == v + 1) return -1;
+    if (!end || memchr(v + 1, '\\', end - v - 1) || memchr(v + 1, 0, end - v - 1) ||
+        (size_t)(end - v - 1) >= outlen || end == v + 1) return -1;
     memcpy(out, v + 1, end - v - 1);
     out[end - v - 1] = 0;
     return 1;
 }
 
-static void default_socket(char *out, size_t outlen) {
+/* 0, or -1 when the path does not fit a unix socket address (it would name another socket
+ * cut short: out then holds the path up to where it fits, for the message). */
+static int default_socket(char *out, size_t outlen) {
     const char *env = getenv("IPAMD_SOCKET"), *rt = getenv("XDG_RUNTIME_DIR");
-    if (env && *env) snprintf(out, outlen, "%s", env);
-    else if (geteuid() == 0) snprintf(out, outlen, "/run/ipamd/ipamd.sock");
-    else if (rt && *rt) snprintf(out, outlen, "%s/ipamd.sock", rt);
-    else snprintf(out, outlen, "/tmp/ipamd-%u/ipamd.sock", (unsigned)geteuid());
+    int n;
+    if (env && *env) n = snprintf(out, outlen, "%s", env);
+    else if (geteuid() == 0) n = snprintf(out, outlen, "/run/ipamd/ipamd.sock");
+    else if (rt && *rt) n = snprintf(out, outlen, "%s/ipamd.sock", rt);
+    else n = snprintf(out, outlen, "/tmp/ipamd-%u/ipamd.sock", (unsigned)geteuid());
+    return n < 0 || (size_t)n >= outlen ? -1 : 0;
 }
 
 static int fail(int code, const char *msg, const char *path, const char *why) {
@@ -171,13 +177,25 @@ static int write_all(int fd, const char *p, size_t n) {
     return 0;
 }
 
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+/* connect() and write() on fd give up (EAGAIN) at deadline, at the latest. */
+static void send_by(int fd, long long deadline) {
+    long long left = deadline - now_ms();
+    if (left < 1) left = 1;  /* 0 would mean no limit at all */
+    struct timeval tv = {.tv_sec = left / 1000, .tv_usec = (left % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
 /* Read once from fd, waiting at most until deadline (ms of CLOCK_MONOTONIC): >0 bytes,
  * 0 closed, -1 error, -2 timed out. */
 static ssize_t read_by(int fd, char *p, size_t n, long long deadline) {
     for (;;) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        long long left = deadline - (ts.tv_sec * 1000LL + ts.tv_nsec / 1000000);
+        long long left = deadline - now_ms();
         if (left <= 0) return -2;
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         int k = poll(&pfd, 1, (int)left);
@@ -204,7 +222,7 @@ int main(void) {
     if (given < 0)
         return fail(7, "ipam.socket must be a plain string path shorter than 108 bytes",
                     "ipam.socket", "not used: no other socket is tried in its place");
-    if (!given) default_socket(path, sizeof path);
+    int too_long = !given && default_socket(path, sizeof path) < 0;
 
     puts_(&req, "{\"v\":1,\"op\":\"cni\",\"env\":{");
     int first = 1;
@@ -226,20 +244,25 @@ int main(void) {
         return fail(7, "the network config is too large for ipamd", "request", why);
     }
 
+    const char *t = getenv("IPAMD_CNI_TIMEOUT");  /* seconds; for tests and slow hosts */
+    double secs = t ? atof(t) : 0;
+    long long wait_ms = secs > 2e6 ? 2000000000LL  /* ~23 days: poll() takes an int */
+                        : secs > 0 ? (long long)(secs * 1000) : REPLY_TIMEOUT_MS;
+    long long deadline = now_ms() + wait_ms;
+
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
-        write_all(fd, req.p, req.len) < 0)
-        return status ? fail(50, "the ipamd daemon is not available", path, strerror(errno))
-                      : fail(11, "cannot reach the ipamd daemon; try again later", path,
-                             strerror(errno));
+    if (fd >= 0) send_by(fd, deadline);
+    if (too_long) errno = ENAMETOOLONG;
+    if (too_long || fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+        (send_by(fd, deadline), write_all(fd, req.p, req.len) < 0)) {
+        const char *why = errno == EAGAIN || errno == EWOULDBLOCK ? "timed out"
+                                                                  : strerror(errno);
+        return status ? fail(50, "the ipamd daemon is not available", path, why)
+                      : fail(11, "cannot reach the ipamd daemon; try again later", path, why);
+    }
 
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    const char *t = getenv("IPAMD_CNI_TIMEOUT");  /* seconds; for tests and slow hosts */
-    long long wait_ms = t && atof(t) > 0 ? (long long)(atof(t) * 1000) : REPLY_TIMEOUT_MS;
-    long long deadline = ts.tv_sec * 1000LL + ts.tv_nsec / 1000000 + wait_ms;
     buf_t reply = {0};
     char *nl = NULL;
     while (!(nl = reply.p ? memchr(reply.p, '\n', reply.len) : NULL)) {

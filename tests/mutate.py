@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Helpers that run the code under test in other processes (daemons, namespaces, engines).
 ELSEWHERE = ("tests.daemon_proc", "tests.multihost", "tests.chaos", "tests.docker_engine",
-             "tests.test_forwarder")  # the last builds and runs the C forwarder
+             "tests.test_forwarder")  # the last runs both CNI forwarders as processes
 # Single tests whose work runs in other processes.
 IN_WORKERS = ("test_sim.py::test_ci_tier_small_clusters", "test_sim.py::test_ci_tier_hundred_peers",
               "test_sim.py::test_a_seed_replays_exactly")
