@@ -1,4 +1,4 @@
--- ipamd database, schema version 2 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 3 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -8,10 +8,13 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 ) STRICT;
 
--- The allocation ranges (universes), fixed when the cluster is created.
+-- The universes, fixed when the cluster is created: the allocation ranges (kind 'range'),
+-- and the part of --subnet outside them (kind 'static'): in the ring, so that every static
+-- address has one owner, but only ever claimed, never handed out by allocate.
 CREATE TABLE universes (
     cidr   TEXT PRIMARY KEY,
-    family INTEGER NOT NULL CHECK (family IN (4, 6))
+    family INTEGER NOT NULL CHECK (family IN (4, 6)),
+    kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static'))
 ) STRICT;
 
 -- The ring of each universe: an entry owns [start, last]. Only its owner changes an entry, each
@@ -74,11 +77,16 @@ CREATE TABLE freed (
     freed_at REAL NOT NULL
 ) STRICT;
 
--- Addresses never handed out: gateways that requests named (CNI, Docker).
+-- Addresses not handed out while they have a holder: gateways that requests named (CNI). A
+-- holder is "handle H" (a handle here that named it), "peer P" (this host owns the address and
+-- reserved it for peer P), "kept" (for good) or "releasing" (no holder left here; the owner,
+-- another peer, is still to be told).
 CREATE TABLE reserved (
-    address  TEXT PRIMARY KEY,
+    address  TEXT NOT NULL,
+    holder   TEXT NOT NULL,
     universe TEXT NOT NULL REFERENCES universes (cidr),
-    note     TEXT NOT NULL
+    note     TEXT NOT NULL,
+    PRIMARY KEY (address, holder)
 ) STRICT;
 
 -- For people at a sqlite3 prompt.

@@ -105,6 +105,13 @@ def _interval_arg(text: str) -> float:
     return v
 
 
+def _ttl_arg(text: str) -> float:
+    v = _delay_arg(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short; at least 1 second")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipamd", description="Distributed IP address manager for containers.")
@@ -158,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--metrics", type=_hostport_arg, metavar="HOST:PORT",
                     help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any "
                          "free port, printed on the ready line)")
+    la.add_argument("--candidate-ttl", type=_ttl_arg, default=3600.0, metavar="SECONDS",
+                    help="forget a peer address learned from another peer once it has gone "
+                         "this long without answering with the secret, unless it is a member "
+                         "(default: 3600)")
     la.add_argument("--secret-file", type=Path, metavar="PATH",
                     help="file holding the cluster secret, shared by every host (default: "
                          "$IPAMD_SECRET). Peers prove they know it; it never travels")
@@ -252,7 +263,8 @@ def _show(cmd: str, r: dict) -> None:
               f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
         print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
         for u in r["universes"]:
-            print(f"{u['range']:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"
+            name = u["range"] + (" (static)" if u.get("static") else "")
+            print(f"{name:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"
                   f"{u['free']:>12}")
         for u in r["universes"]:
             size = sum(p["owned"] for p in u["peers"].values()) or 1
@@ -263,6 +275,11 @@ def _show(cmd: str, r: dict) -> None:
                 state = "this peer" if peer == r["peer"] else \
                     "reachable" if p["reachable"] else "unreachable"
                 print(f"  {peer:<18}{100 * p['owned'] / size:>7.1f}%{free:>7.1f}%  {state}")
+        if r.get("reserved"):
+            # Gateways requests named: kept out of use while a holder still names them.
+            print(f"\n{'RESERVED':<28}HELD BY")
+            for address, holders in r["reserved"].items():
+                print(f"{address:<28}{', '.join(holders)}")
     elif cmd == "peers":
         reach = set(r["reachable"])
         for peer in r["members"]:
@@ -328,7 +345,7 @@ def _launch(args) -> int:
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
         sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin,
         peers=args.peer, listen=args.listen, secret=secret, metrics=args.metrics,
-        init_peers=args.init_peers, quorum=args.quorum)
+        init_peers=args.init_peers, quorum=args.quorum, candidate_ttl=args.candidate_ttl)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except (Refused, OSError) as e:

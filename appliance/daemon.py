@@ -20,7 +20,7 @@ from pathlib import Path
 import apsw
 import trio
 
-from .core.addr import Cidr, cidr, parse_hostport
+from .core.addr import Cidr, cidr, parse_hostport, uncovered
 from .core import messages as m
 from .core.messages import error
 from .core.peer import Peer, Ready
@@ -54,6 +54,7 @@ class Config:
     metrics: str | None = None                       # HOST:PORT for Prometheus
     init_peers: list[str] = field(default_factory=list)  # seeds: HOST:PORT of each
     quorum: int | None = None                        # the first hosts vote on the split
+    candidate_ttl: float = 3600.0  # seconds a peer address learned, never heard from, is kept
 
 
 class CommitFailed(Exception):
@@ -135,7 +136,8 @@ class CoreLoop:
         return self.config.subnet or self.loaded.universes[0]
 
     def _kw(self) -> dict:
-        return {"reuse_delay": self.config.reuse_delay, "gateways": self.config.gateways}
+        return {"reuse_delay": self.config.reuse_delay, "gateways": self.config.gateways,
+                "static": frozenset(self.loaded.static)}
 
     def _load(self):
         c = self.config
@@ -387,6 +389,8 @@ async def _answer(core: CoreLoop, request) -> bytes:
             reply["conflicts"] = core.conflicts
             if core.net is not None:
                 reply["peer_bytes_sent"] = core.net.traffic()
+                reply["candidates"] = len(core.net.candidates())
+                reply["candidates_expired"] = core.net.expired
         return encode_reply(reply)
     except (CommitFailed, CoreBug) as e:
         if isinstance(request, CniRequest):
@@ -435,7 +439,14 @@ async def run(config: Config, ready=print) -> None:
             mode, meta = "seeds", {"seed_addresses": ",".join(sorted(set(config.init_peers)))}
         else:
             mode, meta = ("join" if config.peers else "single"), {}
-        loaded = store.open(config.universes, config.name, mode=mode, bootstrap_meta=meta)
+        # The default subnet outside the ranges is claim-only space in the ring: static
+        # addresses there get one owner cluster-wide.
+        static = uncovered(config.subnet, config.universes) \
+            if config.subnet is not None and config.universes is not None else None
+        loaded = store.open(config.universes, config.name, mode=mode, bootstrap_meta=meta,
+                            static=static)
+        if loaded.note:
+            log.warning("event=no_static_space reason=%r", loaded.note)
         _check_subnet(config.subnet, loaded.universes)
         core = CoreLoop(store, loaded, config)
         core.sweeper = Sweeper(core, config.sweep_interval)
@@ -451,8 +462,11 @@ async def run(config: Config, ready=print) -> None:
             elif config.peers or config.listen or config.init_peers or known:
                 from .peer_net import PeerNet
                 host, port = parse_hostport(config.listen) if config.listen else (None, None)
-                net = core.net = PeerNet(core, config.secret, port, known=known,
-                                         save=store.save_peer_address, cap=caps["peer"])
+                net = core.net = PeerNet(
+                    core, config.secret, port, known=known, save=store.save_peer_address,
+                    cap=caps["peer"], candidates=store.candidates(time.time()),
+                    candidate_ttl=config.candidate_ttl, heard_from=store.peer_heard,
+                    forget=store.forget_candidates)
                 seeds = (loaded.meta or {}).get("seed_addresses", "")
                 dial = config.peers + [a for a in seeds.split(",") if a]
                 bound = await nursery.start(net.run, host, sorted(set(dial)))
@@ -471,8 +485,10 @@ async def run(config: Config, ready=print) -> None:
                 await nursery.start(functools.partial(serve_docker, config.docker_socket, core,
                                                       cap=caps["docker"]))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            ranges = [u for u in loaded.universes if u not in loaded.static]
+            static_text = f" static={','.join(map(str, loaded.static))}" if loaded.static else ""
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
-                  f"db={store.path} ranges={','.join(map(str, loaded.universes))} "
+                  f"db={store.path} ranges={','.join(map(str, ranges))}{static_text} "
                   f"allocations={len(core.allocator.by_addr)} durability={config.durability}"
                   f"{listening}")
     except StoreError as e:

@@ -188,10 +188,7 @@ def _address(text: str) -> tuple[int, int]:
 
 def _holder(key: tuple[int, int]):
     """The handle holding address key, or None."""
-    text = format_addr(*key) + "/"
-    listing = _ok((yield m.List()))
-    return next((a["handle"] for a in listing["allocations"]
-                 if a["address"].startswith(text)), None)
+    return _ok((yield m.Holder(*key)))["handle"]
 
 
 # -- pools ---------------------------------------------------------------------------------------
@@ -202,7 +199,8 @@ def _request_pool(body: dict, state: DriverState, owner: str):
     _options(body)
     text, subtext = _str(body, "Pool"), _str(body, "SubPool")
     status = _ok((yield m.Status()))
-    universes = [_cidr(u["range"], "range") for u in status["universes"]]
+    # The ranges: not the claim-only (static) part of --subnet, which allocate never serves.
+    universes = [_cidr(u["range"], "range") for u in status["universes"] if not u.get("static")]
     ranges = ", ".join(map(str, universes))
     if text:
         pool = _cidr(text, "Pool")

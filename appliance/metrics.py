@@ -20,6 +20,10 @@ log = logging.getLogger("ipamd")
 
 
 class Metrics:
+    """A scrape takes the numbers on the event loop (from counts the core keeps: no scan of
+    the allocations) and formats them in a thread: with thousands of subnets formatting is
+    most of the cost, and hook requests must not wait behind it."""
+
     def __init__(self, core):
         self.core = core
         self.registry = CollectorRegistry()
@@ -30,45 +34,63 @@ class Metrics:
         self.conflicts = Counter("ipamd_ring_conflicts", "ring data refused as conflicting "
                                  "(same start and version, different content)",
                                  registry=self.registry)
-        self.registry.register(self)
+
+    def snapshot(self) -> dict:
+        """Plain numbers, read on the event loop."""
+        peer, now = self.core.peer, self.core.clock()
+        a = peer.allocator
+        in_use = sorted(((str(u) if u else "", str(sub)), n) for (u, sub), n in a.in_use.items())
+        subnets = sorted({a.default_subnet} | {sub for _, sub in a.in_use}, key=str)
+        free = []
+        for u in a.rings:
+            mine = [sub for sub in subnets if sub.overlaps(u)]
+            spans = [(max(lo, u.start), min(hi, u.end))
+                     for lo, hi in (sub.host_bounds() for sub in mine)]
+            if spans:
+                free += [((str(u), str(sub)), n)
+                         for sub, n in zip(mine, a.free_counts(u, spans, now))]
+        owned = [(str(u), sum(max(0, min(hi, u.host_bounds()[1]) - max(lo, u.host_bounds()[0]))
+                              for lo, hi in a._owned[u])) for u in a.rings]
+        others = len(peer.members() - {peer.me})
+        reachable = len(peer.reachable)
+        return {"in_use": in_use, "free": free, "owned": owned, "reachable": reachable,
+                "unreachable": others - reachable, "pending": len(peer.waiting)}
+
+    def render(self, snap: dict) -> bytes:
+        """The exposition text of a snapshot: safe in a thread (it reads only snap, and
+        prometheus-client's own metrics, which lock)."""
+        return generate_latest(_Scrape(self, snap))
+
+
+class _Scrape:
+    def __init__(self, metrics: Metrics, snap: dict):
+        self.metrics, self.snap = metrics, snap
 
     def collect(self):
-        peer, now = self.core.peer, self.core.clock()
-        s = peer.status(now)
-        a = peer.allocator
+        s = self.snap
         in_use = GaugeMetricFamily("ipamd_addresses_in_use", "addresses held",
                                    labels=["universe", "subnet"])
-        # From the counts the allocator keeps: a scrape never scans the allocations.
-        for (u, sub), n in sorted(a.in_use.items(), key=lambda kv: (str(kv[0][0] or ""),
-                                                                    str(kv[0][1]))):
-            in_use.add_metric([str(u) if u else "", str(sub)], n)
+        for labels, n in s["in_use"]:
+            in_use.add_metric(list(labels), n)
         free = GaugeMetricFamily("ipamd_addresses_free", "addresses this peer could hand out "
                                  "now, in the space it owns, by universe and subnet (the "
                                  "default subnet and every subnet in use)",
                                  labels=["universe", "subnet"])
-        subnets = {a.default_subnet} | {sub for _, sub in a.in_use}
-        for u in a.rings:
-            for sub in sorted(subnets, key=str):
-                if sub.overlaps(u):
-                    lo, hi = sub.host_bounds()
-                    free.add_metric([str(u), str(sub)], a.free_count(
-                        u, max(lo, u.start), min(hi, u.end), now))
+        for labels, n in s["free"]:
+            free.add_metric(list(labels), n)
         owned = GaugeMetricFamily("ipamd_addresses_owned", "addresses of the universe this "
                                   "peer owns", labels=["universe"])
-        for u in s["universes"]:
-            owned.add_metric([u["range"]], u["owned"])
+        for u, n in s["owned"]:
+            owned.add_metric([u], n)
         peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
                                   labels=["state"])
-        others = len(set(s["members"]) - {s["peer"]})
-        peers.add_metric(["reachable"], len(s["reachable"]))
-        peers.add_metric(["unreachable"], others - len(s["reachable"]))
+        peers.add_metric(["reachable"], s["reachable"])
+        peers.add_metric(["unreachable"], s["unreachable"])
         pending = GaugeMetricFamily("ipamd_pending_requests",
                                     "requests waiting for space from a peer")
         pending.add_metric([], s["pending"])
-        return [in_use, free, owned, peers, pending]
-
-    def describe(self):
-        return []  # collected at scrape time only
+        yield from (in_use, free, owned, peers, pending)
+        yield from self.metrics.registry.collect()
 
 
 SCRAPE_TIMEOUT = 10.0  # a whole scrape, request to response: a slow client is hung up on
@@ -85,7 +107,11 @@ async def serve_metrics(host: str | None, port: int, metrics: Metrics,
                                                               h11.ConnectionClosed)):
             pass
         ok = event.method == b"GET" and event.target.split(b"?")[0] in (b"/metrics", b"/")
-        body = generate_latest(metrics.registry) if ok else b"not found: try /metrics\n"
+        if ok:
+            snap = metrics.snapshot()
+            body = await trio.to_thread.run_sync(metrics.render, snap)
+        else:
+            body = b"not found: try /metrics\n"
         await stream.send_all(conn.send(h11.Response(
             status_code=200 if ok else 404, headers=[
                 (b"content-type", CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"),

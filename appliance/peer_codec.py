@@ -29,7 +29,7 @@ KINDS = {cls.__name__: cls for cls in (
     wire.Gossip, wire.SpaceRequest, wire.SpaceGrant, wire.SpaceDenied, wire.Refuse,
     wire.Handover, wire.HandoverAck, wire.RemovePrepare, wire.RemoveAck, wire.RemoveNack,
     wire.RemoveAbort, wire.RemoveDone, wire.Prepare, wire.Promise, wire.Accept, wire.Accepted,
-    wire.VoteNack, wire.Decided)}
+    wire.VoteNack, wire.Decided, wire.GatewayRelease, wire.GatewayReleased)}
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -60,6 +60,10 @@ def encode(msg) -> bytes:
     if isinstance(msg, wire.SpaceRequest):
         fields[3], fields[4] = _big(msg.lo), _big(msg.hi)
         fields[5] = None if msg.address is None else _big(msg.address)
+    elif isinstance(msg, (wire.GatewayRelease, wire.GatewayReleased)):
+        fields[2] = _big(msg.address)
+    if isinstance(msg, (wire.Handover, wire.RemoveAck)):
+        fields[-1] = [[str(u), _big(a), list(names)] for u, a, names in msg.reserved]
     return msgpack.packb([type(msg).__name__, *fields], use_bin_type=True)
 
 
@@ -170,9 +174,14 @@ def _field(cls, name: str, v):
     if name in ("lo", "hi"):
         return _addr(v, name)
     if name == "address":
+        if v is None and cls is not wire.SpaceRequest:
+            raise CodecError(f"{cls.__name__}.address must be an address")
         return None if v is None else _addr(v, name)
     if name in ("targets", "members", "value"):
         return _names(v, name)
+    if name == "reserved":
+        return tuple((_cidr(u), _addr(a, name), _names(names, name))
+                     for u, a, names in (_list(x, name, 3) for x in _list(v, name)))
     if name == "vector":
         return _vector(v, "vector")
     if name == "writes":

@@ -18,6 +18,19 @@ changes.
 Reachability, which the core needs for its decisions: a peer is reachable while our connection
 to it is up and we have heard from it (any frame; keepalives go every KEEPALIVE seconds)
 within DEAD_AFTER seconds. Unreachable is never removed: that is rmpeer's decision.
+
+Peers tell each other where the peers they know listen (address books, ADDRESS_BOOK_EVERY
+seconds). An id heard of that way is a candidate: dialled, but a member only once the core has
+heard from it (it proved the secret and spoke) or it owns ring entries. Candidates are bounded
+(MAX_CANDIDATES addresses kept in all) and expire: one that has not completed a handshake with
+us for candidate_ttl seconds, is not connected and is not a member is forgotten (its row
+deleted, no longer dialled). The clock of a candidate is the time it was learned or last
+completed a handshake (peers.last_seen, wall time, so it survives restarts). Hearing of it
+again in an address book does not restart it: otherwise a phantom that an authenticated peer
+keeps announcing would never go. Books carry only peers that proved the secret to us or are
+members, never candidates, so honest peers do not keep each other's phantoms alive by passing
+them back and forth, and a candidate expires on every host that was told of it; a real host
+is still announced by every member that knows it, and is learned again within a round.
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ import hmac
 import logging
 import os
 import struct
+import time
 
 import msgpack
 import trio
@@ -38,7 +52,7 @@ from .limits import ConnectionCap, Summary
 log = logging.getLogger("ipamd.peers")
 
 MAGIC = "ipamd-peer"
-PROTOCOL = 2  # 2: SpaceRequest.gateway, SpaceDenied.code
+PROTOCOL = 3  # 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d)
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 KEEPALIVE = 0.5
@@ -77,6 +91,11 @@ def _reason(e: BaseException) -> str | None:
 _REFUSED = Summary("connection_refused")  # unauthenticated connections: floods are summed
 _BOOK_FULL = Summary("address_book_full")
 MAX_CANDIDATES = 256  # peer addresses learned from others and dialled (the requirements: 100 hosts)
+# Seconds a candidate (an address learned from a book, never heard from with the secret) is
+# kept: long enough for a host that is down for a while (a reboot, maintenance) to be found
+# when it is back, short enough that made-up entries do not linger for days. A host down for
+# longer is learned again from any member that still knows it, and dials us itself once back.
+CANDIDATE_TTL = 3600.0
 
 
 def _ended(what: str, e: Exception, **fields) -> None:
@@ -156,12 +175,23 @@ class PeerNet:
     reachable."""
 
     def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time,
-                 known: dict[str, str] | None = None, save=lambda peer, address: None,
-                 cap: int = 1024):
+                 known: dict[str, str] | None = None, save=lambda peer, address, at: None,
+                 cap: int = 1024, *, candidates: dict[str, float] | None = None,
+                 candidate_ttl: float = CANDIDATE_TTL, heard_from=lambda peer, at: None,
+                 forget=lambda peers: None, wall=time.time):
         self.core, self.secret, self.listen_port = core, secret, listen_port
         self.clock, self.save = clock, save
+        # Candidates' expiry runs on wall time (`wall`), kept in the database as it is
+        # (heard_from, save), so that a restart does not give phantoms a new lease.
+        self.wall, self.heard_from, self.forget = wall, heard_from, forget
+        self.candidate_ttl = candidate_ttl
         # peer id -> "host:port" we dial; what the database kept is dialled again on start
         self.addresses: dict[str, str] = dict(known or {})
+        # peer id -> when it was learned or last completed a handshake (wall time), for every
+        # id the core has not heard from: candidates, until the core's `seen` has them
+        self.learned: dict[str, float] = dict(candidates or {})
+        self.proven: set[str] = set()              # completed a handshake with us, this run
+        self.expired = 0                           # candidates forgotten since start
         self.dialing: set[str] = set()             # addresses with a dialer running
         self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
         # peer id -> when a frame last came on the connection it dialled to us
@@ -243,9 +273,11 @@ class PeerNet:
                 self.listen_port = bound
             self.static = set(peers)
             self.core.set_reachable(self.core.reachable, self._dialling())
+            self.expire_candidates()  # what expired while we were down is not dialled at all
             for addr in sorted(set(peers) | set(self.addresses.values())):
                 self.dial(addr)
             nursery.start_soon(self._watch)
+            nursery.start_soon(self._expiry)
             task_status.started(bound)
 
     def dial(self, addr: str) -> None:
@@ -258,6 +290,58 @@ class PeerNet:
         while True:
             await trio.sleep(KEEPALIVE / 2)
             self._update_reachable()
+
+    # -- candidates ----------------------------------------------------------------------------
+
+    def candidates(self) -> dict[str, float]:
+        """Peer ids whose address we keep but the core has not heard from: id -> when learned
+        or last heard from with the secret (wall time)."""
+        seen = self.core.peer.seen
+        for p in [p for p in self.learned if p in seen]:
+            del self.learned[p]  # a member now (its row is 'alive'): never expires
+        return dict(self.learned)
+
+    def _connected(self) -> set[str]:
+        now = self.clock()
+        return set(self.out) | {p for p, t in self.heard.items() if now - t < DEAD_AFTER}
+
+    def expire_candidates(self) -> list[str]:
+        """Forget the candidates not heard from with the secret for candidate_ttl seconds,
+        unless connected or a member (owning ring entries, say, while it is down). Returns
+        their ids."""
+        now = self.wall()
+        due = [p for p, t in self.candidates().items() if now - t > self.candidate_ttl]
+        if not due:
+            return []
+        keep = self.core.peer.members() | self._connected()
+        gone = sorted(p for p in due if p not in keep)
+        for p in gone:
+            del self.learned[p]
+            self.proven.discard(p)
+            addr = self.addresses.pop(p, None)
+            if addr is not None and addr not in self.addresses.values() and addr in self.wake:
+                self.wake[addr].set()  # its dialler sees no peer there any more, and stops
+        if gone:
+            self.forget(gone)
+            self.expired += len(gone)
+            log.warning("event=candidates_expired count=%d first=%s ttl=%g reason=%r",
+                        len(gone), gone[0], self.candidate_ttl,
+                        "learned from a peer, no handshake since, not a member")
+        return gone
+
+    async def _expiry(self) -> None:
+        while True:
+            await trio.sleep(min(max(self.candidate_ttl / 10, 0.1), 60.0))
+            self.expire_candidates()
+
+    def _proved(self, peer: str) -> None:
+        """peer completed a handshake with us: it knows the secret. A candidate's clock
+        starts again (it is not a phantom), and it may be named in our address books."""
+        now = self.wall()
+        self.proven.add(peer)
+        if peer in self.learned:
+            self.learned[peer] = now
+        self.heard_from(peer, now)
 
     async def _dialer(self, addr: str) -> None:
         try:
@@ -326,7 +410,8 @@ class PeerNet:
         mine = sorted(map(str, self.core.loaded.universes))
         if ranges != mine:
             raise ProtocolError(f"peer {peer} has ranges {', '.join(map(str, ranges))}; this "
-                                f"one {', '.join(mine)} (every host needs the same --iprange)")
+                                f"one {', '.join(mine)} (every host needs the same --iprange "
+                                "and --subnet)")
         ours = self.core.peer
         # Voters of one quorum share the base identity until, and after, their decision.
         same = cluster == ours.cluster or (base and base == ours.base_cluster)
@@ -372,6 +457,7 @@ class PeerNet:
             self.refused[addr] = str(e)
             await self.core.identified(addr, self.me)
             raise
+        self._proved(peer)
         await self.core.identified(addr, peer)
         if peer in self.out:
             log.info("event=duplicate_connection peer=%s address=%s", peer, addr)
@@ -393,6 +479,7 @@ class PeerNet:
         try:
             async with stream:
                 session, peer, port = await self._handshake(stream, outbound=False)
+                self._proved(peer)
                 host = stream.socket.getpeername()[0]
                 addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 if port and self.addresses.get(peer) != addr:
@@ -423,7 +510,8 @@ class PeerNet:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
             elif kind == ADDRESSES:
-                self._learn(payload)
+                if session.peer not in self.core.peer.removed:  # its word counts no more
+                    self._learn(payload)
             elif kind != KEEPALIVE_FRAME:
                 raise ProtocolError(f"unknown frame kind {kind}")
 
@@ -443,12 +531,20 @@ class PeerNet:
     async def _book_sender(self, session: _Session) -> None:
         q = self.out[session.peer]
         while True:
-            book = {p: a for p, a in self.addresses.items() if p != session.peer}
+            book = self._book(session.peer)
             try:
                 q.send_nowait((ADDRESSES, msgpack.packb(book)))
             except trio.WouldBlock:
                 pass
             await trio.sleep(ADDRESS_BOOK_EVERY)
+
+    def _book(self, to: str) -> dict[str, str]:
+        """The addresses we tell `to` of: peers that proved the secret to us or are members,
+        never mere candidates (see the module's doc)."""
+        unproven = self.learned.keys() - self.proven
+        if unproven:
+            unproven -= self.core.peer.members()
+        return {p: a for p, a in self.addresses.items() if p != to and p not in unproven}
 
     def _learn(self, payload: bytes) -> None:
         try:
@@ -460,26 +556,30 @@ class PeerNet:
         good, bad = {}, []
         for peer, addr in book.items():
             try:
-                host, _ = parse_hostport(addr)
+                host, port = parse_hostport(addr)
             except AddrError:
                 host = None
             if isinstance(peer, str) and 0 < len(peer) <= 64 and peer.isprintable() and host \
-                    and len(addr) < 300:
+                    and port and len(addr) < 300:  # port 0: nobody listens there
                 good[peer] = addr
             else:
                 bad.append(peer)
         if bad:  # dropped, each: one bad entry costs neither the others nor the connection
             log.warning("event=bad_address_book_entries count=%d first=%r", len(bad),
                         str(bad[0])[:80])
+        now = self.wall()  # one book, one time learned: its entries expire together
         for peer, addr in good.items():
             if peer != self.me and peer not in self.addresses:
                 if len(self.addresses) >= MAX_CANDIDATES:
                     _BOOK_FULL.note(f"already {MAX_CANDIDATES} peer addresses known")
                     continue
-                self._remember(peer, addr)
+                self._remember(peer, addr, now)
                 self.dial(addr)
 
-    def _remember(self, peer: str, addr: str) -> None:
+    def _remember(self, peer: str, addr: str, now: float | None = None) -> None:
         if self.addresses.get(peer) != addr:
+            now = self.wall() if now is None else now
+            if peer not in self.addresses:
+                self.learned.setdefault(peer, now)  # until the core has heard from it
             self.addresses[peer] = addr
-            self.save(peer, addr)
+            self.save(peer, addr, now)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
@@ -17,13 +17,13 @@ import apsw
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
 from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
-                            Removal, Reserve, RingWrite, Row, Standing, Vote)
+                            Removal, Reserve, RingWrite, Row, Standing, Unreserve, Vote)
 from .core.peer import Peer
 from .core.ring import Ring
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -44,6 +44,22 @@ MIGRATIONS: dict[int, str] = {
         json_object((SELECT value FROM meta WHERE key = 'peer_id'), coalesce(max(stamp_seq), 0))
         FROM ring WHERE stamp_peer = (SELECT value FROM meta WHERE key = 'peer_id');
     """,
+    # 3: a gateway is reserved while it has holders. Reservations made before were for good:
+    # their holder is "kept". Universes have a kind: a range, or static (claim-only) space.
+    2: """
+    ALTER TABLE universes ADD COLUMN kind TEXT NOT NULL DEFAULT 'range'
+        CHECK (kind IN ('range', 'static'));
+    CREATE TABLE reserved_3 (
+        address  TEXT NOT NULL,
+        holder   TEXT NOT NULL,
+        universe TEXT NOT NULL REFERENCES universes (cidr),
+        note     TEXT NOT NULL,
+        PRIMARY KEY (address, holder)
+    ) STRICT;
+    INSERT INTO reserved_3 SELECT address, 'kept', universe, note FROM reserved;
+    DROP TABLE reserved;
+    ALTER TABLE reserved_3 RENAME TO reserved;
+    """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
 
@@ -56,10 +72,12 @@ class StoreError(Exception):
 class Loaded:
     peer_id: str
     cluster_id: str  # for a quorum, the base identity; the core derives the decided one
-    universes: list[Cidr]
+    universes: list[Cidr]  # the ranges, then the static (claim-only) universes
     created: bool
     mode: str = "single"
     meta: dict | None = None
+    static: list[Cidr] = field(default_factory=list)
+    note: str = ""  # something the operator should hear at start
 
 
 def cluster_id_for(universes: list[Cidr], bootstrap: str) -> str:
@@ -77,12 +95,14 @@ class Store:
 
     def open(self, universes: list[Cidr] | None, nickname: str,
              migrations: dict[int, str] | None = None, mode: str = "single",
-             bootstrap_meta: dict[str, str] | None = None) -> Loaded:
+             bootstrap_meta: dict[str, str] | None = None,
+             static: list[Cidr] | None = None) -> Loaded:
         """Open or create; `universes` None means "whatever the database has". A new database
         owns everything (mode "single"), or nothing yet: "join" (no cluster until its first
         peer says), "seeds" or "quorum" (the cluster named from the flags every first host
         shares; the split comes later). bootstrap_meta (the seed list, the quorum size) is
-        kept in meta so a restart needs no flags to carry on."""
+        kept in meta so a restart needs no flags to carry on. `static`: the claim-only
+        universes (--subnet outside the ranges) a new database gets; None: as it has."""
         migrations = MIGRATIONS if migrations is None else migrations
         exists = self.path.exists()
         flags = apsw.SQLITE_OPEN_READWRITE | (0 if exists else apsw.SQLITE_OPEN_CREATE)
@@ -97,11 +117,12 @@ class Store:
             if version is None:
                 if not universes:
                     raise StoreError(f"{self.path} is new: name its ranges with --iprange")
-                loaded = self._create(conn, universes, nickname, mode, bootstrap_meta or {})
+                loaded = self._create(conn, universes, static or [], nickname, mode,
+                                      bootstrap_meta or {})
             else:
                 if version < SCHEMA_VERSION:
                     self._migrate(conn, version, migrations)
-                loaded = self._meta(conn, universes)
+                loaded = self._meta(conn, universes, static)
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS[self.durability]}")
             return loaded
         except BaseException:
@@ -135,8 +156,9 @@ class Store:
                              "start. Restore a backup, or remove it and rejoin as a new peer.")
         return version
 
-    def _create(self, conn: apsw.Connection, universes: list[Cidr], nickname: str, mode: str,
-                bootstrap_meta: dict[str, str]) -> Loaded:
+    def _create(self, conn: apsw.Connection, ranges: list[Cidr], static: list[Cidr],
+                nickname: str, mode: str, bootstrap_meta: dict[str, str]) -> Loaded:
+        universes = list(ranges) + list(static)
         conn.execute("PRAGMA journal_mode = WAL")
         peer_id = secrets.token_hex(8)
         # A single host owning everything is its own cluster (peers that join it take its
@@ -155,7 +177,8 @@ class Store:
                 ("peer_id", peer_id), ("cluster_id", cluster), ("bootstrap", mode),
                 *sorted(bootstrap_meta.items())])
             for u in universes:
-                conn.execute("INSERT INTO universes VALUES (?, ?)", (str(u), u.family))
+                conn.execute("INSERT INTO universes VALUES (?, ?, ?)",
+                             (str(u), u.family, "static" if u in static else "range"))
             if mode == "single":
                 for u in universes:
                     e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
@@ -166,9 +189,9 @@ class Store:
             else:
                 conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
-        return Loaded(peer_id, cluster, list(universes), True, mode,
+        return Loaded(peer_id, cluster, universes, True, mode,
                       {"peer_id": peer_id, "cluster_id": cluster, "bootstrap": mode,
-                       **bootstrap_meta})
+                       **bootstrap_meta}, list(static))
 
     def _migrate(self, conn: apsw.Connection, version: int, migrations: dict[int, str]) -> None:
         missing = [v for v in range(version, SCHEMA_VERSION) if v not in migrations]
@@ -185,17 +208,31 @@ class Store:
             raise StoreError(f"migrating {self.path} from schema {version} failed ({e}); "
                              "the database was left as it was") from None
 
-    def _meta(self, conn: apsw.Connection, universes: list[Cidr] | None) -> Loaded:
+    def _meta(self, conn: apsw.Connection, universes: list[Cidr] | None,
+              static: list[Cidr] | None) -> Loaded:
         conn.execute("PRAGMA journal_mode = WAL")
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        have = [cidr(r[0]) for r in conn.execute("SELECT cidr FROM universes")]
+        kinds = [(cidr(c), k) for c, k in conn.execute("SELECT cidr, kind FROM universes")]
+        have = [u for u, k in kinds if k == "range"]
+        have_static = [u for u, k in kinds if k == "static"]
         if universes is not None and sorted(universes) != sorted(have):
             raise StoreError(
                 f"{self.path} belongs to a cluster with ranges {', '.join(map(str, have))}, but "
                 f"this launch asked for {', '.join(map(str, universes))}; give the same "
                 "--iprange, or use another --data-dir for a new cluster")
-        return Loaded(meta["peer_id"], meta["cluster_id"], have, False,
-                      meta.get("bootstrap", "single"), meta)
+        note = ""
+        if static and sorted(static) != sorted(have_static):
+            if have_static:
+                raise StoreError(
+                    f"{self.path} belongs to a cluster whose --subnet leaves "
+                    f"{', '.join(map(str, have_static))} for static addresses, but this launch "
+                    f"leaves {', '.join(map(str, static))}; give the same --subnet")
+            # Made before claim-only space (or without --subnet): its universes are fixed.
+            note = (f"this database has no claim-only space for --subnet: static addresses "
+                    f"outside the ranges ({', '.join(map(str, static))}) are refused while "
+                    "the host has peers")
+        return Loaded(meta["peer_id"], meta["cluster_id"], have + have_static, False,
+                      meta.get("bootstrap", "single"), meta, have_static, note)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -204,7 +241,7 @@ class Store:
         """The peer as the database has it: the same rebuild a restart in the simulator does
         (core/durable.py), from rows read here."""
         conn = self.conn
-        d = Durable(loaded.peer_id, loaded.cluster_id, loaded.universes)
+        d = Durable(loaded.peer_id, loaded.cluster_id, loaded.universes, tuple(loaded.static))
         for row in conn.execute("SELECT universe, start, last, owner, version, free_hint, "
                                 "stamp_peer, stamp_seq FROM ring"):
             d.ring[(row[0], row[1])] = RingWrite(*row)
@@ -216,8 +253,9 @@ class Store:
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed"):
             d.freed[address] = FreeAddress(address, universe, freed_at)
-        for address, universe, note in conn.execute("SELECT address, universe, note FROM reserved"):
-            d.reserved[address] = Reserve(address, universe, note)
+        for address, holder, universe, note in conn.execute(
+                "SELECT address, holder, universe, note FROM reserved"):
+            d.reserved[(address, holder)] = Reserve(address, holder, universe, note)
         for target, by, state, at in conn.execute("SELECT target, by, state, at FROM removals"):
             d.removals[target] = Removal(target, by, state, at)
         # Members are peers heard from (authenticated); addresses others told us of are only
@@ -238,6 +276,16 @@ class Store:
                               tuple(decided) if decided else None)
         return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
 
+    def candidates(self, now: float) -> dict[str, float]:
+        """Peers that are only candidates (addresses others told us of, never heard from by
+        the core): id -> last_seen, the wall time it was learned or last completed a
+        handshake. A candidate kept by an ipamd that recorded no time gets `now`."""
+        with self.conn:
+            self.conn.execute("UPDATE peers SET last_seen = ? WHERE state = 'candidate' AND "
+                              "last_seen IS NULL", (now,))
+        return dict(self.conn.execute("SELECT id, last_seen FROM peers "
+                                      "WHERE state = 'candidate'"))
+
     def peer_addresses(self) -> dict[str, str]:
         """Where each peer was last reached: dialled again after a restart."""
         out = {}
@@ -256,12 +304,25 @@ class Store:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save_peer_address(self, peer: str, address: str) -> None:
+    def save_peer_address(self, peer: str, address: str, at: float | None = None) -> None:
+        """Where peer listens. A peer new to us is a candidate, learned `at` (wall time)."""
         with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname, state) "
-                              "VALUES (?, '', 'candidate')", (peer,))
+            self.conn.execute("INSERT OR IGNORE INTO peers (id, nickname, state, last_seen) "
+                              "VALUES (?, '', 'candidate', ?)", (peer, at))
             self.conn.execute("UPDATE peers SET addresses = ? WHERE id = ?",
                               (json.dumps([address]), peer))
+
+    def peer_heard(self, peer: str, at: float) -> None:
+        """peer completed a handshake with us (it knows the secret) at `at`: last_seen."""
+        with self.conn:
+            self.conn.execute("UPDATE peers SET last_seen = ? WHERE id = ?", (at, peer))
+
+    def forget_candidates(self, peers: list[str]) -> None:
+        """Expired candidates: their rows go. A peer heard from meanwhile (state 'alive') is
+        kept."""
+        with self.conn:
+            self.conn.executemany("DELETE FROM peers WHERE id = ? AND state = 'candidate'",
+                                  [(p,) for p in peers])
 
     def set_meta(self, key: str, value: str) -> None:
         with self.conn:
@@ -290,8 +351,12 @@ class Store:
                                      (r.address, r.universe, r.freed_at))
                 elif isinstance(r, Reserve):
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
-                    conn.execute("INSERT OR IGNORE INTO reserved VALUES (?, ?, ?)",
-                                 (r.address, r.universe, r.note))
+                    conn.execute("INSERT OR IGNORE INTO reserved (address, holder, universe, "
+                                 "note) VALUES (?, ?, ?, ?)",
+                                 (r.address, r.holder, r.universe, r.note))
+                elif isinstance(r, Unreserve):
+                    conn.execute("DELETE FROM reserved WHERE address = ? AND holder = ?",
+                                 (r.address, r.holder))
                 elif isinstance(r, ForgetFreed):
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
                 elif isinstance(r, RingWrite):

@@ -8,7 +8,8 @@ Commands (peers are p0, p1, ...):
                                   seeds split it, or the peers vote; `up` starts only those
   join PEER                       a new peer with an empty database
   start PEER                      start a peer of the cluster line with an empty database
-  allocate PEER HANDLE            an allocation on PEER (asking others for space if needed)
+  allocate PEER HANDLE [gateway=A] an allocation on PEER (asking others for space if needed),
+                                  naming the subnet's gateway A
   claim PEER HANDLE ADDRESS       a specific address
   release PEER HANDLE
   leave PEER                      hand all its space to others and stop
@@ -16,6 +17,7 @@ Commands (peers are p0, p1, ...):
   crash PEER / restart PEER       stop it (its database stays) / start it again from it
   wipe PEER as NEW                its database is lost: it comes back as NEW, a newcomer
   owners                          who owns what, as CIDR blocks
+  reserved                        the gateways each peer keeps reserved, and for whom
   status PEER                     its standing and what it waits for
   partition A B | C D             a network split; `heal` ends it
   block A B                       what A sends B is lost (one way); `heal` ends it
@@ -155,7 +157,9 @@ class Cluster:
 def parse_request(words: list[str]):
     cmd, args = words[0], words[1:]
     if cmd == "allocate":
-        return args[0], m.Allocate(args[1])
+        opts = dict(a.split("=", 1) for a in args[2:])
+        gateway = parse_addr(opts["gateway"])[1] if "gateway" in opts else None
+        return args[0], m.Allocate(args[1], gateway=gateway)
     if cmd == "claim":
         return args[0], m.Claim(args[1], *parse_addr(args[2]))
     if cmd == "release":
@@ -195,6 +199,12 @@ def run_command(state: dict, line: str) -> str:
         return status_line(c, args[0])
     if cmd == "owners":
         return c.owners()
+    if cmd == "reserved":
+        return "\n".join(
+            f"{p} reserves " + ("; ".join(f"{a} for {', '.join(h)}" for a, h in r.items())
+                                or "nothing")
+            for p, peer in sorted(c.peers.items())
+            for r in [peer.allocator.status(c.now)["reserved"]])
     request = parse_request(words)
     if request is not None:
         out = c.requests([request])[0]

@@ -43,7 +43,21 @@ class Model:
     def __init__(self):
         self.held: dict[tuple[int, int], tuple[str, object]] = {}  # addr -> (handle, subnet)
         self.freed: dict[tuple[int, int], float] = {}
-        self.reserved = {GATEWAY}
+        self.holders: dict[tuple[int, int], set[str]] = {}  # gateway -> handles naming it
+
+    @property
+    def reserved(self):
+        return {GATEWAY} | set(self.holders)
+
+    def settle(self, handle, now):
+        """A handle keeps the gateways it named while it holds an address of their family."""
+        families = {a[0] for a, (h, _) in self.held.items() if h == handle}
+        for gw, hs in list(self.holders.items()):
+            if handle in hs and gw[0] not in families:
+                hs.discard(handle)
+                if not hs:
+                    del self.holders[gw]
+                    self.freed[gw] = now  # back through quarantine
 
     def handle_subnet(self, handle, subnet):
         return next((a for a, (h, s) in self.held.items() if h == handle and s == subnet), None)
@@ -104,6 +118,10 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def _apply(self, req):
         reply, rows = self.alloc.apply(req, self.now)
+        # As the peer does after every request: gateways whose handles no longer need them.
+        for handle in sorted(self.alloc.unsettled):
+            rows += self.alloc.settle(handle, self.now)
+        self.alloc.unsettled.clear()
         self.store.commit(rows)
         return reply
 
@@ -130,23 +148,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         if have is not None:
             assert reply["ok"] and reply["address"] == s.with_prefix(have[1])
             return
-        if gw is not None and gw not in self.model.reserved and any(gw in u for u in UNIVERSES):
+        tentative = None
+        if gw is not None and gw != GATEWAY and any(gw in u for u in UNIVERSES):
             holder = self.model.held.get(gw)
             if holder is not None:
                 assert reply["error"]["code"] == "in_use", reply
                 return
-            self.model.reserved.add(gw)  # for good, if the allocation succeeds
-            tentative = (gw, self.model.freed.pop(gw, None))
-        else:
-            tentative = None
+            # Held by this handle if the allocation succeeds; a failed one reserves nothing.
+            tentative = (gw, self.model.freed.pop(gw, None), set(self.model.holders.get(gw, ())))
+            self.model.holders.setdefault(gw, set()).add(handle)
         best = self.model.candidates(s, self.now, rng)
         if not best:
             assert not reply["ok"] and reply["error"]["code"] == "exhausted", reply
-            if tentative is not None:  # a request that fails reserves nothing
-                self.model.reserved.discard(gw)
-                if tentative[1] is not None:
-                    self.model.freed = dict(sorted({**self.model.freed, gw: tentative[1]}
+            if tentative is not None:
+                gw, freed_at, had = tentative
+                if had:
+                    self.model.holders[gw] = had
+                else:
+                    del self.model.holders[gw]
+                if freed_at is not None:
+                    self.model.freed = dict(sorted({**self.model.freed, gw: freed_at}
                                                    .items(), key=lambda kv: kv[1]))
+            self.model.settle(handle, self.now)
             return
         assert reply["ok"], reply
         got = parse_addr(reply["address"].split("/")[0])
@@ -179,6 +202,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             del self.model.held[a]
             if any(a in u for u in UNIVERSES):
                 self.model.freed[a] = self.now
+        self.model.settle(handle, self.now)
 
     @rule()
     def restart(self):
@@ -206,6 +230,9 @@ class AllocatorMachine(RuleBasedStateMachine):
                 owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in a._owned[u])
                 assert a.free_count(u, lo, hi, self.now) == \
                     owned - len(a._blocked(u, lo, hi, self.now)), (u, lo, hi)
+            spans = [(u.start, u.end), (u.start + 3, u.start + 9), (u.end - 5, u.end)]
+            assert a.free_counts(u, spans, self.now) == \
+                [a.free_count(u, lo, hi, self.now) for lo, hi in spans]
         counts = {}
         for h in a.by_addr.values():
             counts[(h.universe, h.subnet)] = counts.get((h.universe, h.subnet), 0) + 1
@@ -218,8 +245,11 @@ class AllocatorMachine(RuleBasedStateMachine):
             {a: h for a, (h, _) in self.model.held.items()}
         freed = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM freed")}
         assert freed == set(self.model.freed)
-        reserved = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM reserved")}
-        assert reserved | {GATEWAY} == self.model.reserved
+        reserved = {}
+        for a, holder in self.store.conn.execute("SELECT address, holder FROM reserved"):
+            reserved.setdefault(parse_addr(a), set()).add(holder)
+        assert reserved == {gw: {f"handle {h}" for h in hs}
+                            for gw, hs in self.model.holders.items()}
 
 
 AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60,

@@ -38,6 +38,17 @@ def test_client_commands(daemon):
     assert daemon.cli("release", "web-1").returncode == 0  # idempotent
 
 
+def test_status_shows_reserved_gateways_and_who_holds_them(daemon):
+    r = daemon.call({"op": "allocate", "handle": "ctr-1", "subnet": "10.1.9.0/24",
+                     "gateway": "10.1.9.1"})
+    assert r["ok"] and r["address"] == "10.1.9.2/24", r
+    lines = daemon.cli("status").stdout.splitlines()
+    at = lines.index(f"{'RESERVED':<28}HELD BY")
+    assert lines[at + 1] == f"{'10.1.9.1':<28}handle ctr-1"
+    assert daemon.cli("release", "ctr-1").returncode == 0
+    assert "RESERVED" not in daemon.cli("status").stdout  # released with its holder
+
+
 def test_error_reply_exit_code_and_message(daemon):
     r = daemon.cli("claim", "x", "10.2.0.1")
     assert r.returncode == 1 and r.stderr.startswith("ipamd: bad_address: 10.2.0.1")

@@ -167,16 +167,25 @@ def test_cni_gateways_are_reserved_cluster_wide_by_their_owner(tmp_path):
     conf = {"cniVersion": "1.1.0", "name": "dual",
             "ipam": {"type": "ipamd", "socket": str(b.socket),
                      "ranges": [[{"subnet": ranges[0]}], [{"subnet": ranges[1]}]]}}
-    env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1",
-           "CNI_NETNS": "/var/run/netns/c1", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}
-    r = subprocess.run([forwarder()], input=json.dumps(conf), capture_output=True, text=True,
-                       env=env, timeout=60)
-    out = json.loads(r.stdout)
-    assert r.returncode == 0, out
+
+    def cni(command, container):
+        env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": container,
+               "CNI_NETNS": f"/var/run/netns/{container}", "CNI_IFNAME": "eth0",
+               "CNI_PATH": "/x"}
+        r = subprocess.run([forwarder()], input=json.dumps(conf), capture_output=True,
+                           text=True, env=env, timeout=60)
+        return r.returncode, json.loads(r.stdout) if r.stdout.strip() else None
+
+    code, out = cni("ADD", "c1")
+    assert code == 0, out
     assert [ip["gateway"] for ip in out["ips"]] == ["10.40.0.1", "fd00:40::1"], out
-    # b owned nothing: the gateways are a's, and a reserved them before b answered.
-    assert {"10.40.0.1", "fd00:40::1"} <= set(status(a)["reserved"]), status(a)
-    assert {"10.40.0.1", "fd00:40::1"} <= set(status(b)["reserved"]), status(b)
+    # b owned nothing: the gateways are a's, and a reserved them for b before b answered;
+    # b holds them for the container that named them.
+    gateways = ["10.40.0.1", "fd00:40::1"]
+    assert status(a)["reserved"] == {g: [f"peer {ib}"] for g in gateways}, status(a)
+    mine = status(b)["reserved"]
+    assert sorted(mine) == gateways and all(
+        len(h) == 1 and h[0].startswith("handle ") and "c1" in h[0] for h in mine.values()), mine
     given = set()
     for d in (a, b):  # every address of both ranges, from both hosts: never a gateway
         for subnet in ranges:
@@ -193,6 +202,26 @@ def test_cni_gateways_are_reserved_cluster_wide_by_their_owner(tmp_path):
     # Everything else was handed out: 254 - 1 gateway - c1's, 255 - 1 - c1's.
     assert len(given) == (254 - 2) + (255 - 2), len(given)
 
+    # A request that fails reserves nothing: the owner reserves the gateways for b again
+    # (they are b's container's still), the ADD finds no address anywhere, and nothing new
+    # stays reserved.
+    code, out = cni("ADD", "c2")
+    assert code == 1 and out["code"] == 100 and out["details"] == "exhausted", out
+    assert status(a)["reserved"] == {g: [f"peer {ib}"] for g in gateways}
+    assert status(b)["reserved"] == mine
+
+    # Released with the container that named them: b tells a, which frees them through
+    # quarantine (so, for now, they are the only addresses not handed out).
+    code, out = cni("DEL", "c1")
+    assert code == 0, out
+    wait_until("both hosts to drop the gateways", lambda: status(a)["reserved"] == {}
+               and status(b)["reserved"] == {})
+    assert [u["quarantined"] for u in status(a)["universes"]] == [1, 1], status(a)
+    code, out = cni("ADD", "c3")  # c1's addresses, on b, are in b's quarantine
+    assert code == 1 and out["code"] == 100 and out["details"] == "exhausted", out
+    wait_until("a failed ADD's gateway reservation to be given back",
+               lambda: status(a)["reserved"] == {} and status(b)["reserved"] == {})
+
 
 def test_a_claim_of_an_address_another_host_holds_names_the_holder(tmp_path):
     (a, b), (ia, ib) = joined(tmp_path, ["a", "b"])
@@ -207,20 +236,57 @@ def test_a_claim_of_an_address_another_host_holds_names_the_holder(tmp_path):
         r["error"]["message"], r
 
 
-def test_static_addresses_outside_the_ranges_are_refused_in_a_cluster(tmp_path):
-    """No host owns them, so nothing could stop two hosts claiming one: refused, naming why.
-    A lone host (no peers) may still record them."""
+def test_static_addresses_in_the_subnet_have_one_owner_cluster_wide(tmp_path):
+    """--subnet outside the ranges is claim-only space in the ring: one owner decides each
+    static address, as for the ranges, and allocate never hands it out."""
+    ranges = ["10.40.10.0/28"]
+    h0 = launch_ranges(tmp_path, "h0", ranges, "--subnet", "10.40.8.0/22")
+    h1 = launch_ranges(tmp_path, "h1", ranges, "--subnet", "10.40.8.0/22", "--peer", h0.addr)
+    assert " static=10.40.8.0/23,10.40.10.16/28,10.40.10.32/27,10.40.10.64/26," \
+           "10.40.10.128/25,10.40.11.0/24 " in h0.ready_line, h0.ready_line
+    i0, i1 = status(h0)["peer"], status(h1)["peer"]
+    # h1 is still reaching h0, which owns everything: the claim waits for it, then asks it.
+    r = h1.call({"op": "claim", "handle": "s1", "address": "10.40.8.5"})
+    assert r["ok"] and r["address"] == "10.40.8.5/22", r
+    r = h0.call({"op": "claim", "handle": "s0", "address": "10.40.8.5"})
+    assert r == {"ok": False, "error": {"code": "in_use", "message":
+                 f"10.40.8.5 is held by handle 's1' on peer {i1}"}}, r
+    assert held(h0) == [] and held(h1) == ["10.40.8.5"]
+    # Allocate takes only the range: 16 addresses, then nothing, static space or not.
+    got = []
+    while (r := h0.call({"op": "allocate", "handle": f"a{len(got)}"}))["ok"]:
+        got.append(r["address"])
+    assert r["error"]["code"] == "exhausted", r
+    assert sorted(got) == sorted(f"10.40.10.{i}/22" for i in range(16)), got
+    static = {u["range"]: u for u in status(h0)["universes"] if u["static"]}
+    assert sorted(static) == ["10.40.10.128/25", "10.40.10.16/28", "10.40.10.32/27",
+                              "10.40.10.64/26", "10.40.11.0/24", "10.40.8.0/23"]
+    # Given back, the address goes through quarantine on its owner, h1.
+    assert h1.call({"op": "release", "handle": "s1"})["ok"]
+    r = h0.call({"op": "claim", "handle": "s0", "address": "10.40.8.5"})
+    assert not r["ok"] and r["error"]["code"] == "quarantined" and i1 in \
+        r["error"]["message"], r
+    assert i0 != i1
+
+
+def test_a_database_without_static_space_refuses_static_claims_in_a_cluster(tmp_path):
+    """Universes are fixed when the cluster is made: a host made without --subnet that is
+    started with one later says so, and (with peers) refuses what no host owns."""
     (tmp_path / "solo").mkdir()
     solo = Daemon(tmp_path / "solo", "--iprange", "10.40.10.0/24", "--subnet", "10.40.8.0/22")
     solo.start()
     r = solo.call({"op": "claim", "handle": "s0", "address": "10.40.8.5"})
     assert r["ok"] and r["address"] == "10.40.8.5/22", r
     ranges = ["10.40.10.0/24"]
-    h0 = launch_ranges(tmp_path, "h0", ranges, "--subnet", "10.40.8.0/22")
-    h1 = launch_ranges(tmp_path, "h1", ranges, "--subnet", "10.40.8.0/22", "--peer", h0.addr)
-    r = h1.call({"op": "claim", "handle": "s1", "address": "10.40.8.5"})  # still dialling h0
-    assert not r["ok"] and r["error"]["code"] == "no_owner", r
+    h0 = launch_ranges(tmp_path, "h0", ranges)
+    h1 = launch_ranges(tmp_path, "h1", ranges, "--peer", h0.addr)
     wait_until("h0 to know h1", lambda: status(h0)["reachable"] == [status(h1)["peer"]])
+    for h in (h0, h1):
+        h.stop()
+        h.flags += ["--subnet", "10.40.8.0/22"]
+        h.start()
+        assert "event=no_static_space" in h.stderr() and "static=" not in h.ready_line
+    wait_until("h0 to know h1 again", lambda: status(h0)["reachable"] == [status(h1)["peer"]])
     for h, handle in ((h1, "s1"), (h0, "s0")):
         r = h.call({"op": "claim", "handle": handle, "address": "10.40.8.5"})
         assert not r["ok"] and r["error"]["code"] == "no_owner", r

@@ -191,9 +191,9 @@ def test_hellos_of_another_protocol_version_or_malformed_are_refused():
 def test_bad_address_book_entries_are_dropped_one_by_one():
     import msgpack
     n = net("a")
-    for book in ({"b": "no-port"}, {"b": "host:99999"}, {"b": "host:12x"}, {"": "h:1"},
-                 {"b": 5}, {"b": "peer1..example.com:6786"}, {"b": "a" * 64 + ".com:1"},
-                 {"b\n": "h:1"}):
+    for book in ({"b": "no-port"}, {"b": "host:99999"}, {"b": "host:0"}, {"b": "host:12x"},
+                 {"": "h:1"}, {"b": 5}, {"b": "peer1..example.com:6786"},
+                 {"b": "a" * 64 + ".com:1"}, {"b\n": "h:1"}):
         n._learn(msgpack.packb(book))  # dropped with a log line; the connection stays
     assert n.addresses == {}
     n._learn(msgpack.packb({"c": "h:1", "d": "bad", "e": "[fd00::1]:2"}))

@@ -6,8 +6,8 @@ import apsw
 import pytest
 
 from appliance import store as store_mod
-from appliance.core.addr import cidr
-from appliance.core.messages import Allocate, Release
+from appliance.core.addr import cidr, parse_addr
+from appliance.core.messages import Allocate, Claim, Release
 from appliance.store import APPLICATION_ID, Store, StoreError, file_digest
 
 from .conftest import need_tool
@@ -23,6 +23,17 @@ def make_db(path, allocations=0):
         s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
     s.close()
     return loaded
+
+
+def as_version_2(c):
+    """The tables version 3 changed, as version 2 had them (universes without a kind, one
+    reservation per address, for good)."""
+    c.execute("CREATE TABLE u2 (cidr TEXT PRIMARY KEY, family INTEGER NOT NULL) STRICT; "
+              "INSERT INTO u2 SELECT cidr, family FROM universes; DROP TABLE universes; "
+              "ALTER TABLE u2 RENAME TO universes; "
+              "DROP TABLE reserved; CREATE TABLE reserved (address TEXT PRIMARY KEY, "
+              "universe TEXT NOT NULL REFERENCES universes (cidr), note TEXT NOT NULL) STRICT; "
+              "PRAGMA user_version = 2")
 
 
 def refuses(path, match, universes=RANGE):
@@ -99,12 +110,13 @@ def test_refuses_other_cluster_ranges(tmp_path):
 def test_migration_applies_in_order(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path, allocations=3)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 4)
-    migrations = {2: "ALTER TABLE allocations ADD COLUMN note TEXT",
-                  3: "UPDATE allocations SET note = 'migrated'"}
+    now = store_mod.SCHEMA_VERSION
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", now + 2)
+    migrations = {now: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  now + 1: "UPDATE allocations SET note = 'migrated'"}
     s = Store(path)
     s.open(None, "t", migrations=migrations)
-    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == 4
+    assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == now + 2
     assert {r[0] for r in s.conn.execute("SELECT note FROM allocations")} == {"migrated"}
     s.close()
 
@@ -112,22 +124,43 @@ def test_migration_applies_in_order(tmp_path, monkeypatch):
 def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path, allocations=3)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 4)
+    now = store_mod.SCHEMA_VERSION
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", now + 2)
     before = apsw.Connection(str(path)).execute("SELECT * FROM allocations").fetchall()
-    migrations = {2: "ALTER TABLE allocations ADD COLUMN note TEXT",
-                  3: "UPDATE no_such_table SET x = 1"}
+    migrations = {now: "ALTER TABLE allocations ADD COLUMN note TEXT",
+                  now + 1: "UPDATE no_such_table SET x = 1"}
     with pytest.raises(StoreError, match="migrating .* failed"):
         Store(path).open(None, "t", migrations=migrations)
     c = apsw.Connection(str(path))
-    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 2
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == now
     assert c.execute("SELECT * FROM allocations").fetchall() == before  # no 'note' column
 
 
 def test_missing_migration_refused(tmp_path, monkeypatch):
     path = tmp_path / "ipamd.db"
     make_db(path)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
-    refuses(path, "no migration from version 2", None)
+    now = store_mod.SCHEMA_VERSION
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", now + 1)
+    refuses(path, f"no migration from version {now}", None)
+
+
+def test_version_2_reservations_are_kept_for_good(tmp_path):
+    # Before holders, a gateway named by a request was reserved for good: it stays so.
+    path = tmp_path / "ipamd.db"
+    make_db(path)
+    c = apsw.Connection(str(path))
+    as_version_2(c)
+    c.execute(f"INSERT INTO reserved VALUES ('10.32.0.1', '{RANGE[0]}', 'gateway')")
+    c.close()
+    s = Store(path)
+    loaded = s.open(None, "t")
+    assert s.conn.execute("SELECT address, holder, note FROM reserved").fetchall() == [
+        ("10.32.0.1", "kept", "gateway")]
+    a = s.load_allocator(loaded, RANGE[0], 30)
+    assert a.reserved == {(4, parse_addr("10.32.0.1")[1]): {"kept"}}
+    reply, _ = a.apply(Claim("x", *parse_addr("10.32.0.1")), 1.0)
+    assert reply["error"]["code"] == "reserved"
+    s.close()
 
 
 def test_version_1_database_migrates_to_the_peer_protocol_schema(tmp_path):
@@ -135,6 +168,7 @@ def test_version_1_database_migrates_to_the_peer_protocol_schema(tmp_path):
     path = tmp_path / "ipamd.db"
     loaded = make_db(path, allocations=3)
     c = apsw.Connection(str(path))
+    as_version_2(c)
     c.execute("DROP TABLE clock; DROP TABLE removals; PRAGMA user_version = 1")
     c.close()
     s = Store(path)

@@ -151,6 +151,18 @@ def cidr(text: str) -> Cidr:
     return parse_cidr(text)[0]
 
 
+def uncovered(subnet: Cidr, ranges: list[Cidr]) -> list[Cidr]:
+    """The parts of subnet that no range covers, as the fewest CIDR blocks."""
+    out, lo = [], subnet.start
+    for r in sorted((r for r in ranges if r.overlaps(subnet)), key=lambda r: r.start):
+        if r.start > lo:
+            out += range_to_cidrs(subnet.family, lo, r.start)
+        lo = max(lo, r.end)
+    if lo < subnet.end:
+        out += range_to_cidrs(subnet.family, lo, subnet.end)
+    return out
+
+
 def range_to_cidrs(family: int, lo: int, hi: int) -> list[Cidr]:
     """The fewest aligned CIDR blocks covering [lo, hi) exactly."""
     out = []

@@ -15,12 +15,26 @@ from typing import Callable
 from .addr import Cidr, format_addr
 from .donation import choose_block
 from .intervals import IntervalSet
-from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, List, Lookup, PutAllocation,
+from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, Holder, List, Lookup,
+                       PutAllocation,
                        Release, ReleaseIf, ReleaseUnlisted, Reserve, ReserveGateway, Row, Status,
-                       TakeSets, error, ok)
+                       TakeSets, Unreserve, error, ok)
 from .ring import Ring
 
 CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
+
+# Who keeps a gateway reserved (the `holder` of a reserved row): a handle of this host that
+# named it, a peer the owner reserved it for, "kept" (a database from before holders: for
+# good), or "releasing" (no holder left here; the owner is still to be told).
+KEPT, RELEASING = "kept", "releasing"
+
+
+def handle_holder(handle: str) -> str:
+    return f"handle {handle}"
+
+
+def peer_holder(peer: str) -> str:
+    return f"peer {peer}"
 
 
 @dataclass
@@ -46,9 +60,13 @@ class Held:
 
 class Allocator:
     def __init__(self, me: str, rings: list[Ring], default_subnet: Cidr, reuse_delay: float,
-                 gateways: frozenset[tuple[int, int]] = frozenset()):
+                 gateways: frozenset[tuple[int, int]] = frozenset(),
+                 static: frozenset[Cidr] = frozenset()):
         self.me = me
         self.rings = {r.universe: r for r in rings}
+        # Claim-only universes: the default subnet outside the ranges, in the ring so that
+        # every static address there has one owner, but never handed out by allocate.
+        self.static = frozenset(static)
         self.default_subnet = default_subnet
         self.reuse_delay = reuse_delay
         self.by_addr: dict[tuple[int, int], Held] = {}
@@ -62,11 +80,16 @@ class Allocator:
         self.used: dict[Cidr, IntervalSet] = {u: IntervalSet() for u in self.rings}
         self.freed: dict[Cidr, OrderedDict[int, float]] = {u: OrderedDict() for u in self.rings}
         self._owned = {u: r.owned_by(me) for u, r in self.rings.items()}
-        # Never handed out: --gateway addresses and gateways that requests named. Those inside a
-        # universe also count as used, so the search for fresh space skips them.
-        self.reserved: set[tuple[int, int]] = set()
+        # Never handed out: --gateway addresses and gateways that requests named, each with
+        # its holders (see KEPT); reserved while it has any. Those inside a universe also count
+        # as used, so the search for fresh space skips them.
+        self.reserved: dict[tuple[int, int], set[str]] = {}
+        self.reserved_by: dict[str, set[tuple[int, int]]] = {}  # handle -> gateways it holds
         for g in gateways:
-            self.load_reserved(g)
+            self.load_reserved(g, KEPT)
+        # Handles whose reservations may have outlived their reason (a release, a request
+        # that reserved): the peer settles them once no request of theirs is in flight.
+        self.unsettled: set[str] = set()
         # While a TakeSets runs: how to undo, in memory, each take it made (its rows are simply
         # not returned), so a half-served request leaves nothing behind, not even quarantine.
         self._journal: list | None = None
@@ -81,8 +104,10 @@ class Allocator:
         if held.universe is not None:
             self.used[held.universe].add(held.address)
 
-    def load_reserved(self, key: tuple[int, int]) -> None:
-        self.reserved.add(key)
+    def load_reserved(self, key: tuple[int, int], holder: str) -> None:
+        self.reserved.setdefault(key, set()).add(holder)
+        if holder.startswith("handle "):
+            self.reserved_by.setdefault(holder[7:], set()).add(key)
         u = self.universe_of(key)
         if u is not None:
             self.used[u].add(key[1])
@@ -135,6 +160,9 @@ class Allocator:
             return ok(handle=req.handle, addresses=[h.view() for h in held.values()]), []
         if isinstance(req, List):
             return ok(allocations=[h.view() for h in self.by_addr.values()]), []
+        if isinstance(req, Holder):
+            h = self.by_addr.get((req.family, req.address))
+            return ok(handle=None if h is None else h.handle), []
         if isinstance(req, Status):
             return ok(**self.status(now)), []
         raise TypeError(f"not a request: {req!r}")  # a bug in the caller, not bad input
@@ -150,7 +178,8 @@ class Allocator:
         rows: list[Row] = []
         undo_gateway = None
         if req.gateway is not None:
-            err, undo_gateway = self._reserve_gateway((subnet.family, req.gateway), rows)
+            err, undo_gateway = self._reserve_gateway((subnet.family, req.gateway), req.handle,
+                                                      rows)
             if err is not None:
                 return err, []
         lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
@@ -184,7 +213,7 @@ class Allocator:
     def _find(self, subnet: Cidr, first: int, last: int, now: float) -> tuple[Cidr, int] | None:
         """The address allocate would take from [first, last] of subnet, and its universe."""
         for u in self.rings:
-            if u.overlaps(subnet):
+            if u.overlaps(subnet) and u not in self.static:
                 bounds = self._bounds(u, subnet, first, last + 1)
                 found = self._fresh(u, bounds)
                 if found is None:
@@ -193,30 +222,52 @@ class Allocator:
                     return u, found
         return None
 
-    def _reserve_gateway(self, key: tuple[int, int], rows: list[Row]):
-        """Reserve a gateway a request names; return (error, undo)."""
-        if key in self.reserved:
-            return None, None
+    def _reserve_gateway(self, key: tuple[int, int], handle: str, rows: list[Row]):
+        """Reserve a gateway a request names, held by its handle; return (error, undo)."""
         u = self.universe_of(key)
         if u is None:
             return None, None  # outside every range: never handed out anyway
-        holder = self.by_addr.get(key)
-        if holder is not None:
-            return error("in_use", f"gateway {_fmt(key)} is held by handle "
-                         f"{holder.handle!r}"), None
         owner = self.rings[u].owner_of(key[1])
-        if owner != self.me:
+        if owner == self.me:
+            holder = self.by_addr.get(key)
+            if holder is not None:
+                return error("in_use", f"gateway {_fmt(key)} is held by handle "
+                             f"{holder.handle!r}"), None
+        elif not self._held_here(key):
             # Its owner must keep it out of use: the peer asks it to (ReserveGateway).
             return error("not_owned", f"gateway {_fmt(key)} is owned by peer {owner}, which "
                          "has not reserved it yet"), None
-        self.reserved.add(key)
+        return None, self._add_holder(key, u, handle_holder(handle), "gateway", rows)
+
+    def _held_here(self, key: tuple[int, int]) -> bool:
+        """Reserved for this host by the gateway's owner: a holder here keeps it so (a
+        "releasing" one is on its way out, so a new holder asks the owner again)."""
+        return any(h != RELEASING for h in self.reserved.get(key, ()))
+
+    def _add_holder(self, key: tuple[int, int], u: Cidr, holder: str, note: str,
+                    rows: list[Row]):
+        """Add a holder of reserved key; return what undoes it (None if it was there)."""
+        holders = self.reserved.setdefault(key, set())
+        if holder in holders:
+            return None
+        holders.add(holder)
+        handle = holder[7:] if holder.startswith("handle ") else None
+        if handle is not None:
+            self.reserved_by.setdefault(handle, set()).add(key)
+            self.unsettled.add(handle)
         undo_used = self._mark_used(u, key[1])
-        rows.append(Reserve(_fmt(key), str(u), "gateway"))
+        rows.append(Reserve(_fmt(key), holder, str(u), note))
 
         def undo():
-            self.reserved.discard(key)
+            holders.discard(holder)
+            if not holders:
+                del self.reserved[key]
+            if handle is not None:
+                self.reserved_by[handle].discard(key)
+                if not self.reserved_by[handle]:
+                    del self.reserved_by[handle]
             undo_used()
-        return None, undo
+        return undo
 
     def need_for(self, req, reply: dict):
         """What req lacks that a peer may give: space to allocate from, a claimed address's
@@ -227,21 +278,134 @@ class Allocator:
             return req
         if code == "not_owned" and isinstance(req, Allocate) and req.gateway is not None:
             subnet = req.subnet or self.default_subnet
-            return ReserveGateway(subnet.family, req.gateway, subnet)
+            return ReserveGateway(subnet.family, req.gateway, subnet, req.handle)
         return None
 
-    def reserve_remote(self, key: tuple[int, int], owner: str) -> list[Row]:
-        """A gateway its owner has reserved for us: never handed out here either."""
-        if key in self.reserved:
-            return []
-        self.load_reserved(key)
-        return [Reserve(_fmt(key), str(self.universe_of(key)), f"gateway, reserved by {owner}")]
-
-    def reserve_owned(self, key: tuple[int, int]) -> tuple[dict | None, list[Row]]:
-        """Reserve a gateway this peer owns, asked by another peer: (error, rows)."""
+    def reserve_remote(self, key: tuple[int, int], handle: str, owner: str) -> list[Row]:
+        """A gateway its owner has reserved for this host: held here by handle (and so never
+        handed out here either, should its space come here)."""
         rows: list[Row] = []
-        err, _ = self._reserve_gateway(key, rows)
-        return err, rows
+        u = self.universe_of(key)
+        self._add_holder(key, u, handle_holder(handle), f"gateway, reserved by {owner}", rows)
+        if RELEASING in self.reserved[key]:
+            rows += self._drop_holder(key, RELEASING, 0.0)  # still held: nothing is freed
+        return rows
+
+    def reserve_owned(self, key: tuple[int, int], peer: str) -> tuple[dict | None, list[Row]]:
+        """Reserve a gateway this peer owns for another peer that asked: (error, rows)."""
+        rows: list[Row] = []
+        u = self.universe_of(key)
+        if u is None or self.rings[u].owner_of(key[1]) != self.me:
+            return error("not_owned", f"{self.me} does not own gateway {_fmt(key)}"), []
+        holder = self.by_addr.get(key)
+        if holder is not None:
+            return error("in_use", f"gateway {_fmt(key)} is held by handle {holder.handle!r} "
+                         f"on peer {self.me}"), []
+        self._add_holder(key, u, peer_holder(peer), "gateway", rows)
+        return None, rows
+
+    def settle(self, handle: str, now: float) -> list[Row]:
+        """Drop the handle's reservations of gateways it no longer needs: it holds no address
+        of that family any more (released, or its request failed)."""
+        families = {h.family for h in self.by_handle.get(handle, {}).values()}
+        rows: list[Row] = []
+        for key in sorted(self.reserved_by.get(handle, ())):
+            if key[0] not in families:
+                rows += self._drop_holder(key, handle_holder(handle), now)
+        return rows
+
+    def drop_peer(self, key: tuple[int, int], peer: str, now: float) -> list[Row]:
+        """A peer no longer needs the gateway this one reserved for it (or it was removed)."""
+        if peer_holder(peer) not in self.reserved.get(key, ()):
+            return []
+        return self._drop_holder(key, peer_holder(peer), now)
+
+    def released_remotely(self, key: tuple[int, int], now: float) -> list[Row]:
+        """The owner says it no longer reserves key for this host (or this host owns it
+        now): forget the "releasing"."""
+        if self.reserved.get(key) != {RELEASING}:
+            return []  # a holder came back meanwhile: it was asked for again
+        return self._drop_holder(key, RELEASING, now)
+
+    def maybe_reserved(self, key: tuple[int, int]) -> list[Row]:
+        """The owner was asked to reserve key for this host and its answer never came: it may
+        have reserved it, so it is told to drop it (a no-op if it had not)."""
+        u = self.universe_of(key)
+        if u is None or key in self.reserved:
+            return []
+        self.reserved[key] = {RELEASING}
+        self._mark_used(u, key[1])
+        return [Reserve(_fmt(key), RELEASING, str(u), "gateway, owner to be told")]
+
+    def releasing(self) -> list[tuple[int, int]]:
+        return sorted(k for k, h in self.reserved.items() if h == {RELEASING})
+
+    def held_remotely(self) -> list[tuple[int, int]]:
+        """Gateways held here by handles and owned by another peer: reserved there for us."""
+        out = []
+        for key, holders in self.reserved.items():
+            u = self.universe_of(key)
+            if u is not None and self.rings[u].owner_of(key[1]) != self.me and \
+                    any(h.startswith("handle ") for h in holders):
+                out.append(key)
+        return sorted(out)
+
+    def peer_holders(self) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for key, holders in self.reserved.items():
+            for h in holders:
+                if h.startswith("peer "):
+                    out.setdefault(h[5:], []).append(key)
+        return out
+
+    def reservations_in(self, u: Cidr, lo: int, hi: int) -> list:
+        """(universe, address, holders) of the gateways reserved in [lo, hi) for other peers
+        or for good, as a Handover carries them: peer ids, or "kept"."""
+        out = []
+        for (f, a), holders in sorted(self.reserved.items()):
+            names = tuple(sorted(h[5:] if h.startswith("peer ") else h for h in holders
+                                 if h.startswith("peer ") or h == KEPT))
+            if f == u.family and lo <= a < hi and names:
+                out.append((u, a, names))
+        return out
+
+    def adopt_reserved(self, u: Cidr, address: int, names) -> list[Row]:
+        """Reservations that came with space handed over: kept for the same peers."""
+        rows: list[Row] = []
+        for name in names:
+            if name != self.me:
+                holder = KEPT if name == KEPT else peer_holder(name)
+                self._add_holder((u.family, address), u, holder, "gateway, handed over", rows)
+        return rows
+
+    def _drop_holder(self, key: tuple[int, int], holder: str, now: float) -> list[Row]:
+        holders = self.reserved[key]
+        holders.discard(holder)
+        rows: list[Row] = [Unreserve(_fmt(key), holder)]
+        if holder.startswith("handle "):
+            mine = self.reserved_by[holder[7:]]
+            mine.discard(key)
+            if not mine:
+                del self.reserved_by[holder[7:]]
+        if holders:
+            return rows
+        del self.reserved[key]
+        u = self.universe_of(key)
+        if u is None:
+            return rows
+        if self.rings[u].owner_of(key[1]) == self.me:
+            # Free again, through quarantine like any address given back: a bridge may still
+            # carry it for a moment, and a holder asking again meanwhile finds it unused.
+            self.freed[u][key[1]] = now
+            self.freed[u].move_to_end(key[1])
+            rows.append(FreeAddress(_fmt(key), str(u), now))
+        elif holder != RELEASING:
+            # Reserved for us by its owner: the owner is to be told, until it answers.
+            self.reserved[key] = {RELEASING}
+            rows.append(Reserve(_fmt(key), RELEASING, str(u), "gateway, owner to be told"))
+        else:
+            self.used[u].discard(key[1])
+        return rows
 
     def take_sets(self, req: TakeSets, now: float):
         """All of req's sets or none: returns (reply, rows, need), need being the Allocate or
@@ -356,6 +520,8 @@ class Allocator:
             if not mine:
                 self.by_handle.pop(req.handle, None)
         rows: list[Row] = []
+        if req.handle in self.reserved_by:
+            self.unsettled.add(req.handle)
         for h in held.values():
             self._unhold(h)
             if h.universe is not None:
@@ -383,17 +549,27 @@ class Allocator:
         """Addresses in [lo, hi) that this peer could hand out or give away now: what it owns
         there less what is held (counted by bisect), quarantined (only the recently freed
         are looked at) or reserved. Equal to owned - len(_blocked(...)), without the scan."""
-        n = held = 0
+        return self.free_counts(universe, [(lo, hi)], now)[0]
+
+    def free_counts(self, universe: Cidr, spans: list[tuple[int, int]], now: float) -> list[int]:
+        """free_count of each [lo, hi) in spans: the quarantine tail and the reservations
+        are read once for all of them (a metrics scrape asks for every subnet in use)."""
         hs = self.held_sorted[universe]
-        for olo, ohi in self._owned[universe]:
-            a, b = max(olo, lo), min(ohi, hi)
-            if a < b:
-                n += b - a
-                held += bisect_left(hs, b) - bisect_left(hs, a)
-        other = {a for a, _ in self.quarantined(universe, now) if lo <= a < hi}
-        other |= {a for f, a in self.reserved if f == universe.family and lo <= a < hi}
         ring = self.rings[universe]
-        return n - held - sum(1 for a in other if ring.owner_of(a) == self.me)
+        first, end = min(lo for lo, _ in spans), max(hi for _, hi in spans)
+        other = {a for a, _ in self.quarantined(universe, now) if first <= a < end}
+        other |= {a for f, a in self.reserved if f == universe.family and first <= a < end}
+        other = sorted(a for a in other if ring.owner_of(a) == self.me)
+        out = []
+        for lo, hi in spans:
+            n = held = 0
+            for olo, ohi in self._owned[universe]:
+                a, b = max(olo, lo), min(ohi, hi)
+                if a < b:
+                    n += b - a
+                    held += bisect_left(hs, b) - bisect_left(hs, a)
+            out.append(n - held - (bisect_left(other, hi) - bisect_left(other, lo)))
+        return out
 
     def quarantined(self, universe: Cidr, now: float):
         """(address, freed_at) of those freed less than reuse_delay ago, most recent first:
@@ -536,12 +712,13 @@ class Allocator:
             owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[u])
             allocated = len(self.held_sorted[u])
             quarantined = sum(1 for _ in self.quarantined(u, now))
-            universes.append({"range": str(u), "owned": owned, "allocated": allocated,
+            universes.append({"range": str(u), "static": u in self.static,
+                              "owned": owned, "allocated": allocated,
                               "quarantined": quarantined, "free": owned - allocated,
                               "ring_entries": len(ring.entries)})
         return {"peer": self.me, "default_subnet": str(self.default_subnet),
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
-                "reserved": sorted(_fmt(k) for k in self.reserved),
+                "reserved": {_fmt(k): sorted(h) for k, h in sorted(self.reserved.items())},
                 "handles": len(self.by_handle), "universes": universes}
 
 

@@ -18,12 +18,13 @@ from .ring import Entry, Ring
 class Durable:
     me: str
     cluster: str
-    universes: list[Cidr]
+    universes: list[Cidr]  # static ones (claim-only space) included
+    static: tuple[Cidr, ...] = ()
     ring: dict[tuple[str, str], m.RingWrite] = field(default_factory=dict)
     clock: m.ClockWrite = m.ClockWrite(0, ())
     allocations: dict[str, m.PutAllocation] = field(default_factory=dict)
     freed: dict[str, m.FreeAddress] = field(default_factory=dict)
-    reserved: dict[str, m.Reserve] = field(default_factory=dict)
+    reserved: dict[tuple[str, str], m.Reserve] = field(default_factory=dict)
     removals: dict[str, m.Removal] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     standing: m.Standing | None = None
@@ -45,7 +46,9 @@ class Durable:
                     self.freed[r.address] = r
             elif isinstance(r, m.Reserve):
                 self.freed.pop(r.address, None)
-                self.reserved[r.address] = r
+                self.reserved.setdefault((r.address, r.holder), r)
+            elif isinstance(r, m.Unreserve):
+                self.reserved.pop((r.address, r.holder), None)
             elif isinstance(r, m.ForgetFreed):
                 self.freed.pop(r.address, None)
             elif isinstance(r, m.RingWrite):
@@ -75,7 +78,7 @@ class Durable:
                                     r.version, r.free_hint, (r.stamp_peer, r.stamp_seq)))
         rings = [Ring(u, entries[u]) for u in self.universes]
         peer = Peer(self.me, self.cluster, rings, default_subnet, reuse_delay,
-                    dict(self.clock.vector), self.clock.seq, **kw)
+                    dict(self.clock.vector), self.clock.seq, static=frozenset(self.static), **kw)
         peer.restore_bootstrap(self.mode, self.quorum, self.vote, self.standing, self.seeds)
         peer.restore_removals(list(self.removals.values()))
         peer.seen = set(self.seen)
@@ -89,5 +92,5 @@ class Durable:
         for r in sorted(self.freed.values(), key=lambda f: (f.freed_at, f.address)):
             a.load_freed(by_text[r.universe], parse_addr(r.address)[1], r.freed_at)
         for r in self.reserved.values():
-            a.load_reserved(parse_addr(r.address))
+            a.load_reserved(parse_addr(r.address), r.holder)
         return peer

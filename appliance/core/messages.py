@@ -17,7 +17,8 @@ class Allocate:
     anchor: str | None = None  # JSON text of the liveness anchor, kept as given
     # Only from [first, last] (CNI's rangeStart/rangeEnd), as integers of the subnet's family.
     range: tuple[int, int] | None = None
-    # The subnet's gateway: reserved for good, so that no allocation ever takes it.
+    # The subnet's gateway: reserved while this handle holds an address of its family, so
+    # that no allocation takes it meanwhile (on any host: its owner reserves it).
     gateway: int | None = None
 
 
@@ -54,6 +55,7 @@ class ReserveGateway:
     family: int
     address: int
     subnet: Cidr
+    handle: str
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,13 @@ class List:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """Which handle holds this address here, if any (a read, without listing them all)."""
+    family: int
+    address: int
+
+
+@dataclass(frozen=True)
 class Status:
     pass
 
@@ -107,7 +116,7 @@ class RemovePeer:
 
 
 Request = (Allocate | Claim | TakeSets | Release | ReleaseIf | ReleaseUnlisted | Lookup | List
-           | Status | CanServe | Leave | RemovePeer)
+           | Holder | Status | CanServe | Leave | RemovePeer)
 # What a host may do only as a member in good standing: it gives out addresses or moves space.
 TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer)
 
@@ -132,10 +141,19 @@ class FreeAddress:
 
 @dataclass(frozen=True)
 class Reserve:
-    """An address never to be handed out (a gateway)."""
+    """An address not to be handed out (a gateway) while it has a holder: a handle here, a
+    peer it was reserved for, "kept" or "releasing" (allocator.KEPT)."""
     address: str
+    holder: str
     universe: str
     note: str
+
+
+@dataclass(frozen=True)
+class Unreserve:
+    """One holder of a reserved address no longer holds it."""
+    address: str
+    holder: str
 
 
 @dataclass(frozen=True)
@@ -196,7 +214,7 @@ class Vote:
     decided: tuple[str, ...] | None
 
 
-Row = (PutAllocation | FreeAddress | Reserve | ForgetFreed | RingWrite | ClockWrite | Removal
+Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | RingWrite | ClockWrite | Removal
        | PeerSeen | Standing | Vote)
 
 

@@ -26,13 +26,18 @@ from .bootstrap import Bootstrap
 from .gossip import Delta, Replica, Vector
 from .removal import Removals
 from .ring import HINT_MAX, Entry, Ring, RingConflict, RingError
-from .wire import (Accept, Accepted, Decided, Gossip, Handover, HandoverAck, Message, Prepare,
-                   Promise, Refuse, RemoveAbort, RemoveAck, RemoveDone, RemoveNack,
-                   RemovePrepare, SpaceDenied, SpaceGrant, SpaceRequest, VoteNack)
+from .wire import (Accept, Accepted, Decided, GatewayRelease, GatewayReleased, Gossip, Handover,
+                   HandoverAck, Message, Prepare, Promise, Refuse, RemoveAbort, RemoveAck,
+                   RemoveDone, RemoveNack, RemovePrepare, SpaceDenied, SpaceGrant, SpaceRequest,
+                   VoteNack)
 
 FANOUT = 3    # peers each piece of news is pushed to
 PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
+# Ticks between reminders to the owners of gateways reserved for us (idempotent: it heals a
+# lost message, or an owner that took the space over from a removed peer) and telling owners
+# of the ones we no longer need.
+GATEWAYS = 50
 
 VOTING = (Prepare, Promise, Accept, Accepted, VoteNack, Decided)
 
@@ -62,10 +67,11 @@ def _covers(theirs: Vector, ours: Vector) -> bool:
 class Peer(Bootstrap, Removals):
     def __init__(self, me: str, cluster: str, rings: list[Ring], default_subnet: Cidr,
                  reuse_delay: float = 30.0, vector: Vector | None = None, seq: int = 0,
-                 request_timeout: float = 2.0, gateways: frozenset = frozenset()):
+                 request_timeout: float = 2.0, gateways: frozenset = frozenset(),
+                 static: frozenset = frozenset()):
         self.me, self.cluster = me, cluster
         self.replica = Replica(me, rings, vector, seq)
-        self.allocator = Allocator(me, rings, default_subnet, reuse_delay, gateways)
+        self.allocator = Allocator(me, rings, default_subnet, reuse_delay, gateways, static)
         # Asked only by a claim outside every range (rare): not worked out for every request.
         self.allocator.clustered = lambda: self.dialling or len(self.members()) > 1
         self.request_timeout = request_timeout
@@ -84,6 +90,7 @@ class Peer(Bootstrap, Removals):
         self.standing, self.note = "member", ""
         self.dialling = False  # the shell's transport has peer addresses it has not reached
         self.ever_reached: set[str] = set()  # peers reachable at some time since start
+        self.reminded: dict[tuple[int, int], str] = {}  # gateway -> owner last asked to keep it
         Bootstrap.__init__(self)
         Removals.__init__(self)
 
@@ -110,6 +117,11 @@ class Peer(Bootstrap, Removals):
         self.reachable.discard(peer)
 
     def request(self, ref, req, now: float) -> Ready:
+        out = self._request(ref, req, now)
+        self._settle(now, out)
+        return out
+
+    def _request(self, ref, req, now: float) -> Ready:
         """The one gate (DESIGN.md rule 9): every entrance (hook, CNI, Docker, sweeper, GC)
         hands its change here. Taking addresses or moving space needs a member in good
         standing; giving addresses back is allowed in every standing (it never gives anyone
@@ -172,7 +184,7 @@ class Peer(Bootstrap, Removals):
                 continue
             bounds = [b for s, first, last in alternatives
                       for b in self._bounds(s, (first, last))]
-            if any(self._hint(p, u, lo, hi) > 0 for u, lo, hi in bounds
+            if any(self._hint(p, u, lo, hi, surely=True) > 0 for u, lo, hi in bounds
                    for p in self.reachable):
                 continue
             if self.reachable and any(not self.replica.rings[u].entries for u, _, _ in bounds):
@@ -210,6 +222,11 @@ class Peer(Bootstrap, Removals):
         return s
 
     def receive(self, sender: str, msg: Message, now: float) -> Ready:
+        out = self._receive(sender, msg, now)
+        self._settle(now, out)
+        return out
+
+    def _receive(self, sender: str, msg: Message, now: float) -> Ready:
         out = Ready()
         if isinstance(msg, VOTING) and msg.cluster == self.base_cluster:
             self._vote(sender, msg, out)
@@ -252,16 +269,86 @@ class Peer(Bootstrap, Removals):
             if w is not None:
                 if isinstance(w.need, m.ReserveGateway):
                     out.rows += self.allocator.reserve_remote(
-                        (w.need.family, w.need.address), sender)
+                        (w.need.family, w.need.address), w.need.handle, sender)
                 self._attempt(w, now, out)
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
             if w is not None:
                 self._ask(w, out, m.error(msg.code, msg.reason))
+        elif isinstance(msg, (GatewayRelease, GatewayReleased)):
+            self._gateway_released(sender, msg, now, out)
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
                               RemoveAbort, RemoveDone)):
             self._membership(sender, msg, now, out)
         return out
+
+    # -- gateways reserved across hosts ----------------------------------------------------------
+
+    def _settle(self, now: float, out: Ready) -> None:
+        """After every event: handles that released, or whose request reserved a gateway and
+        is over, give up the gateways they no longer need (none while a request of theirs is
+        still in flight: it may yet succeed). Owners elsewhere are told at once."""
+        a = self.allocator
+        if not a.unsettled:
+            return
+        busy = {getattr(w.request, "handle", None) for w in self.waiting.values()}
+        before = set(a.releasing())
+        for handle in sorted(a.unsettled - busy):
+            out.rows += a.settle(handle, now)
+        a.unsettled &= busy
+        if set(a.releasing()) - before:
+            self._tell_owners(now, out)
+
+    def _tell_owners(self, now: float, out: Ready) -> None:
+        """Gateways no handle here needs any more: their owners are asked to drop the
+        reservation they keep for us (retried until they answer)."""
+        a = self.allocator
+        for key in a.releasing():
+            u = a.universe_of(key)
+            owner = self.replica.rings[u].owner_of(key[1])
+            if owner == self.me:
+                out.rows += a.released_remotely(key, now)  # ours now: freed here
+            elif owner is not None and owner in self.reachable:
+                out.messages.append((owner, GatewayRelease(self.cluster, u, key[1])))
+
+    def _gateways(self, now: float, out: Ready) -> None:
+        a = self.allocator
+        self._tell_owners(now, out)
+        self._remind_owners(out)
+        for peer, keys in a.peer_holders().items():
+            if peer in self.removed:
+                for key in keys:  # reserved for a peer that is gone for good
+                    out.rows += a.drop_peer(key, peer, now)
+
+    def _remind_owners(self, out: Ready, moved: set | None = None) -> None:
+        """Ask the owners of gateways our handles hold to (go on) reserving them: a no-op for
+        an owner that does, and the repair for one that took the space over from a removed
+        peer. Answers are not waited for. With `moved` (universes the ring just changed in):
+        only those whose owner changed, at once."""
+        a = self.allocator
+        for key in a.held_remotely():
+            u = a.universe_of(key)
+            owner = self.replica.rings[u].owner_of(key[1])
+            if moved is not None and (u not in moved or self.reminded.get(key) == owner):
+                continue
+            if owner in self.reachable:
+                self.reminded[key] = owner
+                self.next_req += 1
+                out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, u, key[1],
+                                                         key[1] + 1, key[1], True)))
+
+    def _gateway_released(self, sender: str, msg, now: float, out: Ready) -> None:
+        u = msg.universe
+        if u not in self.replica.rings or (u.family, msg.address) not in u:
+            out.alarms.append(f"refused a gateway release from {sender}: bad address")
+            return
+        key = (u.family, msg.address)
+        if isinstance(msg, GatewayRelease):
+            out.rows += self.allocator.drop_peer(key, sender, now)
+            # Sent after the commit, as every message is: the asker forgets only then.
+            out.messages.append((sender, GatewayReleased(self.cluster, u, msg.address)))
+        else:
+            out.rows += self.allocator.released_remotely(key, now)
 
     def _answered(self, sender: str, req: int) -> _Waiting | None:
         """The request waiting for this answer: only one sent to `sender`, last in its asked
@@ -299,6 +386,11 @@ class Peer(Bootstrap, Removals):
         return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())))
 
     def tick(self, now: float) -> Ready:
+        out = self._tick(now)
+        self._settle(now, out)
+        return out
+
+    def _tick(self, now: float) -> Ready:
         out = Ready()
         for req, w in list(self.waiting.items()):
             if now >= w.deadline:
@@ -309,6 +401,8 @@ class Peer(Bootstrap, Removals):
                         f"reached none of the peers that might have some "
                         f"({self._unreached_text()})"))))
                     continue
+                if isinstance(w.need, m.ReserveGateway) and w.asked:
+                    out.rows += self.allocator.maybe_reserved((w.need.family, w.need.address))
                 asked = ", ".join(w.asked) or "nobody"
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
@@ -326,6 +420,8 @@ class Peer(Bootstrap, Removals):
         if self.ticks % HINTS == 0:
             self._refresh_hints(now, out)
             self._give_back(now, out)
+        if self.ticks % GATEWAYS == 0:
+            self._gateways(now, out)
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
         # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
@@ -391,6 +487,8 @@ class Peer(Bootstrap, Removals):
         for u in universes:
             out.rows += m.ring_rows(u, [e for v, e in changed if v == u])
             out.rows += self.allocator.ring_changed(u)
+        if universes and self.allocator.reserved:
+            self._remind_owners(out, universes)
         if changed or delta.vector:
             out.rows.append(self._clock_row())
 
@@ -476,11 +574,18 @@ class Peer(Bootstrap, Removals):
         if rng is not None:
             lo, hi = max(lo, rng[0]), min(hi, rng[1] + 1)
         return [(u, max(lo, u.start), min(hi, u.end)) for u in self.replica.rings
-                if u.overlaps(subnet)]
+                if u.overlaps(subnet) and u not in self.allocator.static]
 
-    def _hint(self, peer: str, u: Cidr, lo: int, hi: int) -> int:
-        return sum(e.free_hint for e in {e.start: e for e, a, b in self.replica.rings[u].spans()
-                                         if e.owner == peer and a < hi and b > lo}.values())
+    def _hint(self, peer: str, u: Cidr, lo: int, hi: int, surely: bool = False) -> int:
+        """What peer's hints say is free in [lo, hi) of u. An entry reaching outside [lo, hi)
+        may have its free space there: `surely` counts only what must lie inside (its hint
+        less the part outside), as CNI STATUS needs for a rangeStart-rangeEnd window."""
+        entries = {e.start: e for e, a, b in self.replica.rings[u].spans()
+                   if e.owner == peer and a < hi and b > lo}.values()
+        if not surely:
+            return sum(e.free_hint for e in entries)
+        return sum(max(0, e.free_hint - (e.end - e.start - (min(e.end, hi) - max(e.start, lo))))
+                   for e in entries)
 
     def _ask(self, w: _Waiting, out: Ready, last_error: dict) -> None:
         """Send the request to the next peer worth asking, or give the client its answer."""
@@ -567,7 +672,7 @@ class Peer(Bootstrap, Removals):
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{self.me} does not own that gateway", "not_owned")))
                 return
-            err, rows = a.reserve_owned((u.family, msg.address))
+            err, rows = a.reserve_owned((u.family, msg.address), sender)
             if err is not None:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                                          err["error"]["message"],

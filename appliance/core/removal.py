@@ -41,6 +41,7 @@ class _Removing:
     skipped: bool = False  # --force left out a peer it could not reach
     asked: set[str] = field(default_factory=set)
     promised: set[str] = field(default_factory=set)
+    gateways: list = field(default_factory=list)  # (universe, address, holders) from acks
 
 
 @dataclass
@@ -106,12 +107,14 @@ class Removals:
         stamp = self.replica.next_stamp()
         by_peer: set[str] = set()
         handed: dict[str, list[str]] = {}
+        gateways: dict[str, list] = {}  # the reservations that go with each one's space
         i = 0
         for u, ring in self.replica.rings.items():
             for lo, hi in ring.owned_by(self.me):
                 before = ring.owner_of(lo - 1) if lo > u.start else None
                 to = before if before in targets else targets[i % len(targets)]
                 i += 1
+                gateways.setdefault(to, []).extend(self.allocator.reservations_in(u, lo, hi))
                 written = ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo)
                 out.rows += m.ring_rows(u, written)
                 by_peer.add(to)
@@ -129,7 +132,8 @@ class Removals:
         self.leaving[self.next_req] = _Leaving(ref, now + self.request_timeout, set(by_peer),
                                                handed)
         for to in sorted(by_peer):
-            out.messages.append((to, Handover(self.cluster, self.next_req, self._delta_for(to))))
+            out.messages.append((to, Handover(self.cluster, self.next_req, self._delta_for(to),
+                                              tuple(gateways.get(to, ())))))
 
     # -- rmpeer --------------------------------------------------------------------------------
 
@@ -220,8 +224,11 @@ class Removals:
         writes = tuple((u, e) for u, ring in self.replica.rings.items() for e in ring.entries
                        if e.stamp[0] in msg.targets)
         delta = self.replica.delta_for(dict(msg.vector))
+        held = tuple((u, key[1], (self.me,)) for key in self.allocator.held_remotely()
+                     for u in [self.allocator.universe_of(key)]
+                     if self.replica.rings[u].owner_of(key[1]) in msg.targets)
         out.messages.append((sender, RemoveAck(self.cluster, msg.req, delta, writes,
-                                               tuple(sorted(self.members())))))
+                                               tuple(sorted(self.members())), held)))
 
     def _on_ack(self, sender: str, msg: RemoveAck, out) -> None:
         r = self.removing.get(msg.req)
@@ -233,6 +240,7 @@ class Removals:
             self._merge(sender, Delta((), msg.delta.entries), out)
         self._merge(sender, Delta((), msg.writes), out)
         r.promised.add(sender)
+        r.gateways += msg.reserved
         others = set(msg.members) - set(r.targets) - {self.me} - set(self.removed)
         self.heard_of |= others
         self._ask_promises(msg.req, r, others, out, via=sender)
@@ -241,6 +249,10 @@ class Removals:
         r = self.removing.pop(req)
         stamp = self.replica.next_stamp()
         reclaimed = []
+        for u, address, names in r.gateways:
+            if u in self.replica.rings and (u.family, address) in u and \
+                    self.replica.rings[u].owner_of(address) in r.targets:
+                out.rows += self.allocator.adopt_reserved(u, address, names)
         for u, ring in self.replica.rings.items():
             for t in r.targets:
                 reclaimed += [str(c) for lo, hi in ring.owned_by(t)
@@ -307,6 +319,9 @@ class Removals:
 
     def _membership(self, sender: str, msg, now: float, out) -> None:
         if isinstance(msg, Handover):
+            for u, address, names in msg.reserved:
+                if u in self.replica.rings and (u.family, address) in u:
+                    out.rows += self.allocator.adopt_reserved(u, address, names)
             self._merge_given(sender, msg.delta, out)
             if sender not in self.removed:
                 self._set_removed(sender, sender, out)

@@ -64,10 +64,13 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Handover:
-    """A leaving peer's space, committed before this is sent; a delta as in SpaceGrant."""
+    """A leaving peer's space, committed before this is sent; a delta as in SpaceGrant. With
+    it, the gateways in that space it kept reserved, and for whom (peer ids, or "kept"): the
+    receiver keeps them reserved from the moment it owns them."""
     cluster: str
     req: int
     delta: Delta
+    reserved: tuple[tuple[Cidr, int, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,25 @@ class RemoveAck:
     delta: Delta
     writes: Entries
     members: tuple[str, ...]
+    # Gateways in the targets' space that the sender's handles hold: the reclaimer keeps them
+    # reserved for it from the moment it owns that space.
+    reserved: tuple[tuple[Cidr, int, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class GatewayRelease:
+    """"No handle of mine names this gateway any more": its owner drops the reservation it
+    made for the sender, and answers GatewayReleased once that is durable."""
+    cluster: str
+    universe: Cidr
+    address: int
+
+
+@dataclass(frozen=True)
+class GatewayReleased:
+    cluster: str
+    universe: Cidr
+    address: int
 
 
 @dataclass(frozen=True)
@@ -159,5 +181,6 @@ class Decided:
 
 
 Message = (Gossip | SpaceRequest | SpaceGrant | SpaceDenied | Refuse | Handover | HandoverAck
+           | GatewayRelease | GatewayReleased
            | RemovePrepare | RemoveAck | RemoveNack | RemoveAbort | RemoveDone
            | Prepare | Promise | Accept | Accepted | VoteNack | Decided)

@@ -1,0 +1,122 @@
+"""Gateways reserved across hosts, one message at a time: held by the handles that named them,
+reserved by their owner for the peers that asked, released with the last holder (a lost
+release is retried), and carried with the space on leave and rmpeer (the scenario
+gateways.txt shows them end to end)."""
+import msgpack
+import pytest
+
+from appliance import peer_codec
+from appliance.core import messages as m
+from appliance.core.addr import cidr, parse_addr
+from appliance.core.wire import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
+    RemovePrepare
+
+from .scenario import Cluster
+
+U = cidr("10.0.0.0/24")
+GW = parse_addr("10.0.0.1")
+
+
+def reserved(c, p):
+    return c.peers[p].allocator.status(c.now)["reserved"]
+
+
+def cluster(n=3):
+    c = Cluster(n, U)
+    c.settle()
+    return c
+
+
+def test_a_release_lost_on_the_way_is_sent_again_until_the_owner_answers():
+    c = cluster()
+    assert c.requests([("p1", m.Allocate("a", gateway=GW[1]))]) == ["10.0.0.64/24"]
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1"]}
+    c.blocked.add(("p1", "p0"))  # p1's messages to p0 are lost (p0 still looks reachable)
+    c.requests([("p1", m.Release("a"))])
+    c.settle(10)
+    assert reserved(c, "p1") == {"10.0.0.1": ["releasing"]}
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1"]}  # kept: safe, if not yet useful
+    c.blocked.clear()
+    c.settle(60)  # the next reminder round
+    assert reserved(c, "p1") == {} and reserved(c, "p0") == {}
+    # Freed by p0 through quarantine, and the rows say the same after a restart.
+    c.crash("p0")
+    c.restart("p0")
+    assert reserved(c, "p0") == {}
+    assert c.durable["p0"].freed["10.0.0.1"].freed_at > 1000.0
+
+
+def test_a_holder_is_kept_while_a_request_of_its_handle_is_in_flight():
+    c = cluster()
+    c.blocked.add(("p0", "p1"))  # p0's answers to p1 are lost: p1's request waits
+    ref = c.submit("p1", m.Allocate("a", gateway=GW[1]))
+    c.settle(3)
+    assert ref not in c.replies
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1"]}  # p0 did reserve it
+    c.settle(30)  # the request times out: then, and only then, p1 gives the gateway up
+    assert c.replies[ref]["error"]["code"] == "timeout"
+    assert reserved(c, "p1") == {"10.0.0.1": ["releasing"]}
+    c.blocked.clear()
+    c.settle(60)
+    assert reserved(c, "p0") == {} and reserved(c, "p1") == {}
+
+
+def test_an_ack_to_a_removal_carries_the_gateways_held_in_the_targets_space():
+    c = cluster(4)
+    assert c.requests([("p1", m.Allocate("a", gateway=GW[1]))])[0].startswith("10.0.0.")
+    c.crash("p0")  # the owner of 10.0.0.1 is gone
+    ready = c.peers["p1"].receive(
+        "p2", RemovePrepare("c1", 7, ("p0",), tuple(c.peers["p2"].replica.vector.items())),
+        c.now)
+    ack = next(msg for dst, msg in ready.messages if isinstance(msg, RemoveAck))
+    assert ack.reserved == ((U, GW[1], ("p1",)),)
+    # The reclaimer keeps it reserved for p1 from the moment it owns the space.
+    assert c.requests([("p2", m.RemovePeer(("p0",), force=True))])[0].startswith("removed p0")
+    assert reserved(c, "p2") == {"10.0.0.1": ["peer p1"]}
+
+
+def test_the_new_messages_travel_whole():
+    big = cidr("fd00::/16")
+    address = big.start + (1 << 100)
+    for msg in (GatewayRelease("c", big, address), GatewayReleased("c", U, GW[1]),
+                Handover("c", 3, c_delta(), ((U, GW[1], ("p1", "kept")),)),
+                RemoveAck("c", 4, c_delta(), (), ("p0",), ((big, address, ("p2",)),))):
+        assert peer_codec.decode(peer_codec.encode(msg)) == msg
+
+
+def c_delta():
+    from appliance.core.gossip import Delta
+    return Delta((("p0", 1),), (), None)
+
+
+def test_a_release_naming_no_address_or_a_foreign_range_changes_nothing():
+    c = cluster()
+    c.requests([("p1", m.Allocate("a", gateway=GW[1]))])
+    before = dict(c.durable["p0"].reserved)
+    bad = msgpack.packb(["GatewayRelease", "c1", str(U), None])
+    with pytest.raises(peer_codec.CodecError, match="GatewayRelease.address must be an address"):
+        peer_codec.decode(bad)
+    ready = c.peers["p0"].receive("p1", GatewayRelease("c1", cidr("10.9.0.0/24"), 1), c.now)
+    assert ready.alarms == ["refused a gateway release from p1: bad address"]
+    assert not ready.rows and c.durable["p0"].reserved == before
+
+
+def test_cni_status_counts_only_free_space_that_must_lie_inside_the_window():
+    """A peer's hint covers a whole ring entry; a rangeStart-rangeEnd window that cuts the
+    entry may hold none of that free space. STATUS says "available" only when the hints prove
+    free space inside the window."""
+    c = cluster(2)  # p0 owns 10.0.0.0/24; p1 nothing
+    # p0 fills 10.0.0.1-10.0.0.100: its one entry still has 154 free, all above .100.
+    for i in range(100):
+        assert c.requests([("p0", m.Allocate(f"x{i}"))])[0] == f"10.0.0.{i + 1}/24"
+    c.settle(20)  # hints refreshed and gossiped
+    window = m.CanServe((((U, U.start + 1, U.start + 20),),))
+    ref = c.submit("p1", window)
+    assert c.replies[ref] == m.error(
+        "exhausted", "set 0: no free address in 10.0.0.0/24 on p1 or any peer it can reach")
+    wider = m.CanServe((((U, U.start + 1, U.start + 150),),))
+    ref = c.submit("p1", wider)
+    assert c.replies[ref] == m.ok()
+    # What an ADD over the narrow window gets agrees: nothing.
+    assert c.requests([("p1", m.Allocate("y", range=(U.start + 1, U.start + 20)))])[0] \
+        .startswith("error exhausted")
