@@ -8,7 +8,7 @@ ARGS   ?=
 # Debian packages the tests use; installed when missing and we are root (as in CI).
 DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins nftables docker.io busybox-static
 
-.PHONY: setup sysdeps run test bench dist clean sim soak-sim soak
+.PHONY: setup sysdeps run test bench dist clean sim soak-sim soak fuzz
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ soak-sim: $(STAMP)
 ## Real daemons in network namespaces, churn and a fault every 10 s (root): make soak MINUTES=30
 soak: $(STAMP) sysdeps
 	$(BIN)/python -m tests.chaos --minutes $(MINUTES)
+
+## Hostile input (tests/fuzz): random and mutated frames on the hook socket, the Docker socket
+## and the peer port (with and without the secret) of two real daemons on 127.0.0.1, then their
+## invariants and integrity_check: make fuzz MINUTES=30 [SEED=n]. Prints the seed to replay.
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz --minutes $(MINUTES) $(if $(SEED),--seed $(SEED))
 
 ## The frozen single-file executable, and the compiled CNI forwarder (see README).
 dist: dist/ipamd dist/ipamd-cni

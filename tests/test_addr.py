@@ -132,7 +132,8 @@ def test_parse_hostport(text, host, port):
     assert parse_hostport(text) == (host, port)
 
 
-@pytest.mark.parametrize("text", ["198.18.0.1", "h:65536", "h:-1", "h:12x", "h:", "", 5, None])
+@pytest.mark.parametrize("text", ["198.18.0.1", "h:65536", "h:-1", "h:12x", "h:", "", 5, None,
+                                  "h:\u00b2", "h:\u0663"])  # digits, but not ASCII ones
 def test_parse_hostport_rejects(text):
     with pytest.raises(AddrError):
         parse_hostport(text)

@@ -9,7 +9,7 @@ from appliance import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import cidr, parse_addr
 from appliance.core.wire import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
-    RemovePrepare
+    RemovePrepare, SpaceRequest
 
 from .scenario import Cluster
 
@@ -120,3 +120,33 @@ def test_cni_status_counts_only_free_space_that_must_lie_inside_the_window():
     # What an ADD over the narrow window gets agrees: nothing.
     assert c.requests([("p1", m.Allocate("y", range=(U.start + 1, U.start + 20)))])[0] \
         .startswith("error exhausted")
+
+
+def test_a_space_request_naming_an_address_outside_its_bounds_is_refused():
+    """Found by make fuzz: an address outside the request's bounds reached the formatting of
+    a refusal and raised in the core (then rebuilt from the database)."""
+    c = cluster()
+    bad = SpaceRequest("c1", 7, U, U.start + 200, U.start + 201, (1 << 136) - 1, False)
+    ready = c.peers["p0"].receive("p1", bad, c.now)
+    assert ready.alarms == ["refused a space request from p1: bad bounds"]
+    assert not ready.rows and not ready.messages
+
+
+def test_a_handover_reserves_only_inside_the_space_it_hands_over():
+    """Found by make fuzz: reservations named outside the handed space (here an address the
+    receiver holds) made an address both held and reserved, a negative free hint, and a
+    database the daemon would not start on."""
+    c = cluster(2)
+    assert c.requests([("p0", m.Allocate("web"))]) == ["10.0.0.1/24"]
+    held = (U, U.start + 1, ("kept",))
+    ready = c.peers["p0"].receive("p1", Handover("c1", 1, c_delta(), (held,)), c.now)
+    c.handle("p0", ready)
+    assert reserved(c, "p0") == {}
+    # Nor does a reservation of a held address count twice against the free space.
+    a = c.peers["p0"].allocator
+    assert a.adopt_reserved(U, U.start + 1, ("kept",)) == []
+    assert a.free_count(U, U.start, U.end, c.now) == 256 - 1
+    c.settle(20)
+    c.crash("p0")
+    c.restart("p0")  # rebuilt from its rows: starts
+    assert c.peers["p0"].allocator.free_count(U, U.start, U.end, c.now) == 255

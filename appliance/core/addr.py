@@ -36,7 +36,7 @@ def parse_hostport(text: object) -> tuple[str | None, int]:
     if not isinstance(text, str):
         raise AddrError(f"HOST:PORT must be a string, got {type(text).__name__}")
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise AddrError(f"{text!r} is not HOST:PORT (port 0 to 65535)")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host

@@ -370,8 +370,11 @@ class Allocator:
         return out
 
     def adopt_reserved(self, u: Cidr, address: int, names) -> list[Row]:
-        """Reservations that came with space handed over: kept for the same peers."""
+        """Reservations that came with space handed over: kept for the same peers (never one
+        of an address held here: it cannot be both)."""
         rows: list[Row] = []
+        if (u.family, address) in self.by_addr:
+            return rows
         for name in names:
             if name != self.me:
                 holder = KEPT if name == KEPT else peer_holder(name)

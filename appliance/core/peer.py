@@ -663,7 +663,8 @@ class Peer(Bootstrap, Removals):
 
     def _donate(self, sender: str, msg: SpaceRequest, now: float, out: Ready) -> None:
         u = msg.universe
-        if u not in self.replica.rings or not u.start <= msg.lo < msg.hi <= u.end:
+        if u not in self.replica.rings or not u.start <= msg.lo < msg.hi <= u.end or \
+                msg.address is not None and not msg.lo <= msg.address < msg.hi:
             out.alarms.append(f"refused a space request from {sender}: bad bounds")
             return
         a = self.allocator

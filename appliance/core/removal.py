@@ -319,8 +319,10 @@ class Removals:
 
     def _membership(self, sender: str, msg, now: float, out) -> None:
         if isinstance(msg, Handover):
+            # Only reservations inside the space this very message hands us.
+            given = [(u, e) for u, e in msg.delta.entries if e.owner == self.me]
             for u, address, names in msg.reserved:
-                if u in self.replica.rings and (u.family, address) in u:
+                if any(v == u and e.start <= address < e.end for v, e in given):
                     out.rows += self.allocator.adopt_reserved(u, address, names)
             self._merge_given(sender, msg.delta, out)
             if sender not in self.removed:

@@ -178,7 +178,7 @@ class Ring:
                 written[edge] = self._put(Entry(edge, e.end, me, 1, 0, stamp))
         for e in list(self.entries):
             if lo <= e.start < hi:
-                hint = min(free_hint, HINT_MAX) if e.start == lo else 0  # a /48 counts past 2^64
+                hint = max(0, min(free_hint, HINT_MAX)) if e.start == lo else 0  # a /48 counts past 2^64
                 written[e.start] = self._put(replace(e, owner=to, version=e.version + 1,
                                                      free_hint=hint, stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)
@@ -187,7 +187,7 @@ class Ring:
         e = self._by_start[start]
         if e.owner != me:
             raise RingError(f"{me} cannot change the entry at {start}, owned by {e.owner}")
-        return self._put(replace(e, free_hint=min(free, HINT_MAX), version=e.version + 1,
+        return self._put(replace(e, free_hint=max(0, min(free, HINT_MAX)), version=e.version + 1,
                                  stamp=stamp))
 
     def reclaim(self, dead: str, to: str, stamp: tuple[str, int]) -> list[Entry]:
