@@ -34,27 +34,44 @@ class Metrics:
         self.conflicts = Counter("ipamd_ring_conflicts", "ring data refused as conflicting "
                                  "(same start and version, different content)",
                                  registry=self.registry)
+        self.lock = trio.Lock()
+        self.cached: tuple[float, bytes] | None = None
 
-    def snapshot(self) -> dict:
-        """Plain numbers, read on the event loop."""
-        peer, now = self.core.peer, self.core.clock()
+    async def snapshot(self) -> dict:
+        """Plain numbers, read on the event loop: free space a few hundred subnets at a time,
+        letting requests in between (a gauge read a moment later is as good)."""
+        peer = self.core.peer
         a = peer.allocator
-        in_use = sorted(((str(u) if u else "", str(sub)), n) for (u, sub), n in a.in_use.items())
-        subnets = sorted({a.default_subnet} | {sub for _, sub in a.in_use}, key=str)
-        free = []
-        for u in a.rings:
-            mine = [sub for sub in subnets if sub.overlaps(u)]
-            spans = [(max(lo, u.start), min(hi, u.end))
-                     for lo, hi in (sub.host_bounds() for sub in mine)]
-            if spans:
-                free += [((str(u), str(sub)), n)
-                         for sub, n in zip(mine, a.free_counts(u, spans, now))]
-        owned = [(str(u), sum(max(0, min(hi, u.host_bounds()[1]) - max(lo, u.host_bounds()[0]))
-                              for lo, hi in a._owned[u])) for u in a.rings]
+        # Cidr values, not text: formatting thousands of them is slow, and is left to the
+        # thread (they are immutable).
+        in_use = list(a.in_use.items())
+        subnets = list({a.default_subnet} | {sub for _, sub in a.in_use})
+        owned = [(u, sum(max(0, min(hi, u.host_bounds()[1]) - max(lo, u.host_bounds()[0]))
+                         for lo, hi in a._owned[u])) for u in a.rings]
         others = len(peer.members() - {peer.me})
-        reachable = len(peer.reachable)
+        reachable, pending = len(peer.reachable), len(peer.waiting)
+        free = []
+        for u in list(a.rings):
+            mine = [sub for sub in subnets if sub.overlaps(u)]
+            for i in range(0, len(mine), CHUNK):
+                part = mine[i:i + CHUNK]
+                spans = [(max(lo, u.start), min(hi, u.end))
+                         for lo, hi in (sub.host_bounds() for sub in part)]
+                counts = a.free_counts(u, spans, self.core.clock())
+                free += [((u, sub), n) for sub, n in zip(part, counts)]
+                await trio.sleep(0)
         return {"in_use": in_use, "free": free, "owned": owned, "reachable": reachable,
-                "unreachable": others - reachable, "pending": len(peer.waiting)}
+                "unreachable": others - reachable, "pending": pending}
+
+    async def body(self) -> bytes:
+        """The exposition, at most FRESH seconds old: a scraper asking back to back (or many
+        at once) costs one snapshot and one formatting a second, not one each."""
+        async with self.lock:
+            now = trio.current_time()
+            if self.cached is None or now - self.cached[0] >= FRESH:
+                snap = await self.snapshot()
+                self.cached = (now, await trio.to_thread.run_sync(self.render, snap))
+            return self.cached[1]
 
     def render(self, snap: dict) -> bytes:
         """The exposition text of a snapshot: safe in a thread (it reads only snap, and
@@ -70,18 +87,18 @@ class _Scrape:
         s = self.snap
         in_use = GaugeMetricFamily("ipamd_addresses_in_use", "addresses held",
                                    labels=["universe", "subnet"])
-        for labels, n in s["in_use"]:
-            in_use.add_metric(list(labels), n)
+        for labels, n in _labelled(s["in_use"]):
+            in_use.add_metric(labels, n)
         free = GaugeMetricFamily("ipamd_addresses_free", "addresses this peer could hand out "
                                  "now, in the space it owns, by universe and subnet (the "
                                  "default subnet and every subnet in use)",
                                  labels=["universe", "subnet"])
-        for labels, n in s["free"]:
-            free.add_metric(list(labels), n)
+        for labels, n in _labelled(s["free"]):
+            free.add_metric(labels, n)
         owned = GaugeMetricFamily("ipamd_addresses_owned", "addresses of the universe this "
                                   "peer owns", labels=["universe"])
         for u, n in s["owned"]:
-            owned.add_metric([u], n)
+            owned.add_metric([str(u)], n)
         peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
                                   labels=["state"])
         peers.add_metric(["reachable"], s["reachable"])
@@ -93,6 +110,13 @@ class _Scrape:
         yield from self.metrics.registry.collect()
 
 
+def _labelled(items) -> list[tuple[list[str], int]]:
+    """((universe or None, subnet), n) as sorted label values."""
+    return sorted(([str(u) if u else "", str(sub)], n) for (u, sub), n in items)
+
+
+FRESH = 1.0  # seconds a formatted scrape is served again
+CHUNK = 250  # subnets whose free space is counted between two looks at other work
 SCRAPE_TIMEOUT = 10.0  # a whole scrape, request to response: a slow client is hung up on
 
 
@@ -108,8 +132,7 @@ async def serve_metrics(host: str | None, port: int, metrics: Metrics,
             pass
         ok = event.method == b"GET" and event.target.split(b"?")[0] in (b"/metrics", b"/")
         if ok:
-            snap = metrics.snapshot()
-            body = await trio.to_thread.run_sync(metrics.render, snap)
+            body = await metrics.body()
         else:
             body = b"not found: try /metrics\n"
         await stream.send_all(conn.send(h11.Response(
