@@ -150,3 +150,19 @@ def test_a_handover_reserves_only_inside_the_space_it_hands_over():
     c.crash("p0")
     c.restart("p0")  # rebuilt from its rows: starts
     assert c.peers["p0"].allocator.free_count(U, U.start, U.end, c.now) == 255
+
+
+def test_a_lost_answer_never_marks_a_gateway_that_is_ours_meanwhile():
+    """Found by the simulator (seed 238): p1 asked the owner to reserve a gateway, a claim
+    nearby brought that address's block to p1 (free, so never reserved there), p1 handed it
+    out, and then the first request timed out: p1 must not mark it "releasing" too (held and
+    reserved at once: its free space was counted wrong)."""
+    c = cluster(2)
+    assert c.requests([("p1", m.Claim("s", *parse_addr("10.0.0.2")))]) == ["10.0.0.2/24"]
+    a = c.peers["p1"].allocator
+    assert c.peers["p1"].replica.rings[U].owner_of(GW[1]) == "p1"  # came with the block
+    assert c.requests([("p1", m.Allocate("t", range=(GW[1], GW[1])))]) == ["10.0.0.1/24"]
+    assert a.maybe_reserved(GW) == [] and a.reserved == {}
+    owned = sum(hi - lo for lo, hi in a._owned[U])
+    assert a.free_count(U, U.start, U.end, c.now) == owned - len(a._blocked(U, U.start, U.end,
+                                                                          c.now))

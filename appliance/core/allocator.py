@@ -331,7 +331,10 @@ class Allocator:
         """The owner was asked to reserve key for this host and its answer never came: it may
         have reserved it, so it is told to drop it (a no-op if it had not)."""
         u = self.universe_of(key)
-        if u is None or key in self.reserved:
+        if u is None or key in self.reserved or key in self.by_addr or \
+                self.rings[u].owner_of(key[1]) == self.me:
+            # Ours meanwhile (a claim nearby brought its block, free, so never reserved
+            # there), perhaps handed out already: nobody else can be keeping it for us.
             return []
         self.reserved[key] = {RELEASING}
         self._mark_used(u, key[1])
