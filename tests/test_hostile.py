@@ -2,6 +2,7 @@
 garbage): requests naming subnets or addresses no range gives, peer addresses that cannot be
 dialled, and IPv6 ranges whose counts do not fit in 64 bits."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -147,6 +148,11 @@ def test_idle_connections_on_every_listener_cannot_starve_the_daemon(tmp_path):
                            lambda: f"event={what}_connection_refused" in d.stderr())
                 if what != "hook":  # (with the hook socket full, status must wait)
                     assert d.call({"op": "status"})["ok"]
+                else:
+                    # A CNI ADD meanwhile: "try again later" once its deadline passes, not a
+                    # hang (the subprocess timeout only guards the test itself).
+                    code, out = _cni_add(d.socket, {"IPAMD_CNI_TIMEOUT": "2"})
+                    assert code == 1 and out["code"] == 11, out
             finally:
                 for s in held:
                     s.close()
@@ -159,6 +165,18 @@ def test_idle_connections_on_every_listener_cannot_starve_the_daemon(tmp_path):
         live.kill()
         live.wait()
         d.stop()
+
+
+def _cni_add(sock, env):
+    from .test_gate_hosts import forwarder
+    conf = {"cniVersion": "1.1.0", "name": "starved",
+            "ipam": {"type": "ipamd", "socket": str(sock), "ranges": [[{"subnet":
+                                                                          "198.18.30.0/24"}]]}}
+    r = subprocess.run([forwarder()], input=json.dumps(conf), capture_output=True, text=True,
+                       timeout=60, env={**os.environ, **env, "CNI_COMMAND": "ADD",
+                                        "CNI_CONTAINERID": "c1", "CNI_NETNS": "/x",
+                                        "CNI_IFNAME": "eth0", "CNI_PATH": "/x"})
+    return r.returncode, json.loads(r.stdout)
 
 
 def test_descriptor_budget_and_flood_summaries(caplog):
