@@ -166,3 +166,33 @@ def test_a_lost_answer_never_marks_a_gateway_that_is_ours_meanwhile():
     owned = sum(hi - lo for lo, hi in a._owned[U])
     assert a.free_count(U, U.start, U.end, c.now) == owned - len(a._blocked(U, U.start, U.end,
                                                                           c.now))
+
+
+def test_leave_hands_over_each_reservation_with_its_holders_in_the_same_message():
+    c = cluster(3)
+    for p, h in (("p1", "a"), ("p2", "b")):
+        assert c.requests([(p, m.Allocate(h, gateway=GW[1]))])[0].startswith("10.0.0.")
+    p0 = c.peers["p0"]
+    p0.allocator.load_reserved((4, U.start + 9), "kept")  # a --gateway of p0's
+    ready = p0.request("leave", m.Leave(), c.now)
+    handovers = {dst: msg for dst, msg in ready.messages if isinstance(msg, Handover)}
+    carried = {dst: msg.reserved for dst, msg in handovers.items() if msg.reserved}
+    (dst, reserved_), = carried.items()
+    assert reserved_ == ((U, GW[1], ("p1", "p2")), (U, U.start + 9, ("kept",)))
+    c.handle("p0", ready)
+    # The receiver keeps them from the very message that makes it the owner.
+    c.handle(dst, c.peers[dst].receive("p0", handovers[dst], c.now))
+    other = "p1" if dst == "p2" else "p2"
+    assert reserved(c, dst) == {"10.0.0.1": [f"handle {'a' if dst == 'p1' else 'b'}",
+                                             f"peer {other}"],
+                                "10.0.0.9": ["kept"]}
+
+
+def test_a_lost_answer_is_marked_only_for_a_gateway_another_peer_owns():
+    c = cluster(2)
+    a = c.peers["p1"].allocator
+    assert a.maybe_reserved(GW) == [m.Reserve("10.0.0.1", "releasing", str(U),
+                                              "gateway, owner to be told")]
+    c2 = cluster(2)
+    assert c2.requests([("p1", m.Claim("s", *parse_addr("10.0.0.2")))]) == ["10.0.0.2/24"]
+    assert c2.peers["p1"].allocator.maybe_reserved(GW) == []  # p1's own now, not held
