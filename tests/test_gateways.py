@@ -96,9 +96,11 @@ def test_a_release_naming_no_address_or_a_foreign_range_changes_nothing():
     bad = msgpack.packb(["GatewayRelease", "c1", str(U), None])
     with pytest.raises(peer_codec.CodecError, match="GatewayRelease.address must be an address"):
         peer_codec.decode(bad)
-    ready = c.peers["p0"].receive("p1", GatewayRelease("c1", cidr("10.9.0.0/24"), 1), c.now)
-    assert ready.alarms == ["refused a gateway release from p1: bad address"]
-    assert not ready.rows and c.durable["p0"].reserved == before
+    for bad in (GatewayRelease("c1", cidr("10.9.0.0/24"), 1),  # not a universe of ours
+                GatewayRelease("c1", U, U.end + 5)):  # ours, but not in it
+        ready = c.peers["p0"].receive("p1", bad, c.now)
+        assert ready.alarms == ["refused a gateway release from p1: bad address"]
+        assert not ready.rows and c.durable["p0"].reserved == before
 
 
 def test_cni_status_counts_only_free_space_that_must_lie_inside_the_window():
@@ -196,3 +198,20 @@ def test_a_lost_answer_is_marked_only_for_a_gateway_another_peer_owns():
     c2 = cluster(2)
     assert c2.requests([("p1", m.Claim("s", *parse_addr("10.0.0.2")))]) == ["10.0.0.2/24"]
     assert c2.peers["p1"].allocator.maybe_reserved(GW) == []  # p1's own now, not held
+
+
+def test_a_new_holder_while_a_release_is_pending_cancels_it():
+    c = cluster()
+    assert c.requests([("p1", m.Allocate("a", gateway=GW[1]))]) == ["10.0.0.64/24"]
+    c.blocked.add(("p1", "p0"))
+    c.requests([("p1", m.Release("a"))])  # its GatewayRelease is lost
+    assert reserved(c, "p1") == {"10.0.0.1": ["releasing"]}
+    c.blocked.clear()  # before the next reminder round: the release is still pending
+    assert c.requests([("p1", m.Allocate("b", gateway=GW[1]))])[0].startswith("10.0.0.")
+    assert reserved(c, "p1") == {"10.0.0.1": ["handle b"]}
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1"]}
+    c.settle(60)  # reminder rounds: nothing is released, b still names it
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1"]}
+    c.crash("p1")
+    c.restart("p1")  # and so say its rows
+    assert reserved(c, "p1") == {"10.0.0.1": ["handle b"]}
