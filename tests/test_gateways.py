@@ -215,3 +215,29 @@ def test_a_new_holder_while_a_release_is_pending_cancels_it():
     c.crash("p1")
     c.restart("p1")  # and so say its rows
     assert reserved(c, "p1") == {"10.0.0.1": ["handle b"]}
+
+
+def test_reservations_for_a_removed_peer_go_and_only_theirs():
+    c = cluster(4)
+    for p, h in (("p1", "a"), ("p2", "b")):
+        assert c.requests([(p, m.Allocate(h, gateway=GW[1]))])[0].startswith("10.0.0.")
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p1", "peer p2"]}
+    c.crash("p1")
+    assert c.requests([("p0", m.RemovePeer(("p1",)))])[0].startswith("removed p1")
+    c.settle(60)  # a reminder round
+    assert reserved(c, "p0") == {"10.0.0.1": ["peer p2"]}  # p2 still names it
+
+
+def test_a_pending_release_of_a_gateway_that_became_ours_frees_it_here():
+    c = cluster(3)
+    assert c.requests([("p1", m.Allocate("a", gateway=GW[1]))])[0].startswith("10.0.0.")
+    c.blocked.add(("p1", "p0"))  # p1's release (and later its ack of the handover) are lost
+    c.requests([("p1", m.Release("a"))])
+    assert reserved(c, "p1") == {"10.0.0.1": ["releasing"]}
+    ref = c.submit("p0", m.Leave())  # p0's first block (with 10.0.0.1) goes to p1
+    c.settle(60)
+    assert c.peers["p1"].replica.rings[U].owner_of(GW[1]) == "p1"
+    # Ours now: nobody else keeps it for us, so it is simply free again, via quarantine.
+    assert reserved(c, "p1") == {}
+    assert GW[1] in c.peers["p1"].allocator.freed[U]
+    assert c.replies[ref]["error"]["code"] == "timeout"  # p1's ack never came
