@@ -2,13 +2,20 @@
 
 CI tier: 300 seeds of 3-7 peers with 1,000 operations each and random fault rates, plus 10
 seeds of 100 peers; zero violations. Each seed draws its bootstrap (founder, seeds or quorum)
-too. Seeds are spread over both cores. A failure names its seed; `make sim SEED=n` replays it.
-Ten more seeds run in the test's own process: `make mutate` maps each mutated function to the
-tests that call it in-process, and the pool's workers are other processes.
+too, and (up to 20 peers) its ranges: the IPv4 /22, an IPv6 range of /32 to /128, or both; and
+the rates of the faults that put peers in other standings (leave, a restart from an older copy
+of the database, an rmpeer of a peer that was only down). Seeds are spread over both cores. A
+failure names its seed; `make sim SEED=n` replays it. Ten more seeds run in the test's own
+process: `make mutate` maps each mutated function to the tests that call it in-process, and the
+pool's workers are other processes.
+
+Core bugs the checker knows of are tolerated in the tier (simulator.KNOWN_BUGS) and reproduced
+here as strict xfails: fixed, they pass, and the xfail and the entry in KNOWN_BUGS must go.
 """
 import math
 import multiprocessing as mp
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -16,12 +23,14 @@ from collections import Counter
 import pytest
 
 from appliance.core import allocator as allocator_mod
+from appliance.core import bootstrap as bootstrap_mod
+from appliance.core import messages as m
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
+from appliance.core import wire
+from appliance.core.addr import cidr
 
-from appliance.core import messages as m
-
-from .sim.simulator import Faults, Sim, Violation
+from .sim.simulator import REUSE_DELAY, Faults, Sim, Violation, copy_durable
 
 SMALL_SEEDS = range(300)
 BIG_SEEDS = range(10)
@@ -37,7 +46,8 @@ def run_seed(args):
         return seed, str(v), None
     return seed, None, (stats.ops, dict(stats.faults), stats.rounds_to_converge,
                         stats.ring_entries, stats.segments, stats.messages, stats.removals,
-                        sim.bootstrap, dict(stats.refused))
+                        sim.bootstrap, dict(stats.refused), dict(stats.gate),
+                        [(u.family, u.prefix) for u in sim.universes])
 
 
 def run_many(jobs):
@@ -46,8 +56,8 @@ def run_many(jobs):
 
 
 def summarise(results, label):
-    faults, refused, boots, ops, removals, rounds, entries, segments = \
-        Counter(), Counter(), Counter(), 0, 0, [], [], []
+    faults, refused, boots, gate, ranges, ops, removals, rounds, entries, segments = \
+        Counter(), Counter(), Counter(), Counter(), Counter(), 0, 0, [], [], []
     for _, _, s in results:
         ops += s[0]
         faults.update(s[1])
@@ -57,18 +67,32 @@ def summarise(results, label):
         removals += s[6]
         boots[s[7]] += 1
         refused.update(s[8])
-    print(f"\n{label}: {len(results)} seeds ({dict(sorted(boots.items()))}), {ops} operations, "
-          f"0 violations, {removals} rmpeers done; faults {dict(sorted(faults.items()))}; "
-          f"refused {dict(sorted(refused.items()))}; rounds to converge after heal max "
-          f"{max(rounds)}; ring entries after churn max {max(entries)} (runs of one owner "
-          f"max {max(segments)})")
+        for k, v in s[9].items():
+            gate[k.split()[0]] += v
+        families = {f for f, _ in s[10]}
+        ranges["dual" if len(families) == 2 else f"IPv{families.pop()}"] += 1
+    v6 = sorted({p for _, _, s in results for f, p in s[10] if f == 6})
+    print(f"\n{label}: {len(results)} seeds ({dict(sorted(boots.items()))}; ranges "
+          f"{dict(sorted(ranges.items()))}, IPv6 prefixes /{v6[0] if v6 else '-'} to "
+          f"/{v6[-1] if v6 else '-'}), {ops} operations, 0 violations, {removals} rmpeers "
+          f"done; faults {dict(sorted(faults.items()))}; refused {dict(sorted(refused.items()))}; "
+          f"requests to peers by standing {dict(sorted(gate.items()))}; rounds to converge after "
+          f"heal max {max(rounds)}; ring entries after churn max {max(entries)} (runs of one "
+          f"owner max {max(segments)})")
+    return ranges, v6, gate, faults
 
 
 def test_ci_tier_small_clusters():
     results = run_many([(s, None, 1000) for s in SMALL_SEEDS])
     bad = [(seed, v) for seed, v, _ in results if v]
     assert not bad, f"violations (replay with make sim SEED=...): {bad[:5]}"
-    summarise(results, "3-7 peers")
+    ranges, v6, gate, faults = summarise(results, "3-7 peers")
+    # What the tier is for: IPv6 in a third of the seeds (tiny and huge ranges, some dual
+    # stack), and peers in every standing getting requests.
+    assert ranges["IPv6"] + ranges["dual"] >= 0.25 * len(results) and ranges["dual"] >= 20, ranges
+    assert v6[0] == 32 and v6[-1] == 128 and {126, 127} <= set(v6), v6
+    assert all(gate[s] > 0 for s in ("waiting", "left", "stale", "removed")), gate
+    assert faults["restore_stale"] and faults["came_back_removed"] and faults["left"], faults
 
 
 def test_ci_tier_hundred_peers():
@@ -84,10 +108,12 @@ def test_ci_tier_in_this_process():
     assert not bad, f"violations (replay with make sim SEED=...): {bad[:5]}"
 
 
-def test_a_seed_replays_exactly():
+@pytest.mark.parametrize("seed", [7, 58])  # 58: dual stack, a stale restart, seeds waiting
+def test_a_seed_replays_exactly(seed):
     """Same seed, different hash seeds (set order): the same run, message for message."""
-    code = ("from tests.sim.simulator import Sim; s = Sim.for_seed(7); st = s.run(400); "
-            "print(st.messages, st.acked, sorted(st.faults.items()), s.names)")
+    code = (f"from tests.sim.simulator import Sim; s = Sim.for_seed({seed}); st = s.run(400); "
+            "print(st.messages, st.acked, sorted(st.faults.items()), sorted(st.gate.items()), "
+            "s.names)")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, env={**os.environ, "PYTHONHASHSEED": h}).stdout
             for h in ("1", "2")}
@@ -172,9 +198,8 @@ def drive(sim, p, req):
 
 
 def test_checker_sees_a_quarantined_address_in_a_handover():
-    """I9's transfer check covers handovers too (the simulated clients never leave), shown
-    with a leave that hands a just-freed address over on purpose (the quarantine taken as
-    over)."""
+    """I9's transfer check covers handovers too, shown with a leave that hands a just-freed
+    address over on purpose (the quarantine taken as over)."""
     sim = Sim(1, 2, Faults())
     sim.live["p0"].allocator.reuse_delay = 0.0  # as if its quarantine were not kept
     drive(sim, "p0", m.Allocate("x"))
@@ -195,3 +220,273 @@ def test_leave_hands_over_no_quarantined_address():
     sim.now += 10.0  # the quarantine is over: it may leave now
     drive(sim, "p0", m.Leave())
     assert sim.stats.refused["busy"] == 1 and sim.live["p0"].standing == "left"
+
+
+# -- ranges: IPv6 from /32 to /128, and both families -----------------------------------------
+
+@pytest.mark.parametrize("ranges", [
+    ["fd00::1/128"],                      # one address
+    ["fd00::/127"],
+    ["fd00:1::/126", "10.0.0.0/22"],      # dual stack, the default subnet a tiny IPv6 range
+    ["ffff:ffff::/32"],                   # 2^96 addresses, its end 2^128
+    ["10.0.0.0/22", "fd00:2::/48"],
+])
+def test_tiny_and_huge_ipv6_ranges(ranges):
+    """A run on these ranges under faults: every invariant holds, and every message crosses
+    the codec; in a /32, ring entries of more than 2^64 addresses and saturated free hints
+    (2^63 - 1) among them, and space requests over windows past 2^64."""
+    universes = [cidr(r) for r in ranges]
+    seen = Counter()
+    real = Sim._wire
+
+    def wire_(self, msg):
+        for u, e in getattr(getattr(msg, "delta", None), "entries", ()):
+            seen["over 2^64"] += e.end - e.start > 2**64
+            seen["saturated"] += e.free_hint == 2**63 - 1
+            seen["end 2^128"] += e.end == 2**128
+        if isinstance(msg, wire.SpaceRequest):
+            seen["request over 2^64"] += msg.hi - msg.lo > 2**64
+        return real(self, msg)
+
+    sim = Sim(5, 4, Faults.random(random.Random(len(ranges[0])), 4), bootstrap="founder",
+              universes=universes, variety=True)
+    sim._wire = wire_.__get__(sim)
+    stats = sim.run(400)
+    assert stats.acked > 0
+    if ranges == ["ffff:ffff::/32"]:
+        assert seen["over 2^64"] and seen["saturated"] and seen["end 2^128"] and \
+            seen["request over 2^64"], seen
+
+
+# -- standings: every take refused with the standing named, every release passes ----------------
+
+def submit(sim, p, req):
+    """One client request to p through the simulator's gate checks (a Violation if a take
+    is not refused at once with p's standing, or a release does not pass)."""
+    sim.stats.ops += 1
+    ref = ("test", sim.stats.ops)
+    sim._submit(p, req, ref)
+    return ref
+
+
+def every_kind(sim, p):
+    """A take and a release of every kind the entrances send, to p."""
+    u = sim.u
+    lo, hi = u.host_bounds()
+    held = sorted(sim.live[p].allocator.by_handle)
+    for req in [m.Allocate("t1"), m.Claim("t2", u.family, lo + 5),
+                m.TakeSets("t3", ((m.Allocate("t3", u, None, None, lo),),
+                                  (m.Claim("t3", u.family, lo + 7, u),))),
+                m.CanServe((((u, lo, hi - 1),),)), m.Leave(), m.RemovePeer(("p9",)),
+                m.Release(held[0] if held else "t1"), m.ReleaseUnlisted("t", frozenset()),
+                m.ReleaseIf("t1", ((u.family, lo, 1.0),))]:
+        submit(sim, p, req)
+
+
+def left(sim, p):
+    sim._rounds(20)
+    submit(sim, p, m.Allocate("mine"))
+    submit(sim, p, m.Release("mine"))
+    sim.now += REUSE_DELAY + 1
+    submit(sim, p, m.Leave())
+    sim._rounds(10)
+
+
+def stale(sim, p):
+    """p restarts from a copy of its database older than what its peers know of it."""
+    sim._rounds(20)
+    submit(sim, p, m.Allocate("old"))  # held in the copy: released again below
+    sim.snapshots[p] = copy_durable(sim.durable[p])
+    for i in range(100):  # enough that its free hints change: writes of p's
+        submit(sim, p, m.Allocate(f"new{i}"))
+    sim._rounds(30)
+    sim._crash(p, "after_send")
+    sim.faults.stale = 1.0
+    sim._restart(p)
+
+
+def removed(sim, p):
+    """p is removed while down (the operator took it for dead), then comes back."""
+    sim._rounds(20)
+    submit(sim, p, m.Allocate("kept"))
+    sim._crash(p, "after_send")
+    assert sim._condemn("p0")
+    sim._rounds(30)
+    assert p in sim.void
+    sim._restart(p)
+
+
+def waiting(sim, p):
+    pass  # a seed that has not heard the other seeds yet
+
+
+@pytest.mark.parametrize("standing, make, bootstrap", [
+    ("left", left, "seeds"), ("stale", stale, "seeds"), ("removed", removed, "seeds"),
+    ("waiting", waiting, "seeds"), ("waiting", waiting, "quorum")])
+def test_every_standing_refuses_takes_and_passes_releases(standing, make, bootstrap):
+    sim = Sim(3, 4, Faults(), bootstrap=bootstrap, variety=True)
+    make(sim, "p3")
+    assert sim.live["p3"].standing == standing, sim.live["p3"].note
+    every_kind(sim, "p3")
+    kinds = {k.split()[1] for k, n in sim.stats.gate.items() if k.startswith(f"{standing} ")}
+    assert kinds >= {"Allocate", "Claim", "TakeSets", "CanServe", "Leave", "RemovePeer",
+                     "Release", "ReleaseUnlisted", "ReleaseIf"}, kinds
+    if standing in ("stale", "removed"):  # what its copy held, freed: releases pass
+        assert not sim.live["p3"].allocator.by_addr
+    sim.run(200)  # and the cluster goes on, the invariants holding, to the heal
+
+
+def test_checker_catches_a_gate_that_lets_takes_through(monkeypatch):
+    """A gate that takes a CNI ADD (TakeSets) for a request any standing may make."""
+    monkeypatch.setattr(m, "TAKES", (m.Allocate, m.Claim, m.Leave, m.RemovePeer))
+    found = find_violation()
+    assert found is not None and found[1].startswith(f"gate seed={found[0]}: "), found
+    print(f"takes let through: caught at seed {found[0]}: {found[1]}")
+
+
+def test_checker_catches_releases_refused_outside_good_standing(monkeypatch):
+    monkeypatch.setattr(m, "TAKES", m.TAKES + (m.Release, m.ReleaseIf, m.ReleaseUnlisted))
+    found = find_violation()
+    assert found is not None and found[1].startswith(f"gate seed={found[0]}: "), found
+    print(f"releases refused: caught at seed {found[0]}: {found[1]}")
+
+
+def test_checker_catches_a_restored_copy_that_does_not_stop(monkeypatch):
+    """A peer that never takes itself for stale (the check on every gossip gone)."""
+    monkeypatch.setattr(bootstrap_mod.Bootstrap, "_check_vector",
+                        lambda self, sender, theirs, out: self._heard_seed(sender, out))
+    found = find_violation()
+    assert found is not None and found[1].startswith(f"stale seed={found[0]}: "), found
+    print(f"stale not detected: caught at seed {found[0]}: {found[1]}")
+
+
+def test_checker_catches_a_removed_peer_that_does_not_stop(monkeypatch):
+    real = removal_mod.Removals._learn_removed
+    monkeypatch.setattr(removal_mod.Removals, "_learn_removed", lambda self, removed, out: real(
+        self, [(t, by) for t, by in removed if t != self.me], out))
+    sim = Sim(3, 4, Faults(), bootstrap="seeds")
+    with pytest.raises(Violation, match=r"^removed seed=3: p3 came back .* is still member"):
+        removed(sim, "p3")
+
+
+# -- core bugs the simulator found (KNOWN_BUGS): strict reproductions ---------------------------
+
+def newest_owner(sim, viewer):
+    return {(sim.u.addr(lo), sim.u.addr(hi - 1)): e.owner
+            for e, lo, hi in sim.live[viewer].replica.rings[sim.u].spans()}
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS given_to_non_member): leave hands "
+                   "space to a peer it knows has left, which ignores the Handover")
+def test_leave_hands_nothing_to_a_peer_that_left():
+    """Seeds p0-p2 own 10.0.0.0/24, /24, /24, /24 (p0 twice). p1 leaves: its block goes to
+    p0. Then p0 leaves: its first block has no peer before it, so it goes to the first
+    reachable peer, p1, which left (p0 knows: p1 is in its removed list) and ignores the
+    Handover. p0 answers "timeout ... gossip will tell them"; p2, the last member, holds a
+    ring where 10.0.0.0/23 belongs to p1, a peer that left, for good (until an rmpeer of p1
+    once it is stopped)."""
+    sim = Sim(1, 3, Faults(), bootstrap="seeds")
+    sim.known_bugs = set()
+    sim._rounds(20)
+    submit(sim, "p1", m.Leave())
+    sim._rounds(20)
+    assert sim.live["p1"].standing == "left" and "p1" in sim.live["p0"].removed
+    submit(sim, "p0", m.Leave())
+    sim._rounds(50)
+    assert sim.live["p0"].standing == "left" and sim.stats.refused["timeout"] == 1
+    assert set(newest_owner(sim, "p2").values()) == {"p2"}, newest_owner(sim, "p2")
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS left_peer_silent): a Handover "
+                   "that is lost is never sent again, and the leaver no longer gossips")
+def test_a_lost_handover_is_sent_again():
+    """p1 leaves; its one Handover (to p0) is lost on the way. The leave answers "timeout: ...
+    p0 did not acknowledge in time; gossip will tell them", but a peer that left neither
+    gossips nor sends the Handover again: 100 rounds later every member's ring still says
+    10.0.1.0/24 is p1's."""
+    sim = Sim(1, 3, Faults(), bootstrap="seeds")
+    sim._rounds(20)
+    real = sim._send
+    sim._send = lambda src, dst, msg: None if isinstance(msg, wire.Handover) else \
+        real(src, dst, msg)
+    submit(sim, "p1", m.Leave())
+    sim._send = real
+    sim._rounds(100)
+    assert sim.live["p1"].standing == "left" and sim.stats.refused["timeout"] == 1
+    assert "p1" not in newest_owner(sim, "p0").values(), newest_owner(sim, "p0")
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS given_to_non_member): a grant to a "
+                   "peer that has just left is ignored; a leave with nothing to hand over tells "
+                   "nobody")
+def test_a_grant_to_a_peer_that_just_left_is_not_lost():
+    """Founder p0 owns 10.0.0.0/22; joiner p1 asks it for space (an allocate), then leaves
+    before the grant comes (it owns nothing yet, so the leave sends nothing and nobody learns
+    of it). p0 grants, p1 ignores the grant: 10.0.1.0/24 is p1's in p0's ring for good, and p0
+    still counts p1 as a member."""
+    sim = Sim(1, 2, Faults(), bootstrap="founder")
+    submit(sim, "p1", m.Allocate("x"))
+    submit(sim, "p1", m.Leave())
+    assert sim.live["p1"].standing == "left"
+    sim._rounds(50)
+    assert "p1" not in newest_owner(sim, "p0").values(), newest_owner(sim, "p0")
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS left_peer_silent): an acknowledged "
+                   "Handover dies with its receiver's disk, since the leaver never gossips")
+def test_a_handover_survives_its_receiver_losing_its_disk():
+    """p1 leaves and hands its block to p0, which acknowledges, then loses its database
+    before it has gossiped (it comes back under a new id, and its old id is removed). The
+    only other copy of the Handover is the leaver's, which says nothing any more: p2's ring
+    says 10.0.1.0/24 is p1's for good."""
+    sim = Sim(1, 3, Faults(), bootstrap="seeds")
+    sim.known_bugs = set()
+    sim._rounds(20)
+    ref = submit(sim, "p1", m.Leave())
+    sim._drain()  # the Handover and its acknowledgement, and nothing else: no tick yet
+    assert ref not in sim.pending and sim.live["p1"].standing == "left"
+    sim._crash("p0", "after_send")
+    sim._wiped("p0")
+    sim._rounds(20)
+    assert "p1" not in newest_owner(sim, "p2").values(), newest_owner(sim, "p2")
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS rmpeer_claims_unknown_space): rmpeer "
+                   "among peers that never heard the ring claims all of it as gaps")
+def test_rmpeer_never_claims_space_a_live_peer_owns():
+    """Founder p0 owns 10.0.0.0/22; joiners p1-p3 are cut off from it before they hear
+    anything, and know only each other. p2 dies; p1 runs rmpeer p2 (p3 promises, a majority
+    of the three peers p1 knows), and reclaims "10.0.0.0/22": no entry it or p3 holds covers
+    it, so it takes it for space only dead peers knew the owner of. p0 owns it too (I3)."""
+    sim = Sim(1, 4, Faults(), bootstrap="founder")
+    sim.blocked = {(a, b) for a in sim.names for b in sim.names if (a == "p0") != (b == "p0")}
+    sim._update_reachability()
+    sim._rounds(10)
+    sim._crash("p2", "after_send")
+    submit(sim, "p1", m.RemovePeer(("p2",)))
+    sim._rounds(10)
+    assert sim.stats.removals == 1
+    sim.check()
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (KNOWN_BUGS seed_waits_for_removed_seed): a "
+                   "waiting seed that restarts waits again for seeds it knows are gone")
+def test_a_waiting_seed_that_restarts_waits_for_no_seed_that_left():
+    """Seeds p0-p3; p0 and p3 cannot reach each other, so p0 waits for p3. p2 leaves, and p0
+    learns it (p1 passes the removal on). p0 restarts: it waits for p1, p2 and p3 again, and
+    though it hears p1 and, once the split heals, p3, it waits for p2 for good: its word
+    cannot come, and its removal, already known, is never learned again."""
+    sim = Sim(1, 4, Faults(), bootstrap="seeds")
+    sim.blocked = {("p0", "p3"), ("p3", "p0")}
+    sim._update_reachability()
+    sim._rounds(20)
+    submit(sim, "p2", m.Leave())
+    sim._rounds(20)
+    assert sim.live["p2"].standing == "left" and "p2" in sim.live["p0"].removed
+    assert sim.live["p0"].standing == "waiting"
+    sim._crash("p0", "after_send")
+    sim._restart("p0")
+    sim.blocked = set()
+    sim._update_reachability()
+    sim._rounds(100)
+    assert sim.live["p0"].standing == "member", sim.live["p0"].note
