@@ -67,6 +67,13 @@ class Removals:
         for r in rows:
             if r.state == "removed":
                 self.removed[r.target] = r.by
+                if r.target in self.confirming:
+                    # A seed's word that can no longer come: as when it was learned.
+                    self.confirming.discard(r.target)
+                    if self.confirming:
+                        self._confirm(self.confirming)
+                    elif self.standing == "waiting":
+                        self.standing, self.note = "member", ""
             elif r.state == "promised":
                 self.promised[r.target] = r.by
                 self.promised_at[r.target] = r.at
@@ -99,7 +106,14 @@ class Removals:
                 f"than {a.reuse_delay:g}s ago; they are in quarantine for "
                 f"{max(until) - now:.0f}s more: leave then"))))
             return
-        targets = sorted(self.reachable - set(self.promised))
+        if self.waiting:
+            # A grant answering one of them would reach a peer that left, and be ignored.
+            out.replies.append((ref, m.error("busy", f"{self.me} has {len(self.waiting)} "
+                                             "requests waiting for peers: leave when they are "
+                                             "answered")))
+            return
+        # Never a peer known to have left or been removed: it would ignore the handover.
+        targets = sorted(self.reachable - set(self.promised) - set(self.removed))
         if not targets:
             out.replies.append((ref, m.error("unreachable", f"{self.me} can reach no peer to "
                                              "take its space")))
@@ -156,6 +170,11 @@ class Removals:
             # One unknown name among known ones is fine (others may know it: they answer
             # with its writes); none known is more likely a typo.
             err = m.error("not_found", f"no peer {', '.join(targets)} is known to {self.me}")
+        elif any(not ring.entries for ring in self.replica.rings.values()):
+            # Every gap of an unknown ring would look like space only dead peers knew.
+            err = m.error("no_ring", f"{self.me} has not heard the ring yet, so it cannot tell "
+                          "the removed peers' space from live peers'; remove them from a peer "
+                          "that has")
         elif set(targets) & self.reachable:
             err = m.error("reachable", f"{', '.join(sorted(set(targets) & self.reachable))} "
                           f"can be reached from {self.me}: not gone; ask it to leave instead")

@@ -95,8 +95,7 @@ PATIENCE = 25
 # waits for all of them again, also for those it already knows have left or were removed,
 # whose word never comes: it stays "waiting" for good. The simulated operator starts it
 # afresh (a new id) at the heal.
-KNOWN_BUGS = {"left_peer_silent", "given_to_non_member", "rmpeer_claims_unknown_space",
-              "seed_waits_for_removed_seed"}
+KNOWN_BUGS = {"left_peer_silent", "given_to_non_member", "rmpeer_claims_unknown_space"}
 # What the gate must refuse outside good standing, and what it must let pass (fixed here, so
 # that a test that plants a wrong gate in messages.TAKES does not change the checker's mind).
 TAKES = (*m.TAKES, m.CanServe)
