@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -240,6 +241,14 @@ def _request(args) -> dict:
     return {"v": 1, "op": {"ls": "list", "peers": "status"}.get(cmd, cmd)}
 
 
+def _count(n: int) -> str:
+    """A count that fits its column: exact up to 11 digits, else like 1.84e19."""
+    if n < 10**11:
+        return str(n)
+    mantissa, exponent = f"{n:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def _show(cmd: str, r: dict) -> None:
     if cmd in ("allocate", "claim"):
         print(r["address"])
@@ -261,11 +270,13 @@ def _show(cmd: str, r: dict) -> None:
         print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
               f"{r['allocations']} addresses held by {r['handles']} handles  "
               f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
+        # FREE: allocatable now (neither held, quarantined nor reserved). Counts of IPv6
+        # size in a short form; --json keeps them exact.
         print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
         for u in r["universes"]:
             name = u["range"] + (" (static)" if u.get("static") else "")
-            print(f"{name:<28}{u['owned']:>12}{u['allocated']:>12}{u['quarantined']:>13}"
-                  f"{u['free']:>12}")
+            print(f"{name:<28}{_count(u['owned']):>12}{_count(u['allocated']):>12}"
+                  f"{_count(u['quarantined']):>13}{_count(u['free']):>12}")
         for u in r["universes"]:
             size = sum(p["owned"] for p in u["peers"].values()) or 1
             print(f"\n{u['range']}: {u['ring_entries']} ring entries")
@@ -383,10 +394,25 @@ def _sql(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `ipamd status | head`: the reader has gone; end quietly, as other tools do. Point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None and "CNI_COMMAND" in os.environ:
         from .cni_forward import main as cni_main  # the executable is also a CNI plugin
         return cni_main()
     args = build_parser().parse_args(argv)
+    if args.command != "launch":
+        # A command whose reader has gone (`ipamd sql DB "..." | head`) ends at once and
+        # quietly, as cat or sqlite3 would; the daemon keeps ignoring SIGPIPE (Python's
+        # default), so a client that hangs up never stops it.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "launch":
         from .frozen import bind_to_bootloader
         bind_to_bootloader()

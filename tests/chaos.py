@@ -196,7 +196,7 @@ class Chaos:
             room = 0
             for i in range(self.n):
                 u = c.status(i)["universes"][0]
-                room += u["free"] - u["quarantined"]
+                room += u["free"]  # allocatable now (quarantine left out)
             self.windows.open(roomy=room > RATE * self.n * FAULT_EVERY)
 
     def _fault(self, c: Cluster) -> None:

@@ -110,3 +110,30 @@ def test_help_names_every_command():
     out = ipamd("--help").stdout
     for cmd in ("launch", "allocate", "claim", "release", "lookup", "ls", "status", "sql"):
         assert cmd in out
+
+
+def test_free_is_what_allocate_can_take_now_and_big_counts_fit_their_column(daemon):
+    assert daemon.cli("allocate", "q").returncode == 0
+    assert daemon.cli("release", "q").returncode == 0  # in quarantine now
+    (u,) = json.loads(daemon.cli("status", "--json").stdout)["universes"]
+    assert (u["allocated"], u["quarantined"], u["free"]) == (0, 1, u["owned"] - 1)
+    row = next(x for x in daemon.cli("status").stdout.splitlines()
+               if x.startswith("10.1.0.0/16 "))
+    assert row.split()[1:] == [str(u["owned"]), "0", "1", str(u["owned"] - 1)]
+    from appliance.cli import _count
+    assert [_count(n) for n in (0, 99_999_999_999, 2**64, 2**64 - 2)] == \
+        ["0", "99999999999", "1.84e19", "1.84e19"]
+
+
+@pytest.mark.parametrize("argv", [["status"], ["sql", "-", "WITH RECURSIVE c(x) AS (SELECT 1 "
+                                   "UNION ALL SELECT x + 1 FROM c LIMIT 200000) SELECT x FROM c"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(daemon, argv):
+    """`ipamd status | head`, `ipamd sql DB "..." | head`: no traceback, no error line."""
+    argv = [a if a != "-" else str(daemon.db) for a in argv]
+    p = subprocess.Popen([*PYTHON_IPAMD, *argv, "--socket", str(daemon.socket)]
+                         if argv[0] == "status" else [*PYTHON_IPAMD, *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    assert err == b"" and p.returncode == -13, (p.returncode, err)  # killed by SIGPIPE

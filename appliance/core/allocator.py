@@ -720,7 +720,8 @@ class Allocator:
             quarantined = sum(1 for _ in self.quarantined(u, now))
             universes.append({"range": str(u), "static": u in self.static,
                               "owned": owned, "allocated": allocated,
-                              "quarantined": quarantined, "free": owned - allocated,
+                              # allocatable now: not held, quarantined or reserved
+                              "quarantined": quarantined, "free": self.free_count(u, lo, hi, now),
                               "ring_entries": len(ring.entries)})
         return {"peer": self.me, "default_subnet": str(self.default_subnet),
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
