@@ -278,8 +278,10 @@ def test_a_database_without_static_space_refuses_static_claims_in_a_cluster(tmp_
     r = solo.call({"op": "claim", "handle": "s0", "address": "10.40.8.5"})
     assert r["ok"] and r["address"] == "10.40.8.5/22", r
     ranges = ["10.40.10.0/24"]
-    h0 = launch_ranges(tmp_path, "h0", ranges)
-    h1 = launch_ranges(tmp_path, "h1", ranges, "--peer", h0.addr)
+    p0, p1 = free_ports(2)  # fixed: the restarts below must find each other again
+    h0 = launch_ranges(tmp_path, "h0", ranges, "--listen", f"127.0.0.1:{p0}")
+    h1 = launch_ranges(tmp_path, "h1", ranges, "--listen", f"127.0.0.1:{p1}",
+                       "--peer", f"127.0.0.1:{p0}")
     wait_until("h0 to know h1", lambda: status(h0)["reachable"] == [status(h1)["peer"]])
     for h in (h0, h1):
         h.stop()
