@@ -37,6 +37,11 @@ def peer_holder(peer: str) -> str:
     return f"peer {peer}"
 
 
+def _named(holder: str, kind: str) -> str | None:
+    """The handle (kind "handle") or peer id (kind "peer") a holder names, else None."""
+    return holder[len(kind) + 1:] if holder.startswith(kind + " ") else None
+
+
 @dataclass
 class Held:
     family: int
@@ -106,8 +111,8 @@ class Allocator:
 
     def load_reserved(self, key: tuple[int, int], holder: str) -> None:
         self.reserved.setdefault(key, set()).add(holder)
-        if holder.startswith("handle "):
-            self.reserved_by.setdefault(holder[7:], set()).add(key)
+        if (handle := _named(holder, "handle")) is not None:
+            self.reserved_by.setdefault(handle, set()).add(key)
         u = self.universe_of(key)
         if u is not None:
             self.used[u].add(key[1])
@@ -251,7 +256,7 @@ class Allocator:
         if holder in holders:
             return None
         holders.add(holder)
-        handle = holder[7:] if holder.startswith("handle ") else None
+        handle = _named(holder, "handle")
         if handle is not None:
             self.reserved_by.setdefault(handle, set()).add(key)
             self.unsettled.add(handle)
@@ -294,9 +299,7 @@ class Allocator:
     def reserve_owned(self, key: tuple[int, int], peer: str) -> tuple[dict | None, list[Row]]:
         """Reserve a gateway this peer owns for another peer that asked: (error, rows)."""
         rows: list[Row] = []
-        u = self.universe_of(key)
-        if u is None or self.rings[u].owner_of(key[1]) != self.me:
-            return error("not_owned", f"{self.me} does not own gateway {_fmt(key)}"), []
+        u = self.universe_of(key)  # the caller made sure this peer owns key
         holder = self.by_addr.get(key)
         if holder is not None:
             return error("in_use", f"gateway {_fmt(key)} is held by handle {holder.handle!r} "
@@ -336,9 +339,9 @@ class Allocator:
             # Ours meanwhile (a claim nearby brought its block, free, so never reserved
             # there), perhaps handed out already: nobody else can be keeping it for us.
             return []
-        self.reserved[key] = {RELEASING}
-        self._mark_used(u, key[1])
-        return [Reserve(_fmt(key), RELEASING, str(u), "gateway, owner to be told")]
+        rows: list[Row] = []
+        self._add_holder(key, u, RELEASING, "gateway, owner to be told", rows)
+        return rows
 
     def releasing(self) -> list[tuple[int, int]]:
         return sorted(k for k, h in self.reserved.items() if h == {RELEASING})
@@ -349,7 +352,7 @@ class Allocator:
         for key, holders in self.reserved.items():
             u = self.universe_of(key)
             if u is not None and self.rings[u].owner_of(key[1]) != self.me and \
-                    any(h.startswith("handle ") for h in holders):
+                    any(_named(h, "handle") is not None for h in holders):
                 out.append(key)
         return sorted(out)
 
@@ -357,8 +360,8 @@ class Allocator:
         out: dict[str, list[tuple[int, int]]] = {}
         for key, holders in self.reserved.items():
             for h in holders:
-                if h.startswith("peer "):
-                    out.setdefault(h[5:], []).append(key)
+                if (peer := _named(h, "peer")) is not None:
+                    out.setdefault(peer, []).append(key)
         return out
 
     def reservations_in(self, u: Cidr, lo: int, hi: int) -> list:
@@ -366,8 +369,8 @@ class Allocator:
         or for good, as a Handover carries them: peer ids, or "kept"."""
         out = []
         for (f, a), holders in sorted(self.reserved.items()):
-            names = tuple(sorted(h[5:] if h.startswith("peer ") else h for h in holders
-                                 if h.startswith("peer ") or h == KEPT))
+            names = tuple(sorted(_named(h, "peer") or h for h in holders
+                                 if _named(h, "peer") is not None or h == KEPT))
             if f == u.family and lo <= a < hi and names:
                 out.append((u, a, names))
         return out
@@ -388,11 +391,11 @@ class Allocator:
         holders = self.reserved[key]
         holders.discard(holder)
         rows: list[Row] = [Unreserve(_fmt(key), holder)]
-        if holder.startswith("handle "):
-            mine = self.reserved_by[holder[7:]]
+        if (handle := _named(holder, "handle")) is not None:
+            mine = self.reserved_by[handle]
             mine.discard(key)
             if not mine:
-                del self.reserved_by[holder[7:]]
+                del self.reserved_by[handle]
         if holders:
             return rows
         del self.reserved[key]
@@ -407,8 +410,7 @@ class Allocator:
             rows.append(FreeAddress(_fmt(key), str(u), now))
         elif holder != RELEASING:
             # Reserved for us by its owner: the owner is to be told, until it answers.
-            self.reserved[key] = {RELEASING}
-            rows.append(Reserve(_fmt(key), RELEASING, str(u), "gateway, owner to be told"))
+            self._add_holder(key, u, RELEASING, "gateway, owner to be told", rows)
         else:
             self.used[u].discard(key[1])
         return rows
