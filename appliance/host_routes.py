@@ -107,8 +107,9 @@ def _dump():
     families = {AF_INET: 4, AF_INET6: 6}
     with IPRoute() as ipr:
         names = {link["index"]: link.get("ifname") for link in ipr.link("dump")}
-        addrs = [(a.get("address"), a["prefixlen"], a["index"]) for a in ipr.addr("dump")
-                 if a["family"] in families]
+        # IFA_LOCAL is this host's end; IFA_ADDRESS is the far end on a point-to-point link.
+        addrs = [(a.get("local") or a.get("address"), a["prefixlen"], a["index"])
+                 for a in ipr.addr("dump") if a["family"] in families]
         routes = []
         for r in ipr.route("dump", table=MAIN_TABLE):
             family = families.get(r["family"])
