@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forget a peer address learned from another peer once it has gone "
                          "this long without answering with the secret, unless it is a member "
                          "(default: 3600)")
+    la.add_argument("--allow-route-overlap", action="store_true",
+                    help="start even if a new range overlaps a route or an address of this "
+                         "host (checked only when a database takes its ranges)")
     la.add_argument("--secret-file", type=Path, metavar="PATH",
                     help="file holding the cluster secret, shared by every host (default: "
                          "$IPAMD_SECRET). Peers prove they know it; it never travels")
@@ -356,7 +359,8 @@ def _launch(args) -> int:
         reuse_delay=args.reuse_delay, gateways=frozenset(args.gateway),
         sweep_interval=args.sweep_interval, docker_socket=args.docker_plugin,
         peers=args.peer, listen=args.listen, secret=secret, metrics=args.metrics,
-        init_peers=args.init_peers, quorum=args.quorum, candidate_ttl=args.candidate_ttl)
+        init_peers=args.init_peers, quorum=args.quorum, candidate_ttl=args.candidate_ttl,
+        allow_route_overlap=args.allow_route_overlap)
     try:
         trio.run(run, config, lambda line: print(line, flush=True))
     except (Refused, OSError) as e:

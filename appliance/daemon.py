@@ -26,7 +26,7 @@ from .core import messages as m
 from .core.messages import error
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
-from . import cni_ops, limits
+from . import cni_ops, host_routes, limits
 from .unixsock import serve_unix
 from .protocols import cni
 from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
@@ -56,6 +56,7 @@ class Config:
     init_peers: list[str] = field(default_factory=list)  # seeds: HOST:PORT of each
     quorum: int | None = None                        # the first hosts vote on the split
     candidate_ttl: float = 3600.0  # seconds a peer address learned, never heard from, is kept
+    allow_route_overlap: bool = False  # a new range may overlap this host's routes
 
 
 class CommitFailed(Exception):
@@ -448,8 +449,11 @@ async def run(config: Config, ready=print) -> None:
         # addresses there get one owner cluster-wide.
         static = uncovered(config.subnet, config.universes) \
             if config.subnet is not None and config.universes is not None else None
+        # Ranges new to this database are checked against the host's routes (host_routes.py
+        # says why only new ones).
         loaded = store.open(config.universes, config.name, mode=mode, bootstrap_meta=meta,
-                            static=static)
+                            static=static, on_new=functools.partial(
+                                host_routes.check_ranges, allow=config.allow_route_overlap))
         if loaded.note:
             log.warning("event=no_static_space reason=%r", loaded.note)
         _check_subnet(config.subnet, loaded.universes)
@@ -496,7 +500,7 @@ async def run(config: Config, ready=print) -> None:
                   f"db={store.path} ranges={','.join(map(str, ranges))}{static_text} "
                   f"allocations={len(core.allocator.by_addr)} durability={config.durability}"
                   f"{listening}")
-    except StoreError as e:
+    except (StoreError, host_routes.RangeOverlapsHost) as e:
         raise Refused(str(e)) from None
     finally:
         store.close()

@@ -96,13 +96,15 @@ class Store:
     def open(self, universes: list[Cidr] | None, nickname: str,
              migrations: dict[int, str] | None = None, mode: str = "single",
              bootstrap_meta: dict[str, str] | None = None,
-             static: list[Cidr] | None = None) -> Loaded:
+             static: list[Cidr] | None = None, on_new=None) -> Loaded:
         """Open or create; `universes` None means "whatever the database has". A new database
         owns everything (mode "single"), or nothing yet: "join" (no cluster until its first
         peer says), "seeds" or "quorum" (the cluster named from the flags every first host
         shares; the split comes later). bootstrap_meta (the seed list, the quorum size) is
         kept in meta so a restart needs no flags to carry on. `static`: the claim-only
-        universes (--subnet outside the ranges) a new database gets; None: as it has."""
+        universes (--subnet outside the ranges) a new database gets; None: as it has.
+        on_new(ranges): called with a new database's ranges (static ones too) before anything
+        is written; what it raises refuses them."""
         migrations = MIGRATIONS if migrations is None else migrations
         exists = self.path.exists()
         flags = apsw.SQLITE_OPEN_READWRITE | (0 if exists else apsw.SQLITE_OPEN_CREATE)
@@ -117,6 +119,8 @@ class Store:
             if version is None:
                 if not universes:
                     raise StoreError(f"{self.path} is new: name its ranges with --iprange")
+                if on_new is not None:
+                    on_new([*universes, *(static or [])])
                 loaded = self._create(conn, universes, static or [], nickname, mode,
                                       bootstrap_meta or {})
             else:

@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -27,3 +28,7 @@ def _no_daemon_left_behind():
     yield
     while Daemon.started:
         Daemon.started.pop().stop()
+    netns = sys.modules.get("tests.netns")  # loaded only by tests that make namespaces
+    if netns is not None:
+        for ns in list(netns.Namespaces.live):  # a test that died before its own cleanup
+            ns.cleanup()

@@ -10,7 +10,7 @@ from pathlib import Path
 import apsw
 
 from .daemon_proc import Daemon, wait_until
-from .netns import Namespaces, need_netns, sh
+from .netns import Namespaces, add_address, need_netns, set_up, sh
 
 SECRET = "multihost-test-secret-0123456789"
 PORT = 7300
@@ -26,27 +26,24 @@ class Cluster:
         self.ns = Namespaces()
         self.hosts: list[str] = []
         self.daemons: list[Daemon] = []
-        self.hub = self.ns.add("hub")
         try:
-            sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-            sh("ip", "-n", self.hub, "link", "set", "br0", "up")
+            self.hub = self.ns.add("hub")
+            self.ns.bridge(self.hub, "br0")
             (tmp / "secret").write_text(SECRET)
             for i in range(n):
                 h = self.ns.add(f"h{i}")
                 self.hosts.append(h)
                 # Made inside the hub namespace, one end moved to the host: nothing in ours.
-                sh("ip", "-n", self.hub, "link", "add", f"p{i}", "type", "veth", "peer", "name",
-                   "eth0", "netns", h)
-                sh("ip", "-n", self.hub, "link", "set", f"p{i}", "master", "br0", "up")
-                sh("ip", "-n", h, "addr", "add", f"{ip(i)}/24", "dev", "eth0")
-                sh("ip", "-n", h, "link", "set", "eth0", "up")
-                sh("ip", "-n", h, "link", "set", "lo", "up")
+                self.ns.veth(self.hub, f"p{i}", h, "eth0", master="br0")
+                add_address(h, "eth0", f"{ip(i)}/24")
+                set_up(h, "lo")
                 (tmp / f"h{i}").mkdir()
                 flags = ["--iprange", iprange, "--name", f"h{i}", "--listen", f"{ip(i)}:{PORT}",
                          "--secret-file", str(tmp / "secret"), *extra]
                 if i:
                     flags += ["--peer", f"{ip(i - 1)}:{PORT}"]  # one --peer each, a chain
-                d = Daemon(tmp / f"h{i}", *flags,
+                # In a namespace of our own making: the launch checks its routes for real.
+                d = Daemon(tmp / f"h{i}", *flags, route_check=True,
                            command=["ip", "netns", "exec", h, sys.executable, "-m", "appliance"])
                 d.start()
                 self.daemons.append(d)
@@ -76,7 +73,7 @@ class Cluster:
     # -- partitions ----------------------------------------------------------------------------
 
     def link(self, i: int, up: bool) -> None:
-        sh("ip", "-n", self.hub, "link", "set", f"p{i}", "up" if up else "down")
+        set_up(self.hub, f"p{i}", up)
 
     def cut(self, side_a: list[int], side_b: list[int]) -> None:
         """nft rules in each host's namespace dropping everything to and from the other side

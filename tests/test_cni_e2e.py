@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from .daemon_proc import ROOT, Daemon
-from .netns import BRIDGE_PLUGIN, Namespaces, need_netns, sh
+from .netns import BRIDGE_PLUGIN, Namespaces, addresses, need_netns, sh
 from .test_frozen import frozen
 
 FORWARDER = ROOT / "dist" / "ipamd-cni"
@@ -60,9 +60,7 @@ def cni(plugin, command, conf, container="", netns="", ifname="eth0", path=None)
 
 
 def addresses_in(netns: str) -> set[str]:
-    info = json.loads(sh("ip", "-n", netns, "-j", "addr", "show", "eth0").stdout)
-    return {f"{a['local']}/{a['prefixlen']}" for i in info for a in i["addr_info"]
-            if a.get("scope") == "global"}
+    return addresses(netns, "eth0")
 
 
 def test_fifty_containers_on_a_bridge(world):
