@@ -23,14 +23,9 @@ import trio
 
 from .core.addr import Cidr, cidr, parse_hostport, uncovered
 from .core import messages as m
-from .core.messages import error
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
-from . import cni_ops, limits
-from .unixsock import serve_unix
-from .protocols import cni
-from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
-                             parse_request)
+from . import limits
 from .store import Store, StoreError
 
 log = logging.getLogger("ipamd")
@@ -341,86 +336,6 @@ def _lock(data_dir: Path) -> int:
     return fd
 
 
-async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
-    buf = bytearray()
-    async with stream:
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0 or nl > MAX_LINE:
-                if len(buf) > MAX_LINE:
-                    # The rest of the line cannot be told apart from the next request: say why
-                    # and hang up rather than guess.
-                    err = HookError("too_large", f"request line exceeds {MAX_LINE} bytes")
-                    await stream.send_all(encode_reply(err.reply()))
-                    return
-                data = None
-                with trio.move_on_after(HOOK_IDLE):
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return
-                if not data:  # closed, or idle too long: a slot for someone else
-                    return
-                buf += data
-                continue
-            line = bytes(buf[:nl])
-            del buf[:nl + 1]
-            if not line.strip():
-                continue
-            try:
-                request = parse_request(line)
-            except HookError as e:
-                log.info("event=bad_request code=%s message=%r", e.code, e.message)
-                out = encode_reply(e.reply())
-            else:
-                out = await _answer(core, request)
-            try:
-                await stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-
-async def _answer(core: CoreLoop, request) -> bytes:
-    try:
-        if isinstance(request, CniRequest):
-            return await _answer_cni(core, request)
-        reply = await core.submit(request)
-        if isinstance(request, m.Status) and reply["ok"]:
-            reply["swept"] = core.sweeper.swept
-            reply["conflicts"] = core.conflicts
-            if core.net is not None:
-                reply["peer_bytes_sent"] = core.net.traffic()
-                reply["candidates"] = len(core.net.candidates())
-                reply["candidates_expired"] = core.net.expired
-        return encode_reply(reply)
-    except (CommitFailed, CoreBug) as e:
-        if isinstance(request, CniRequest):
-            return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
-        return encode_reply(error("internal", str(e)))
-
-
-async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
-    try:
-        call = cni.parse_call(request.env, request.stdin)
-        req = cni_ops.request_for(call)
-    except cni.CniError as e:
-        log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
-        return encode_cni_reply(cni.error_result(e), 1)
-    reply = await core.submit(req) if req is not None else None
-    output, code = cni_ops.result(call, reply)
-    log.info("event=cni command=%s handle=%r exit=%d", call.command, call.handle, code)
-    return encode_cni_reply(output, code)
-
-
-HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
-
-
-async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
-                      cap: int = 512) -> None:
-    await serve_unix(path, lambda stream: _serve_connection(stream, core), "hook", cap, 256,
-                     task_status=task_status)
-
-
 async def run(config: Config, ready=print) -> None:
     # Work handed to threads (a metrics scrape's formatting, the sweeper's checks) holds the
     # GIL for up to the switch interval at a time while the event loop waits: 5 ms by
@@ -483,6 +398,7 @@ async def run(config: Config, ready=print) -> None:
                 bound = await nursery.start(functools.partial(
                     serve_metrics, host, port, core.metrics, cap=caps["metrics"]))
                 listening += f" metrics={host or '*'}:{bound}"
+            from .hook_server import serve_hooks
             await nursery.start(functools.partial(serve_hooks, config.socket, core,
                                                   cap=caps["hook"]))
             if config.docker_socket is not None:

@@ -45,7 +45,7 @@ import time
 import msgpack
 import trio
 
-from . import peer_codec
+from .protocols import peer_messages
 from .core.addr import AddrError, parse_hostport
 from .limits import ConnectionCap, Summary
 
@@ -216,7 +216,7 @@ class PeerNet:
         if q is None:
             return  # not connected: the core treats it as lost, as any message may be
         try:
-            frame = peer_codec.encode(msg)
+            frame = peer_messages.encode(msg)
         except Exception as e:  # a bug in what the core made: lose this message, not the daemon
             self.unsendable += 1
             log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r", dst,
@@ -505,8 +505,8 @@ class PeerNet:
                 self.heard[session.peer] = self.clock()
             if kind == CORE:
                 try:
-                    msg = peer_codec.decode(payload)
-                except peer_codec.CodecError as e:
+                    msg = peer_messages.decode(payload)
+                except peer_messages.CodecError as e:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
             elif kind == ADDRESSES:

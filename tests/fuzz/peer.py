@@ -22,15 +22,15 @@ import time
 
 import msgpack
 
-from appliance import peer_codec
+from appliance.protocols import peer_messages
 from appliance.core.addr import AddrError, parse_cidr, parse_hostport
 from appliance.peer_net import (ADDRESSES, CORE, HEAD, KEEPALIVE_FRAME, MAGIC, MAX_FRAME,
                                 PROTOCOL, _mac)
 
 from . import garble
 
-KINDS = list(peer_codec.KINDS)
-FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_codec.KINDS.items()}
+KINDS = list(peer_messages.KINDS)
+FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_messages.KINDS.items()}
 
 
 class Closed(Exception):
@@ -426,8 +426,8 @@ def predict_core(payload: bytes):
     accepts it (the connection stays), ("fatal", reason) when it refuses it (the connection
     ends), ("bug", exception) when the codec raises something it should not."""
     try:
-        return "ok", peer_codec.decode(payload)
-    except peer_codec.CodecError as e:
+        return "ok", peer_messages.decode(payload)
+    except peer_messages.CodecError as e:
         return "fatal", str(e)
     except Exception as e:  # noqa: BLE001 - the finding itself
         return "bug", e
