@@ -99,8 +99,10 @@ class CoreLoop:
     takes.
     """
 
-    def __init__(self, store: Store, loaded, config: Config, clock=time.time):
+    def __init__(self, store: Store, loaded, config: Config, clock=time.time,
+                 outbox: trio.MemorySendChannel | None = None):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
+        self.outbox = outbox  # (dst, message) to peers, once committed: the transport drains it
         self.pending_seeds: dict[str, str | None] | None = None
         meta = loaded.meta or {}
         if loaded.mode == "quorum" and "vote" not in meta:
@@ -116,7 +118,6 @@ class CoreLoop:
         self._open = _Batch()
         self._waiters: dict[int, _Waiter] = {}
         self._refs = itertools.count()
-        self.send = lambda dst, msg: None  # the peer transport replaces this
         self.metrics = None
         self.net = None  # the peer transport, when there is one
         self.conflicts = 0  # ring data refused as conflicting, since start
@@ -127,6 +128,28 @@ class CoreLoop:
     @property
     def allocator(self):
         return self.peer.allocator
+
+    # -- what the peer transport reads (peer_net.CoreSide) ---------------------------------------
+
+    @property
+    def me(self) -> str:
+        return self.loaded.peer_id
+
+    @property
+    def ranges(self) -> list[str]:
+        return sorted(map(str, self.loaded.universes))
+
+    def cluster(self) -> tuple[str, str]:
+        return self.peer.cluster, self.peer.base_cluster
+
+    def heard_from(self) -> frozenset[str]:
+        return frozenset(self.peer.seen)
+
+    def members(self) -> frozenset[str]:
+        return frozenset(self.peer.members())
+
+    def removed(self) -> frozenset[str]:
+        return frozenset(self.peer.removed)
 
     def _subnet(self):
         return self.config.subnet or self.loaded.universes[0]
@@ -313,7 +336,12 @@ class CoreLoop:
                 if self.metrics is not None:
                     self.metrics.conflicts.inc()
         for dst, msg in ready.messages:
-            self.send(dst, msg)
+            if self.outbox is None:
+                continue  # no transport: lost, as any message may be
+            try:
+                self.outbox.send_nowait((dst, msg))
+            except trio.WouldBlock:
+                log.info("event=dropped peer=%s reason=outbox_full", dst)
         for ref, reply in ready.replies:
             self._reply(ref, reply)
 
@@ -368,25 +396,32 @@ async def run(config: Config, ready=print) -> None:
         if loaded.note:
             log.warning("event=no_static_space reason=%r", loaded.note)
         _check_subnet(config.subnet, loaded.universes)
-        core = CoreLoop(store, loaded, config)
+        store.set_nickname(loaded.peer_id, config.name)
+        known = store.peer_addresses()
+        known.pop(loaded.peer_id, None)
+        networked = bool(config.peers or config.listen or config.init_peers or known)
+        if known and len(config.secret or b"") < 16:
+            log.warning("event=alone reason=%r", "the database knows peers, but there is no "
+                        "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
+            networked = False
+        outbox, drained = trio.open_memory_channel(OUTBOX) if networked else (None, None)
+        core = CoreLoop(store, loaded, config, outbox=outbox)
         core.sweeper = Sweeper(core, config.sweep_interval)
         async with trio.open_nursery() as nursery:
             await nursery.start(core.sweeper.run)
             nursery.start_soon(_ticker, core)
             listening = ""
-            known = store.peer_addresses()
-            known.pop(loaded.peer_id, None)
-            if known and len(config.secret or b"") < 16:
-                log.warning("event=alone reason=%r", "the database knows peers, but there is no "
-                            "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
-            elif config.peers or config.listen or config.init_peers or known:
+            if networked:
                 from .peer_net import PeerNet
                 host, port = parse_hostport(config.listen) if config.listen else (None, None)
+                nicknames = store.peer_nicknames()
+                nicknames.pop(loaded.peer_id, None)
                 net = core.net = PeerNet(
                     core, config.secret, port, known=known, save=store.save_peer_address,
-                    cap=caps["peer"], candidates=store.candidates(time.time()),
+                    cap=caps["peer"], outbox=drained, candidates=store.candidates(time.time()),
                     candidate_ttl=config.candidate_ttl, heard_from=store.peer_heard,
-                    forget=store.forget_candidates)
+                    forget=store.forget_candidates, nickname=config.name,
+                    nicknames=nicknames, save_nickname=store.set_nickname)
                 seeds = (loaded.meta or {}).get("seed_addresses", "")
                 dial = config.peers + [a for a in seeds.split(",") if a]
                 bound = await nursery.start(net.run, host, sorted(set(dial)))
@@ -426,6 +461,10 @@ def _check_subnet(subnet: Cidr | None, universes: list[Cidr]) -> None:
 
 
 SWITCH_INTERVAL = 0.0005
+# Messages committed and not yet taken by the transport. It drains them as soon as the event
+# loop lets it; a batch beyond this (a bug, or a stalled loop) loses the rest, as any message
+# may be lost.
+OUTBOX = 65536
 TICK = 0.1  # seconds between core ticks: gossip rounds, request timeouts, free hints
 
 

@@ -9,7 +9,8 @@ import trio
 import trio.testing
 
 from appliance.core.addr import cidr
-from appliance.peer_net import CORE, PeerNet, ProtocolError, _Framed, _mac, _Session
+from appliance.peer_net import PeerNet, _Framed, _Session
+from appliance.protocols.peer_frames import CORE, ProtocolError, mac
 
 SECRET = b"a-cluster-secret-of-some-length"
 
@@ -28,11 +29,38 @@ class FakePeer:
 
 
 class FakeCore:
+    """The core loop as PeerNet sees it (peer_net.CoreSide), over plain fields."""
+
     def __init__(self, peer_id, cluster="c1"):
         self.loaded = Loaded(peer_id, cluster)
         self.peer = FakePeer(cluster, cluster)
         self.reachable = set()
-        self.send = None
+
+    @property
+    def me(self):
+        return self.loaded.peer_id
+
+    @property
+    def ranges(self):
+        return sorted(map(str, self.loaded.universes))
+
+    def cluster(self):
+        return self.peer.cluster, self.peer.base_cluster
+
+    def heard_from(self):
+        return set()
+
+    def members(self):
+        return {self.me}
+
+    def removed(self):
+        return set()
+
+    async def receive(self, sender, msg):
+        pass
+
+    def set_reachable(self, peers, dialling):
+        self.reachable = set(peers)
 
     async def join_cluster(self, cluster):
         self.loaded.cluster_id = self.peer.cluster = self.peer.base_cluster = cluster
@@ -111,7 +139,7 @@ async def test_a_recorded_handshake_replayed_to_a_new_connection_fails():
         recorded.append(await reader.read())
         theirs = PeerNet._check_hello(a1, recorded[0])[2]
         both = hashlib.sha256(hello + recorded[0]).digest()
-        await reader.write(_mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, both))
+        await reader.write(mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, both))
         recorded.append(await reader.read())
     # Replay to a fresh a, which picks a fresh nonce: the old proof cannot match it.
     left, right = trio.testing.memory_stream_pair()

@@ -17,8 +17,8 @@ import trio.testing
 from appliance import peer_net
 from appliance.core.addr import cidr
 from appliance.core.messages import PeerSeen
-from appliance.peer_net import (ADDRESSES, KEEPALIVE, KEEPALIVE_FRAME, PeerNet, ProtocolError,
-                                _Framed, _Session)
+from appliance.peer_net import KEEPALIVE, PeerNet, _Framed, _Session
+from appliance.protocols.peer_frames import ADDRESSES, KEEPALIVE_FRAME, ProtocolError
 from appliance.store import Store
 
 from .daemon_proc import wait_until
@@ -41,17 +41,19 @@ class CorePeer:
         return ({self.me} | self.seen | self.owners) - set(self.removed)
 
 
-class Core:
+class Core(FakeCore):
     def __init__(self, me="me"):
-        self.loaded = Loaded(me)
+        super().__init__(me)
         self.peer = CorePeer(me)
-        self.reachable, self.dialling, self.send = set(), False, None
 
-    def set_reachable(self, peers, dialling=None):
-        self.reachable = set(peers)
+    def heard_from(self):
+        return self.peer.seen
 
-    async def identified(self, address, peer):
-        pass
+    def members(self):
+        return self.peer.members()
+
+    def removed(self):
+        return set(self.peer.removed)
 
 
 def rows(store):

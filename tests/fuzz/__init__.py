@@ -46,7 +46,7 @@ from pathlib import Path
 
 import msgpack
 
-from appliance.peer_net import _mac
+from appliance.protocols.peer_frames import mac
 from ..daemon_proc import Daemon, wait_until
 
 from . import docker as dk
@@ -468,7 +468,7 @@ class Soak:
                 theirs = msgpack.unpackb(heard)[6]
                 if then == "wrong_secret":
                     both = hashlib.sha256(ours + heard).digest()
-                    s.sendall(pr.frame(_mac(b"not-the-cluster-secret!", b"proof", me.encode(),
+                    s.sendall(pr.frame(mac(b"not-the-cluster-secret!", b"proof", me.encode(),
                                             theirs, mine, both)))
                 elif then == "random_proof":
                     s.sendall(pr.frame(rng.randbytes(rng.choice([0, 31, 32, 33, 64]))))
