@@ -64,15 +64,26 @@ async def _answer(core: CoreLoop, request) -> bytes:
         if isinstance(request, m.Status) and reply["ok"]:
             reply["swept"] = core.sweeper.swept
             reply["conflicts"] = core.conflicts
+            names = {}
             if core.net is not None:
                 reply["peer_bytes_sent"] = core.net.traffic()
                 reply["candidates"] = len(core.net.candidates())
                 reply["candidates_expired"] = core.net.expired
+                names = core.net.nicknames
+            reply["nicknames"] = _nicknames(reply, {**names, core.me: core.config.name})
         return encode_reply(reply)
     except (CommitFailed, CoreBug) as e:
         if isinstance(request, CniRequest):
             return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
         return encode_reply(error("internal", str(e)))
+
+
+def _nicknames(status: dict, known: dict[str, str]) -> dict[str, str]:
+    """The nicknames of the peers a status reply names (members, removed, owners)."""
+    named = {status["peer"], *status["members"], *status["removed"]}
+    for u in status["universes"]:
+        named.update(u["peers"])
+    return {p: known[p] for p in sorted(named) if p in known}
 
 
 async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:

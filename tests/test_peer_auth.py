@@ -231,6 +231,34 @@ def test_bad_address_book_entries_are_dropped_one_by_one():
             n._learn(book if isinstance(book, bytes) else msgpack.packb(book))
 
 
+def test_nicknames_travel_in_address_books():
+    import msgpack
+
+    from appliance.protocols.peer_book import Entry, decode_book
+    n = net("a")
+    # Entries of an older ipamd (an address alone) still parse: no nickname known.
+    n._learn(msgpack.packb({"b": "h:1", "c": ["h:2", "host-c"], "d": ["", "host-d"]}), "d")
+    assert n.addresses == {"b": "h:1", "c": "h:2"}
+    assert n.nicknames == {"c": "host-c", "d": "host-d"}
+    # A bad nickname costs its entry only: not the others, nor the connection.
+    n._learn(msgpack.packb({"e": ["h:3", "bad\x07"], "f": ["h:4", "x" * 65], "g": ["h:5", 7],
+                            "h": ["h:6"], "i": ["h:7", "host-i"], "j": ["h:8", "has space"],
+                            "d": ["", ""]}), "d")
+    assert n.addresses == {"b": "h:1", "c": "h:2", "i": "h:7"}
+    assert n.nicknames == {"c": "host-c", "d": "host-d", "i": "host-i"}
+    # A peer's own word wins; another's word only fills a gap; nobody kept, nothing kept.
+    n._learn(msgpack.packb({"d": ["", "liar"], "b": ["", "heard-b"], "zz": ["", "ghost"]}), "c")
+    assert n.nicknames == {"c": "host-c", "d": "host-d", "i": "host-i", "b": "heard-b"}
+    n._learn(msgpack.packb({"b": ["", "real-b"]}), "b")
+    n._learn(msgpack.packb({"b": ["", "liar"]}), "c")
+    assert n.nicknames["b"] == "real-b"
+    # Our books carry our own nickname, and those we know of peers we name.
+    n.nickname = "host-a"
+    n._proved("b")
+    assert decode_book(n._book_payload("c")) == (
+        {"a": Entry(None, "host-a"), "b": Entry("h:1", "real-b")}, [])
+
+
 def test_phantom_peers_from_an_address_book_stay_candidates(tmp_path):
     """A thousand made-up entries: at most MAX_CANDIDATES are kept and dialled, none of them is
     a member after a restart, and so none can block rmpeer."""
