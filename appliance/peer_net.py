@@ -31,6 +31,8 @@ keeps announcing would never go. Books carry only peers that proved the secret t
 members, never candidates, so honest peers do not keep each other's phantoms alive by passing
 them back and forth, and a candidate expires on every host that was told of it; a real host
 is still announced by every member that knows it, and is learned again within a round.
+Books also carry nicknames: our own, and those we keep of the peers we name (a peer's own
+word wins over what others say of it).
 """
 from __future__ import annotations
 
