@@ -22,7 +22,6 @@ import apsw
 import trio
 
 from .core.addr import Cidr, cidr, parse_hostport, uncovered
-from .core import messages as m
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
 from . import limits

@@ -22,7 +22,7 @@ from appliance.protocols.peer_frames import ADDRESSES, KEEPALIVE_FRAME, Protocol
 from appliance.store import Store
 
 from .daemon_proc import wait_until
-from .test_peer_auth import SECRET, FakeCore, Loaded
+from .test_peer_auth import SECRET, FakeCore
 from .test_peers import RANGE, SECRET as DAEMON_SECRET, joined, launch, status
 
 TTL = 60.0
