@@ -77,7 +77,7 @@ clean:
 	rm -rf build dist $(VENV)
 
 ## Mutation testing (mutmut, [tool.mutmut] in pyproject.toml; tests/mutate.py): faults planted
-## in the core and the entrances (cni_ops, docker_ipam, sweeper) must fail the fast tests. Each
+## in the core and the entrances (cni_ops, protocols/docker_ipam, sweeper) must fail the fast tests. Each
 ## mutant runs only the in-process tests that call its function, two at a time. All of it takes
 ## hours; MUTANTS picks some: make mutate MUTANTS='appliance.core.intervals*'. Results stay in
 ## mutants/ and a later run resumes them (rm -rf mutants to start afresh). MIN_SCORE=percent

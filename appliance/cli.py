@@ -106,6 +106,14 @@ def _interval_arg(text: str) -> float:
     return v
 
 
+def _nickname_arg(text: str) -> str:
+    from .protocols.peer_book import nickname_problem
+    problem = nickname_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def _ttl_arg(text: str) -> float:
     v = _delay_arg(text)
     if v < 1:
@@ -132,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"where {DB_NAME} lives (default: {default_data_dir()})")
     la.add_argument("--socket", type=Path, default=None,
                     help=f"hook socket (default: $IPAMD_SOCKET or {default_socket()})")
-    la.add_argument("--name", default=socket.gethostname(), help="nickname (default: hostname)")
+    la.add_argument("--nickname", "--name", dest="name", type=_nickname_arg,
+                    default=socket.gethostname(), metavar="NAME",
+                    help="what `ipamd status` and `ipamd peers` call this host, here and on "
+                         "every peer (default: the hostname; up to 64 printable characters, "
+                         "no spaces)")
     la.add_argument("--durability", choices=("process", "power"), default="process",
                     help="process: survive a crash of ipamd (WAL, synchronous=NORMAL); power: "
                          "also a power loss (synchronous=FULL). Default: process")
@@ -252,6 +264,20 @@ def _count(n: int) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+class _nicknames:
+    """A peer's nickname from a status reply, "-" when not known (an older peer, or one not
+    heard from yet); width(peers): a column that fits theirs."""
+
+    def __init__(self, reply: dict):
+        self.names = reply.get("nicknames") or {}
+
+    def __call__(self, peer: str) -> str:
+        return self.names.get(peer) or "-"
+
+    def width(self, peers) -> int:
+        return max([len(self(p)) for p in peers] + [len("NICKNAME")]) + 2
+
+
 def _show(cmd: str, r: dict) -> None:
     if cmd in ("allocate", "claim"):
         print(r["address"])
@@ -268,7 +294,8 @@ def _show(cmd: str, r: dict) -> None:
         for a in rows:
             print(f"{a['handle']:<{width}}  {a['address']}")
     elif cmd == "status":
-        print(f"peer {r['peer']}  {r['standing']}{'  (' + r['note'] + ')' if r['note'] else ''}"
+        nick = _nicknames(r)
+        print(f"peer {r['peer']} {nick(r['peer'])}  {r['standing']}{'  (' + r['note'] + ')' if r['note'] else ''}"
               f"  cluster {r['cluster'] or '(none yet)'}")
         print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
               f"{r['allocations']} addresses held by {r['handles']} handles  "
@@ -282,26 +309,29 @@ def _show(cmd: str, r: dict) -> None:
                   f"{_count(u['quarantined']):>13}{_count(u['free']):>12}")
         for u in r["universes"]:
             size = sum(p["owned"] for p in u["peers"].values()) or 1
+            width = nick.width(u["peers"])
             print(f"\n{u['range']}: {u['ring_entries']} ring entries")
-            print(f"  {'PEER':<18}{'SHARE':>8}{'FREE':>8}  STATE")
+            print(f"  {'PEER':<18}{'NICKNAME':<{width}}{'SHARE':>8}{'FREE':>8}  STATE")
             for peer, p in u["peers"].items():
                 free = 100 * p["free_hint"] / p["owned"] if p["owned"] else 0
                 state = "this peer" if peer == r["peer"] else \
                     "reachable" if p["reachable"] else "unreachable"
-                print(f"  {peer:<18}{100 * p['owned'] / size:>7.1f}%{free:>7.1f}%  {state}")
+                print(f"  {peer:<18}{nick(peer):<{width}}{100 * p['owned'] / size:>7.1f}%"
+                      f"{free:>7.1f}%  {state}")
         if r.get("reserved"):
             # Gateways requests named: kept out of use while a holder still names them.
             print(f"\n{'RESERVED':<28}HELD BY")
             for address, holders in r["reserved"].items():
                 print(f"{address:<28}{', '.join(holders)}")
     elif cmd == "peers":
-        reach = set(r["reachable"])
+        reach, nick = set(r["reachable"]), _nicknames(r)
+        width = nick.width([*r["members"], *r["removed"]])
         for peer in r["members"]:
             state = "this peer" if peer == r["peer"] else \
                 "reachable" if peer in reach else "unreachable"
-            print(f"{peer}  {state}")
+            print(f"{peer}  {nick(peer):<{width}}{state}")
         for peer, by in r["removed"].items():
-            print(f"{peer}  removed by {by}")
+            print(f"{peer}  {nick(peer):<{width}}removed by {by}")
     elif cmd == "leave":
         for peer, ranges in r["handed"].items():
             print(f"handed {', '.join(ranges)} to {peer}")

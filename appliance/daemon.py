@@ -22,15 +22,9 @@ import apsw
 import trio
 
 from .core.addr import Cidr, cidr, parse_hostport, uncovered
-from .core import messages as m
-from .core.messages import error
 from .core.peer import Peer, Ready
 from .sweeper import Sweeper
-from . import cni_ops, host_routes, limits
-from .unixsock import serve_unix
-from .protocols import cni
-from .protocols.hook import (MAX_LINE, CniRequest, HookError, encode_cni_reply, encode_reply,
-                             parse_request)
+from . import host_routes, limits
 from .store import Store, StoreError
 
 log = logging.getLogger("ipamd")
@@ -105,8 +99,10 @@ class CoreLoop:
     takes.
     """
 
-    def __init__(self, store: Store, loaded, config: Config, clock=time.time):
+    def __init__(self, store: Store, loaded, config: Config, clock=time.time,
+                 outbox: trio.MemorySendChannel | None = None):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
+        self.outbox = outbox  # (dst, message) to peers, once committed: the transport drains it
         self.pending_seeds: dict[str, str | None] | None = None
         meta = loaded.meta or {}
         if loaded.mode == "quorum" and "vote" not in meta:
@@ -122,7 +118,6 @@ class CoreLoop:
         self._open = _Batch()
         self._waiters: dict[int, _Waiter] = {}
         self._refs = itertools.count()
-        self.send = lambda dst, msg: None  # the peer transport replaces this
         self.metrics = None
         self.net = None  # the peer transport, when there is one
         self.conflicts = 0  # ring data refused as conflicting, since start
@@ -133,6 +128,28 @@ class CoreLoop:
     @property
     def allocator(self):
         return self.peer.allocator
+
+    # -- what the peer transport reads (peer_net.CoreSide) ---------------------------------------
+
+    @property
+    def me(self) -> str:
+        return self.loaded.peer_id
+
+    @property
+    def ranges(self) -> list[str]:
+        return sorted(map(str, self.loaded.universes))
+
+    def cluster(self) -> tuple[str, str]:
+        return self.peer.cluster, self.peer.base_cluster
+
+    def heard_from(self) -> frozenset[str]:
+        return frozenset(self.peer.seen)
+
+    def members(self) -> frozenset[str]:
+        return frozenset(self.peer.members())
+
+    def removed(self) -> frozenset[str]:
+        return frozenset(self.peer.removed)
 
     def _subnet(self):
         return self.config.subnet or self.loaded.universes[0]
@@ -319,7 +336,12 @@ class CoreLoop:
                 if self.metrics is not None:
                     self.metrics.conflicts.inc()
         for dst, msg in ready.messages:
-            self.send(dst, msg)
+            if self.outbox is None:
+                continue  # no transport: lost, as any message may be
+            try:
+                self.outbox.send_nowait((dst, msg))
+            except trio.WouldBlock:
+                log.info("event=dropped peer=%s reason=outbox_full", dst)
         for ref, reply in ready.replies:
             self._reply(ref, reply)
 
@@ -340,86 +362,6 @@ def _lock(data_dir: Path) -> int:
             raise Refused(f"another ipamd is already running on {data_dir}") from None
         raise
     return fd
-
-
-async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
-    buf = bytearray()
-    async with stream:
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0 or nl > MAX_LINE:
-                if len(buf) > MAX_LINE:
-                    # The rest of the line cannot be told apart from the next request: say why
-                    # and hang up rather than guess.
-                    err = HookError("too_large", f"request line exceeds {MAX_LINE} bytes")
-                    await stream.send_all(encode_reply(err.reply()))
-                    return
-                data = None
-                with trio.move_on_after(HOOK_IDLE):
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return
-                if not data:  # closed, or idle too long: a slot for someone else
-                    return
-                buf += data
-                continue
-            line = bytes(buf[:nl])
-            del buf[:nl + 1]
-            if not line.strip():
-                continue
-            try:
-                request = parse_request(line)
-            except HookError as e:
-                log.info("event=bad_request code=%s message=%r", e.code, e.message)
-                out = encode_reply(e.reply())
-            else:
-                out = await _answer(core, request)
-            try:
-                await stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-
-async def _answer(core: CoreLoop, request) -> bytes:
-    try:
-        if isinstance(request, CniRequest):
-            return await _answer_cni(core, request)
-        reply = await core.submit(request)
-        if isinstance(request, m.Status) and reply["ok"]:
-            reply["swept"] = core.sweeper.swept
-            reply["conflicts"] = core.conflicts
-            if core.net is not None:
-                reply["peer_bytes_sent"] = core.net.traffic()
-                reply["candidates"] = len(core.net.candidates())
-                reply["candidates_expired"] = core.net.expired
-        return encode_reply(reply)
-    except (CommitFailed, CoreBug) as e:
-        if isinstance(request, CniRequest):
-            return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
-        return encode_reply(error("internal", str(e)))
-
-
-async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
-    try:
-        call = cni.parse_call(request.env, request.stdin)
-        req = cni_ops.request_for(call)
-    except cni.CniError as e:
-        log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
-        return encode_cni_reply(cni.error_result(e), 1)
-    reply = await core.submit(req) if req is not None else None
-    output, code = cni_ops.result(call, reply)
-    log.info("event=cni command=%s handle=%r exit=%d", call.command, call.handle, code)
-    return encode_cni_reply(output, code)
-
-
-HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
-
-
-async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
-                      cap: int = 512) -> None:
-    await serve_unix(path, lambda stream: _serve_connection(stream, core), "hook", cap, 256,
-                     task_status=task_status)
 
 
 async def run(config: Config, ready=print) -> None:
@@ -457,25 +399,32 @@ async def run(config: Config, ready=print) -> None:
         if loaded.note:
             log.warning("event=no_static_space reason=%r", loaded.note)
         _check_subnet(config.subnet, loaded.universes)
-        core = CoreLoop(store, loaded, config)
+        store.set_nickname(loaded.peer_id, config.name)
+        known = store.peer_addresses()
+        known.pop(loaded.peer_id, None)
+        networked = bool(config.peers or config.listen or config.init_peers or known)
+        if known and len(config.secret or b"") < 16:
+            log.warning("event=alone reason=%r", "the database knows peers, but there is no "
+                        "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
+            networked = False
+        outbox, drained = trio.open_memory_channel(OUTBOX) if networked else (None, None)
+        core = CoreLoop(store, loaded, config, outbox=outbox)
         core.sweeper = Sweeper(core, config.sweep_interval)
         async with trio.open_nursery() as nursery:
             await nursery.start(core.sweeper.run)
             nursery.start_soon(_ticker, core)
             listening = ""
-            known = store.peer_addresses()
-            known.pop(loaded.peer_id, None)
-            if known and len(config.secret or b"") < 16:
-                log.warning("event=alone reason=%r", "the database knows peers, but there is no "
-                            "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
-            elif config.peers or config.listen or config.init_peers or known:
+            if networked:
                 from .peer_net import PeerNet
                 host, port = parse_hostport(config.listen) if config.listen else (None, None)
+                nicknames = store.peer_nicknames()
+                nicknames.pop(loaded.peer_id, None)
                 net = core.net = PeerNet(
                     core, config.secret, port, known=known, save=store.save_peer_address,
-                    cap=caps["peer"], candidates=store.candidates(time.time()),
+                    cap=caps["peer"], outbox=drained, candidates=store.candidates(time.time()),
                     candidate_ttl=config.candidate_ttl, heard_from=store.peer_heard,
-                    forget=store.forget_candidates)
+                    forget=store.forget_candidates, nickname=config.name,
+                    nicknames=nicknames, save_nickname=store.set_nickname)
                 seeds = (loaded.meta or {}).get("seed_addresses", "")
                 dial = config.peers + [a for a in seeds.split(",") if a]
                 bound = await nursery.start(net.run, host, sorted(set(dial)))
@@ -487,6 +436,7 @@ async def run(config: Config, ready=print) -> None:
                 bound = await nursery.start(functools.partial(
                     serve_metrics, host, port, core.metrics, cap=caps["metrics"]))
                 listening += f" metrics={host or '*'}:{bound}"
+            from .hook_server import serve_hooks
             await nursery.start(functools.partial(serve_hooks, config.socket, core,
                                                   cap=caps["hook"]))
             if config.docker_socket is not None:
@@ -514,6 +464,10 @@ def _check_subnet(subnet: Cidr | None, universes: list[Cidr]) -> None:
 
 
 SWITCH_INTERVAL = 0.0005
+# Messages committed and not yet taken by the transport. It drains them as soon as the event
+# loop lets it; a batch beyond this (a bug, or a stalled loop) loses the rest, as any message
+# may be lost.
+OUTBOX = 65536
 TICK = 0.1  # seconds between core ticks: gossip rounds, request timeouts, free hints
 
 

@@ -1,6 +1,6 @@
 """HTTP/1.1 on a unix socket for Docker's plugin API, with h11 doing the HTTP.
 
-The I/O side of docker_ipam.py: runs its plan of core requests through `core.submit` (the one
+The I/O side of protocols/docker_ipam.py: runs its plan of core requests through `core.submit` (the one
 gate, DESIGN.md rule 9), answers its questions about docker daemons from /proc, and learns who
 asks from the socket's peer credentials. Bounded (rule 10): at most MAX_CONNECTIONS at once (fewer
 under a low descriptor limit: limits.py), a connection idle for IDLE_TIMEOUT is closed, a request
@@ -18,38 +18,21 @@ from pathlib import Path
 import h11
 import trio
 
-from . import docker_ipam
+from .http_serve import next_event, respond
 from .liveness import ALIVE, GONE, UNKNOWN, pid_state, start_time
+from .protocols import docker_ipam
+from .protocols.docker_ipam import CONTENT_TYPE, BadCall, DockerError, DriverState, Gone
 from .unixsock import serve_unix
-from .docker_ipam import DockerError, DriverState, Gone
 
 log = logging.getLogger("ipamd")
 MAX_BODY = 1 << 20
-CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 300.0  # docker's plugin client keeps connections open, and redials if closed
 REQUEST_TIMEOUT = 30.0
-ENDPOINTS = {"/Plugin.Activate", "/IpamDriver.GetCapabilities",
-             "/IpamDriver.GetDefaultAddressSpaces", "/IpamDriver.RequestPool",
-             "/IpamDriver.ReleasePool", "/IpamDriver.RequestAddress",
-             "/IpamDriver.ReleaseAddress"}
 
 
 async def _respond(stream, conn: h11.Connection, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-        (b"content-type", CONTENT_TYPE), (b"content-length", str(len(data)).encode())])))
-    await stream.send_all(conn.send(h11.Data(data=data)))
-    await stream.send_all(conn.send(h11.EndOfMessage()))
-
-
-async def next_event(stream, conn: h11.Connection):
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        data = await stream.receive_some(65536)
-        conn.receive_data(data)  # b"" tells h11 the peer closed
+    await respond(stream, conn, status, CONTENT_TYPE, docker_ipam.encode_answer(body))
 
 
 async def _read_request(stream, conn: h11.Connection):
@@ -105,14 +88,10 @@ async def _serve(stream, core, state: DriverState, caller: str) -> None:
 
 async def _answer(core, state: DriverState, caller: str, path: str,
                   raw: bytes) -> tuple[int, dict]:
-    if path not in ENDPOINTS:
-        return 404, {"Error": f"no such endpoint {path}"}
     try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, RecursionError) as e:
-        return 400, {"Error": f"request body is not JSON: {e}"}
-    if not isinstance(body, dict):
-        return 400, {"Error": "request body must be a JSON object"}
+        body = docker_ipam.decode_call(path, raw)
+    except BadCall as e:
+        return e.status, {"Error": str(e)}
     log.debug("event=docker_call path=%s caller=%s body=%s", path, caller or "?",
               json.dumps(body, sort_keys=True))
     plan = docker_ipam.call(path, body, state, caller)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .docker_server import next_event
+from .http_serve import next_event, respond
 from .limits import ConnectionCap
 
 log = logging.getLogger("ipamd")
@@ -135,13 +135,8 @@ async def serve_metrics(host: str | None, port: int, metrics: Metrics,
             body = await metrics.body()
         else:
             body = b"not found: try /metrics\n"
-        await stream.send_all(conn.send(h11.Response(
-            status_code=200 if ok else 404, headers=[
-                (b"content-type", CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close")])))
-        await stream.send_all(conn.send(h11.Data(data=body)))
-        await stream.send_all(conn.send(h11.EndOfMessage()))
+        await respond(stream, conn, 200 if ok else 404,
+                      CONTENT_TYPE_LATEST.encode() if ok else b"text/plain", body, close=True)
 
     async def handler(stream):
         try:

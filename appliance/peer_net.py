@@ -4,16 +4,16 @@ Each daemon dials every peer it knows of and sends only on the connection it dia
 receives on the connections others dialled to it. So a pair of peers has one connection each
 way, and there is nothing to deduplicate.
 
-A connection opens with a HELLO each way (magic, protocol version, cluster and base cluster,
-peer id, ranges, a fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256
-under the cluster secret over the peer's id, both nonces and both hellos. A proof includes the
-other side's fresh nonce, so an old one cannot be replayed. Every later frame is
-version (1 byte) | counter (8) | kind (1) | payload | HMAC of all that under a key derived
-from the secret and both nonces, and the counter must be exactly one more than the last: a
-replayed, reordered or forged frame ends the connection. Core messages carry the cluster.
-A wrong secret, another cluster, other ranges, another protocol version, garbage or an
-oversized frame each closes the connection with a logged reason, and nothing in the core
-changes.
+The bytes on a connection (frames, the handshake, authenticated frames) are
+protocols/peer_frames.py's; core messages are protocols/peer_messages.py's, address books
+protocols/peer_book.py's. A wrong secret, another cluster, other ranges, another protocol
+version, garbage or an oversized frame each closes the connection with a logged reason, and
+nothing in the core changes.
+
+What PeerNet and the core loop say to each other is CoreSide, below: PeerNet reads a view of
+the membership and hands in what peers say, who is reachable, who answered at an address, and
+a joiner's cluster; the core loop's messages come out through an outbox (a trio channel of
+(dst, message)) that PeerNet drains. PeerNet imports nothing of the daemon.
 
 Reachability, which the core needs for its decisions: a peer is reachable while our connection
 to it is up and we have heard from it (any frame; keepalives go every KEEPALIVE seconds)
@@ -31,30 +31,31 @@ keeps announcing would never go. Books carry only peers that proved the secret t
 members, never candidates, so honest peers do not keep each other's phantoms alive by passing
 them back and forth, and a candidate expires on every host that was told of it; a real host
 is still announced by every member that knows it, and is learned again within a round.
+Books also carry nicknames: our own, and those we keep of the peers we name (a peer's own
+word wins over what others say of it).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import logging
 import os
-import struct
 import time
+from collections.abc import Set
+from typing import Protocol
 
-import msgpack
 import trio
 
-from . import peer_codec
 from .core.addr import AddrError, parse_hostport
 from .limits import ConnectionCap, Summary
+from .protocols import peer_book, peer_messages
+from .protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, KIND_NAMES, MAX_FRAME,
+                                    MAX_HELLO, MAX_PROOF, FrameReader, ProtocolError, Sealer,
+                                    SelfConnection, check_hello, decode_hello, encode_hello,
+                                    frame, proof, session_keys, transcript)
 
 log = logging.getLogger("ipamd.peers")
 
-MAGIC = "ipamd-peer"
-PROTOCOL = 3  # 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d)
-MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
-MAX_HELLO = 4096
 KEEPALIVE = 0.5
 DEAD_AFTER = 2.0
 CONNECT_TIMEOUT = 2.0
@@ -62,17 +63,40 @@ BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
 
-HEAD = struct.Struct(">BQB")  # protocol version, counter, kind; then payload and MAC
-CORE, KEEPALIVE_FRAME, ADDRESSES = 0, 1, 2
-KIND_NAMES = {CORE: "messages", KEEPALIVE_FRAME: "keepalives", ADDRESSES: "addresses"}
 
+class CoreSide(Protocol):
+    """What PeerNet is given of the core loop (daemon.CoreLoop is one)."""
 
-class ProtocolError(Exception):
-    """The other side broke the protocol; the message names how. The connection is closed."""
+    # -- read: who this peer is, and the membership as the core has it
+    @property
+    def me(self) -> str: ...
 
+    @property
+    def ranges(self) -> list[str]:
+        """The universes, as text, sorted: peers must have the same."""
 
-class SelfConnection(ProtocolError):
-    """The address dialled is this peer's own."""
+    def cluster(self) -> tuple[str, str]:
+        """(cluster, base cluster); the cluster is "" until a joiner has joined."""
+
+    def heard_from(self) -> Set[str]:
+        """Peers the core has heard from (authenticated, and durable): members."""
+
+    def members(self) -> Set[str]: ...
+
+    def removed(self) -> Set[str]: ...
+
+    # -- handed in
+    async def receive(self, sender: str, msg) -> None: ...
+
+    def set_reachable(self, peers: set[str], dialling: bool) -> None:
+        """The peers reachable now, and whether a --peer address is still being dialled
+        that has never answered (a request lacking space waits for it)."""
+
+    async def identified(self, address: str, peer: str) -> None:
+        """peer answered (with the secret) at address; this peer's own id if it was us."""
+
+    async def join_cluster(self, cluster: str) -> None:
+        """A joiner's first peer proved the secret: its cluster, durable before use."""
 
 
 EXPECTED = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
@@ -109,77 +133,57 @@ def _ended(what: str, e: Exception, **fields) -> None:
         log.warning("event=%s %s reason=%r", what, extra, reason)
 
 
-def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
-
-
 class _Framed:
-    """Length-prefixed frames on a stream, bounded in size."""
+    """Length-prefixed frames on a stream (peer_frames.FrameReader), bounded in size."""
 
     def __init__(self, stream: trio.abc.Stream):
-        self.stream, self.buf = stream, bytearray()
+        self.stream, self.reader = stream, FrameReader()
 
     async def read(self, most: int = MAX_FRAME) -> bytes:
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if n > most:
-                    raise ProtocolError(f"frame of {n} bytes exceeds the {most}-byte bound")
-                if len(self.buf) >= 4 + n:
-                    frame = bytes(self.buf[4:4 + n])
-                    del self.buf[:4 + n]
-                    return frame
+        while (got := self.reader.next_frame(most)) is None:
             data = await self.stream.receive_some(65536)
             if not data:
                 raise ProtocolError("connection closed")
-            self.buf += data
+            self.reader.receive_data(data)
+        return got
 
-    async def write(self, frame: bytes) -> None:
-        await self.stream.send_all(struct.pack(">I", len(frame)) + frame)
+    async def write(self, payload: bytes) -> None:
+        await self.stream.send_all(frame(payload))
 
 
-class _Session:
-    """One authenticated connection's frame keys and counters."""
+class _Session(Sealer):
+    """One authenticated connection: its frames sealed and checked (peer_frames.Sealer)."""
 
     def __init__(self, framed: _Framed, send_key: bytes, recv_key: bytes, peer: str,
                  counts: dict | None = None):
-        self.framed, self.send_key, self.recv_key, self.peer = framed, send_key, recv_key, peer
-        self.sent = self.received = 0
+        super().__init__(send_key, recv_key)
+        self.framed, self.peer = framed, peer
         self.counts = counts if counts is not None else {}  # frame kind -> bytes sent
 
     async def send(self, kind: int, payload: bytes) -> None:
-        self.sent += 1
-        head = HEAD.pack(PROTOCOL, self.sent, kind)
-        await self.framed.write(head + payload + _mac(self.send_key, head, payload))
-        self.counts[kind] = self.counts.get(kind, 0) + 4 + len(head) + len(payload) + 32
+        sealed = self.seal(kind, payload)
+        await self.framed.write(sealed)
+        self.counts[kind] = self.counts.get(kind, 0) + 4 + len(sealed)
 
     async def receive(self) -> tuple[int, bytes]:
-        frame = await self.framed.read()
-        if len(frame) < HEAD.size + 32:
-            raise ProtocolError("frame too short to be authenticated")
-        head, payload, mac = frame[:HEAD.size], frame[HEAD.size:-32], frame[-32:]
-        if not hmac.compare_digest(mac, _mac(self.recv_key, head, payload)):
-            raise ProtocolError("frame failed authentication (forged or corrupted)")
-        version, counter, kind = HEAD.unpack(head)
-        if version != PROTOCOL:  # authenticated, so a peer's bug, not noise on the wire
-            raise ProtocolError(f"frame of protocol version {version}, expected {PROTOCOL}")
-        if counter != self.received + 1:
-            raise ProtocolError(f"frame {counter} out of sequence (expected "
-                                f"{self.received + 1}): replayed or reordered")
-        self.received = counter
-        return kind, payload
+        return self.unseal(await self.framed.read())
 
 
 class PeerNet:
     """Dials, accepts, authenticates; feeds the core what peers say and tells it who is
     reachable."""
 
-    def __init__(self, core, secret: bytes, listen_port: int | None, clock=trio.current_time,
-                 known: dict[str, str] | None = None, save=lambda peer, address, at: None,
-                 cap: int = 1024, *, candidates: dict[str, float] | None = None,
+    def __init__(self, core: CoreSide, secret: bytes, listen_port: int | None,
+                 clock=trio.current_time, known: dict[str, str] | None = None,
+                 save=lambda peer, address, at: None, cap: int = 1024, *,
+                 outbox: trio.MemoryReceiveChannel | None = None,
+                 candidates: dict[str, float] | None = None,
                  candidate_ttl: float = CANDIDATE_TTL, heard_from=lambda peer, at: None,
-                 forget=lambda peers: None, wall=time.time):
+                 forget=lambda peers: None, wall=time.time, nickname: str | None = None,
+                 nicknames: dict[str, str] | None = None,
+                 save_nickname=lambda peer, nickname: None):
         self.core, self.secret, self.listen_port = core, secret, listen_port
+        self.outbox = outbox  # (dst, message) from the core loop, after their commit
         self.clock, self.save = clock, save
         # Candidates' expiry runs on wall time (`wall`), kept in the database as it is
         # (heard_from, save), so that a restart does not give phantoms a new lease.
@@ -203,11 +207,16 @@ class PeerNet:
         self.bytes_sent: dict[int, int] = {}       # frame kind -> bytes, for status
         self.unsendable = 0                        # messages that failed to encode (a bug)
         self.cap = ConnectionCap("peer", cap)      # inbound connections at once
-        core.send = self.send
+        # What the core was last told (set_reachable), to tell it only of changes.
+        self.told: tuple[set[str], bool | None] = (set(), None)
+        self.nickname = nickname                   # ours, told in our address books
+        self.nicknames: dict[str, str] = dict(nicknames or {})  # peer id -> its nickname
+        self.save_nickname = save_nickname
+        self.named_by_self: set[str] = set()       # peers whose nickname came from them
 
     @property
     def me(self) -> str:
-        return self.core.loaded.peer_id
+        return self.core.me
 
     # -- the core's side -----------------------------------------------------------------------
 
@@ -216,7 +225,7 @@ class PeerNet:
         if q is None:
             return  # not connected: the core treats it as lost, as any message may be
         try:
-            frame = peer_codec.encode(msg)
+            frame = peer_messages.encode(msg)
         except Exception as e:  # a bug in what the core made: lose this message, not the daemon
             self.unsendable += 1
             log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r", dst,
@@ -246,17 +255,21 @@ class PeerNet:
         return any(a not in at and a not in self.refused for a in self.static)
 
     def _update_reachable(self) -> None:
-        r = self.reachable()
-        dialling = self._dialling()
-        if dialling != self.core.dialling:
-            self.core.set_reachable(self.core.reachable, dialling)
-        if r != self.core.reachable:
-            gained, lost = r - self.core.reachable, self.core.reachable - r
-            for p in sorted(gained):
-                log.info("event=peer_reachable peer=%s", p)
-            for p in sorted(lost):
-                log.warning("event=peer_unreachable peer=%s", p)
-            self.core.set_reachable(r)
+        r, dialling = self.reachable(), self._dialling()
+        was = self.told[0]
+        if (r, dialling) == self.told:
+            return
+        for p in sorted(r - was):
+            log.info("event=peer_reachable peer=%s", p)
+        for p in sorted(was - r):
+            log.warning("event=peer_unreachable peer=%s", p)
+        self.told = (r, dialling)
+        self.core.set_reachable(set(r), dialling)
+
+    async def _drain(self) -> None:
+        """The core loop's messages, each onto its peer's connection."""
+        async for dst, msg in self.outbox:
+            self.send(dst, msg)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -272,7 +285,9 @@ class PeerNet:
                 bound = listeners[0].socket.getsockname()[1]
                 self.listen_port = bound
             self.static = set(peers)
-            self.core.set_reachable(self.core.reachable, self._dialling())
+            self._update_reachable()
+            if self.outbox is not None:
+                nursery.start_soon(self._drain)
             self.expire_candidates()  # what expired while we were down is not dialled at all
             for addr in sorted(set(peers) | set(self.addresses.values())):
                 self.dial(addr)
@@ -296,7 +311,7 @@ class PeerNet:
     def candidates(self) -> dict[str, float]:
         """Peer ids whose address we keep but the core has not heard from: id -> when learned
         or last heard from with the secret (wall time)."""
-        seen = self.core.peer.seen
+        seen = self.core.heard_from()
         for p in [p for p in self.learned if p in seen]:
             del self.learned[p]  # a member now (its row is 'alive'): never expires
         return dict(self.learned)
@@ -313,11 +328,12 @@ class PeerNet:
         due = [p for p, t in self.candidates().items() if now - t > self.candidate_ttl]
         if not due:
             return []
-        keep = self.core.peer.members() | self._connected()
+        keep = self.core.members() | self._connected()
         gone = sorted(p for p in due if p not in keep)
         for p in gone:
             del self.learned[p]
             self.proven.discard(p)
+            self.nicknames.pop(p, None)
             addr = self.addresses.pop(p, None)
             if addr is not None and addr not in self.addresses.values() and addr in self.wake:
                 self.wake[addr].set()  # its dialler sees no peer there any more, and stops
@@ -385,42 +401,14 @@ class PeerNet:
     # -- handshake -----------------------------------------------------------------------------
 
     def _hello(self, nonce: bytes) -> bytes:
-        loaded, peer = self.core.loaded, self.core.peer
-        return msgpack.packb([MAGIC, PROTOCOL, peer.cluster, peer.base_cluster, loaded.peer_id,
-                              sorted(map(str, loaded.universes)), nonce, self.listen_port or 0])
+        cluster, base = self.core.cluster()
+        return encode_hello(cluster, base, self.me, self.core.ranges, nonce,
+                            self.listen_port or 0)
 
-    def _check_hello(self, frame: bytes) -> tuple[str, str, bytes, int]:
-        try:
-            magic, version, *rest = msgpack.unpackb(frame)
-        except Exception as e:  # untrusted bytes: anything the unpacker trips on
-            raise ProtocolError(f"not an ipamd peer hello ({e})") from None
-        if magic != MAGIC:
-            raise ProtocolError("not an ipamd peer hello")
-        if version != PROTOCOL:
-            raise ProtocolError(f"peer speaks protocol version {version!r}, this ipamd "
-                                f"speaks {PROTOCOL}")
-        try:
-            cluster, base, peer, ranges, nonce, port = rest
-        except ValueError:
-            raise ProtocolError("malformed hello") from None
-        if not (isinstance(cluster, str) and isinstance(base, str) and isinstance(peer, str)
-                and 0 < len(peer) <= 64 and isinstance(nonce, bytes) and len(nonce) == 16
-                and isinstance(port, int) and 0 <= port < 65536 and isinstance(ranges, list)):
-            raise ProtocolError("malformed hello")
-        mine = sorted(map(str, self.core.loaded.universes))
-        if ranges != mine:
-            raise ProtocolError(f"peer {peer} has ranges {', '.join(map(str, ranges))}; this "
-                                f"one {', '.join(mine)} (every host needs the same --iprange "
-                                "and --subnet)")
-        ours = self.core.peer
-        # Voters of one quorum share the base identity until, and after, their decision.
-        same = cluster == ours.cluster or (base and base == ours.base_cluster)
-        if cluster and ours.cluster and not same:
-            raise ProtocolError(f"peer {peer} belongs to cluster {cluster}, this one to "
-                                f"{ours.cluster}")
-        if peer == self.me:
-            raise SelfConnection("that is this peer itself")
-        return cluster, peer, nonce, port
+    def _check_hello(self, data: bytes) -> tuple[str, str, bytes, int]:
+        hello = decode_hello(data)
+        check_hello(hello, self.me, self.core.ranges, *self.core.cluster())
+        return hello.cluster, hello.peer, hello.nonce, hello.port
 
     async def _handshake(self, stream, outbound: bool) -> tuple[_Session, str, int]:
         framed = _Framed(stream)
@@ -430,22 +418,17 @@ class PeerNet:
             await framed.write(hello)
             heard = await framed.read(MAX_HELLO)
             cluster, peer, theirs, port = self._check_hello(heard)
-            joining = not self.core.peer.cluster
+            joining = not self.core.cluster()[0]
             if joining and not (outbound and cluster):
                 raise ProtocolError("this peer has not joined a cluster yet")
-            # Each proof binds both hellos (the dialler's first), so neither side's identity,
-            # cluster or ranges can be changed on the way, and both nonces, so no proof can
-            # be replayed.
-            both = hashlib.sha256(hello + heard if outbound else heard + hello).digest()
-            await framed.write(_mac(self.secret, b"proof", self.me.encode(), theirs, mine, both))
-            proof = await framed.read(64)
-            if not hmac.compare_digest(proof, _mac(self.secret, b"proof", peer.encode(), mine,
-                                                   theirs, both)):
+            both = transcript(hello, heard, outbound)
+            await framed.write(proof(self.secret, self.me, theirs, mine, both))
+            if not hmac.compare_digest(await framed.read(MAX_PROOF),
+                                       proof(self.secret, peer, mine, theirs, both)):
                 raise ProtocolError(f"peer {peer} failed authentication (wrong cluster secret?)")
         if joining:  # only once the peer has proved it knows the secret
             await self.core.join_cluster(cluster)
-        send_key = _mac(self.secret, b"key", mine, theirs, self.me.encode())
-        recv_key = _mac(self.secret, b"key", theirs, mine, peer.encode())
+        send_key, recv_key = session_keys(self.secret, self.me, peer, mine, theirs)
         return _Session(framed, send_key, recv_key, peer, self.bytes_sent), peer, port
 
     # -- connections ---------------------------------------------------------------------------
@@ -505,13 +488,13 @@ class PeerNet:
                 self.heard[session.peer] = self.clock()
             if kind == CORE:
                 try:
-                    msg = peer_codec.decode(payload)
-                except peer_codec.CodecError as e:
+                    msg = peer_messages.decode(payload)
+                except peer_messages.CodecError as e:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
             elif kind == ADDRESSES:
-                if session.peer not in self.core.peer.removed:  # its word counts no more
-                    self._learn(payload)
+                if session.peer not in self.core.removed():  # its word counts no more
+                    self._learn(payload, session.peer)
             elif kind != KEEPALIVE_FRAME:
                 raise ProtocolError(f"unknown frame kind {kind}")
 
@@ -531,9 +514,8 @@ class PeerNet:
     async def _book_sender(self, session: _Session) -> None:
         q = self.out[session.peer]
         while True:
-            book = self._book(session.peer)
             try:
-                q.send_nowait((ADDRESSES, msgpack.packb(book)))
+                q.send_nowait((ADDRESSES, self._book_payload(session.peer)))
             except trio.WouldBlock:
                 pass
             await trio.sleep(ADDRESS_BOOK_EVERY)
@@ -543,38 +525,46 @@ class PeerNet:
         never mere candidates (see the module's doc)."""
         unproven = self.learned.keys() - self.proven
         if unproven:
-            unproven -= self.core.peer.members()
+            unproven -= self.core.members()
         return {p: a for p, a in self.addresses.items() if p != to and p not in unproven}
 
-    def _learn(self, payload: bytes) -> None:
-        try:
-            book = msgpack.unpackb(payload, strict_map_key=True)
-        except Exception as e:  # untrusted bytes
-            raise ProtocolError(f"bad address book: {e}") from None
-        if not isinstance(book, dict) or len(book) > 10000:
-            raise ProtocolError("bad address book")
-        good, bad = {}, []
-        for peer, addr in book.items():
-            try:
-                host, port = parse_hostport(addr)
-            except AddrError:
-                host = None
-            if isinstance(peer, str) and 0 < len(peer) <= 64 and peer.isprintable() and host \
-                    and port and len(addr) < 300:  # port 0: nobody listens there
-                good[peer] = addr
-            else:
-                bad.append(peer)
+    def _book_payload(self, to: str) -> bytes:
+        """_book with the nicknames we know, and our own."""
+        book = {p: peer_book.Entry(a, self.nicknames.get(p)) for p, a in self._book(to).items()}
+        if self.nickname is not None:
+            book[self.me] = peer_book.Entry(None, self.nickname)
+        return peer_book.encode_book(book)
+
+    def _learn(self, payload: bytes, sender: str | None = None) -> None:
+        good, bad = peer_book.decode_book(payload)
         if bad:  # dropped, each: one bad entry costs neither the others nor the connection
             log.warning("event=bad_address_book_entries count=%d first=%r", len(bad),
                         str(bad[0])[:80])
         now = self.wall()  # one book, one time learned: its entries expire together
-        for peer, addr in good.items():
-            if peer != self.me and peer not in self.addresses:
-                if len(self.addresses) >= MAX_CANDIDATES:
+        members = self.core.members()
+        for peer, entry in good.items():
+            if peer == self.me:
+                continue
+            if entry.address is not None and peer not in self.addresses:
+                if len(self.addresses) < MAX_CANDIDATES:
+                    self._remember(peer, entry.address, now)
+                    self.dial(entry.address)
+                else:
                     _BOOK_FULL.note(f"already {MAX_CANDIDATES} peer addresses known")
-                    continue
-                self._remember(peer, addr, now)
-                self.dial(addr)
+            # Nicknames are kept only for peers kept: as bounded as the addresses.
+            if entry.nickname is not None and (peer == sender or peer in self.addresses
+                                               or peer in members):
+                self._name(peer, entry.nickname, peer == sender)
+
+    def _name(self, peer: str, nickname: str, by_itself: bool) -> None:
+        """A peer's nickname: its own word wins; others' word only fills a gap."""
+        if by_itself:
+            self.named_by_self.add(peer)
+        elif peer in self.named_by_self or peer in self.nicknames:
+            return
+        if self.nicknames.get(peer) != nickname:
+            self.nicknames[peer] = nickname
+            self.save_nickname(peer, nickname)
 
     def _remember(self, peer: str, addr: str, now: float | None = None) -> None:
         if self.addresses.get(peer) != addr:

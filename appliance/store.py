@@ -316,6 +316,15 @@ class Store:
             self.conn.execute("UPDATE peers SET addresses = ? WHERE id = ?",
                               (json.dumps([address]), peer))
 
+    def set_nickname(self, peer: str, nickname: str) -> None:
+        """The nickname of a peer we keep a row for (this one's own, from --nickname)."""
+        with self.conn:
+            self.conn.execute("UPDATE peers SET nickname = ? WHERE id = ?", (nickname, peer))
+
+    def peer_nicknames(self) -> dict[str, str]:
+        """Peer id -> nickname, for the peers whose nickname is known."""
+        return dict(self.conn.execute("SELECT id, nickname FROM peers WHERE nickname != ''"))
+
     def peer_heard(self, peer: str, at: float) -> None:
         """peer completed a handshake with us (it knows the secret) at `at`: last_seen."""
         with self.conn:

@@ -1,5 +1,6 @@
 """The command line: client commands, launch refusals, `ipamd sql`."""
 import json
+import re
 import subprocess
 
 import apsw
@@ -74,6 +75,10 @@ def test_daemon_not_running(tmp_path):
     (["--reuse-delay", "-1"], "between 0 and a year"),
     (["--durability", "never"], "invalid choice"),
     (["--gateway", "10.0.0.999"], "not an IPv4 or IPv6 address"),
+    (["--nickname", "bad\tname"], "argument --nickname/--name: 'bad\\tname': a nickname may not "
+                                   "hold spaces or control characters"),
+    (["--nickname", "x" * 65], "a nickname is at most 64 characters, this one has 65"),
+    (["--name", ""], "a nickname must be a non-empty string"),
 ])
 def test_launch_rejects_bad_arguments(tmp_path, args, words):
     r = ipamd("launch", "--data-dir", str(tmp_path / "d"), "--socket", str(tmp_path / "s"), *args)
@@ -137,3 +142,38 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(daemon, argv):
     err = p.stderr.read()
     p.wait(timeout=60)
     assert err == b"" and p.returncode == -13, (p.returncode, err)  # killed by SIGPIPE
+
+
+def test_peers_and_status_show_nicknames_in_columns_and_a_dash_when_unknown(capsys):
+    from appliance.cli import _show
+    # A reply of a daemon from before nicknames: none known, "-" shown.
+    reply = {"peer": "p1", "members": ["p1", "p2"], "reachable": ["p2"], "removed": {"p3": "p1"}}
+    _show("peers", reply)
+    assert capsys.readouterr().out.splitlines() == [
+        "p1  -         this peer", "p2  -         reachable", "p3  -         removed by p1"]
+    long = "n" * 64
+    reply["nicknames"] = {"p1": long, "p2": "host-2"}
+    _show("peers", reply)
+    assert capsys.readouterr().out.splitlines() == [
+        f"p1  {long}  this peer", f"p2  {'host-2':<66}reachable", f"p3  {'-':<66}removed by p1"]
+    # status: IPv6-sized counts and a long nickname keep every column in its place.
+    peers = {"p1": {"owned": 2**64, "free_hint": 2**63, "reachable": True},
+             "p2": {"owned": 2**64, "free_hint": 0, "reachable": False}}
+    reply.update(standing="member", note="", cluster="c", default_subnet="fd00::/63",
+                 reuse_delay=30.0, allocations=2**64 - 1, handles=3, pending=0, conflicts=0,
+                 universes=[{"range": "fd00::/63", "owned": 2**65, "allocated": 2**64 - 1,
+                             "quarantined": 12_345_678_901_234, "free": 2**64 + 1,
+                             "ring_entries": 2, "peers": peers}])
+    _show("status", reply)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"peer p1 {long}  member  cluster c"
+    head, row = lines[2:4]
+    assert head == "RANGE                              OWNED   ALLOCATED  QUARANTINED        FREE"
+    assert row == "fd00::/63                        3.69e19     1.84e19      1.23e13     1.84e19"
+    ends = [[m.end() for m in re.finditer(r"\S+", line)][1:] for line in (head, row)]
+    assert ends[0] == ends[1]  # each count ends under its header
+    at = lines.index("fd00::/63: 2 ring entries")
+    assert lines[at + 1:at + 4] == [
+        f"  {'PEER':<18}{'NICKNAME':<66}   SHARE    FREE  STATE",
+        f"  {'p1':<18}{long:<66}   50.0%   50.0%  this peer",
+        f"  {'p2':<18}{'host-2':<66}   50.0%    0.0%  unreachable"]

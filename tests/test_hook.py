@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from appliance.core import messages as m
-from appliance.protocols.hook import MAX_LINE, HookError, parse_request
+from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
+                                      parse_request)
 
 from .daemon_proc import Daemon
 
@@ -55,6 +56,39 @@ def test_parse_invalid(line, code, words):
     with pytest.raises(HookError) as e:
         parse_request(line)
     assert e.value.code == code and words in e.value.message
+
+
+def events(conn: HookConnection) -> list:
+    out = []
+    while (e := conn.next_event()) is not NEED_DATA:
+        out.append((e.code, e.message) if isinstance(e, HookError) else e)
+        if e is CLOSED:
+            break
+    return out
+
+
+def test_framing_sans_io_lines_in_order_across_chunks():
+    conn = HookConnection()
+    assert events(conn) == []
+    conn.receive_data(b'{"op":"li')
+    assert events(conn) == []  # half a line: wait for the rest
+    conn.receive_data(b'st"}\n\n  \r\n{"op":"fly"}\n{"op":"status"}\n{"op":"lookup"')
+    assert events(conn) == [m.List(), ("unknown_op", "unknown op 'fly' (known: allocate, "
+                                       "claim, release, lookup, list, status, cni, leave, "
+                                       "rmpeer)"), m.Status()]
+    conn.receive_data(b',"handle":"h"}\n{"op":"list"}')
+    conn.receive_data(b"")  # the client closed: its last, unfinished line is dropped
+    assert events(conn) == [m.Lookup("h"), CLOSED]
+
+
+def test_framing_sans_io_a_line_over_max_line_ends_the_connection():
+    conn = HookConnection()
+    conn.receive_data(b'{"op":"list"}\n' + b"x" * MAX_LINE)
+    assert events(conn) == [m.List()]  # a line of MAX_LINE bytes may still end
+    conn.receive_data(b'x\n{"op":"list"}\n')
+    assert events(conn) == [("too_large", f"request line exceeds {MAX_LINE} bytes"), CLOSED]
+    conn.receive_data(b'{"op":"list"}\n')
+    assert events(conn) == [CLOSED]
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import trio
 import trio.testing
 
 from appliance.core.addr import cidr
-from appliance.peer_net import CORE, PeerNet, ProtocolError, _Framed, _mac, _Session
+from appliance.peer_net import PeerNet, _Framed, _Session
+from appliance.protocols.peer_frames import CORE, ProtocolError, mac
 
 SECRET = b"a-cluster-secret-of-some-length"
 
@@ -28,11 +29,38 @@ class FakePeer:
 
 
 class FakeCore:
+    """The core loop as PeerNet sees it (peer_net.CoreSide), over plain fields."""
+
     def __init__(self, peer_id, cluster="c1"):
         self.loaded = Loaded(peer_id, cluster)
         self.peer = FakePeer(cluster, cluster)
         self.reachable = set()
-        self.send = None
+
+    @property
+    def me(self):
+        return self.loaded.peer_id
+
+    @property
+    def ranges(self):
+        return sorted(map(str, self.loaded.universes))
+
+    def cluster(self):
+        return self.peer.cluster, self.peer.base_cluster
+
+    def heard_from(self):
+        return set()
+
+    def members(self):
+        return {self.me}
+
+    def removed(self):
+        return set()
+
+    async def receive(self, sender, msg):
+        pass
+
+    def set_reachable(self, peers, dialling):
+        self.reachable = set(peers)
 
     async def join_cluster(self, cluster):
         self.loaded.cluster_id = self.peer.cluster = self.peer.base_cluster = cluster
@@ -111,7 +139,7 @@ async def test_a_recorded_handshake_replayed_to_a_new_connection_fails():
         recorded.append(await reader.read())
         theirs = PeerNet._check_hello(a1, recorded[0])[2]
         both = hashlib.sha256(hello + recorded[0]).digest()
-        await reader.write(_mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, both))
+        await reader.write(mac(SECRET, b"proof", b"a", theirs, b"\x01" * 16, both))
         recorded.append(await reader.read())
     # Replay to a fresh a, which picks a fresh nonce: the old proof cannot match it.
     left, right = trio.testing.memory_stream_pair()
@@ -201,6 +229,34 @@ def test_bad_address_book_entries_are_dropped_one_by_one():
     for book in (["b", "h:1"], b"\xc1"):  # not a book at all: the peer is broken
         with pytest.raises(ProtocolError, match="address book"):
             n._learn(book if isinstance(book, bytes) else msgpack.packb(book))
+
+
+def test_nicknames_travel_in_address_books():
+    import msgpack
+
+    from appliance.protocols.peer_book import Entry, decode_book
+    n = net("a")
+    # Entries of an older ipamd (an address alone) still parse: no nickname known.
+    n._learn(msgpack.packb({"b": "h:1", "c": ["h:2", "host-c"], "d": ["", "host-d"]}), "d")
+    assert n.addresses == {"b": "h:1", "c": "h:2"}
+    assert n.nicknames == {"c": "host-c", "d": "host-d"}
+    # A bad nickname costs its entry only: not the others, nor the connection.
+    n._learn(msgpack.packb({"e": ["h:3", "bad\x07"], "f": ["h:4", "x" * 65], "g": ["h:5", 7],
+                            "h": ["h:6"], "i": ["h:7", "host-i"], "j": ["h:8", "has space"],
+                            "d": ["", ""]}), "d")
+    assert n.addresses == {"b": "h:1", "c": "h:2", "i": "h:7"}
+    assert n.nicknames == {"c": "host-c", "d": "host-d", "i": "host-i"}
+    # A peer's own word wins; another's word only fills a gap; nobody kept, nothing kept.
+    n._learn(msgpack.packb({"d": ["", "liar"], "b": ["", "heard-b"], "zz": ["", "ghost"]}), "c")
+    assert n.nicknames == {"c": "host-c", "d": "host-d", "i": "host-i", "b": "heard-b"}
+    n._learn(msgpack.packb({"b": ["", "real-b"]}), "b")
+    n._learn(msgpack.packb({"b": ["", "liar"]}), "c")
+    assert n.nicknames["b"] == "real-b"
+    # Our books carry our own nickname, and those we know of peers we name.
+    n.nickname = "host-a"
+    n._proved("b")
+    assert decode_book(n._book_payload("c")) == (
+        {"a": Entry(None, "host-a"), "b": Entry("h:1", "real-b")}, [])
 
 
 def test_phantom_peers_from_an_address_book_stay_candidates(tmp_path):

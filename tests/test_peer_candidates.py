@@ -17,12 +17,12 @@ import trio.testing
 from appliance import peer_net
 from appliance.core.addr import cidr
 from appliance.core.messages import PeerSeen
-from appliance.peer_net import (ADDRESSES, KEEPALIVE, KEEPALIVE_FRAME, PeerNet, ProtocolError,
-                                _Framed, _Session)
+from appliance.peer_net import KEEPALIVE, PeerNet, _Framed, _Session
+from appliance.protocols.peer_frames import ADDRESSES, KEEPALIVE_FRAME, ProtocolError
 from appliance.store import Store
 
 from .daemon_proc import wait_until
-from .test_peer_auth import SECRET, FakeCore, Loaded
+from .test_peer_auth import SECRET, FakeCore
 from .test_peers import RANGE, SECRET as DAEMON_SECRET, joined, launch, status
 
 TTL = 60.0
@@ -41,17 +41,19 @@ class CorePeer:
         return ({self.me} | self.seen | self.owners) - set(self.removed)
 
 
-class Core:
+class Core(FakeCore):
     def __init__(self, me="me"):
-        self.loaded = Loaded(me)
+        super().__init__(me)
         self.peer = CorePeer(me)
-        self.reachable, self.dialling, self.send = set(), False, None
 
-    def set_reachable(self, peers, dialling=None):
-        self.reachable = set(peers)
+    def heard_from(self):
+        return self.peer.seen
 
-    async def identified(self, address, peer):
-        pass
+    def members(self):
+        return self.peer.members()
+
+    def removed(self):
+        return set(self.peer.removed)
 
 
 def rows(store):
@@ -453,3 +455,30 @@ def test_candidate_ttl_is_a_launch_option(tmp_path):
     for bad in ("0", "0.5", "-1", "soon"):
         with pytest.raises(SystemExit):
             p.parse_args(["launch", "--candidate-ttl", bad])
+
+
+def test_a_peer_sending_bad_nicknames_changes_nothing_else(tmp_path):
+    """Nicknames (--name) reach every host; a holder of the secret who sends bad ones, or
+    lies about another peer's, loses those entries only and the daemon's word stays."""
+    (a, b), (ia, ib) = joined(tmp_path, ["a", "b"])
+    names = {ia: "a", ib: "b"}
+    for d in (a, b):
+        wait_until("every nickname known", lambda d=d: status(d)["nicknames"] == names)
+    refuser = closed_ports(1)
+    addr = f"127.0.0.1:{refuser[0].getsockname()[1]}"
+    with FakePeer(a) as fake:
+        fake.book({ib: [b.addr, "liar"], "fake-peer": ["", "bad\x1bname"],
+                   "good-1": [addr, "x" * 65], "good-2": [addr, "host-good"],
+                   "good-3": addr})
+        wait_until("a to drop the bad entries",
+                   lambda: "event=bad_address_book_entries count=2 " in a.stderr())
+        wait_until("a to keep the good ones", lambda: status(a)["candidates"] == 2)
+        assert fake.closed is None
+    with sqlite3.connect(f"file:{a.db}?mode=ro", uri=True, timeout=10) as c:
+        rows = dict(c.execute("SELECT id, nickname FROM peers"))
+    assert rows == {ia: "a", ib: "b", "good-2": "host-good", "good-3": ""}, rows
+    for d in (a, b):
+        assert status(d)["nicknames"] == names
+        assert d.call({"op": "allocate", "handle": f"{d.dir.name}-1"})["ok"]
+        clean_log(d)
+    refuser[0].close()

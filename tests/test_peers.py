@@ -51,13 +51,17 @@ def test_three_daemons_join_through_one_peer_and_share_the_range(tmp_path):
                lambda: len({status(d)["ring_digest"] for d in (a, b, c)}) == 1)
     shares = status(c)["universes"][0]["peers"]
     assert set(shares) == set(ids.values()) and all(v["reachable"] for v in shares.values())
+    # Every host learns every nickname (--name here), c those of a and b from their books.
+    for d in (a, b, c):
+        wait_until(f"{d.dir.name} to know every nickname", lambda d=d: status(d)["nicknames"]
+                   == {p: x.dir.name for x, p in ids.items()})
     out = c.cli("status")
     assert out.returncode == 0, out
-    for peer in ids.values():
-        assert re.search(rf"{peer}\s+\d+\.\d%\s+\d+\.\d%\s+(this peer|reachable)",
-                         out.stdout), out.stdout
+    for d, peer in ids.items():
+        assert re.search(rf"{peer}  {d.dir.name}\s+\d+\.\d%\s+\d+\.\d%\s+"
+                         r"(this peer|reachable)", out.stdout), out.stdout
     out = c.cli("peers").stdout.splitlines()
-    assert sorted(out) == sorted(f"{p}  {'this peer' if d is c else 'reachable'}"
+    assert sorted(out) == sorted(f"{p}  {d.dir.name:<10}{'this peer' if d is c else 'reachable'}"
                                  for d, p in ids.items()), out
 
 

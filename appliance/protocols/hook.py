@@ -5,6 +5,8 @@
     {"ok":false,"error":{"code":"exhausted","message":"..."}}
 
 Everything a client sends is checked here; the core only ever sees well-formed requests.
+HookConnection is the line framing, sans I/O (as h11 is for HTTP): the server feeds it the
+bytes it reads and takes requests out, in order.
 """
 from __future__ import annotations
 
@@ -172,6 +174,47 @@ def _allocate(obj: dict) -> m.Allocate:
             raise _bad("gateway must lie inside the request's subnet")
         gateway = gateway[1]
     return m.Allocate(_handle(obj), subnet, _anchor(obj), rng, gateway)
+
+
+NEED_DATA = "need_data"  # HookConnection.next_event: feed it more bytes
+CLOSED = "closed"        # ... the connection is over: hang up
+
+
+class HookConnection:
+    """One connection's line framing. receive_data(bytes) (b"" once the client has closed);
+    next_event() returns, in order, each request line parsed (a request, or the HookError to
+    answer it with; the connection stays open), NEED_DATA, or CLOSED. A line longer than
+    MAX_LINE gives HookError too_large and then CLOSED: the rest of that line cannot be told
+    apart from the next request, so the server says why and hangs up rather than guess."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._eof = self._over = False
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self):
+        while not self._over:
+            nl = self._buf.find(b"\n")
+            if nl < 0 or nl > MAX_LINE:
+                if len(self._buf) > MAX_LINE:
+                    self._over = True
+                    self._buf.clear()
+                    return HookError("too_large", f"request line exceeds {MAX_LINE} bytes")
+                return CLOSED if self._eof else NEED_DATA
+            line = bytes(self._buf[:nl])
+            del self._buf[:nl + 1]
+            if not line.strip():
+                continue
+            try:
+                return parse_request(line)
+            except HookError as e:
+                return e
+        return CLOSED
 
 
 def encode_reply(reply: dict) -> bytes:

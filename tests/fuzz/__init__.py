@@ -23,7 +23,7 @@ allocation the fuzzer made and did not release still held exactly
 (handle -> address, on the daemon that made it); no "Traceback" in either daemon's log. At
 the end, also: both stop cleanly; read from their databases, no address is held twice across
 the two, and `PRAGMA integrity_check` is ok; both restart on their databases and still hold
-the same allocations. Inputs the local parsers (hook.parse_request, peer_codec.decode,
+the same allocations. Inputs the local parsers (hook.parse_request, peer_messages.decode,
 parse_hostport) fail on with an unexpected exception are findings too, with the input.
 
 A seed replays the same stream of choices; what the daemons answer (and their timing) can
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import msgpack
 
-from appliance.peer_net import _mac
+from appliance.protocols.peer_frames import mac
 from ..daemon_proc import Daemon, wait_until
 
 from . import docker as dk
@@ -468,7 +468,7 @@ class Soak:
                 theirs = msgpack.unpackb(heard)[6]
                 if then == "wrong_secret":
                     both = hashlib.sha256(ours + heard).digest()
-                    s.sendall(pr.frame(_mac(b"not-the-cluster-secret!", b"proof", me.encode(),
+                    s.sendall(pr.frame(mac(b"not-the-cluster-secret!", b"proof", me.encode(),
                                             theirs, mine, both)))
                 elif then == "random_proof":
                     s.sendall(pr.frame(rng.randbytes(rng.choice([0, 31, 32, 33, 64]))))

@@ -1,5 +1,5 @@
 """Docker's plugin socket as a hostile client sees it: HTTP/1.1 by hand over the unix socket,
-valid IpamDriver calls (appliance/docker_ipam.py), the same with mutated JSON bodies, and
+valid IpamDriver calls (appliance/protocols/docker_ipam.py), the same with mutated JSON bodies, and
 garbage HTTP (appliance/docker_server.py)."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The peer port as a hostile client sees it: the handshake done by hand (as peer_net.py does it,
-with the same helpers), authenticated frames, and generators of messages of every kind the
-codec knows (appliance/core/wire.py), well formed or mutated.
+with the same helpers, protocols/peer_frames.py), authenticated frames, and generators of
+messages of every kind the codec knows (appliance/core/wire.py), well formed or mutated.
 
 The fuzzer that knows the secret is an insider that lies about everything except who it is:
 the ids of the real daemons never appear in what it sends (as owners, writers, vector keys,
@@ -22,15 +22,15 @@ import time
 
 import msgpack
 
-from appliance import peer_codec
+from appliance.protocols import peer_messages
 from appliance.core.addr import AddrError, parse_cidr, parse_hostport
-from appliance.peer_net import (ADDRESSES, CORE, HEAD, KEEPALIVE_FRAME, MAGIC, MAX_FRAME,
-                                PROTOCOL, _mac)
+from appliance.protocols.peer_frames import (ADDRESSES, CORE, HEAD, KEEPALIVE_FRAME, MAGIC,
+                                            MAX_FRAME, PROTOCOL, mac)
 
 from . import garble
 
-KINDS = list(peer_codec.KINDS)
-FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_codec.KINDS.items()}
+KINDS = list(peer_messages.KINDS)
+FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_messages.KINDS.items()}
 
 
 class Closed(Exception):
@@ -98,15 +98,15 @@ class Session:
             fields = msgpack.unpackb(heard)
             peer, theirs = fields[4], fields[6]
             both = hashlib.sha256(ours + heard).digest()
-            sock.sendall(frame(_mac(secret, b"proof", me.encode(), theirs, mine, both)))
+            sock.sendall(frame(mac(secret, b"proof", me.encode(), theirs, mine, both)))
             proof = read_frame(sock, timeout, 64)
-            if proof != _mac(secret, b"proof", peer.encode(), mine, theirs, both):
+            if proof != mac(secret, b"proof", peer.encode(), mine, theirs, both):
                 raise Closed(f"{peer} sent a wrong proof")
         except BaseException:
             sock.close()
             raise
-        return cls(sock, me, peer, _mac(secret, b"key", mine, theirs, me.encode()),
-                   _mac(secret, b"key", theirs, mine, peer.encode()))
+        return cls(sock, me, peer, mac(secret, b"key", mine, theirs, me.encode()),
+                   mac(secret, b"key", theirs, mine, peer.encode()))
 
     def sealed(self, kind: int, payload: bytes, counter: int | None = None,
                version: int = PROTOCOL) -> bytes:
@@ -115,7 +115,7 @@ class Session:
             self.sent += 1
             counter = self.sent
         head = HEAD.pack(version, counter, kind)
-        return frame(head + payload + _mac(self.send_key, head, payload))
+        return frame(head + payload + mac(self.send_key, head, payload))
 
     def send_raw(self, data: bytes, what: str = "", payload: bytes = b"") -> None:
         self.sent_at.append(time.monotonic())
@@ -426,8 +426,8 @@ def predict_core(payload: bytes):
     accepts it (the connection stays), ("fatal", reason) when it refuses it (the connection
     ends), ("bug", exception) when the codec raises something it should not."""
     try:
-        return "ok", peer_codec.decode(payload)
-    except peer_codec.CodecError as e:
+        return "ok", peer_messages.decode(payload)
+    except peer_messages.CodecError as e:
         return "fatal", str(e)
     except Exception as e:  # noqa: BLE001 - the finding itself
         return "bug", e

@@ -54,7 +54,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from appliance import peer_codec
+from appliance.protocols import peer_messages
 from appliance.core import messages as m
 from appliance.core.addr import Cidr, cidr, format_addr, parse_addr
 from appliance.core.bootstrap import decided_cluster
@@ -308,7 +308,7 @@ class Sim:
         if self.codec:
             # Through the real codec, as on the wire: a message it cannot carry is a bug here
             # too. (Not at 100 peers: there it would cost most of the run's time.)
-            return peer_codec.decode(peer_codec.encode(msg))
+            return peer_messages.decode(peer_messages.encode(msg))
         return msg
 
     def _send(self, src: str, dst: str, msg) -> None:

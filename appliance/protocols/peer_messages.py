@@ -11,10 +11,10 @@ import dataclasses
 
 import msgpack
 
-from .core import wire
-from .core.addr import AddrError, Cidr, parse_cidr
-from .core.gossip import Delta
-from .core.ring import Entry
+from ..core import wire
+from ..core.addr import AddrError, Cidr, parse_cidr
+from ..core.gossip import Delta
+from ..core.ring import Entry
 
 MAX_NAME = 64       # peer ids and cluster ids are short hex; names bound what a peer must hold
 MAX_TEXT = 1024     # reasons

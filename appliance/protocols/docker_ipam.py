@@ -1,6 +1,7 @@
-"""Docker's remote IPAM driver API (libnetwork's ipamapi), planned as core requests.
+"""Docker's remote IPAM driver API (libnetwork's ipamapi): its JSON calls decoded, and each
+planned as core requests.
 
-Pure: `call(path, body, state, caller)` is a generator. It yields the core requests that decide
+Pure (the HTTP and the answers to its questions are docker_server.py's): `call(path, body, state, caller)` is a generator. It yields the core requests that decide
 the answer (messages.Allocate, Claim and Release change who holds an address; Status and List
 only read) and `Gone(owner)` questions about a docker daemon's process; the shell
 (docker_server.py) answers each one (`await core.submit(req)`, or a look at /proc) and sends the
@@ -36,12 +37,13 @@ their daemon counts as gone once a docker daemon has sent /Plugin.Activate to th
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .core import messages as m
-from .core.addr import BITS, AddrError, Cidr, format_addr, parse_addr, parse_cidr
+from ..core import messages as m
+from ..core.addr import BITS, AddrError, Cidr, format_addr, parse_addr, parse_cidr
 
 GATEWAY_OPTION = "com.docker.network.gateway"  # netlabel.Gateway
 ADDRESS_TYPE = "RequestAddressType"  # ipamapi.RequestAddressType
@@ -49,6 +51,11 @@ MAC_OPTION = "com.docker.network.endpoint.macaddress"  # netlabel.MacAddress
 NAME_OPTION = "com.docker.network.endpoint.name"  # netlabel.EndpointName (Docker 27 and later)
 CAPABILITIES = {"RequiresMACAddress": True, "RequiresRequestReplay": True}
 DEFAULT_PREFIX = {4: 24, 6: 64}  # a network without --subnet gets a block this size
+CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
+ENDPOINTS = {"/Plugin.Activate", "/IpamDriver.GetCapabilities",
+             "/IpamDriver.GetDefaultAddressSpaces", "/IpamDriver.RequestPool",
+             "/IpamDriver.ReleasePool", "/IpamDriver.RequestAddress",
+             "/IpamDriver.ReleaseAddress"}
 
 _CIDR = r"[0-9A-Fa-f.:]+/\d{1,3}"
 _POOL_ID = re.compile(rf"ipamd:({_CIDR})(?:,({_CIDR}))?"
@@ -60,6 +67,32 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 class DockerError(Exception):
     pass
+
+
+class BadCall(Exception):
+    """Not a call of the API: an unknown endpoint (HTTP 404) or a body that is not a JSON
+    object (400). The message names which."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_call(path: str, raw: bytes) -> dict:
+    """The body of a POST to path, checked: a JSON object (an empty body is {})."""
+    if path not in ENDPOINTS:
+        raise BadCall(404, f"no such endpoint {path}")
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError) as e:
+        raise BadCall(400, f"request body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadCall(400, "request body must be a JSON object")
+    return body
+
+
+def encode_answer(answer: dict) -> bytes:
+    return json.dumps(answer).encode()
 
 
 @dataclass(frozen=True)

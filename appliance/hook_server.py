@@ -1,0 +1,99 @@
+"""The hook socket: each connection's lines (protocols/hook.py frames and parses them) become
+core requests through CoreLoop.submit, the one gate, and their replies go back in order, each
+only once what it changed is durable. Served by unixsock.serve_unix: 0660, capped."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+
+from . import cni_ops
+from .core import messages as m
+from .core.messages import error
+from .daemon import CommitFailed, CoreBug, CoreLoop
+from .protocols import cni
+from .protocols.hook import (CLOSED, NEED_DATA, CniRequest, HookConnection, HookError,
+                             encode_cni_reply, encode_reply)
+from .unixsock import serve_unix
+
+log = logging.getLogger("ipamd")
+HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
+
+
+async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
+                      cap: int = 512) -> None:
+    await serve_unix(path, lambda stream: _serve_connection(stream, core), "hook", cap, 256,
+                     task_status=task_status)
+
+
+async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
+    conn = HookConnection()
+    async with stream:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = None
+                with trio.move_on_after(HOOK_IDLE):
+                    try:
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                if data is None:  # idle too long: a slot for someone else
+                    return
+                conn.receive_data(data)
+                continue
+            if event is CLOSED:
+                return
+            if isinstance(event, HookError):
+                log.info("event=bad_request code=%s message=%r", event.code, event.message)
+                out = encode_reply(event.reply())
+            else:
+                out = await _answer(core, event)
+            try:
+                await stream.send_all(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+async def _answer(core: CoreLoop, request) -> bytes:
+    try:
+        if isinstance(request, CniRequest):
+            return await _answer_cni(core, request)
+        reply = await core.submit(request)
+        if isinstance(request, m.Status) and reply["ok"]:
+            reply["swept"] = core.sweeper.swept
+            reply["conflicts"] = core.conflicts
+            names = {}
+            if core.net is not None:
+                reply["peer_bytes_sent"] = core.net.traffic()
+                reply["candidates"] = len(core.net.candidates())
+                reply["candidates_expired"] = core.net.expired
+                names = core.net.nicknames
+            reply["nicknames"] = _nicknames(reply, {**names, core.me: core.config.name})
+        return encode_reply(reply)
+    except (CommitFailed, CoreBug) as e:
+        if isinstance(request, CniRequest):
+            return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
+        return encode_reply(error("internal", str(e)))
+
+
+def _nicknames(status: dict, known: dict[str, str]) -> dict[str, str]:
+    """The nicknames of the peers a status reply names (members, removed, owners)."""
+    named = {status["peer"], *status["members"], *status["removed"]}
+    for u in status["universes"]:
+        named.update(u["peers"])
+    return {p: known[p] for p in sorted(named) if p in known}
+
+
+async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
+    try:
+        call = cni.parse_call(request.env, request.stdin)
+        req = cni_ops.request_for(call)
+    except cni.CniError as e:
+        log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
+        return encode_cni_reply(cni.error_result(e), 1)
+    reply = await core.submit(req) if req is not None else None
+    output, code = cni_ops.result(call, reply)
+    log.info("event=cni command=%s handle=%r exit=%d", call.command, call.handle, code)
+    return encode_cni_reply(output, code)
