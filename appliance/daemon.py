@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -410,7 +411,9 @@ async def run(config: Config, ready=print) -> None:
         outbox, drained = trio.open_memory_channel(OUTBOX) if networked else (None, None)
         core = CoreLoop(store, loaded, config, outbox=outbox)
         core.sweeper = Sweeper(core, config.sweep_interval)
+        checkpoints = _Checkpoints(store)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoints.run)
             await nursery.start(core.sweeper.run)
             nursery.start_soon(_ticker, core)
             listening = ""
@@ -444,6 +447,10 @@ async def run(config: Config, ready=print) -> None:
                 await nursery.start(functools.partial(serve_docker, config.docker_socket, core,
                                                       cap=caps["docker"]))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            # What start-up made (modules, the allocations loaded) lives as long as the
+            # daemon: out of the collector's full passes, which walk every object, holding
+            # the event loop (measured: 85 ms at 36,000 allocations).
+            gc.freeze()
             ranges = [u for u in loaded.universes if u not in loaded.static]
             static_text = f" static={','.join(map(str, loaded.static))}" if loaded.static else ""
             ready(f"ready peer={loaded.peer_id} name={config.name} socket={config.socket} "
@@ -469,6 +476,25 @@ SWITCH_INTERVAL = 0.0005
 # may be lost.
 OUTBOX = 65536
 TICK = 0.1  # seconds between core ticks: gossip rounds, request timeouts, free hints
+
+
+class _Checkpoints:
+    """Runs the store's WAL checkpoints (Store.checkpoint_elsewhere says why): the copy in a
+    thread while commits go on, then what they added meanwhile on the event loop."""
+
+    def __init__(self, store: Store):
+        self.store, self.due = store, trio.Event()
+        store.checkpoint_elsewhere(lambda: self.due.set())
+
+    async def run(self) -> None:
+        while True:
+            await self.due.wait()
+            try:
+                await trio.to_thread.run_sync(self.store.checkpoint_copy)
+                self.store.checkpoint_finish()
+            except apsw.Error as e:  # the WAL only grows until the next one succeeds
+                log.warning("event=checkpoint_failed error=%r", str(e))
+            self.due = trio.Event()  # what commits said meanwhile, the finish has done
 
 
 async def _ticker(core: CoreLoop) -> None:
