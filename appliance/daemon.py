@@ -192,30 +192,21 @@ class CoreLoop:
     async def submit(self, request) -> dict:
         """Apply a hook request; return its reply once what it changed is durable. An
         allocation that needs space from a peer waits for the grant (or the timeout)."""
-        asked = []
-
-        def event(ref):
-            ready = self.peer.request(ref, request, self.clock())
-            if all(r != ref for r, _ in ready.replies):
-                asked.append(time.monotonic())  # it waits for a peer: a donation
-            return ready
-
-        reply = await self._reply_to(event)
-        if asked and self.metrics is not None:
-            self.metrics.donation.observe(time.monotonic() - asked[0])
-        return reply
-
-    async def _reply_to(self, event) -> dict:
-        """Process event(ref), a Ready; wait for the reply to ref, sent after its commit."""
         ref = next(self._refs)
         w = self._waiters[ref] = _Waiter()
         try:
-            await self._process(self._core(lambda: event(ref)))
-            await w.event.wait()
+            ready = self._core(functools.partial(self.peer.request, ref, request, self.clock()))
+            # No reply yet: it waits for a peer (a donation).
+            asked = None if any(r == ref for r, _ in ready.replies) else time.monotonic()
+            led = await self._process(ready)
+            if not (led and w.event.is_set()):  # a leader has yielded already
+                await w.event.wait()
         finally:
             self._waiters.pop(ref, None)
         if isinstance(w.reply, (CommitFailed, CoreBug)):
             raise w.reply
+        if asked is not None and self.metrics is not None:
+            self.metrics.donation.observe(time.monotonic() - asked)
         return w.reply
 
     async def receive(self, sender: str, msg) -> None:
@@ -291,7 +282,9 @@ class CoreLoop:
         if self.pending_seeds is not None:
             self._note_pending()
 
-    async def _process(self, ready: Ready) -> None:
+    async def _process(self, ready: Ready) -> bool:
+        """Deliver ready, after the commit of the batch it joins if one is open or it has rows;
+        True if it led that batch (and so has yielded)."""
         batch = self._open
         if ready.rows:
             leader = not batch.rows
@@ -299,10 +292,12 @@ class CoreLoop:
             batch.after.append(ready)
             if leader:
                 await self._lead(batch)
+                return True
         elif batch.rows:
             batch.after.append(ready)
         else:
             self._deliver(ready)
+        return False
 
     async def _lead(self, batch: _Batch) -> None:
         # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
