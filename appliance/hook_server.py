@@ -4,6 +4,7 @@ only once what it changed is durable. Served by unixsock.serve_unix: 0660, cappe
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import trio
@@ -28,32 +29,74 @@ async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_I
 
 
 async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
+    # The plain socket under the stream: trio's socket methods add a checkpoint to every send
+    # and receive that did not block, two scheduler passes per request that the commit wait
+    # makes needless (every request waits there, or checkpoints below).
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + HOOK_IDLE) as idle:
+            await _serve_lines(sock, core, idle)
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelScope) -> None:
     conn = HookConnection()
-    async with stream:
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                data = None
-                with trio.move_on_after(HOOK_IDLE):
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return
-                if data is None:  # idle too long: a slot for someone else
-                    return
-                conn.receive_data(data)
-                continue
-            if event is CLOSED:
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await _receive(sock, idle)
+            if data is None:  # reset by the client
                 return
-            if isinstance(event, HookError):
-                log.info("event=bad_request code=%s message=%r", event.code, event.message)
-                out = encode_reply(event.reply())
-            else:
-                out = await _answer(core, event)
-            try:
-                await stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            conn.receive_data(data)
+            continue
+        if event is CLOSED:
+            return
+        if isinstance(event, HookError):
+            log.info("event=bad_request code=%s message=%r", event.code, event.message)
+            await trio.lowlevel.checkpoint()  # a flood of bad lines must not hog the loop
+            out = encode_reply(event.reply())
+        else:
+            out = await _answer(core, event)
+        if not await _send(sock, out):
+            return
+
+
+async def _receive(sock: socket.socket, idle: trio.CancelScope) -> bytes | None:
+    """What the client sent (b"" once it closed), or None if it reset the connection.
+
+    A connection idle for HOOK_IDLE is closed (a slot for someone else) by the `idle` scope,
+    whose deadline moves here at most once a second: moving it costs about what the rest of a
+    receive does. So it is closed after HOOK_IDLE - 1 to HOOK_IDLE s of silence, or of a
+    reply the client does not read."""
+    while True:
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return None
+        now = trio.current_time()
+        if idle.deadline < now + HOOK_IDLE - 1:
+            idle.deadline = now + HOOK_IDLE
+        await trio.lowlevel.wait_readable(sock)  # past the deadline, `idle` ends the connection
+
+
+async def _send(sock: socket.socket, data: bytes) -> bool:
+    """All of data, waiting while the socket is full; False if the client is gone."""
+    view = memoryview(data)
+    while True:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        if not view:
+            return True
+        await trio.lowlevel.wait_writable(sock)
 
 
 async def _answer(core: CoreLoop, request) -> bytes:
@@ -92,8 +135,13 @@ async def _answer_cni(core: CoreLoop, request: CniRequest) -> bytes:
         req = cni_ops.request_for(call)
     except cni.CniError as e:
         log.info("event=cni_refused code=%d msg=%r", e.code, e.msg)
+        await trio.lowlevel.checkpoint()  # as submit would: the connection's loop relies on it
         return encode_cni_reply(cni.error_result(e), 1)
-    reply = await core.submit(req) if req is not None else None
+    if req is not None:
+        reply = await core.submit(req)
+    else:
+        reply = None
+        await trio.lowlevel.checkpoint()
     output, code = cni_ops.result(call, reply)
     log.info("event=cni command=%s handle=%r exit=%d", call.command, call.handle, code)
     return encode_cni_reply(output, code)

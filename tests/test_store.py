@@ -1,6 +1,7 @@
 """The database: creation, refusals that leave the file untouched, migrations, plain readability."""
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import apsw
 import pytest
@@ -213,3 +214,40 @@ def test_readable_from_plain_sqlite3(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["web-1|10.32.0.1/12", "web-1|fd00::1/64", "10.32.0.2"]
     s.close()
+
+
+def wal_frames(path) -> int:
+    """Frames the WAL file holds (its high-water mark: a WAL started over is not truncated)."""
+    return (path.stat().st_size - 32) // (4096 + 24)
+
+
+def test_checkpoints_elsewhere_copy_then_finish_and_the_wal_starts_over(tmp_path):
+    """With checkpoint_elsewhere no commit checkpoints, not even past SQLite's own 1000 pages:
+    due() says when. A copy from another thread that cannot take everything (here a reader
+    holds an older snapshot; in the daemon, commits made while it copies), then the finish,
+    leave the whole WAL in the database file, and the next commit writes it from its start."""
+    path, wal = tmp_path / "ipamd.db", tmp_path / "ipamd.db-wal"
+    s = Store(path)
+    loaded = s.open(RANGE, "t")
+    a = s.load_allocator(loaded, RANGE[0], 30)
+    dues = []
+    s.checkpoint_elsewhere(lambda: dues.append(wal_frames(wal)), pages=1100)
+    for i in range(1000):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
+        if dues:
+            break
+    assert dues and dues[0] >= 1100, "the WAL was checkpointed by a commit"
+    reader = apsw.Connection(str(path))
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM allocations").fetchall() == [(i + 1,)]
+    s.commit(a.apply(Allocate("late"), 3000.0)[1])  # past the reader's snapshot
+    with ThreadPoolExecutor(1) as pool:
+        in_wal, copied = pool.submit(s.checkpoint_copy).result()
+    assert copied == dues[0] < in_wal
+    reader.execute("COMMIT")
+    assert s.checkpoint_finish() == (in_wal, in_wal)
+    high = wal_frames(wal)
+    s.commit(a.apply(Allocate("next"), 3001.0)[1])
+    assert wal_frames(wal) == high, "the WAL did not start over"
+    s.close()
+    assert reader.execute("SELECT count(*) FROM allocations").fetchall() == [(i + 3,)]

@@ -42,7 +42,7 @@ def _named(holder: str, kind: str) -> str | None:
     return holder[len(kind) + 1:] if holder.startswith(kind + " ") else None
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: one object fewer per allocation for the GC to walk
 class Held:
     family: int
     address: int

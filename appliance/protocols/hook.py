@@ -217,10 +217,14 @@ class HookConnection:
         return CLOSED
 
 
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_reply(reply: dict) -> bytes:
-    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+    return (_ENCODE(reply) + "\n").encode()
 
 
 def encode_cni_reply(output: bytes, exit_code: int) -> bytes:
     head = {"ok": True, "exit": exit_code, "length": len(output)}
-    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + output
+    return (_ENCODE(head) + "\n").encode() + output
