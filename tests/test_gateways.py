@@ -8,7 +8,7 @@ import pytest
 from appliance import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import cidr, parse_addr
-from appliance.core.wire import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
+from appliance.core.peer_messages import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
     RemovePrepare, SpaceRequest
 
 from .scenario import Cluster

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance import peer_codec
-from appliance.core import wire
+from appliance.core import peer_messages as wire
 from appliance.core.addr import cidr
 from appliance.core.gossip import Delta
 from appliance.core.ring import Entry

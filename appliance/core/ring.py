@@ -52,6 +52,11 @@ class RingError(ValueError):
     """An operation the rules forbid (a bug in the caller), or an entry a peer must not send."""
 
 
+class RingInvariant(Exception):
+    """A ring that breaks the rules above: a bug in this host's code, never a peer's data
+    (that is refused by check_entry before it is merged). The message names what broke."""
+
+
 class Ring:
     def __init__(self, universe: Cidr, entries: list[Entry] | None = None):
         self.universe = universe
@@ -89,6 +94,37 @@ class Ring:
             raise RingError(f"ring entry [{e.start}, {e.end}) lies outside {self.universe}")
         if e.version < 1 or not e.owner or not 0 <= e.free_hint <= HINT_MAX:
             raise RingError(f"ring entry at {e.start} is malformed: {e}")
+
+    def check_invariants(self) -> None:
+        """Raise RingInvariant unless this copy keeps the rules: every entry is filed under
+        its own start, carries an end past its start inside the universe (check_entry), the
+        sorted view holds exactly the entries, ascending, and what each entry covers here is
+        disjoint from the next: one owner per address."""
+        where = f"ring of {self.universe}"
+        for start, e in self._by_start.items():
+            if e.start != start:
+                raise RingInvariant(f"{where}: the entry at {e.start} is filed under {start}")
+            if e.end <= e.start:
+                raise RingInvariant(f"{where}: the entry at {start} ends at {e.end}, not past "
+                                    "its start")
+            try:
+                self.check_entry(e)
+            except RingError as err:
+                raise RingInvariant(f"{where}: {err}") from None
+        truth = sorted(self._by_start.values(), key=lambda e: e.start)
+        if self._sorted is not None and self._sorted != truth:
+            raise RingInvariant(f"{where}: the sorted entries are not the entries "
+                                f"({len(self._sorted)} listed, {len(truth)} held)")
+        if self._sorted is not None and self._starts != [e.start for e in truth]:
+            raise RingInvariant(f"{where}: the index of starts is out of date")
+        last = self.universe.start
+        for e, lo, hi in self.spans():
+            if lo != e.start or not lo < hi <= e.end:
+                raise RingInvariant(f"{where}: the entry [{e.start}, {e.end}) is said to cover "
+                                    f"[{lo}, {hi})")
+            if lo < last:
+                raise RingInvariant(f"{where}: [{lo}, {last}) has two owners")
+            last = hi
 
     @property
     def entries(self) -> list[Entry]:

@@ -1,6 +1,6 @@
 """The peer port as a hostile client sees it: the handshake done by hand (as peer_net.py does it,
 with the same helpers), authenticated frames, and generators of messages of every kind the
-codec knows (appliance/core/wire.py), well formed or mutated.
+codec knows (appliance/core/peer_messages.py), well formed or mutated.
 
 The fuzzer that knows the secret is an insider that lies about everything except who it is:
 the ids of the real daemons never appear in what it sends (as owners, writers, vector keys,
