@@ -109,7 +109,7 @@ def test_a_change_gives_rows_the_allocators_view_and_the_clock_together():
 def test_a_core_bug_surfaces_through_the_gate():
     """A request whose answer changes the ring (a donation) meets the broken ring first."""
     peer = founder()
-    peer.rings[U]._by_start[S] = Entry(S, S + 300, "a", 1)
+    peer.rings[U]._put(Entry(S + 200, S + 300, "a", 1))  # a ring operation gone wrong
     with pytest.raises(RingInvariant, match="lies outside"):
         peer.receive("b", SpaceRequest("c", 1, U, U.start, U.end), 0)
 

@@ -76,6 +76,9 @@ class Change:
 class RingWriter:
     def __init__(self, me: str, rings: Rings, replica: Replica, allocator: Allocator):
         self.me, self.rings, self.replica, self.allocator = me, rings, replica, allocator
+        # Each ring as this writer last checked it, and its count of writes then: a ring
+        # with no write since is known good, and is not walked again before the next change.
+        self._checked: dict[Cidr, tuple[Ring, int]] = {}
 
     @contextmanager
     def change(self, rows: list) -> Iterator[Change]:
@@ -89,6 +92,7 @@ class RingWriter:
             self._check(u, self.rings[u])
             rows += m.ring_rows(u, entries)
             rows += self.allocator.ring_changed(u)
+            self._checked[u] = (self.rings[u], self.rings[u].writes)
         if ch.written or ch.clock or clock != (self.replica.seq, self.replica.vector):
             rows.append(self.clock_row())
 
@@ -99,11 +103,14 @@ class RingWriter:
         """Every ring keeps ring.py's rules and the allocator sees what the ring says this
         host owns; else RingInvariant naming what broke."""
         for u, ring in self.rings.items():
+            if self._checked.get(u) == (ring, ring.writes):
+                continue
             self._check(u, ring)
             if self.allocator.owned(u) != ring.owned_by(self.me):
                 raise RingInvariant(f"ring of {u}: the allocator's view of what {self.me} owns "
                                     "is not the ring's (a ring change that bypassed "
                                     "RingWriter.change)")
+            self._checked[u] = (ring, ring.writes)
 
     def _check(self, u: Cidr, ring: Ring) -> None:
         if ring.universe != u:

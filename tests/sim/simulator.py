@@ -44,7 +44,8 @@ enumeration of the range: a /32 IPv6 range is never walked).
 A restart may lose the peer's whole database: it comes back under a new id, and its old id
 stays dead until some peer runs rmpeer on it (during the run, from any peer at any time, so
 concurrent and partitioned removals happen; after the heal, until it succeeds: I5 needs it).
-Bootstrap is by a founder, by seeds, or by a quorum vote, under the same faults.
+Bootstrap is by a founder, by seeds (known by address: each learns the ids through
+Peer.identified, as the daemon does), or by a quorum vote, under the same faults.
 """
 from __future__ import annotations
 
