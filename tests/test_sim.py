@@ -25,9 +25,9 @@ import pytest
 from appliance.core import allocator as allocator_mod
 from appliance.core import messages as m
 from appliance.core import peer as peer_mod
+from appliance.core import peer_messages as wire
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
-from appliance.core import peer_messages as wire
 from appliance.core.addr import cidr
 
 from .sim.simulator import REUSE_DELAY, Faults, Sim, Violation, copy_durable
