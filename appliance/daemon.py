@@ -10,7 +10,6 @@ import fcntl
 import functools
 import gc
 import itertools
-import json
 import logging
 import os
 import signal
@@ -23,7 +22,8 @@ import apsw
 import trio
 
 from .core.addr import Cidr, cidr, parse_hostport, uncovered
-from .core.peer import Peer, Ready
+from .core import messages as m
+from .core.peer import Ready
 from .sweeper import Sweeper
 from . import host_routes, limits
 from .store import Store, StoreError
@@ -104,18 +104,7 @@ class CoreLoop:
                  outbox: trio.MemorySendChannel | None = None):
         self.store, self.loaded, self.config, self.clock = store, loaded, config, clock
         self.outbox = outbox  # (dst, message) to peers, once committed: the transport drains it
-        self.pending_seeds: dict[str, str | None] | None = None
-        meta = loaded.meta or {}
-        if loaded.mode == "quorum" and "vote" not in meta:
-            # A voter's first start: its (empty) vote is durable before it says anything.
-            _, rows = Peer.voter(loaded.peer_id, loaded.cluster_id, loaded.universes,
-                                 self._subnet(), int(meta["quorum"]), **self._kw())
-            store.commit(rows)
         self.peer = self._load()
-        if loaded.mode == "seeds" and "seeds" not in meta:
-            # The split is over the seeds' ids, learned by dialling their addresses.
-            self.pending_seeds = {a: None for a in meta["seed_addresses"].split(",")}
-            self._note_pending()
         self._open = _Batch()
         self._waiters: dict[int, _Waiter] = {}
         self._refs = itertools.count()
@@ -155,39 +144,22 @@ class CoreLoop:
     def _subnet(self):
         return self.config.subnet or self.loaded.universes[0]
 
-    def _kw(self) -> dict:
-        return {"reuse_delay": self.config.reuse_delay, "gateways": self.config.gateways,
-                "static": frozenset(self.loaded.static)}
-
     def _load(self):
         c = self.config
         return self.store.load_peer(self.loaded, self._subnet(), c.reuse_delay, c.gateways)
 
-    def _note_pending(self) -> None:
-        missing = sorted(a for a, p in self.pending_seeds.items() if p is None)
-        self.peer.standing = "waiting"
-        self.peer.note = f"waiting to learn the ids of seeds {', '.join(missing)}"
-
     async def identified(self, address: str, peer: str) -> None:
-        """The transport learned who answers at address. Seeds waiting for every seed's id
-        make the split once they have them all: the same on every seed."""
-        if self.pending_seeds is None or address not in self.pending_seeds:
+        """The transport learned who answers at address. A seed that knows the seeds by
+        address only makes the split once it has every id (the core decides, and its rows
+        carry the ids: one commit)."""
+        try:
+            ready = self._core(lambda: self.peer.identified(address, peer, self.clock()))
+        except CoreBug:
             return
-        self.pending_seeds[address] = peer
-        if any(p is None for p in self.pending_seeds.values()):
-            self._note_pending()
-            return
-        ids = sorted(set(self.pending_seeds.values()))
-        if self._open.rows:  # the peer is rebuilt from the database: let it be complete
-            await self._open.done.wait()
-        _, rows = Peer.seeded(self.loaded.peer_id, self.loaded.cluster_id,
-                              self.loaded.universes, self._subnet(), ids, **self._kw())
-        self.store.commit(rows)
-        self.store.set_meta("seeds", json.dumps(ids))
-        self.loaded.meta["seeds"] = json.dumps(ids)
-        self.pending_seeds = None
-        self._reload()
-        log.warning("event=seeds_split seeds=%s", ",".join(ids))
+        split = [r.ids for r in ready.rows if isinstance(r, m.SeedIds)]
+        await self._process(ready)
+        if split:
+            log.warning("event=seeds_split seeds=%s", ",".join(split[0]))
 
     async def submit(self, request) -> dict:
         """Apply a hook request; return its reply once what it changed is durable. An
@@ -210,8 +182,6 @@ class CoreLoop:
         return w.reply
 
     async def receive(self, sender: str, msg) -> None:
-        if self.pending_seeds is not None:
-            return  # no ring of its own yet: what peers say waits for the split
         try:
             ready = self._core(lambda: self.peer.receive(sender, msg, self.clock()))
         except CoreBug:
@@ -219,12 +189,11 @@ class CoreLoop:
         await self._process(ready)
 
     async def tick(self) -> None:
-        if self.pending_seeds is None:
-            try:
-                ready = self._core(lambda: self.peer.tick(self.clock()))
-            except CoreBug:
-                return
-            await self._process(ready)
+        try:
+            ready = self._core(lambda: self.peer.tick(self.clock()))
+        except CoreBug:
+            return
+        await self._process(ready)
 
     def _core(self, call) -> Ready:
         """Run one core call. An exception from it is a bug that may have left memory ahead of
@@ -279,8 +248,6 @@ class CoreLoop:
         self.peer = self._load()
         self.peer.next_req = old.next_req
         self._tell_peer()
-        if self.pending_seeds is not None:
-            self._note_pending()
 
     async def _process(self, ready: Ready) -> bool:
         """Deliver ready, after the commit of the batch it joins if one is open or it has rows;

@@ -5,7 +5,7 @@ receives on the connections others dialled to it. So a pair of peers has one con
 way, and there is nothing to deduplicate.
 
 The bytes on a connection (frames, the handshake, authenticated frames) are
-protocols/peer_frames.py's; core messages are protocols/peer_messages.py's, address books
+protocols/peer_frames.py's; core messages are protocols/peer_codec.py's, address books
 protocols/peer_book.py's. A wrong secret, another cluster, other ranges, another protocol
 version, garbage or an oversized frame each closes the connection with a logged reason, and
 nothing in the core changes.
@@ -48,7 +48,7 @@ import trio
 
 from .core.addr import AddrError, parse_hostport
 from .limits import ConnectionCap, Summary
-from .protocols import peer_book, peer_messages
+from .protocols import peer_book, peer_codec
 from .protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, KIND_NAMES, MAX_FRAME,
                                     MAX_HELLO, MAX_PROOF, FrameReader, ProtocolError, Sealer,
                                     SelfConnection, check_hello, decode_hello, encode_hello,
@@ -225,7 +225,7 @@ class PeerNet:
         if q is None:
             return  # not connected: the core treats it as lost, as any message may be
         try:
-            frame = peer_messages.encode(msg)
+            frame = peer_codec.encode(msg)
         except Exception as e:  # a bug in what the core made: lose this message, not the daemon
             self.unsendable += 1
             log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r", dst,
@@ -488,8 +488,8 @@ class PeerNet:
                 self.heard[session.peer] = self.clock()
             if kind == CORE:
                 try:
-                    msg = peer_messages.decode(payload)
-                except peer_messages.CodecError as e:
+                    msg = peer_codec.decode(payload)
+                except peer_codec.CodecError as e:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
             elif kind == ADDRESSES:

@@ -17,9 +17,8 @@ import apsw
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
 from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
-                            Removal, Reserve, RingWrite, Row, Standing, Unreserve, Vote)
+                            Removal, Reserve, RingWrite, Row, SeedIds, Standing, Unreserve, Vote)
 from .core.peer import Peer
-from .core.ring import Ring
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
@@ -188,19 +187,12 @@ class Store:
             for u in universes:
                 conn.execute("INSERT INTO universes VALUES (?, ?, ?)",
                              (str(u), u.family, "static" if u in static else "range"))
-            if mode == "single":
-                for u in universes:
-                    e = Ring.single_owner(u, peer_id, (peer_id, 1)).entries[0]
-                    conn.execute("INSERT INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (str(u), u.addr(e.start), u.addr(e.end - 1), e.owner,
-                                  e.version, e.free_hint, *e.stamp))
-                conn.execute("INSERT INTO clock VALUES (1, 1, ?)", (json.dumps({peer_id: 1}),))
-            else:
-                conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
+            conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
-        return Loaded(peer_id, cluster, universes, True, mode,
-                      {"peer_id": peer_id, "cluster_id": cluster, "bootstrap": mode,
-                       **bootstrap_meta}, list(static))
+            meta = {"peer_id": peer_id, "cluster_id": cluster, "bootstrap": mode,
+                    **bootstrap_meta}
+            self._apply(conn, _durable(peer_id, cluster, universes, static, meta).first_rows())
+        return Loaded(peer_id, cluster, universes, True, mode, meta, list(static))
 
     def _migrate(self, conn: apsw.Connection, version: int, migrations: dict[int, str]) -> None:
         missing = [v for v in range(version, SCHEMA_VERSION) if v not in migrations]
@@ -250,7 +242,8 @@ class Store:
         """The peer as the database has it: the same rebuild a restart in the simulator does
         (core/durable.py), from rows read here."""
         conn = self.conn
-        d = Durable(loaded.peer_id, loaded.cluster_id, loaded.universes, tuple(loaded.static))
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        d = _durable(loaded.peer_id, loaded.cluster_id, loaded.universes, loaded.static, meta)
         for row in conn.execute("SELECT universe, start, last, owner, version, free_hint, "
                                 "stamp_peer, stamp_seq FROM ring"):
             d.ring[(row[0], row[1])] = RingWrite(*row)
@@ -271,18 +264,13 @@ class Store:
         # candidates to dial: they never count as members (and never block rmpeer).
         d.seen = {p for (p,) in conn.execute("SELECT id FROM peers WHERE state != 'candidate'")
                   if p != loaded.peer_id}
-        meta = dict(conn.execute("SELECT key, value FROM meta"))
         if "standing" in meta:
             d.standing = Standing(meta["standing"], meta.get("standing_note", ""))
-        if loaded.mode == "seeds" and "seeds" in meta:
-            d.mode, d.seeds = "seeds", tuple(json.loads(meta["seeds"]))
-        elif loaded.mode == "quorum":
-            d.mode, d.quorum = "quorum", int(meta["quorum"])
-            if "vote" in meta:
-                promised, accepted, decided = json.loads(meta["vote"])
-                d.vote = Vote(tuple(promised) if promised else None,
-                              (tuple(accepted[0]), tuple(accepted[1])) if accepted else None,
-                              tuple(decided) if decided else None)
+        if "vote" in meta:
+            promised, accepted, decided = json.loads(meta["vote"])
+            d.vote = Vote(tuple(promised) if promised else None,
+                          (tuple(accepted[0]), tuple(accepted[1])) if accepted else None,
+                          tuple(decided) if decided else None)
         return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
 
     def candidates(self, now: float) -> dict[str, float]:
@@ -306,10 +294,6 @@ class Store:
             if isinstance(known, list) and known and isinstance(known[-1], str):
                 out[peer] = known[-1]
         return out
-
-    def load_allocator(self, loaded: Loaded, default_subnet: Cidr, reuse_delay: float,
-                       gateways: frozenset = frozenset()):
-        return self.load_peer(loaded, default_subnet, reuse_delay, gateways).allocator
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -342,10 +326,6 @@ class Store:
             self.conn.executemany("DELETE FROM peers WHERE id = ? AND state = 'candidate'",
                                   [(p,) for p in peers])
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
     def set_cluster(self, cluster: str) -> None:
         """A joiner's identity, learned from its first peer; set once."""
         with self.conn:
@@ -354,7 +334,10 @@ class Store:
 
     def commit(self, rows: list[Row]) -> None:
         """All rows in one transaction: either every one is durable or none is."""
-        conn = self.conn
+        self._apply(self.conn, rows)
+
+    @staticmethod
+    def _apply(conn: apsw.Connection, rows: list[Row]) -> None:
         with conn:
             for r in rows:
                 if isinstance(r, PutAllocation):
@@ -401,6 +384,9 @@ class Store:
                 elif isinstance(r, Vote):
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('vote', ?)",
                                  (json.dumps([r.promised, r.accepted, r.decided]),))
+                elif isinstance(r, SeedIds):
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('seeds', ?)",
+                                 (json.dumps(list(r.ids)),))
                 else:
                     raise TypeError(f"not a row: {r!r}")
 
@@ -446,13 +432,13 @@ class Store:
             self.conn = None
 
 
-def file_digest(path: Path) -> str:
-    """For tests and refusal checks: the bytes of a file and its WAL companions."""
-    h = hashlib.sha256()
-    for p in (Path(path), Path(f"{path}-wal"), Path(f"{path}-shm")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes() if p.exists() else b"<none>")
-    return h.hexdigest()
-
-
-
+def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: dict) -> Durable:
+    """The Durable (core/durable.py) of this database, its bootstrap mode read from meta."""
+    mode = meta.get("bootstrap", "single")
+    boot: dict = {}
+    if mode == "seeds":
+        boot["seeds"] = tuple(json.loads(meta["seeds"])) if "seeds" in meta else ()
+        boot["seed_addresses"] = tuple(a for a in meta.get("seed_addresses", "").split(",") if a)
+    elif mode == "quorum":
+        boot["quorum"] = int(meta["quorum"])
+    return Durable(peer_id, cluster, list(universes), tuple(static), mode=mode, **boot)

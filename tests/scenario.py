@@ -56,25 +56,18 @@ class Cluster:
 
     def start(self, name: str) -> None:
         """A first start with an empty database, as its flags say."""
-        d = self.durable[name] = Durable(name, CLUSTER, [self.u])
         if self.seeds:
-            d.mode, d.seeds = "seeds", tuple(self.seeds)
-            peer, rows = Peer.seeded(name, CLUSTER, [self.u], self.u, self.seeds,
-                                     reuse_delay=30.0)
+            boot = {"mode": "seeds", "seeds": tuple(self.seeds)}
         elif self.quorum:
-            d.mode, d.quorum = "quorum", self.quorum
-            peer, rows = Peer.voter(name, CLUSTER, [self.u], self.u, self.quorum,
-                                    reuse_delay=30.0)
-        elif name == "p0":
-            peer, rows = Peer.founder(name, CLUSTER, [self.u], self.u, reuse_delay=30.0)
+            boot = {"mode": "quorum", "quorum": self.quorum}
         else:
-            peer, rows = d.load(self.u, 30.0), []
-        d.apply(rows)
-        self.peers[name] = peer
+            boot = {"mode": "single" if name == "p0" else "join"}
+        d = self.durable[name] = Durable.new(name, CLUSTER, [self.u], **boot)
+        self.peers[name] = d.load(self.u, 30.0)
         self._links()
 
     def join(self, name: str) -> None:
-        self.durable[name] = Durable(name, CLUSTER, [self.u])
+        self.durable[name] = Durable.new(name, CLUSTER, [self.u])
         self.peers[name] = self.durable[name].load(self.u, 30.0)
         self._links()
 

@@ -114,7 +114,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self._load()
 
     def _load(self):
-        self.alloc = self.store.load_allocator(self.loaded, DEFAULT, DELAY, frozenset([GATEWAY]))
+        self.alloc = self.store.load_peer(self.loaded, DEFAULT, DELAY, frozenset([GATEWAY])).allocator
 
     def _apply(self, req):
         reply, rows = self.alloc.apply(req, self.now)

@@ -18,7 +18,7 @@ from appliance.core.addr import cidr, parse_addr
 from appliance.core.allocator import Allocator
 from appliance.core.peer import Peer
 from appliance.core.ring import Ring
-from appliance.core.wire import SpaceDenied
+from appliance.core.peer_messages import SpaceDenied
 from appliance.daemon import Config, CoreBug, CoreLoop
 from appliance.store import Store
 from appliance.sweeper import ALIVE, GONE, UNKNOWN, Sweeper, anchor_state

@@ -5,10 +5,10 @@ gateways.txt shows them end to end)."""
 import msgpack
 import pytest
 
-from appliance.protocols import peer_messages
+from appliance.protocols import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import cidr, parse_addr
-from appliance.core.wire import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
+from appliance.core.peer_messages import GatewayRelease, GatewayReleased, Handover, RemoveAck, \
     RemovePrepare, SpaceRequest
 
 from .scenario import Cluster
@@ -81,7 +81,7 @@ def test_the_new_messages_travel_whole():
     for msg in (GatewayRelease("c", big, address), GatewayReleased("c", U, GW[1]),
                 Handover("c", 3, c_delta(), ((U, GW[1], ("p1", "kept")),)),
                 RemoveAck("c", 4, c_delta(), (), ("p0",), ((big, address, ("p2",)),))):
-        assert peer_messages.decode(peer_messages.encode(msg)) == msg
+        assert peer_codec.decode(peer_codec.encode(msg)) == msg
 
 
 def c_delta():
@@ -94,8 +94,8 @@ def test_a_release_naming_no_address_or_a_foreign_range_changes_nothing():
     c.requests([("p1", m.Allocate("a", gateway=GW[1]))])
     before = dict(c.durable["p0"].reserved)
     bad = msgpack.packb(["GatewayRelease", "c1", str(U), None])
-    with pytest.raises(peer_messages.CodecError, match="GatewayRelease.address must be an address"):
-        peer_messages.decode(bad)
+    with pytest.raises(peer_codec.CodecError, match="GatewayRelease.address must be an address"):
+        peer_codec.decode(bad)
     for bad in (GatewayRelease("c1", cidr("10.9.0.0/24"), 1),  # not a universe of ours
                 GatewayRelease("c1", U, U.end + 5)):  # ours, but not in it
         ready = c.peers["p0"].receive("p1", bad, c.now)

@@ -4,7 +4,7 @@ from appliance.core.addr import cidr, range_to_cidrs
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 from appliance.core.ring import Ring
-from appliance.core.wire import (Accept, Accepted, Prepare, Promise, RemoveAck, RemoveNack,
+from appliance.core.peer_messages import (Accept, Accepted, Prepare, Promise, RemoveAck, RemoveNack,
                                  RemovePrepare, VoteNack)
 
 U = cidr("10.0.0.0/24")

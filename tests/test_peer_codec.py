@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.protocols import peer_messages
-from appliance.core import wire
+from appliance.protocols import peer_codec
+from appliance.core import peer_messages as wire
 from appliance.core.addr import cidr
 from appliance.core.gossip import Delta
 from appliance.core.ring import Entry
-from appliance.protocols.peer_messages import CodecError, decode, encode
+from appliance.protocols.peer_codec import CodecError, decode, encode
 from tests.sim.simulator import Faults, Sim
 
 V6 = cidr("fd00::/64")
@@ -76,7 +76,7 @@ def test_random_bytes_are_a_codec_error_or_a_message(data):
         msg = decode(data)
     except CodecError:
         return
-    assert type(msg).__name__ in peer_messages.KINDS
+    assert type(msg).__name__ in peer_codec.KINDS
 
 
 @settings(max_examples=300, deadline=None)

@@ -23,11 +23,11 @@ from collections import Counter
 import pytest
 
 from appliance.core import allocator as allocator_mod
-from appliance.core import bootstrap as bootstrap_mod
 from appliance.core import messages as m
+from appliance.core import peer as peer_mod
+from appliance.core import peer_messages as wire
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
-from appliance.core import wire
 from appliance.core.addr import cidr
 
 from .sim.simulator import REUSE_DELAY, Faults, Sim, Violation, copy_durable
@@ -163,8 +163,8 @@ def test_checker_catches_donating_allocated_space(monkeypatch):
 
 def test_checker_catches_rmpeer_without_promises(monkeypatch):
     """A runner that reclaims at once, asking nobody (what rmpeer is without rule 6)."""
-    def no_round(self, req, r, peers, out, via=""):
-        self._reclaim(req, out)
+    def no_round(self, peer, req, r, peers, out, via=""):
+        self._reclaim(peer, req, out)
 
     monkeypatch.setattr(removal_mod.Removals, "_ask_promises", no_round)
     found = find_violation()
@@ -353,7 +353,7 @@ def test_checker_catches_releases_refused_outside_good_standing(monkeypatch):
 
 def test_checker_catches_a_restored_copy_that_does_not_stop(monkeypatch):
     """A peer that never takes itself for stale (the check on every gossip gone)."""
-    monkeypatch.setattr(bootstrap_mod.Bootstrap, "_check_vector",
+    monkeypatch.setattr(peer_mod.Peer, "_check_vector",
                         lambda self, sender, theirs, out: self._heard_seed(sender, out))
     found = find_violation()
     assert found is not None and found[1].startswith(f"stale seed={found[0]}: "), found
@@ -361,9 +361,9 @@ def test_checker_catches_a_restored_copy_that_does_not_stop(monkeypatch):
 
 
 def test_checker_catches_a_removed_peer_that_does_not_stop(monkeypatch):
-    real = removal_mod.Removals._learn_removed
-    monkeypatch.setattr(removal_mod.Removals, "_learn_removed", lambda self, removed, out: real(
-        self, [(t, by) for t, by in removed if t != self.me], out))
+    real = removal_mod.Removals.learn_removed
+    monkeypatch.setattr(removal_mod.Removals, "learn_removed", lambda self, peer, removed, out:
+                        real(self, peer, [(t, by) for t, by in removed if t != peer.me], out))
     sim = Sim(3, 4, Faults(), bootstrap="seeds")
     with pytest.raises(Violation, match=r"^removed seed=3: p3 came back .* is still member"):
         removed(sim, "p3")

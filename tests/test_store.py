@@ -1,7 +1,9 @@
 """The database: creation, refusals that leave the file untouched, migrations, plain readability."""
+import hashlib
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import apsw
 import pytest
@@ -9,17 +11,26 @@ import pytest
 from appliance import store as store_mod
 from appliance.core.addr import cidr, parse_addr
 from appliance.core.messages import Allocate, Claim, Release
-from appliance.store import APPLICATION_ID, Store, StoreError, file_digest
+from appliance.store import APPLICATION_ID, Store, StoreError
 
 from .conftest import need_tool
 
 RANGE = [cidr("10.32.0.0/12")]
 
 
+def file_digest(path) -> str:
+    """The bytes of a database file and its WAL companions."""
+    h = hashlib.sha256()
+    for p in (Path(path), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes() if p.exists() else b"<none>")
+    return h.hexdigest()
+
+
 def make_db(path, allocations=0):
     s = Store(path)
     loaded = s.open(RANGE, "t")
-    a = s.load_allocator(loaded, RANGE[0], 30)
+    a = s.load_peer(loaded, RANGE[0], 30).allocator
     for i in range(allocations):
         s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
     s.close()
@@ -157,7 +168,7 @@ def test_version_2_reservations_are_kept_for_good(tmp_path):
     loaded = s.open(None, "t")
     assert s.conn.execute("SELECT address, holder, note FROM reserved").fetchall() == [
         ("10.32.0.1", "kept", "gateway")]
-    a = s.load_allocator(loaded, RANGE[0], 30)
+    a = s.load_peer(loaded, RANGE[0], 30).allocator
     assert a.reserved == {(4, parse_addr("10.32.0.1")[1]): {"kept"}}
     reply, _ = a.apply(Claim("x", *parse_addr("10.32.0.1")), 1.0)
     assert reply["error"]["code"] == "reserved"
@@ -203,7 +214,7 @@ def test_readable_from_plain_sqlite3(tmp_path):
     path = tmp_path / "ipamd.db"
     s = Store(path)
     loaded = s.open([cidr("10.32.0.0/12"), cidr("fd00::/64")], "t")
-    a = s.load_allocator(loaded, cidr("10.32.0.0/12"), 30)
+    a = s.load_peer(loaded, cidr("10.32.0.0/12"), 30).allocator
     s.commit(a.apply(Allocate("web-1"), 1000.0)[1])
     s.commit(a.apply(Allocate("web-1", cidr("fd00::/64")), 1000.0)[1])
     s.commit(a.apply(Allocate("gone"), 1000.0)[1])

@@ -20,6 +20,7 @@ from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, Holder, List, 
                        Release, ReleaseIf, ReleaseUnlisted, Reserve, ReserveGateway, Row, Status,
                        TakeSets, Unreserve, error, ok)
 from .ring import Ring
+from .rings import Rings
 
 CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
 
@@ -64,11 +65,13 @@ class Held:
 
 
 class Allocator:
-    def __init__(self, me: str, rings: list[Ring], default_subnet: Cidr, reuse_delay: float,
-                 gateways: frozenset[tuple[int, int]] = frozenset(),
+    def __init__(self, me: str, rings: Rings | list[Ring], default_subnet: Cidr,
+                 reuse_delay: float, gateways: frozenset[tuple[int, int]] = frozenset(),
                  static: frozenset[Cidr] = frozenset()):
         self.me = me
-        self.rings = {r.universe: r for r in rings}
+        # Read only: the peer's Rings, changed through its RingWriter, which calls
+        # ring_changed after every change.
+        self.rings = rings if isinstance(rings, Rings) else Rings(rings)
         # Claim-only universes: the default subnet outside the ranges, in the ring so that
         # every static address there has one owner, but never handed out by allocate.
         self.static = frozenset(static)
@@ -552,6 +555,10 @@ class Allocator:
             self.used[universe].discard(address)
             rows.append(ForgetFreed(format_addr(universe.family, address)))
         return rows
+
+    def owned(self, universe: Cidr) -> list[tuple[int, int]]:
+        """What this host owns in universe, as the last ring_changed saw it."""
+        return self._owned[universe]
 
     def free_count(self, universe: Cidr, lo: int, hi: int, now: float) -> int:
         """Addresses in [lo, hi) that this peer could hand out or give away now: what it owns

@@ -1,27 +1,27 @@
-"""How the first peers come to own the universes (mixed into Peer; DESIGN.md rule 5).
+"""How the first peers come to own the universes (DESIGN.md rule 5): the state of this peer's
+bootstrap, which Peer consults and feeds; it holds no reference to the peer.
 
-- founder: one host owns everything (Peer.founder).
+- founder: one host owns everything (Peer.founder); a joiner owns nothing until it asks.
 - seeds (`--init-peers a,b,c`): every seed computes the same split (Ring.split), no messages
-  needed. A seed with a fresh database allocates only once it has heard every other seed and
-  none of them knows a write of its id past the split: if one does, this database is not the
-  one that made them (lost, or restored from a backup), and the peer stops (rule 3).
+  needed, once it knows every seed's id: given, or learned from the seeds' addresses as the
+  transport reaches them (`identified`). A seed with a fresh database allocates only once it
+  has heard every other seed and none of them knows a write of its id past the split: if one
+  does, this database is not the one that made them (lost, or restored from a backup), and
+  the peer stops (rule 3).
 - quorum (`--quorum N`): single-decree Paxos among the peers that start together; the value is
   the set of peers the winning proposer could reach, and the split is made over it. Promises and
   acceptances are durable before they are answered, so a restart never votes twice. Safe while
   at most N peers vote: a majority of N is then a majority of the voters.
-- joiner: owns nothing until it asks. A peer that starts voting after the decision is told it.
-
-Any peer also stops if another knows more writes of its id than it has made (the same check
-as the seed's, made on every gossip).
+  A peer that starts voting after the decision is told it.
 """
 from __future__ import annotations
 
 import hashlib
 
 from . import messages as m
-from .addr import Cidr
+from .peer_messages import Accept, Accepted, Decided, Prepare, Promise, VoteNack
 from .ring import Ring
-from .wire import Accept, Accepted, Decided, Prepare, Promise, VoteNack
+from .rings import RingWriter
 
 ROUND_TICKS = 5  # ticks a proposal may take before it is dropped; later ranks wait longer
 
@@ -32,9 +32,21 @@ def decided_cluster(base: str, value: tuple[str, ...]) -> str:
     return f"{base}/{digest}"
 
 
+def adopt_split(writer: RingWriter, value: tuple[str, ...], rows: list) -> None:
+    """The split over value, as every peer computes it: each owner's write number 1."""
+    replica = writer.replica
+    with writer.change(rows) as ch:
+        for u in list(writer.rings):
+            ch.replace(Ring.split(u, list(value)))
+        for p in value:
+            replica.vector[p] = max(replica.vector.get(p, 0), 1)
+        replica.seq = max(replica.seq, replica.vector.get(replica.me, 0))
+
+
 class Bootstrap:
-    def __init__(self):
-        self.base_cluster = self.cluster
+    def __init__(self, me: str, base_cluster: str):
+        self.me = me
+        self.base_cluster = base_cluster  # a quorum's decided cluster is derived from it
         self.mode = "founder"
         self.quorum: int | None = None
         self.promised_ballot = None
@@ -47,62 +59,51 @@ class Bootstrap:
         self.ballot_until = 0
         self.next_try = 0
         self.max_round = 0
-        self.confirming: set[str] = set()
+        self.confirming: set[str] = set()  # seeds not heard from yet
+        # Seeds known by address only: address -> id once the transport learned it.
+        self.pending: dict[str, str | None] | None = None
 
     @property
     def decided(self) -> bool:
         return self.quorum is None or self.decision is not None
 
-    # -- construction and restart --------------------------------------------------------------
+    # -- restart -------------------------------------------------------------------------------
 
-    @classmethod
-    def seeded(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
-               seeds: list[str], **kw):
-        """A seed's first start: the split, and a wait to hear from the other seeds."""
-        if me not in seeds:
-            raise ValueError(f"{me} is not one of the seeds {', '.join(sorted(seeds))}")
-        peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
-        peer.mode = "seeds"
-        rows = peer._adopt(tuple(sorted(set(seeds))))
-        peer._confirm(set(seeds) - {me})
-        return peer, rows + [m.Standing(peer.standing, peer.note)]
-
-    @classmethod
-    def voter(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
-              quorum: int, **kw):
-        peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
-        peer.restore_bootstrap("quorum", quorum, None, None)
-        return peer, [m.Vote(None, None, None), m.Standing(peer.standing, peer.note)]
-
-    def restore_bootstrap(self, mode: str, quorum: int | None, vote: m.Vote | None,
-                          standing: m.Standing | None, seeds=()) -> None:
-        self.mode = mode
-        if mode == "quorum":
+    def restore(self, mode: str, quorum: int | None, vote: m.Vote | None,
+                seed_addresses=()) -> None:
+        """What the database says of this peer's bootstrap (Durable.load; durable.MODES).
+        seed_addresses: a seed that does not know the seeds' ids yet."""
+        self.mode = mode if mode in ("seeds", "quorum") else "founder"
+        if mode == "seeds" and seed_addresses:
+            self.pending = {a: None for a in seed_addresses}
+        elif mode == "quorum":
             self.quorum = quorum
             if vote is not None:
                 self.promised_ballot, self.accepted = vote.promised, vote.accepted
                 self.decision = vote.decided
                 if vote.promised:
                     self.max_round = vote.promised[0]
-            if self.decision is not None:
-                self.cluster = decided_cluster(self.base_cluster, self.decision)
-            else:
-                self.standing = "waiting"
-                self.note = (f"waiting for a quorum: {quorum // 2 + 1} of the first {quorum} "
-                             "peers must agree on the initial split")
-        if standing is not None:
-            self.standing, self.note = standing.state, standing.note
-            if standing.state == "waiting" and mode == "seeds":
-                self._confirm(set(seeds) - {self.me})
 
-    def _confirm(self, seeds: set[str]) -> None:
-        self.confirming = set(seeds)
+    def cluster(self) -> str:
+        """The cluster this peer belongs to: a quorum's decision names its own."""
+        if self.quorum is not None and self.decision is not None:
+            return decided_cluster(self.base_cluster, self.decision)
+        return self.base_cluster
+
+    def waiting_note(self) -> str:
+        """Why this peer may not allocate yet, or "" if bootstrap does not hold it back."""
+        if self.pending is not None:
+            missing = sorted(a for a, p in self.pending.items() if p is None)
+            return f"waiting to learn the ids of seeds {', '.join(missing)}"
+        if self.quorum is not None and self.decision is None:
+            return (f"waiting for a quorum: {self.quorum // 2 + 1} of the first {self.quorum} "
+                    "peers must agree on the initial split")
         if self.confirming:
-            self.standing = "waiting"
-            self.note = (f"waiting to hear from seeds {', '.join(sorted(self.confirming))} "
-                         "before allocating")
+            return (f"waiting to hear from seeds {', '.join(sorted(self.confirming))} "
+                    "before allocating")
+        return ""
 
-    def bootstrap_status(self) -> dict:
+    def status(self) -> dict:
         s = {"bootstrap": self.mode}
         if self.confirming:
             s["waiting_for"] = sorted(self.confirming)
@@ -112,57 +113,50 @@ class Bootstrap:
             s["promised"] = list(self.promised_ballot) if self.promised_ballot else None
         return s
 
-    def _adopt(self, value: tuple[str, ...]) -> list:
-        """The split over value, as every peer computes it: each owner's write number 1."""
-        rows = []
-        for u in list(self.replica.rings):
-            ring = Ring.split(u, list(value))
-            self.replica.rings[u] = self.allocator.rings[u] = ring
-            rows += m.ring_rows(u, ring.entries) + self.allocator.ring_changed(u)
-        for p in value:
-            self.replica.vector[p] = max(self.replica.vector.get(p, 0), 1)
-        self.replica.seq = max(self.replica.seq, self.replica.vector.get(self.me, 0))
-        return rows + [self._clock_row()]
+    # -- seeds ---------------------------------------------------------------------------------
 
-    # -- checks made on every gossip -----------------------------------------------------------
+    def identified(self, address: str, peer: str) -> tuple[str, ...] | None:
+        """The transport learned who answers at a seed's address. Returns every seed's id
+        once all are known (the split is then made over them), else None."""
+        if self.pending is None or address not in self.pending:
+            return None
+        self.pending[address] = peer
+        if any(p is None for p in self.pending.values()):
+            return None
+        ids = tuple(sorted(set(self.pending.values())))
+        if self.me not in ids:
+            raise ValueError(f"{self.me} is not one of the seeds {', '.join(ids)}")
+        self.pending = None
+        self.mode = "seeds"
+        self.confirming = set(ids) - {self.me}
+        return ids
 
-    def _check_vector(self, sender: str, theirs: dict, out) -> None:
-        if theirs.get(self.me, 0) > self.replica.seq and self.standing != "stale":
-            self.standing = "stale"
-            self.note = (f"{sender} knows writes of {self.me} up to {theirs[self.me]} but this "
-                         f"database has only {self.replica.seq}: it was lost or restored from a "
-                         "backup; start afresh with an empty database (a new id)")
-            out.rows.append(m.Standing("stale", self.note))
-            out.alarms.append(self.note)
-            return
-        self._heard_seed(sender, out)
-
-    def _heard_seed(self, seed: str, out) -> None:
-        """A seed answered, or was removed (its word can no longer come)."""
-        if seed in self.confirming:
-            self.confirming.discard(seed)
-            if self.confirming:
-                self._confirm(self.confirming)
-            elif self.standing == "waiting":
-                self.standing, self.note = "member", ""
-                out.rows.append(m.Standing("member"))
+    def heard(self, seed: str) -> str | None:
+        """A seed answered, or was removed (its word can no longer come): "waiting" while
+        others are still to be heard, "done" when it was the last, None if not waited for."""
+        if seed not in self.confirming:
+            return None
+        self.confirming.discard(seed)
+        return "waiting" if self.confirming else "done"
 
     # -- quorum voting -------------------------------------------------------------------------
 
     def _vote_row(self) -> m.Vote:
         return m.Vote(self.promised_ballot, self.accepted, self.decision)
 
-    def _vote(self, sender: str, msg, out) -> None:
+    def vote(self, sender: str, msg, reachable: set[str], out) -> tuple[str, ...] | None:
+        """A voting message (out: a Ready). Returns the value decided by it, if any: the
+        caller then adopts the split (adopt_split) and becomes a member."""
         if self.decision is not None:
             if not (isinstance(msg, Decided) and msg.value):  # a question, or a late vote
                 out.messages.append((sender, Decided(self.base_cluster, self.decision)))
-            return
+            return None
         if self.quorum is None:
-            return  # not a voter: a founder's or a joiner's cluster has no vote
+            return None  # not a voter: a founder's or a joiner's cluster has no vote
         majority = self.quorum // 2 + 1
         if isinstance(msg, Decided):
             if msg.value:
-                self._decide(msg.value, out)
+                return self._decide(msg.value, out)
         elif isinstance(msg, Prepare):
             self.max_round = max(self.max_round, msg.ballot[0])
             if self.promised_ballot is None or msg.ballot > tuple(self.promised_ballot):
@@ -187,7 +181,7 @@ class Bootstrap:
             self.promises[sender] = msg.accepted
             if len(self.promises) >= majority:
                 prior = [a for a in self.promises.values() if a is not None]
-                value = max(prior)[1] if prior else tuple(sorted(self.reachable | {self.me}))
+                value = max(prior)[1] if prior else tuple(sorted(reachable | {self.me}))
                 # Our own acceptance first (durable before the Accepts leave), then theirs.
                 self.promised_ballot = self.ballot
                 self.accepted = (self.ballot, value)
@@ -199,31 +193,29 @@ class Bootstrap:
         elif isinstance(msg, Accepted) and msg.ballot == self.ballot and self.accepts:
             self.accepts.add(sender)
             if len(self.accepts) >= majority:
-                value = self.accepted[1]
-                self._decide(value, out)
-                for p in sorted(self.reachable):
+                value = self._decide(self.accepted[1], out)
+                for p in sorted(reachable):
                     out.messages.append((p, Decided(self.base_cluster, value)))
+                return value
         elif isinstance(msg, VoteNack):
             self.max_round = max(self.max_round, msg.promised[0])
             if msg.ballot == self.ballot:
                 self.ballot = None  # outbid: try again later with a higher round
+        return None
 
-    def _decide(self, value: tuple[str, ...], out) -> None:
+    def _decide(self, value: tuple[str, ...], out) -> tuple[str, ...]:
         self.decision = tuple(value)
         self.ballot = None
         out.rows.append(self._vote_row())
-        out.rows += self._adopt(self.decision)
-        self.cluster = decided_cluster(self.base_cluster, self.decision)
-        self.standing, self.note = "member", ""
-        out.rows.append(m.Standing("member"))
+        return self.decision
 
-    def _vote_tick(self, out) -> None:
+    def tick(self, reachable: set[str], out) -> None:
         if self.quorum is None or self.decision is not None:
             return
         self.vote_ticks += 1
         if self.ballot is not None and self.vote_ticks >= self.ballot_until:
             self.ballot = None
-        voters = sorted(self.reachable | {self.me})
+        voters = sorted(reachable | {self.me})
         if self.vote_ticks % ROUND_TICKS == 1:
             # Ask whether the others have decided already (a late starter, a restart).
             for p in voters:

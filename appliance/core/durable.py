@@ -1,7 +1,17 @@
 """A peer's durable state as the rows it committed, and the peer rebuilt from them.
 
 The simulator keeps one of these per peer in place of SQLite: a restart is exactly "build the
-peer again from what was committed", so a crash at any point is modelled faithfully.
+peer again from what was committed", so a crash at any point is modelled faithfully. The store
+builds one from its tables to load the peer the same way.
+
+`Durable.new` and `first_rows` are the one place a bootstrap mode becomes a starting state
+(the store, the simulator and the scenario runner all start peers through them):
+  single  this host owns every universe (a founder)
+  join    nothing: space comes from the peers it joins
+  seeds   the split over the seeds' ids, waiting to hear from them; with only their addresses
+          known, nothing yet: the ids are learned as the transport reaches them
+          (Peer.identified), and the split and the ids are committed together
+  quorum  an empty vote, waiting for a quorum to decide the first peers
 """
 from __future__ import annotations
 
@@ -12,6 +22,9 @@ from .addr import Cidr, cidr, parse_addr
 from .allocator import Held
 from .peer import Peer
 from .ring import Entry, Ring
+
+
+MODES = ("single", "join", "seeds", "quorum")
 
 
 @dataclass
@@ -29,10 +42,32 @@ class Durable:
     seen: set[str] = field(default_factory=set)
     standing: m.Standing | None = None
     vote: m.Vote | None = None
-    # How this peer was bootstrapped: the shell passes these again on every start (flags).
-    mode: str = "founder"
+    # How this peer was bootstrapped (MODES; the store keeps it in meta).
+    mode: str = "join"
     quorum: int | None = None
-    seeds: tuple[str, ...] = ()
+    seeds: tuple[str, ...] = ()           # the seeds' ids, once known
+    seed_addresses: tuple[str, ...] = ()  # where the seeds listen, to learn their ids
+
+    @classmethod
+    def new(cls, me: str, cluster: str, universes: list[Cidr], mode: str = "join",
+            **bootstrap) -> Durable:
+        """A new database for a bootstrap mode, its first rows applied."""
+        d = cls(me, cluster, universes, mode=mode, **bootstrap)
+        d.apply(d.first_rows())
+        return d
+
+    def first_rows(self) -> list:
+        """The rows a new database of this bootstrap mode starts with."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown bootstrap mode {self.mode!r} (one of {', '.join(MODES)})")
+        universes, subnet = list(self.universes), self.universes[0]
+        if self.mode == "single":
+            return Peer.founder(self.me, self.cluster, universes, subnet)[1]
+        if self.mode == "seeds" and self.seeds:
+            return Peer.seeded(self.me, self.cluster, universes, subnet, list(self.seeds))[1]
+        if self.mode == "quorum":
+            return Peer.voter(self.me, self.cluster, universes, subnet, self.quorum)[1]
+        return []
 
     def apply(self, rows: list) -> None:
         """One transaction: the rows in order (the same meaning the SQL store gives them)."""
@@ -66,6 +101,8 @@ class Durable:
                 self.standing = r
             elif isinstance(r, m.Vote):
                 self.vote = r
+            elif isinstance(r, m.SeedIds):
+                self.seeds = tuple(r.ids)
             else:
                 raise TypeError(f"not a row: {r!r}")
 
@@ -79,12 +116,10 @@ class Durable:
         rings = [Ring(u, entries[u]) for u in self.universes]
         peer = Peer(self.me, self.cluster, rings, default_subnet, reuse_delay,
                     dict(self.clock.vector), self.clock.seq, static=frozenset(self.static), **kw)
-        peer.restore_bootstrap(self.mode, self.quorum, self.vote, self.standing, self.seeds)
-        peer.restore_removals(list(self.removals.values()))
+        peer.restore(self.mode, self.quorum, self.vote, self.standing, self.seeds,
+                     self.seed_addresses, list(self.removals.values()))
         peer.seen = set(self.seen)
         a = peer.allocator
-        for u in self.universes:
-            a.ring_changed(u)
         for r in self.allocations.values():
             fam, v = parse_addr(r.address)
             a.load_allocation(Held(fam, v, by_text.get(r.universe), cidr(r.subnet), r.handle,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .addr import Cidr
 from .ring import Entry, Ring, RingError
+from .rings import Rings
 
 Vector = dict[str, int]
 
@@ -37,10 +38,10 @@ def covers(vector: Vector, stamp: tuple[str, int]) -> bool:
 
 
 class Replica:
-    def __init__(self, me: str, rings: list[Ring], vector: Vector | None = None,
+    def __init__(self, me: str, rings: Rings | list[Ring], vector: Vector | None = None,
                  seq: int = 0):
         self.me = me
-        self.rings = {r.universe: r for r in rings}
+        self.rings = rings if isinstance(rings, Rings) else Rings(rings)  # read and merged
         self.vector: Vector = dict(vector or {})
         self.seq = max(seq, self.vector.get(me, 0))
 

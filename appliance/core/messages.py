@@ -214,8 +214,14 @@ class Vote:
     decided: tuple[str, ...] | None
 
 
-Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | RingWrite | ClockWrite | Removal
-       | PeerSeen | Standing | Vote)
+@dataclass(frozen=True)
+class SeedIds:
+    """The ids of the seeds, learned from their addresses: the split was made over them."""
+    ids: tuple[str, ...]
+
+
+Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | RingWrite | ClockWrite
+       | Removal | PeerSeen | Standing | Vote | SeedIds)
 
 
 def ring_rows(u: Cidr, entries) -> list[RingWrite]:

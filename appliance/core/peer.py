@@ -10,7 +10,9 @@ there, as one block chosen to fragment the ring least (donation.py), commits the
 grants. A claim of an address owned elsewhere asks its owner for a free block holding it.
 Requests wait at most `request_timeout`, then fail with an error naming whom they asked.
 
-Bootstrap (bootstrap.py), leave and rmpeer (removal.py) are mixed in from their own modules.
+Its rings are held by one Rings object that the allocator and the replica read, and change only
+through its RingWriter (rings.py). Bootstrap (bootstrap.py) and leave and rmpeer (removal.py)
+are collaborators holding their own state: Peer feeds them and applies what they decide.
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ from dataclasses import dataclass, field
 from . import messages as m
 from .addr import Cidr, format_addr
 from .allocator import Allocator
+from .bootstrap import Bootstrap, adopt_split
 from .donation import returnable
-from .bootstrap import Bootstrap
 from .gossip import Delta, Replica, Vector
-from .removal import Removals
-from .ring import HINT_MAX, Entry, Ring, RingConflict, RingError
-from .wire import (Accept, Accepted, Decided, GatewayRelease, GatewayReleased, Gossip, Handover,
+from .peer_messages import (Accept, Accepted, Decided, GatewayRelease, GatewayReleased, Gossip, Handover,
                    HandoverAck, Message, Prepare, Promise, Refuse, RemoveAbort, RemoveAck,
                    RemoveDone, RemoveNack, RemovePrepare, SpaceDenied, SpaceGrant, SpaceRequest,
                    VoteNack)
+from .removal import Removals
+from .ring import HINT_MAX, Ring, RingConflict, RingError
+from .rings import Rings, RingWriter
 
 FANOUT = 3    # peers each piece of news is pushed to
 PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
@@ -64,14 +67,19 @@ def _covers(theirs: Vector, ours: Vector) -> bool:
     return all(theirs.get(p, 0) >= s for p, s in ours.items())
 
 
-class Peer(Bootstrap, Removals):
+class Peer:
     def __init__(self, me: str, cluster: str, rings: list[Ring], default_subnet: Cidr,
                  reuse_delay: float = 30.0, vector: Vector | None = None, seq: int = 0,
                  request_timeout: float = 2.0, gateways: frozenset = frozenset(),
                  static: frozenset = frozenset()):
         self.me, self.cluster = me, cluster
-        self.replica = Replica(me, rings, vector, seq)
-        self.allocator = Allocator(me, rings, default_subnet, reuse_delay, gateways, static)
+        self.rings = Rings(rings)
+        self.replica = Replica(me, self.rings, vector, seq)
+        self.allocator = Allocator(me, self.rings, default_subnet, reuse_delay, gateways, static)
+        self.writer = RingWriter(me, self.rings, self.replica, self.allocator)
+        self.boot = Bootstrap(me, cluster)
+        self.removals = Removals()
+        self.seen: set[str] = set()  # peers ever heard from (persisted)
         # Asked only by a claim outside every range (rare): not worked out for every request.
         self.allocator.clustered = lambda: self.dialling or len(self.members()) > 1
         self.request_timeout = request_timeout
@@ -91,30 +99,135 @@ class Peer(Bootstrap, Removals):
         self.dialling = False  # the shell's transport has peer addresses it has not reached
         self.ever_reached: set[str] = set()  # peers reachable at some time since start
         self.reminded: dict[tuple[int, int], str] = {}  # gateway -> owner last asked to keep it
-        Bootstrap.__init__(self)
-        Removals.__init__(self)
+
+    # What the shell, status and tests read of the collaborators.
+    base_cluster = property(lambda self: self.boot.base_cluster,
+                            lambda self, v: setattr(self.boot, "base_cluster", v))
+    removed = property(lambda self: self.removals.removed)
+    promised = property(lambda self: self.removals.promised)
+    decision = property(lambda self: self.boot.decision)
+    confirming = property(lambda self: self.boot.confirming)
+
+    # -- first starts (Durable.first_rows) and restarts (Durable.load) -------------------------
 
     @classmethod
     def founder(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
                 **kw) -> tuple[Peer, list]:
         """The first host: owns every universe. Returns the peer and the rows that say so."""
         peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
-        stamp = peer.replica.next_stamp()
-        rows = []
-        for u in universes:
-            ring = Ring.single_owner(u, me, stamp)
-            peer.replica.rings[u] = peer.allocator.rings[u] = ring
-            peer.allocator.ring_changed(u)
-            rows += m.ring_rows(u, ring.entries)
-        return peer, rows + [peer._clock_row()]
+        rows: list = []
+        with peer.writer.change(rows) as ch:
+            stamp = peer.replica.next_stamp()
+            for u in universes:
+                ch.replace(Ring.single_owner(u, me, stamp))
+        return peer, rows
+
+    @classmethod
+    def seeded(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
+               seeds: list[str], **kw) -> tuple[Peer, list]:
+        """A seed's first start, every seed's id known: the split, and a wait to hear from
+        the other seeds."""
+        if me not in seeds:
+            raise ValueError(f"{me} is not one of the seeds {', '.join(sorted(seeds))}")
+        peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
+        peer.boot.restore("seeds", None, None)
+        rows: list = []
+        peer._split_seeds(tuple(sorted(set(seeds))), rows)
+        return peer, rows
+
+    @classmethod
+    def voter(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
+              quorum: int, **kw) -> tuple[Peer, list]:
+        peer = cls(me, cluster, [Ring(u) for u in universes], default_subnet, **kw)
+        peer.restore("quorum", quorum, None, None)
+        return peer, [m.Vote(None, None, None), m.Standing(peer.standing, peer.note)]
+
+    def restore(self, mode: str, quorum: int | None, vote: m.Vote | None,
+                standing: m.Standing | None, seeds=(), seed_addresses=(),
+                removals: list[m.Removal] = ()) -> None:
+        """The bootstrap and removal state the database holds."""
+        self.boot.restore(mode, quorum, vote, seed_addresses if not seeds else ())
+        self.cluster = self.boot.cluster()
+        self._hold_for_bootstrap()
+        if standing is not None:
+            self.standing, self.note = standing.state, standing.note
+            if standing.state == "waiting" and mode == "seeds" and seeds:
+                self.boot.confirming = set(seeds) - {self.me}
+                self._hold_for_bootstrap()
+        self.removals.restore(self.me, removals)
+        for t in list(self.removed):
+            self._heard_seed(t, None)  # a seed's word that can no longer come
+
+    def _hold_for_bootstrap(self) -> None:
+        note = self.boot.waiting_note()
+        if note:
+            self.standing, self.note = "waiting", note
+
+    # -- bootstrap -----------------------------------------------------------------------------
+
+    def identified(self, address: str, peer: str, now: float) -> Ready:
+        """The transport learned who answers at address. A seed that knows its seeds by
+        address only makes the split once it has every id (the same on every seed), and
+        keeps the ids with it, in the same commit."""
+        out = Ready()
+        ids = self.boot.identified(address, peer)
+        if ids is not None:
+            self._split_seeds(ids, out.rows)
+            out.rows.append(m.SeedIds(ids))
+        elif self.boot.pending is not None:
+            self.note = self.boot.waiting_note()  # fewer ids missing now
+        return out
+
+    def _split_seeds(self, ids: tuple[str, ...], rows: list) -> None:
+        self.boot.confirming = set(ids) - {self.me}
+        adopt_split(self.writer, ids, rows)
+        self._hold_for_bootstrap()
+        rows.append(m.Standing(self.standing, self.note))
+
+    def _decided(self, value: tuple[str, ...], out: Ready) -> None:
+        """The quorum decided the first peers: the split over them, and the cluster's name."""
+        adopt_split(self.writer, value, out.rows)
+        self.cluster = self.boot.cluster()
+        self.standing, self.note = "member", ""
+        out.rows.append(m.Standing("member"))
+
+    def _heard_seed(self, seed: str, out: Ready | None) -> None:
+        """A seed answered, or was removed (its word can no longer come). out None: at
+        restart, nothing to write."""
+        heard = self.boot.heard(seed)
+        if heard == "waiting":
+            self.standing, self.note = "waiting", self.boot.waiting_note()
+        elif heard == "done" and self.standing == "waiting":
+            self.standing, self.note = "member", ""
+            if out is not None:
+                out.rows.append(m.Standing("member"))
+
+    def peer_removed(self, peer: str, out: Ready) -> None:
+        """From removal.py: peer was removed (or left)."""
+        self._heard_seed(peer, out)
+
+    def _check_vector(self, sender: str, theirs: dict, out: Ready) -> None:
+        """On every gossip: a peer that knows more writes of ours than we made means this
+        database was lost or restored (rule 3): stop. Else a seed we waited for is heard."""
+        if theirs.get(self.me, 0) > self.replica.seq and self.standing != "stale":
+            self.standing = "stale"
+            self.note = (f"{sender} knows writes of {self.me} up to {theirs[self.me]} but this "
+                         f"database has only {self.replica.seq}: it was lost or restored from a "
+                         "backup; start afresh with an empty database (a new id)")
+            out.rows.append(m.Standing("stale", self.note))
+            out.alarms.append(self.note)
+            return
+        self._heard_seed(sender, out)
+
+    def members(self) -> set[str]:
+        """Every peer this one knows of, itself included, removed ones not."""
+        known = {self.me} | set(self.replica.vector) | self.seen | self.reachable | \
+            self.removals.heard_of
+        for ring in self.rings.values():
+            known |= {e.owner for e in ring.entries}
+        return known - set(self.removed)
 
     # -- events --------------------------------------------------------------------------------
-
-    def connected(self, peer: str) -> None:
-        self.reachable.add(peer)
-
-    def disconnected(self, peer: str) -> None:
-        self.reachable.discard(peer)
 
     def request(self, ref, req, now: float) -> Ready:
         out = self._request(ref, req, now)
@@ -135,10 +248,10 @@ class Peer(Bootstrap, Removals):
                                              f"{self.me} is {self.standing}")))
             return out
         if isinstance(req, m.Leave):
-            self._leave(ref, now, out)
+            self.removals.leave(self, ref, now, out)
             return out
         if isinstance(req, m.RemovePeer):
-            self._rmpeer(ref, req, now, out)
+            self.removals.rmpeer(self, ref, req, now, out)
             return out
         self._attempt(_Waiting(ref, req, now + self.request_timeout, []), now, out)
         return out
@@ -187,7 +300,7 @@ class Peer(Bootstrap, Removals):
             if any(self._hint(p, u, lo, hi, surely=True) > 0 for u, lo, hi in bounds
                    for p in self.reachable):
                 continue
-            if self.reachable and any(not self.replica.rings[u].entries for u, _, _ in bounds):
+            if self.reachable and any(not self.rings[u].entries for u, _, _ in bounds):
                 continue  # a newcomer that has not heard the ring: a reachable peer may serve
             where = ", ".join(f"{s}" for s, _, _ in alternatives)
             return m.error("exhausted", f"set {i}: no free address in {where} on {self.me} "
@@ -200,12 +313,12 @@ class Peer(Bootstrap, Removals):
                  reachable=sorted(self.reachable),
                  pending=len(self.waiting), removed=dict(sorted(self.removed.items())),
                  removing={t: by for t, by in sorted(self.promised.items())})
-        s.update(self.bootstrap_status())
+        s.update(self.boot.status())
         # Each peer's share of each universe as this peer sees it (free: the owner's hints),
         # and a digest of the ring, equal on every peer once gossip has converged.
         digest = hashlib.sha256()
         by_range = {x["range"]: x for x in s["universes"]}
-        for universe, ring in self.replica.rings.items():
+        for universe, ring in self.rings.items():
             u = by_range[str(universe)]
             share: dict[str, dict] = {}
             for e, lo, hi in ring.spans():
@@ -228,8 +341,12 @@ class Peer(Bootstrap, Removals):
 
     def _receive(self, sender: str, msg: Message, now: float) -> Ready:
         out = Ready()
+        if self.boot.pending is not None:
+            return out  # no ring of its own yet: what peers say waits for the split
         if isinstance(msg, VOTING) and msg.cluster == self.base_cluster:
-            self._vote(sender, msg, out)
+            value = self.boot.vote(sender, msg, self.reachable, out)
+            if value is not None:
+                self._decided(value, out)
             return out
         if msg.cluster != self.cluster:
             out.alarms.append(f"refused a message from {sender}: it belongs to cluster "
@@ -239,7 +356,7 @@ class Peer(Bootstrap, Removals):
                                                     f"refuses members of {msg.cluster}")))
             return out
         if isinstance(msg, Refuse):
-            self._refused(sender, msg, out)
+            self.removals.refused(self, sender, msg, out)
             return out
         if sender in self.removed:
             by = self.removed[sender]
@@ -264,7 +381,7 @@ class Peer(Bootstrap, Removals):
             self._donate(sender, msg, now, out)
         elif isinstance(msg, SpaceGrant):
             # Ownership moved whether or not anyone still waits for it: merge it always.
-            self._merge_given(sender, msg.delta, out)
+            self.merge_given(sender, msg.delta, out)
             w = self._answered(sender, msg.req)
             if w is not None:
                 if isinstance(w.need, m.ReserveGateway):
@@ -279,7 +396,7 @@ class Peer(Bootstrap, Removals):
             self._gateway_released(sender, msg, now, out)
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
                               RemoveAbort, RemoveDone)):
-            self._membership(sender, msg, now, out)
+            self.removals.receive(self, sender, msg, now, out)
         return out
 
     # -- gateways reserved across hosts ----------------------------------------------------------
@@ -305,7 +422,7 @@ class Peer(Bootstrap, Removals):
         a = self.allocator
         for key in a.releasing():
             u = a.universe_of(key)
-            owner = self.replica.rings[u].owner_of(key[1])
+            owner = self.rings[u].owner_of(key[1])
             if owner == self.me:
                 out.rows += a.released_remotely(key, now)  # ours now: freed here
             elif owner is not None and owner in self.reachable:
@@ -328,7 +445,7 @@ class Peer(Bootstrap, Removals):
         a = self.allocator
         for key in a.held_remotely():
             u = a.universe_of(key)
-            owner = self.replica.rings[u].owner_of(key[1])
+            owner = self.rings[u].owner_of(key[1])
             if moved is not None and (u not in moved or self.reminded.get(key) == owner):
                 continue
             if owner in self.reachable:
@@ -339,7 +456,7 @@ class Peer(Bootstrap, Removals):
 
     def _gateway_released(self, sender: str, msg, now: float, out: Ready) -> None:
         u = msg.universe
-        if u not in self.replica.rings or (u.family, msg.address) not in u:
+        if u not in self.rings or (u.family, msg.address) not in u:
             out.alarms.append(f"refused a gateway release from {sender}: bad address")
             return
         key = (u.family, msg.address)
@@ -361,9 +478,9 @@ class Peer(Bootstrap, Removals):
     def _gossip(self, sender: str, msg: Gossip, out: Ready) -> None:
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
         if msg.delta.entries and not incomplete:
-            self._merge(sender, msg.delta, out)
+            self.merge(sender, msg.delta, out)
         theirs = dict(msg.delta.vector)
-        self._learn_removed(msg.removed, out)
+        self.removals.learn_removed(self, msg.removed, out)
         self._check_vector(sender, theirs, out)
         self.known[sender] = theirs
         self.heard.add(sender)
@@ -392,6 +509,8 @@ class Peer(Bootstrap, Removals):
 
     def _tick(self, now: float) -> Ready:
         out = Ready()
+        if self.boot.pending is not None:
+            return out  # nothing to do before the split
         for req, w in list(self.waiting.items()):
             if now >= w.deadline:
                 del self.waiting[req]
@@ -411,9 +530,9 @@ class Peer(Bootstrap, Removals):
                 w.parked = False
                 self._attempt(w, now, out)
         self.ticks += 1
-        self._membership_tick(now, out)
-        if not self.decided:
-            self._vote_tick(out)
+        self.removals.tick(self, now, out)
+        if not self.boot.decided:
+            self.boot.tick(self.reachable, out)
             return out
         if self.standing in ("left", "removed", "stale"):
             return out
@@ -430,9 +549,9 @@ class Peer(Bootstrap, Removals):
         # or just told us their vector, get what they lack at once.
         peers = sorted(self.reachable)
         targets = set((self.owe_ack | self.heard) & self.reachable)
-        if self.confirming and self.ticks % HINTS == 1:
+        if self.boot.confirming and self.ticks % HINTS == 1:
             # A seed on its first start: ask every seed it has not heard yet, not one a tick.
-            for p in sorted(self.confirming & self.reachable - targets):
+            for p in sorted(self.boot.confirming & self.reachable - targets):
                 out.messages.append((p, self._gossip_msg(self.replica.hello())))
                 self.asking.add(p)
         self.heard.clear()
@@ -467,73 +586,66 @@ class Peer(Bootstrap, Removals):
 
     # -- gossip --------------------------------------------------------------------------------
 
-    def _merge(self, sender: str, delta: Delta, out: Ready, adopt: bool = False) -> None:
+    def merge(self, sender: str, delta: Delta, out: Ready, adopt: bool = False) -> None:
         try:
-            changed = self.replica.receive(delta)
+            with self.writer.change(out.rows) as ch:
+                changed = self.replica.receive(delta)
+                if adopt:
+                    # Space given to us by a grant or a handover: write it again under our own
+                    # stamp. Gossip passes on only writes a vector covers, and the giver's may
+                    # never be (it can die before its next gossip); ours are, so the news
+                    # cannot die with it.
+                    stamp = None
+                    for i, (u, e) in enumerate(changed):
+                        if e.owner == self.me:
+                            stamp = stamp or self.replica.next_stamp()
+                            ring = self.rings[u]
+                            changed[i] = (u, ring.set_hint(self.me, e.start, e.free_hint, stamp))
+                for u, e in changed:
+                    ch.wrote(u, [e])
+                ch.clock = bool(delta.vector)
         except (RingConflict, RingError) as e:
             out.alarms.append(f"refused ring data from {sender}: {e}")
             return
-        if adopt:
-            # Space given to us by a grant or a handover: write it again under our own stamp.
-            # Gossip passes on only writes a vector covers, and the giver's may never be (it
-            # can die before its next gossip); ours are, so the news cannot die with it.
-            stamp = None
-            for i, (u, e) in enumerate(changed):
-                if e.owner == self.me:
-                    stamp = stamp or self.replica.next_stamp()
-                    ring = self.replica.rings[u]
-                    changed[i] = (u, ring.set_hint(self.me, e.start, e.free_hint, stamp))
-        universes = {u for u, _ in changed}
-        for u in universes:
-            out.rows += m.ring_rows(u, [e for v, e in changed if v == u])
-            out.rows += self.allocator.ring_changed(u)
-        if universes and self.allocator.reserved:
-            self._remind_owners(out, universes)
-        if changed or delta.vector:
-            out.rows.append(self._clock_row())
+        if changed and self.allocator.reserved:
+            self._remind_owners(out, {u for u, _ in changed})
 
-    def _merge_given(self, sender: str, delta: Delta, out: Ready) -> None:
+    def merge_given(self, sender: str, delta: Delta, out: Ready) -> None:
         """Space given to us (a grant, a handover): ownership moved whether or not anyone still
         waits for it, so merge it always: whole when we can, else just its entries, written
         again under our own stamp (gossip passes on only writes a vector covers; the giver's
         might never be, if it died at once)."""
         if self.replica.complete_for_me(delta):
-            self._merge(sender, delta, out)
+            self.merge(sender, delta, out)
         else:
-            self._merge(sender, Delta((), delta.entries), out, adopt=True)
+            self.merge(sender, Delta((), delta.entries), out, adopt=True)
 
-    def _delta_for(self, peer: str) -> Delta:
+    def delta_for(self, peer: str) -> Delta:
         """What we know that the peer lacks, as far as we know what it has."""
         delta = self.replica.delta_for(self.sent.get(peer, self.known.get(peer, {})))
         self.sent[peer] = dict(self.replica.vector)
         return delta
 
-    def _clock_row(self) -> m.ClockWrite:
-        return m.ClockWrite(self.replica.seq, tuple(sorted(self.replica.vector.items())))
-
     def _refresh_hints(self, now: float, out: Ready, exact: Cidr | None = None) -> None:
         """Tell others how much is free in our entries, when it changed enough to matter
         (in universe `exact`: whenever it changed at all)."""
-        stamp = None
-        for u, ring in self.replica.rings.items():
-            if exact is not None and u != exact:
-                continue
-            changed = []
-            pieces: dict[int, list[tuple[int, int]]] = {}
-            for e, lo, hi in ring.spans():
-                if e.owner == self.me:
-                    pieces.setdefault(e.start, []).append((lo, hi))
-            for start, spans in pieces.items():
-                e = ring.get(start)
-                free = sum(self.allocator.free_count(u, lo, hi, now) for lo, hi in spans)
-                if exact is not None and min(free, HINT_MAX) != e.free_hint or \
-                        (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
-                        max(16, e.free_hint // 4):
-                    stamp = stamp or self.replica.next_stamp()
-                    changed.append(ring.set_hint(self.me, e.start, free, stamp))
-            out.rows += m.ring_rows(u, changed)
-        if stamp is not None:
-            out.rows.append(self._clock_row())
+        with self.writer.change(out.rows) as ch:
+            stamp = None
+            for u, ring in self.rings.items():
+                if exact is not None and u != exact:
+                    continue
+                pieces: dict[int, list[tuple[int, int]]] = {}
+                for e, lo, hi in ring.spans():
+                    if e.owner == self.me:
+                        pieces.setdefault(e.start, []).append((lo, hi))
+                for start, spans in pieces.items():
+                    e = ring.get(start)
+                    free = sum(self.allocator.free_count(u, lo, hi, now) for lo, hi in spans)
+                    if exact is not None and min(free, HINT_MAX) != e.free_hint or \
+                            (free == 0) != (e.free_hint == 0) or abs(free - e.free_hint) > \
+                            max(16, e.free_hint // 4):
+                        stamp = stamp or self.replica.next_stamp()
+                        ch.wrote(u, [ring.set_hint(self.me, e.start, free, stamp)])
 
     def _give_back(self, now: float, out: Ready) -> None:
         """Hand small wholly free runs of our space to a neighbouring peer (donation.py), so
@@ -541,27 +653,23 @@ class Peer(Bootstrap, Removals):
         request of ours waiting for space, only to a reachable peer no removal is under way
         for, and only runs small beside what we keep free elsewhere in that universe (at most
         a quarter of it): space is not pushed on peers that did not ask."""
-        if self.waiting or self.leaving or self.removing:
+        if self.waiting or self.removals.leaving or self.removals.removing:
             return
-        stamp = None
-        for u, ring in self.replica.rings.items():
-            candidates = returnable(ring, self.me)
-            if not candidates:
-                continue  # a lone host, or nothing beside another's space: no scan each second
-            free = self.allocator.free_count(u, u.start, u.end, now)
-            written: list[Entry] = []
-            for lo, hi, to in candidates:
-                if to not in self.reachable or to in self.removed or to in self.promised or \
-                        free - (hi - lo) < 4 * (hi - lo) or \
-                        self.allocator.free_count(u, lo, hi, now) != hi - lo:
-                    continue
-                stamp = stamp or self.replica.next_stamp()
-                written += ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo)
-                free -= hi - lo
-            if written:
-                out.rows += m.ring_rows(u, written) + self.allocator.ring_changed(u)
-        if stamp is not None:
-            out.rows.append(self._clock_row())
+        with self.writer.change(out.rows) as ch:
+            stamp = None
+            for u, ring in self.rings.items():
+                candidates = returnable(ring, self.me)
+                if not candidates:
+                    continue  # a lone host, or nothing beside another's space: no scan each second
+                free = self.allocator.free_count(u, u.start, u.end, now)
+                for lo, hi, to in candidates:
+                    if to not in self.reachable or to in self.removed or to in self.promised or \
+                            free - (hi - lo) < 4 * (hi - lo) or \
+                            self.allocator.free_count(u, lo, hi, now) != hi - lo:
+                        continue
+                    stamp = stamp or self.replica.next_stamp()
+                    ch.wrote(u, ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo))
+                    free -= hi - lo
 
     # -- space on demand -----------------------------------------------------------------------
 
@@ -573,14 +681,14 @@ class Peer(Bootstrap, Removals):
         lo, hi = subnet.host_bounds()
         if rng is not None:
             lo, hi = max(lo, rng[0]), min(hi, rng[1] + 1)
-        return [(u, max(lo, u.start), min(hi, u.end)) for u in self.replica.rings
+        return [(u, max(lo, u.start), min(hi, u.end)) for u in self.rings
                 if u.overlaps(subnet) and u not in self.allocator.static]
 
     def _hint(self, peer: str, u: Cidr, lo: int, hi: int, surely: bool = False) -> int:
         """What peer's hints say is free in [lo, hi) of u. An entry reaching outside [lo, hi)
         may have its free space there: `surely` counts only what must lie inside (its hint
         less the part outside), as CNI STATUS needs for a rangeStart-rangeEnd window."""
-        entries = {e.start: e for e, a, b in self.replica.rings[u].spans()
+        entries = {e.start: e for e, a, b in self.rings[u].spans()
                    if e.owner == peer and a < hi and b > lo}.values()
         if not surely:
             return sum(e.free_hint for e in entries)
@@ -605,7 +713,7 @@ class Peer(Bootstrap, Removals):
             # Knowing no entry at all (a newcomer that has not heard the ring yet), ask a
             # reachable peer anyway rather than fail: its answer or grant brings the ring.
             blind = [(peer, u, lo, hi) for u, lo, hi in self._subnet_bounds(req)
-                     if not self.replica.rings[u].entries
+                     if not self.rings[u].entries
                      for peer in sorted(self.reachable - set(w.asked))]
             if blind:
                 peer, u, lo, hi = blind[0]
@@ -632,7 +740,7 @@ class Peer(Bootstrap, Removals):
                    gateway: bool) -> None:
         """A claim (or a gateway's reservation) of an address owned elsewhere: ask its owner."""
         u = self.allocator.universe_of((family, address))
-        owner = self.replica.rings[u].owner_of(address) if u else None
+        owner = self.rings[u].owner_of(address) if u else None
         what = f"gateway {format_addr(family, address)}" if gateway else \
             format_addr(family, address)
         if u is not None and owner is None and (self.reachable or self._unreached()):
@@ -663,13 +771,13 @@ class Peer(Bootstrap, Removals):
 
     def _donate(self, sender: str, msg: SpaceRequest, now: float, out: Ready) -> None:
         u = msg.universe
-        if u not in self.replica.rings or not u.start <= msg.lo < msg.hi <= u.end or \
+        if u not in self.rings or not u.start <= msg.lo < msg.hi <= u.end or \
                 msg.address is not None and not msg.lo <= msg.address < msg.hi:
             out.alarms.append(f"refused a space request from {sender}: bad bounds")
             return
         a = self.allocator
         if msg.gateway:
-            if msg.address is None or self.replica.rings[u].owner_of(msg.address) != self.me:
+            if msg.address is None or self.rings[u].owner_of(msg.address) != self.me:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{self.me} does not own that gateway", "not_owned")))
                 return
@@ -682,12 +790,12 @@ class Peer(Bootstrap, Removals):
             # Durable here before the (empty) grant says it is reserved.
             out.rows += rows
             out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
-                                                    self._delta_for(sender))))
+                                                    self.delta_for(sender))))
             return
         if msg.address is not None:
             block = a.block_holding(u, msg.address, now, sender)
             if block is None:
-                if self.replica.rings[u].owner_of(msg.address) != self.me:
+                if self.rings[u].owner_of(msg.address) != self.me:
                     code, why = "not_owned", (f"{format_addr(u.family, msg.address)} is not "
                                               f"owned by {self.me}")
                 else:
@@ -705,14 +813,11 @@ class Peer(Bootstrap, Removals):
                                      f"{self.me} has no free space to spare there")))
                 return
         lo, hi = block
-        ring = self.replica.rings[u]
-        written = ring.transfer(self.me, lo, hi, sender, self.replica.next_stamp(),
-                                free_hint=hi - lo)
-        out.rows += m.ring_rows(u, written) + a.ring_changed(u) + [self._clock_row()]
+        with self.writer.change(out.rows) as ch:
+            ch.wrote(u, self.rings[u].transfer(self.me, lo, hi, sender,
+                                               self.replica.next_stamp(), free_hint=hi - lo))
         # Our entries split by the transfer still carry hints of their old size: correct them
         # now, so no peer counts on space that just left (status would show over 100% free).
         self._refresh_hints(now, out, exact=u)
-        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self._delta_for(sender))))
+        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
 
-
-_ring_rows = m.ring_rows

@@ -1,4 +1,4 @@
-"""Peers leaving and being removed (mixed into Peer; DESIGN.md rules 3 and 6).
+"""Peers leaving and being removed (a collaborator of Peer; DESIGN.md rules 3 and 6).
 
 leave: the peer hands each of its ranges to a reachable peer (the owner of the range just
 before it when that one is reachable, so space coalesces), commits, sends, and waits for every
@@ -24,11 +24,14 @@ A removed peer that talks again is refused and told to start afresh under a new 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import messages as m
 from .addr import range_to_cidrs
-from .gossip import Delta
-from .wire import (Handover, HandoverAck, Refuse, RemoveAbort, RemoveAck, RemoveDone,
+from .allocator import Allocator
+from .gossip import Delta, Replica
+from .rings import RingWriter
+from .peer_messages import (Handover, HandoverAck, Refuse, RemoveAbort, RemoveAck, RemoveDone,
                    RemoveNack, RemovePrepare)
 
 
@@ -52,7 +55,31 @@ class _Leaving:
     handed: dict[str, list[str]]
 
 
+class Host(Protocol):
+    """What removal reads and does of the peer it serves (core/peer.py), and nothing else."""
+    me: str
+    cluster: str
+    standing: str
+    note: str
+    reachable: set[str]
+    request_timeout: float
+    next_req: int
+    waiting: dict
+    allocator: Allocator
+    replica: Replica
+    writer: RingWriter
+
+    def members(self) -> set[str]: ...
+    def merge(self, sender: str, delta: Delta, out) -> None: ...
+    def merge_given(self, sender: str, delta: Delta, out) -> None: ...
+    def delta_for(self, peer: str) -> Delta: ...
+    def peer_removed(self, peer: str, out) -> None: ...
+
+
 class Removals:
+    """This peer's part in leaves and removals: its own state, fed by Peer with the peer
+    (as a Host) and the event."""
+
     def __init__(self):
         self.removed: dict[str, str] = {}   # peer -> who removed it (or itself, on leave)
         self.promised: dict[str, str] = {}  # peer being removed -> the runner promised to
@@ -61,106 +88,89 @@ class Removals:
         self.leaving: dict[int, _Leaving] = {}
         self.stale_promises = False  # our own rounds cut off by a restart: withdraw them
         self.heard_of: set[str] = set()  # peers others named in their promises
-        self.seen: set[str] = set()      # peers ever heard from (persisted)
 
-    def restore_removals(self, rows: list[m.Removal]) -> None:
+    def restore(self, me: str, rows: list[m.Removal]) -> None:
         for r in rows:
             if r.state == "removed":
                 self.removed[r.target] = r.by
-                if r.target in self.confirming:
-                    # A seed's word that can no longer come: as when it was learned.
-                    self.confirming.discard(r.target)
-                    if self.confirming:
-                        self._confirm(self.confirming)
-                    elif self.standing == "waiting":
-                        self.standing, self.note = "member", ""
             elif r.state == "promised":
                 self.promised[r.target] = r.by
                 self.promised_at[r.target] = r.at
-                self.stale_promises |= r.by == self.me
-
-    def members(self) -> set[str]:
-        """Every peer this one knows of, itself included, removed ones not."""
-        known = {self.me} | set(self.replica.vector) | self.seen | self.reachable | \
-            self.heard_of
-        for ring in self.replica.rings.values():
-            known |= {e.owner for e in ring.entries}
-        return known - set(self.removed)
+                self.stale_promises |= r.by == me
 
     # -- leave ---------------------------------------------------------------------------------
 
-    def _leave(self, ref, now: float, out) -> None:
-        held = len(self.allocator.by_addr)
+    def leave(self, peer: Host, ref, now: float, out) -> None:
+        held = len(peer.allocator.by_addr)
         if held:
-            out.replies.append((ref, m.error("busy", f"{self.me} still holds {held} "
+            out.replies.append((ref, m.error("busy", f"{peer.me} still holds {held} "
                                              f"address{'es' if held > 1 else ''}: "
                                              "release them before it leaves")))
             return
         # Quarantined addresses would reach their new owner as never used, and be handed out
         # at once while their old containers may still be terminating.
-        a = self.allocator
+        a = peer.allocator
         until = [t + a.reuse_delay for u in a.freed for _, t in a.quarantined(u, now)]
         if until:
             out.replies.append((ref, m.error("busy", (
-                f"{self.me} freed {len(until)} address{'es' if len(until) > 1 else ''} less "
+                f"{peer.me} freed {len(until)} address{'es' if len(until) > 1 else ''} less "
                 f"than {a.reuse_delay:g}s ago; they are in quarantine for "
                 f"{max(until) - now:.0f}s more: leave then"))))
             return
-        if self.waiting:
+        if peer.waiting:
             # A grant answering one of them would reach a peer that left, and be ignored.
-            out.replies.append((ref, m.error("busy", f"{self.me} has {len(self.waiting)} "
+            out.replies.append((ref, m.error("busy", f"{peer.me} has {len(peer.waiting)} "
                                              "requests waiting for peers: leave when they are "
                                              "answered")))
             return
         # Never a peer known to have left or been removed: it would ignore the handover.
-        targets = sorted(self.reachable - set(self.promised) - set(self.removed))
+        targets = sorted(peer.reachable - set(self.promised) - set(self.removed))
         if not targets:
-            out.replies.append((ref, m.error("unreachable", f"{self.me} can reach no peer to "
+            out.replies.append((ref, m.error("unreachable", f"{peer.me} can reach no peer to "
                                              "take its space")))
             return
-        stamp = self.replica.next_stamp()
         by_peer: set[str] = set()
         handed: dict[str, list[str]] = {}
         gateways: dict[str, list] = {}  # the reservations that go with each one's space
         i = 0
-        for u, ring in self.replica.rings.items():
-            for lo, hi in ring.owned_by(self.me):
-                before = ring.owner_of(lo - 1) if lo > u.start else None
-                to = before if before in targets else targets[i % len(targets)]
-                i += 1
-                gateways.setdefault(to, []).extend(self.allocator.reservations_in(u, lo, hi))
-                written = ring.transfer(self.me, lo, hi, to, stamp, free_hint=hi - lo)
-                out.rows += m.ring_rows(u, written)
-                by_peer.add(to)
-                handed.setdefault(to, []).extend(
-                    str(c) for c in range_to_cidrs(u.family, lo, hi))
-            out.rows += self.allocator.ring_changed(u)
-        self.standing, self.note = "left", f"{self.me} left the cluster"
-        self.removed[self.me] = self.me
-        out.rows += [self._clock_row(), m.Standing("left", self.note),
-                     m.Removal(self.me, self.me, "removed")]
+        with peer.writer.change(out.rows) as ch:
+            stamp = peer.replica.next_stamp()
+            for u, ring in peer.replica.rings.items():
+                for lo, hi in ring.owned_by(peer.me):
+                    before = ring.owner_of(lo - 1) if lo > u.start else None
+                    to = before if before in targets else targets[i % len(targets)]
+                    i += 1
+                    gateways.setdefault(to, []).extend(
+                        peer.allocator.reservations_in(u, lo, hi))
+                    ch.wrote(u, ring.transfer(peer.me, lo, hi, to, stamp, free_hint=hi - lo))
+                    by_peer.add(to)
+                    handed.setdefault(to, []).extend(
+                        str(c) for c in range_to_cidrs(u.family, lo, hi))
+        peer.standing, peer.note = "left", f"{peer.me} left the cluster"
+        self.removed[peer.me] = peer.me
+        out.rows += [m.Standing("left", peer.note), m.Removal(peer.me, peer.me, "removed")]
         if not by_peer:
-            out.replies.append((ref, m.ok(left=self.me, handed={})))
+            out.replies.append((ref, m.ok(left=peer.me, handed={})))
             return
-        self.next_req += 1
-        self.leaving[self.next_req] = _Leaving(ref, now + self.request_timeout, set(by_peer),
+        peer.next_req += 1
+        self.leaving[peer.next_req] = _Leaving(ref, now + peer.request_timeout, set(by_peer),
                                                handed)
         for to in sorted(by_peer):
-            out.messages.append((to, Handover(self.cluster, self.next_req, self._delta_for(to),
+            out.messages.append((to, Handover(peer.cluster, peer.next_req, peer.delta_for(to),
                                               tuple(gateways.get(to, ())))))
 
     # -- rmpeer --------------------------------------------------------------------------------
 
-    def _rmpeer(self, ref, req: m.RemovePeer, now: float, out) -> None:
+    def rmpeer(self, peer: Host, ref, req: m.RemovePeer, now: float, out) -> None:
         # A removed peer that still owns space here (the reclaim's news died with the hosts
         # that had it) may be removed again: the same round, the same safety.
-        owners = {e.owner for ring in self.replica.rings.values() for e, _, _ in ring.spans()}
+        owners = {e.owner for ring in peer.replica.rings.values() for e, _, _ in ring.spans()}
         targets = tuple(sorted(t for t in set(req.targets)
                                if t not in self.removed or t in owners))
-        members = self.members()
+        members = peer.members()
         err = None
-        if self.me in req.targets:
-            err = m.error("bad_request", f"{self.me} cannot remove itself: use leave")
+        if peer.me in req.targets:
+            err = m.error("bad_request", f"{peer.me} cannot remove itself: use leave")
         elif not targets:
             by = ", ".join(sorted({self.removed[t] for t in req.targets}))
             out.replies.append((ref, m.ok(removed=list(req.targets), by=by, reclaimed=[],
@@ -169,26 +179,26 @@ class Removals:
         elif not set(targets) & (members | owners):
             # One unknown name among known ones is fine (others may know it: they answer
             # with its writes); none known is more likely a typo.
-            err = m.error("not_found", f"no peer {', '.join(targets)} is known to {self.me}")
-        elif any(not ring.entries for ring in self.replica.rings.values()):
+            err = m.error("not_found", f"no peer {', '.join(targets)} is known to {peer.me}")
+        elif any(not ring.entries for ring in peer.replica.rings.values()):
             # Every gap of an unknown ring would look like space only dead peers knew.
-            err = m.error("no_ring", f"{self.me} has not heard the ring yet, so it cannot tell "
+            err = m.error("no_ring", f"{peer.me} has not heard the ring yet, so it cannot tell "
                           "the removed peers' space from live peers'; remove them from a peer "
                           "that has")
-        elif set(targets) & self.reachable:
-            err = m.error("reachable", f"{', '.join(sorted(set(targets) & self.reachable))} "
-                          f"can be reached from {self.me}: not gone; ask it to leave instead")
-        elif any(self.promised.get(t, self.me) not in (self.me, *targets) for t in targets):
+        elif set(targets) & peer.reachable:
+            err = m.error("reachable", f"{', '.join(sorted(set(targets) & peer.reachable))} "
+                          f"can be reached from {peer.me}: not gone; ask it to leave instead")
+        elif any(self.promised.get(t, peer.me) not in (peer.me, *targets) for t in targets):
             busy = next(t for t in targets
-                        if self.promised.get(t, self.me) not in (self.me, *targets))
+                        if self.promised.get(t, peer.me) not in (peer.me, *targets))
             err = m.error("busy", f"{busy} is being removed by {self.promised[busy]}")
         elif not req.force:
-            cut = sorted(members - set(targets) - {self.me} - self.reachable)
+            cut = sorted(members - set(targets) - {peer.me} - peer.reachable)
             members |= set(targets)
             left = len(members) - len(targets)
             if cut:
                 err = m.error("unreachable", f"cannot remove {', '.join(targets)} while "
-                              f"{self.me} cannot reach {', '.join(cut)}: they may hold its last "
+                              f"{peer.me} cannot reach {', '.join(cut)}: they may hold its last "
                               "changes, or be removing it too (name them as well if they are "
                               "gone)")
             elif left * 2 <= len(members):
@@ -199,168 +209,167 @@ class Removals:
             out.replies.append((ref, err))
             return
         for t in targets:
-            self.promised[t], self.promised_at[t] = self.me, now
-            out.rows.append(m.Removal(t, self.me, "promised", now))
-        self.next_req += 1
-        r = _Removing(ref, targets, now + self.request_timeout, req.force)
-        self.removing[self.next_req] = r
-        self._ask_promises(self.next_req, r, members - set(targets) - {self.me}, out)
+            self.promised[t], self.promised_at[t] = peer.me, now
+            out.rows.append(m.Removal(t, peer.me, "promised", now))
+        peer.next_req += 1
+        r = _Removing(ref, targets, now + peer.request_timeout, req.force)
+        self.removing[peer.next_req] = r
+        self._ask_promises(peer, peer.next_req, r, members - set(targets) - {peer.me}, out)
 
-    def _ask_promises(self, req: int, r: _Removing, peers: set[str], out,
+    def _ask_promises(self, peer: Host, req: int, r: _Removing, peers: set[str], out,
                       via: str = "") -> None:
-        vector = tuple(sorted(self.replica.vector.items()))
+        vector = tuple(sorted(peer.replica.vector.items()))
         for p in sorted(peers - r.asked):
-            if p not in self.reachable:
+            if p not in peer.reachable:
                 if r.force:
                     r.skipped = True
                     continue
-                return self._abort(req, f"{p}, known to {via}, cannot be reached (name it "
+                return self._abort(peer, req, f"{p}, known to {via}, cannot be reached (name it "
                                    "too if it is gone)", out)
             r.asked.add(p)
-            out.messages.append((p, RemovePrepare(self.cluster, req, r.targets, vector)))
+            out.messages.append((p, RemovePrepare(peer.cluster, req, r.targets, vector)))
         if r.promised >= r.asked:
-            self._reclaim(req, out)
+            self._reclaim(peer, req, out)
 
-    def _on_prepare(self, sender: str, msg: RemovePrepare, now: float, out) -> None:
+    def _on_prepare(self, peer: Host, sender: str, msg: RemovePrepare, now: float, out) -> None:
         reason = ""
         for t in msg.targets:
-            if t == self.me:
+            if t == peer.me:
                 reason = f"{t} is alive and answering"
             elif t in self.removed:
                 continue  # already removed: promising again changes nothing
-            elif t in self.reachable:
-                reason = f"{self.me} can still reach {t}"
+            elif t in peer.reachable:
+                reason = f"{peer.me} can still reach {t}"
             elif self.promised.get(t, sender) not in (sender, *msg.targets):
                 # (A promise to a runner that is itself being removed is void.)
                 reason = f"{t} is being removed by {self.promised[t]}"
             if reason:
-                out.messages.append((sender, RemoveNack(self.cluster, msg.req, reason)))
+                out.messages.append((sender, RemoveNack(peer.cluster, msg.req, reason)))
                 return
         for t in msg.targets:
             if t not in self.removed and self.promised.get(t) != sender:
                 self.promised[t], self.promised_at[t] = sender, now
                 out.rows.append(m.Removal(t, sender, "promised", now))
-        writes = tuple((u, e) for u, ring in self.replica.rings.items() for e in ring.entries
+        writes = tuple((u, e) for u, ring in peer.replica.rings.items() for e in ring.entries
                        if e.stamp[0] in msg.targets)
-        delta = self.replica.delta_for(dict(msg.vector))
-        held = tuple((u, key[1], (self.me,)) for key in self.allocator.held_remotely()
-                     for u in [self.allocator.universe_of(key)]
-                     if self.replica.rings[u].owner_of(key[1]) in msg.targets)
-        out.messages.append((sender, RemoveAck(self.cluster, msg.req, delta, writes,
-                                               tuple(sorted(self.members())), held)))
+        delta = peer.replica.delta_for(dict(msg.vector))
+        held = tuple((u, key[1], (peer.me,)) for key in peer.allocator.held_remotely()
+                     for u in [peer.allocator.universe_of(key)]
+                     if peer.replica.rings[u].owner_of(key[1]) in msg.targets)
+        out.messages.append((sender, RemoveAck(peer.cluster, msg.req, delta, writes,
+                                               tuple(sorted(peer.members())), held)))
 
-    def _on_ack(self, sender: str, msg: RemoveAck, out) -> None:
+    def _on_ack(self, peer: Host, sender: str, msg: RemoveAck, out) -> None:
         r = self.removing.get(msg.req)
         if r is None or sender not in r.asked:
             return
-        if self.replica.complete_for_me(msg.delta):
-            self._merge(sender, msg.delta, out)
+        if peer.replica.complete_for_me(msg.delta):
+            peer.merge(sender, msg.delta, out)
         else:  # cannot be (it was made against our own vector), but never raise it wrongly
-            self._merge(sender, Delta((), msg.delta.entries), out)
-        self._merge(sender, Delta((), msg.writes), out)
+            peer.merge(sender, Delta((), msg.delta.entries), out)
+        peer.merge(sender, Delta((), msg.writes), out)
         r.promised.add(sender)
         r.gateways += msg.reserved
-        others = set(msg.members) - set(r.targets) - {self.me} - set(self.removed)
+        others = set(msg.members) - set(r.targets) - {peer.me} - set(self.removed)
         self.heard_of |= others
-        self._ask_promises(msg.req, r, others, out, via=sender)
+        self._ask_promises(peer, msg.req, r, others, out, via=sender)
 
-    def _reclaim(self, req: int, out) -> None:
+    def _reclaim(self, peer: Host, req: int, out) -> None:
         r = self.removing.pop(req)
-        stamp = self.replica.next_stamp()
         reclaimed = []
         for u, address, names in r.gateways:
-            if u in self.replica.rings and (u.family, address) in u and \
-                    self.replica.rings[u].owner_of(address) in r.targets:
-                out.rows += self.allocator.adopt_reserved(u, address, names)
-        for u, ring in self.replica.rings.items():
+            if u in peer.replica.rings and (u.family, address) in u and \
+                    peer.replica.rings[u].owner_of(address) in r.targets:
+                out.rows += peer.allocator.adopt_reserved(u, address, names)
+        with peer.writer.change(out.rows) as ch:
+            stamp = peer.replica.next_stamp()
+            for u, ring in peer.replica.rings.items():
+                for t in r.targets:
+                    reclaimed += [str(c) for lo, hi in ring.owned_by(t)
+                                  for c in range_to_cidrs(u.family, lo, hi)]
+                    ch.wrote(u, ring.reclaim(t, peer.me, stamp))
+                if not r.skipped:  # --force skipped someone: its ring may hold the gap
+                    gaps = ch.wrote(u, ring.claim_gaps(peer.me, stamp))
+                    reclaimed += [str(c) for e in gaps
+                                  for c in range_to_cidrs(u.family, e.start, e.end)]
             for t in r.targets:
-                reclaimed += [str(c) for lo, hi in ring.owned_by(t)
-                              for c in range_to_cidrs(u.family, lo, hi)]
-                out.rows += m.ring_rows(u, ring.reclaim(t, self.me, stamp))
-            if not r.skipped:  # --force skipped someone: its ring may hold the gap
-                gaps = ring.claim_gaps(self.me, stamp)
-                reclaimed += [str(c) for e in gaps
-                              for c in range_to_cidrs(u.family, e.start, e.end)]
-                out.rows += m.ring_rows(u, gaps)
-            out.rows += self.allocator.ring_changed(u)
-        for t in r.targets:
-            self._set_removed(t, self.me, out)
-            # Every write of t that survives anywhere is now here, so our vector may cover them
-            # all: then gossip passes on the ones only grants carried (t is not there to).
-            top = max((e.stamp[1] for ring in self.replica.rings.values()
-                       for e in ring.entries if e.stamp[0] == t), default=0)
-            self.replica.vector[t] = max(self.replica.vector.get(t, 0), top)
-        out.rows.append(self._clock_row())
+                self._set_removed(peer, t, peer.me, out)
+                # Every write of t that survives anywhere is now here, so our vector may cover
+                # them all: then gossip passes on the ones only grants carried (t is not there
+                # to).
+                top = max((e.stamp[1] for ring in peer.replica.rings.values()
+                           for e in ring.entries if e.stamp[0] == t), default=0)
+                peer.replica.vector[t] = max(peer.replica.vector.get(t, 0), top)
         for p in sorted(r.asked):
-            out.messages.append((p, RemoveDone(self.cluster, r.targets)))
-        out.replies.append((r.ref, m.ok(removed=list(r.targets), by=self.me,
+            out.messages.append((p, RemoveDone(peer.cluster, r.targets)))
+        out.replies.append((r.ref, m.ok(removed=list(r.targets), by=peer.me,
                                         reclaimed=reclaimed)))
 
-    def _abort(self, req: int, reason: str, out) -> None:
+    def _abort(self, peer: Host, req: int, reason: str, out) -> None:
         r = self.removing.pop(req)
         for t in r.targets:
-            if self.promised.get(t) == self.me:
+            if self.promised.get(t) == peer.me:
                 del self.promised[t]
-                out.rows.append(m.Removal(t, self.me, "released"))
+                out.rows.append(m.Removal(t, peer.me, "released"))
         for p in sorted(r.asked):
-            out.messages.append((p, RemoveAbort(self.cluster, r.targets)))
+            out.messages.append((p, RemoveAbort(peer.cluster, r.targets)))
         out.replies.append((r.ref, m.error("refused", f"{', '.join(r.targets)} not removed: "
                                            f"{reason}")))
 
-    def _set_removed(self, t: str, by: str, out) -> None:
+    def _set_removed(self, peer: Host, t: str, by: str, out) -> None:
         self.removed[t] = by
         self.promised.pop(t, None)
         out.rows.append(m.Removal(t, by, "removed"))
-        self._heard_seed(t, out)
+        peer.peer_removed(t, out)
         # Promises to a runner that is itself removed will never be kept or withdrawn.
         for target, runner in list(self.promised.items()):
             if runner == t:
                 del self.promised[target]
                 out.rows.append(m.Removal(target, runner, "released"))
 
-    def _learn_removed(self, removed, out) -> None:
+    def learn_removed(self, peer: Host, removed, out) -> None:
         for t, by in removed:
-            if t == self.me and self.standing != "left":
-                self.standing = "removed"
-                self.note = (f"{self.me} was removed from the cluster by {by}: start it afresh "
+            if t == peer.me and peer.standing != "left":
+                peer.standing = "removed"
+                peer.note = (f"{peer.me} was removed from the cluster by {by}: start it afresh "
                              "with an empty database (a new id)")
-                out.rows.append(m.Standing("removed", self.note))
-                out.alarms.append(self.note)
-            elif t != self.me and t not in self.removed:
-                self._set_removed(t, by, out)
+                out.rows.append(m.Standing("removed", peer.note))
+                out.alarms.append(peer.note)
+            elif t != peer.me and t not in self.removed:
+                self._set_removed(peer, t, by, out)
 
-    def _refused(self, sender: str, msg: Refuse, out) -> None:
+    def refused(self, peer: Host, sender: str, msg: Refuse, out) -> None:
         out.alarms.append(f"{sender} refused us: {msg.reason}")
         if msg.removed_by:
-            self._learn_removed([(self.me, msg.removed_by)], out)
+            self.learn_removed(peer, [(peer.me, msg.removed_by)], out)
 
     # -- messages and time ---------------------------------------------------------------------
 
-    def _membership(self, sender: str, msg, now: float, out) -> None:
+    def receive(self, peer: Host, sender: str, msg, now: float, out) -> None:
         if isinstance(msg, Handover):
             # Only reservations inside the space this very message hands us.
-            given = [(u, e) for u, e in msg.delta.entries if e.owner == self.me]
+            given = [(u, e) for u, e in msg.delta.entries if e.owner == peer.me]
             for u, address, names in msg.reserved:
                 if any(v == u and e.start <= address < e.end for v, e in given):
-                    out.rows += self.allocator.adopt_reserved(u, address, names)
-            self._merge_given(sender, msg.delta, out)
+                    out.rows += peer.allocator.adopt_reserved(u, address, names)
+            peer.merge_given(sender, msg.delta, out)
             if sender not in self.removed:
-                self._set_removed(sender, sender, out)
-            out.messages.append((sender, HandoverAck(self.cluster, msg.req)))
+                self._set_removed(peer, sender, sender, out)
+            out.messages.append((sender, HandoverAck(peer.cluster, msg.req)))
         elif isinstance(msg, HandoverAck):
             lv = self.leaving.get(msg.req)
             if lv is not None:
                 lv.unacked.discard(sender)
                 if not lv.unacked:
                     del self.leaving[msg.req]
-                    out.replies.append((lv.ref, m.ok(left=self.me, handed=lv.handed)))
+                    out.replies.append((lv.ref, m.ok(left=peer.me, handed=lv.handed)))
         elif isinstance(msg, RemovePrepare):
-            self._on_prepare(sender, msg, now, out)
+            self._on_prepare(peer, sender, msg, now, out)
         elif isinstance(msg, RemoveAck):
-            self._on_ack(sender, msg, out)
+            self._on_ack(peer, sender, msg, out)
         elif isinstance(msg, RemoveNack):
             if msg.req in self.removing:
-                self._abort(msg.req, f"{sender} refused: {msg.reason}", out)
+                self._abort(peer, msg.req, f"{sender} refused: {msg.reason}", out)
         elif isinstance(msg, RemoveAbort):
             for t in msg.targets:
                 if self.promised.get(t) == sender:
@@ -369,35 +378,35 @@ class Removals:
         elif isinstance(msg, RemoveDone):
             for t in msg.targets:
                 if self.promised.get(t) == sender:
-                    self._set_removed(t, sender, out)
+                    self._set_removed(peer, t, sender, out)
 
-    def _membership_tick(self, now: float, out) -> None:
+    def tick(self, peer: Host, now: float, out) -> None:
         if self.stale_promises:
             # A round of ours that a restart cut off: its client is gone, so withdraw it.
             self.stale_promises = False
             for t, runner in list(self.promised.items()):
-                if runner == self.me:
+                if runner == peer.me:
                     del self.promised[t]
-                    out.rows.append(m.Removal(t, self.me, "released"))
-                    for p in sorted(self.reachable):
-                        out.messages.append((p, RemoveAbort(self.cluster, (t,))))
+                    out.rows.append(m.Removal(t, peer.me, "released"))
+                    for p in sorted(peer.reachable):
+                        out.messages.append((p, RemoveAbort(peer.cluster, (t,))))
         for t, runner in list(self.promised.items()):
             # A runner's round ends by its deadline, done or withdrawn; a withdrawal can be
             # lost. Twice that long after promising, the round is surely over, so the promise
             # lapses. Safe: a later round must get a promise from that runner too, and it
             # answers with what it reclaimed (or refuses while its round still runs).
-            if runner != self.me and now - self.promised_at.get(t, now) > \
-                    2 * self.request_timeout:
+            if runner != peer.me and now - self.promised_at.get(t, now) > \
+                    2 * peer.request_timeout:
                 del self.promised[t]
                 out.rows.append(m.Removal(t, runner, "released"))
         for req, r in list(self.removing.items()):
             if now >= r.deadline:
                 silent = sorted(r.asked - r.promised)
-                self._abort(req, f"no answer within {self.request_timeout:g}s from "
+                self._abort(peer, req, f"no answer within {peer.request_timeout:g}s from "
                             f"{', '.join(silent)}", out)
         for req, lv in list(self.leaving.items()):
             if now >= lv.deadline:
                 del self.leaving[req]
-                out.replies.append((lv.ref, m.error("timeout", f"{self.me} handed its space "
+                out.replies.append((lv.ref, m.error("timeout", f"{peer.me} handed its space "
                                    f"over, but {', '.join(sorted(lv.unacked))} did not "
                                    "acknowledge in time; gossip will tell them")))

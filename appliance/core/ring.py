@@ -52,6 +52,11 @@ class RingError(ValueError):
     """An operation the rules forbid (a bug in the caller), or an entry a peer must not send."""
 
 
+class RingInvariant(Exception):
+    """A ring that breaks the rules above: a bug in this host's code, never a peer's data
+    (that is refused by check_entry before it is merged). The message names what broke."""
+
+
 class Ring:
     def __init__(self, universe: Cidr, entries: list[Entry] | None = None):
         self.universe = universe
@@ -62,6 +67,7 @@ class Ring:
         self._sorted: list[Entry] | None = None
         self._spans: list[tuple[Entry, int, int]] | None = None
         self._starts: list[int] = []
+        self.writes = 0  # entries put since made: RingWriter skips checking a ring it knows
 
     @classmethod
     def single_owner(cls, universe: Cidr, owner: str, stamp: tuple[str, int] = ("", 0)) -> Ring:
@@ -89,6 +95,40 @@ class Ring:
             raise RingError(f"ring entry [{e.start}, {e.end}) lies outside {self.universe}")
         if e.version < 1 or not e.owner or not 0 <= e.free_hint <= HINT_MAX:
             raise RingError(f"ring entry at {e.start} is malformed: {e}")
+
+    def check_invariants(self) -> None:
+        """Raise RingInvariant unless this copy keeps the rules: the sorted view holds exactly
+        the entries, ascending, each filed under its own start; each carries an end past its
+        start inside the universe (check_entry); and what each covers here is disjoint from
+        the next: one owner per address. One pass, no sort: it runs on every change."""
+        where = f"ring of {self.universe}"
+        held, es = self._by_start, self.entries
+        if len(es) != len(held):
+            raise RingInvariant(f"{where}: the sorted entries are not the entries "
+                                f"({len(es)} listed, {len(held)} held)")
+        last, prev = self.universe.start, None
+        for i, (e, lo, hi) in enumerate(self.spans()):
+            if e.end <= e.start:
+                raise RingInvariant(f"{where}: the entry at {e.start} ends at {e.end}, not "
+                                    "past its start")
+            if lo != e.start or not lo < hi <= e.end:
+                raise RingInvariant(f"{where}: the entry [{e.start}, {e.end}) is said to cover "
+                                    f"[{lo}, {hi})")
+            if lo < last:
+                raise RingInvariant(f"{where}: [{lo}, {last}) has two owners")
+            if held.get(e.start) is not e:
+                key = next((k for k, v in held.items() if v is e), None)
+                if key is not None:
+                    raise RingInvariant(f"{where}: the entry at {e.start} is filed under {key}")
+                raise RingInvariant(f"{where}: the entry at {e.start} is not held")
+            if es[i] is not e or self._starts[i] != e.start or \
+                    prev is not None and prev >= e.start:
+                raise RingInvariant(f"{where}: the sorted entries are out of date at {e.start}")
+            try:
+                self.check_entry(e)
+            except RingError as err:
+                raise RingInvariant(f"{where}: {err}") from None
+            last, prev = hi, e.start
 
     @property
     def entries(self) -> list[Entry]:
@@ -221,6 +261,7 @@ class Ring:
 
     def _put(self, e: Entry) -> Entry:
         self._by_start[e.start] = e
+        self.writes += 1
         self._sorted = self._spans = None
         return e
 

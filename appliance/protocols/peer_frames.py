@@ -8,7 +8,7 @@ first). A proof includes the other side's fresh nonce, so an old one cannot be r
 Every later frame is version (1 byte) | counter (8) | kind (1) | payload | HMAC of all that
 under a key derived from the secret and both nonces, and the counter must be exactly one more
 than the last: a replayed, reordered or forged frame is a ProtocolError. peer_net.py moves
-these bytes over TCP; what is in a CORE frame is peer_messages.py's, an ADDRESSES frame
+these bytes over TCP; what is in a CORE frame is peer_codec.py's, an ADDRESSES frame
 peer_book.py's.
 """
 from __future__ import annotations

@@ -12,7 +12,6 @@ import msgpack
 
 from appliance.core import messages as m
 from appliance.core import peer as peer_mod
-from appliance.core.messages import ring_rows
 from appliance.core.peer import Gossip, Ready
 from tests.sim.simulator import TICK, Faults, Sim
 
@@ -55,9 +54,10 @@ def measure(n: int, seed: int = 1) -> dict:
     other = next(p for p in sim.names if p != rich)
     peer = sim.live[rich]
     lo, hi = peer.allocator.donatable(sim.u, sim.u.start, sim.u.end, sim.now, 16, other)
-    written = peer.replica.rings[sim.u].transfer(rich, lo, hi, other, peer.replica.next_stamp(),
-                                                 hi - lo)
-    rows = ring_rows(sim.u, written) + peer.allocator.ring_changed(sim.u) + [peer._clock_row()]
+    rows: list = []
+    with peer.writer.change(rows) as ch:
+        written = ch.wrote(sim.u, peer.rings[sim.u].transfer(
+            rich, lo, hi, other, peer.replica.next_stamp(), hi - lo))
     sim._handle(rich, Ready(rows=rows))
     change = encoded([(sim.u, e) for e in written])
     rounds = 0

@@ -23,7 +23,7 @@ allocation the fuzzer made and did not release still held exactly
 (handle -> address, on the daemon that made it); no "Traceback" in either daemon's log. At
 the end, also: both stop cleanly; read from their databases, no address is held twice across
 the two, and `PRAGMA integrity_check` is ok; both restart on their databases and still hold
-the same allocations. Inputs the local parsers (hook.parse_request, peer_messages.decode,
+the same allocations. Inputs the local parsers (hook.parse_request, peer_codec.decode,
 parse_hostport) fail on with an unexpected exception are findings too, with the input.
 
 A seed replays the same stream of choices; what the daemons answer (and their timing) can

@@ -1,6 +1,6 @@
 """The peer port as a hostile client sees it: the handshake done by hand (as peer_net.py does it,
 with the same helpers, protocols/peer_frames.py), authenticated frames, and generators of
-messages of every kind the codec knows (appliance/core/wire.py), well formed or mutated.
+messages of every kind the codec knows (appliance/core/peer_messages.py), well formed or mutated.
 
 The fuzzer that knows the secret is an insider that lies about everything except who it is:
 the ids of the real daemons never appear in what it sends (as owners, writers, vector keys,
@@ -22,15 +22,15 @@ import time
 
 import msgpack
 
-from appliance.protocols import peer_messages
+from appliance.protocols import peer_codec
 from appliance.core.addr import AddrError, parse_cidr, parse_hostport
 from appliance.protocols.peer_frames import (ADDRESSES, CORE, HEAD, KEEPALIVE_FRAME, MAGIC,
                                             MAX_FRAME, PROTOCOL, mac)
 
 from . import garble
 
-KINDS = list(peer_messages.KINDS)
-FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_messages.KINDS.items()}
+KINDS = list(peer_codec.KINDS)
+FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in peer_codec.KINDS.items()}
 
 
 class Closed(Exception):
@@ -426,8 +426,8 @@ def predict_core(payload: bytes):
     accepts it (the connection stays), ("fatal", reason) when it refuses it (the connection
     ends), ("bug", exception) when the codec raises something it should not."""
     try:
-        return "ok", peer_messages.decode(payload)
-    except peer_messages.CodecError as e:
+        return "ok", peer_codec.decode(payload)
+    except peer_codec.CodecError as e:
         return "fatal", str(e)
     except Exception as e:  # noqa: BLE001 - the finding itself
         return "bug", e

@@ -44,7 +44,8 @@ enumeration of the range: a /32 IPv6 range is never walked).
 A restart may lose the peer's whole database: it comes back under a new id, and its old id
 stays dead until some peer runs rmpeer on it (during the run, from any peer at any time, so
 concurrent and partitioned removals happen; after the heal, until it succeeds: I5 needs it).
-Bootstrap is by a founder, by seeds, or by a quorum vote, under the same faults.
+Bootstrap is by a founder, by seeds (known by address: each learns the ids through
+Peer.identified, as the daemon does), or by a quorum vote, under the same faults.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from appliance.protocols import peer_messages
+from appliance.protocols import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import Cidr, cidr, format_addr, parse_addr
 from appliance.core.bootstrap import decided_cluster
@@ -136,6 +137,11 @@ def draw_universes(rng: random.Random) -> list[Cidr]:
     if x < 0.85:
         return [v6]
     return [UNIVERSE, v6] if rng.random() < 0.5 else [v6, UNIVERSE]
+
+
+def address_of(seed: str) -> str:
+    """Where a seed listens, as --init-peers names it."""
+    return f"addr-{seed}"
 
 
 def split(u: Cidr, parts: int) -> tuple[Cidr, ...]:
@@ -230,25 +236,20 @@ class Sim:
         # (the hardest case). A fraction: release whenever that much of it is in use (churn at
         # a steady level, for measuring the ring's size over time).
         self.fill: float | None = None
-        self.durable = {p: Durable(p, self.cluster, list(self.universes)) for p in self.names}
+        self.durable: dict[str, Durable] = {}
         self.live: dict[str, Peer] = {}
         for p in self.names:
-            d = self.durable[p]
-            if bootstrap == "seeds":
-                d.mode, d.seeds = "seeds", tuple(self.names)
-                peer, rows = Peer.seeded(p, self.cluster, self.universes, self.u, self.names,
-                                         reuse_delay=REUSE_DELAY)
+            if bootstrap == "seeds":  # known by address: ids learned as each is reached
+                boot = {"mode": "seeds", "seed_addresses": tuple(map(address_of, self.names))}
             elif bootstrap == "quorum":
-                d.mode, d.quorum = "quorum", n
-                peer, rows = Peer.voter(p, self.cluster, self.universes, self.u, n,
-                                        reuse_delay=REUSE_DELAY)
-            elif p == self.names[0]:
-                peer, rows = Peer.founder(p, self.cluster, self.universes, self.u,
-                                          reuse_delay=REUSE_DELAY)
+                boot = {"mode": "quorum", "quorum": n}
             else:
-                peer, rows = d.load(self.u, REUSE_DELAY), []
-            d.apply(rows)
-            self.live[p] = peer
+                boot = {"mode": "single" if p == self.names[0] else "join"}
+            self.durable[p] = Durable.new(p, self.cluster, list(self.universes), **boot)
+            self.live[p] = self.durable[p].load(self.u, REUSE_DELAY)
+        for p in self.names:  # every seed reaches every other at the start
+            for q in self.names:
+                self.durable[p].apply(self.live[p].identified(address_of(q), q, self.now).rows)
         self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs the network drops
         self.queue: list[tuple[float, int, str, str, object]] = []  # a heap by delivery time
         self.due: list[tuple[float, int, str, str, object]] = []    # delivered in any order
@@ -308,7 +309,7 @@ class Sim:
         if self.codec:
             # Through the real codec, as on the wire: a message it cannot carry is a bug here
             # too. (Not at 100 peers: there it would cost most of the run's time.)
-            return peer_messages.decode(peer_messages.encode(msg))
+            return peer_codec.decode(peer_codec.encode(msg))
         return msg
 
     def _send(self, src: str, dst: str, msg) -> None:
@@ -520,7 +521,21 @@ class Sim:
         peer = self.live[p] = self.durable[p].load(self.u, REUSE_DELAY)
         self.standing[p] = peer.standing
         self._update_reachability()
-        return peer
+        self._identify(p)
+        return self.live.get(p, peer)
+
+    def _identify(self, p: str) -> None:
+        """A seed that knows the seeds only by address (a crash before its split was
+        committed) learns the id of each one it reaches, as the transport tells it."""
+        peer = self.live.get(p)
+        if peer is None or peer.boot.pending is None:
+            return
+        for address, q in sorted(peer.boot.pending.items()):
+            seed = address.removeprefix("addr-")
+            if q is None and (seed == p or seed in peer.reachable):
+                self._handle(p, peer.identified(address, seed, self.now))
+                if self.live.get(p) is not peer:
+                    return  # crashed on the way
 
     def _first_contact(self, q: str, p: str) -> None:
         """p hears from q before anything else happens to it: q's hello, through the codec."""
@@ -610,7 +625,7 @@ class Sim:
         # decided cluster has its own).
         votes = [d.vote.decided for d in self.durable.values() if d.vote and d.vote.decided]
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
-        self.durable[new] = Durable(new, cluster, list(self.universes))
+        self.durable[new] = Durable.new(new, cluster, list(self.universes))
         self.max_clock[new] = (0, {})
         self.freed[new] = {}
         self._load(new)
@@ -1063,6 +1078,8 @@ class Sim:
         else:
             self.now += TICK * self.rng.random()
             for p in sorted(self.live):
+                if p in self.live:
+                    self._identify(p)
                 if p in self.live:
                     self._handle(p, self.live[p].tick(self.now))
 

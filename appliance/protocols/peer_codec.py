@@ -1,4 +1,4 @@
-"""Peer messages (core/wire.py) to and from msgpack, checked field by field.
+"""Peer messages (core/peer_messages.py) to and from msgpack, checked field by field.
 
 A message is [kind, field, ...] in the dataclass's field order. Addresses and other integers
 that may not fit msgpack's 64 bits (IPv6) travel as big-endian bytes. Decoding trusts nothing:
@@ -11,7 +11,7 @@ import dataclasses
 
 import msgpack
 
-from ..core import wire
+from ..core import peer_messages as wire
 from ..core.addr import AddrError, Cidr, parse_cidr
 from ..core.gossip import Delta
 from ..core.ring import Entry
