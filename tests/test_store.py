@@ -240,7 +240,7 @@ def test_checkpoints_elsewhere_copy_then_finish_and_the_wal_starts_over(tmp_path
     path, wal = tmp_path / "ipamd.db", tmp_path / "ipamd.db-wal"
     s = Store(path)
     loaded = s.open(RANGE, "t")
-    a = s.load_allocator(loaded, RANGE[0], 30)
+    a = s.load_peer(loaded, RANGE[0], 30).allocator
     dues = []
     s.checkpoint_elsewhere(lambda: dues.append(wal_frames(wal)), pages=1100)
     for i in range(1000):
