@@ -16,14 +16,15 @@ import apsw
 
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
-from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
-                            Removal, Reserve, RingWrite, Row, Standing, Unreserve, Vote)
+from .core.messages import (ClockWrite, DropFreedSpan, ForgetFreed, FreeAddress, FreedSpan,
+                            PeerSeen, PutAllocation, Removal, Reserve, RingWrite, Row, Standing,
+                            Unreserve, Vote)
 from .core.peer import Peer
 from .core.ring import Ring
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -59,6 +60,25 @@ MIGRATIONS: dict[int, str] = {
     INSERT INTO reserved_3 SELECT address, 'kept', universe, note FROM reserved;
     DROP TABLE reserved;
     ALTER TABLE reserved_3 RENAME TO reserved;
+    """,
+    # 4: freed addresses cost what the live state needs, not what history left: the most
+    # recently freed stay one row each (now without a rowid: one b-tree, not two), the rest
+    # fold into spans (allocator.py, freelist.py). The rows a version-3 database has are all
+    # kept, in their order; the first address freed afterwards folds the excess.
+    3: """
+    CREATE TABLE freed_4 (
+        address  TEXT PRIMARY KEY,
+        universe TEXT NOT NULL REFERENCES universes (cidr),
+        freed_at REAL NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO freed_4 SELECT address, universe, freed_at FROM freed;
+    DROP TABLE freed;
+    ALTER TABLE freed_4 RENAME TO freed;
+    CREATE TABLE freed_spans (
+        start    TEXT PRIMARY KEY,
+        last     TEXT NOT NULL,
+        universe TEXT NOT NULL REFERENCES universes (cidr)
+    ) STRICT, WITHOUT ROWID;
     """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
@@ -253,6 +273,8 @@ class Store:
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed"):
             d.freed[address] = FreeAddress(address, universe, freed_at)
+        for start, last, universe in conn.execute("SELECT start, last, universe FROM freed_spans"):
+            d.freed_spans[start] = FreedSpan(universe, start, last)
         for address, holder, universe, note in conn.execute(
                 "SELECT address, holder, universe, note FROM reserved"):
             d.reserved[(address, holder)] = Reserve(address, holder, universe, note)
@@ -359,6 +381,11 @@ class Store:
                                  (r.address, r.holder))
                 elif isinstance(r, ForgetFreed):
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
+                elif isinstance(r, FreedSpan):
+                    conn.execute("INSERT OR REPLACE INTO freed_spans VALUES (?, ?, ?)",
+                                 (r.start, r.last, r.universe))
+                elif isinstance(r, DropFreedSpan):
+                    conn.execute("DELETE FROM freed_spans WHERE start = ?", (r.start,))
                 elif isinstance(r, RingWrite):
                     conn.execute("INSERT OR REPLACE INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  (r.universe, r.start, r.last, r.owner, r.version, r.free_hint,
