@@ -4,7 +4,7 @@ history? Prints a table; asserts nothing.
 One real daemon on a /12 (the default range's size), 500 live allocations, then allocate+release
 cycles over the hook socket as fast as two pipelining clients can drive them (quarantine 30 s,
 the default). At each checkpoint: cycles done, the daemon's RSS, `status` latency (median [min-max]
-of STATUS_CALLS calls), the database with its WAL, and the addresses in quarantine. Then the daemon
+of STATUS_CALLS calls), the database and its WAL, and the addresses in quarantine. Then the daemon
 is SIGKILLed and started again RESTARTS times: seconds to 'ready' and RSS after a `status`.
 
 Machine noise, measured in the same run: the load average and a one-row apsw WAL commit (the
@@ -72,8 +72,10 @@ def _status_ms(d: Daemon) -> list[float]:
     return out
 
 
-def _db_mb(d: Daemon) -> float:
-    return sum(p.stat().st_size for p in (d.db, Path(f"{d.db}-wal")) if p.exists()) / 1e6
+def _db_mb(d: Daemon) -> tuple[float, float]:
+    """(database, WAL) in MB."""
+    return tuple(p.stat().st_size / 1e6 if p.exists() else 0.0
+                 for p in (d.db, Path(f"{d.db}-wal")))
 
 
 def checkpoint(d: Daemon, tmp: Path, cycles: int, rate: float | None) -> dict:
@@ -92,12 +94,12 @@ def run(tmp: Path, cycles: int, checkpoints: int) -> None:
         assert d.call({"op": "allocate", "handle": f"live-{i}"})["ok"]
     marks = sorted({round(cycles * (k + 1) / checkpoints) for k in range(checkpoints)})
     print(f"\n{'cycles':>9} {'cycles/s':>9} {'RSS MB':>7} {'status ms median [min-max]':>28} "
-          f"{'DB+WAL MB':>10} {'quarant.':>9} {'commit us (noise)':>22} {'load':>5}")
+          f"{'DB + WAL MB':>13} {'quarant.':>9} {'commit us (noise)':>22} {'load':>5}")
 
     def show(r: dict) -> None:
         rate = "" if r["rate"] is None else f"{r['rate']:.0f}"
         print(f"{r['cycles']:>9} {rate:>9} {r['rss']:>7.1f} {spread(r['status'], '.2f'):>28} "
-              f"{r['db']:>10.2f} {r['quarantined']:>9} {spread(r['commit'], '.1f'):>22} "
+              f"{r['db'][0]:>6.2f} + {r['db'][1]:<4.2f} {r['quarantined']:>9} {spread(r['commit'], '.1f'):>22} "
               f"{r['load']:>5.2f}", flush=True)
 
     show(checkpoint(d, tmp, 0, None))
@@ -125,7 +127,7 @@ def run(tmp: Path, cycles: int, checkpoints: int) -> None:
     print(f"\nrestart after SIGKILL ({RESTARTS} times, median [min-max]): "
           f"{spread([r['ready'] for r in restarts], '.3f')} s to ready, "
           f"RSS after {spread([r['rss'] for r in restarts], '.1f')} MB; "
-          f"database {_db_mb(d):.2f} MB")
+          f"database {_db_mb(d)[0]:.2f} MB + WAL {_db_mb(d)[1]:.2f} MB")
     d.stop()
 
 
