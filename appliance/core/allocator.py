@@ -104,6 +104,17 @@ class Allocator:
         # owner in the ring then, so nothing could stop two hosts claiming one: refuse them.
         self.clustered: Callable[[], bool] = lambda: False
 
+    @property
+    def reuse_delay(self) -> float:
+        return self._reuse_delay
+
+    @reuse_delay.setter
+    def reuse_delay(self, seconds: float) -> None:
+        # The free lists measure quarantine too (tests change it on a live allocator).
+        self._reuse_delay = seconds
+        for fl in getattr(self, "freed", {}).values():
+            fl.reuse_delay = seconds
+
     # -- loading (restart) ---------------------------------------------------------------------
 
     def load_allocation(self, held: Held) -> None:
