@@ -42,6 +42,13 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.ring_bench
 	$(BIN)/python -m tests.bench.peer_bench
 	$(BIN)/python -m tests.bench.scrape_bench
+	$(BIN)/python -m tests.bench.history_bench
+
+## What a long history costs: make bench-history [CYCLES=1000000] (default 100000)
+CYCLES ?= 100000
+.PHONY: bench-history
+bench-history: $(STAMP)
+	$(BIN)/python -m tests.bench.history_bench --cycles $(CYCLES)
 
 ## Replay one simulator seed: make sim SEED=123 [PEERS=5] [OPS=1000]
 SEED ?=

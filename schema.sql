@@ -1,4 +1,4 @@
--- ipamd database, schema version 3 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 4 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -70,12 +70,20 @@ CREATE TABLE allocations (
 ) STRICT;
 CREATE UNIQUE INDEX allocations_handle ON allocations (handle, subnet);
 
--- Addresses given back: reused least-recently-freed first once their quarantine is over.
+-- Addresses given back: reused least-recently-freed first once their quarantine is over. The
+-- quarantined and the most recently freed after them (4096 per range) have a row each; the
+-- rest, less recently freed than all of these, are folded into freed_spans ([start, last],
+-- freed once and free), which are reused first, lowest first.
 CREATE TABLE freed (
     address  TEXT PRIMARY KEY,
     universe TEXT NOT NULL REFERENCES universes (cidr),
     freed_at REAL NOT NULL
-) STRICT;
+) STRICT, WITHOUT ROWID;
+CREATE TABLE freed_spans (
+    start    TEXT PRIMARY KEY,
+    last     TEXT NOT NULL,
+    universe TEXT NOT NULL REFERENCES universes (cidr)
+) STRICT, WITHOUT ROWID;
 
 -- Addresses not handed out while they have a holder: gateways that requests named (CNI). A
 -- holder is "handle H" (a handle here that named it), "peer P" (this host owns the address and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +17,14 @@ import apsw
 
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
-from .core.messages import (ClockWrite, ForgetFreed, FreeAddress, PeerSeen, PutAllocation,
-                            Removal, Reserve, RingWrite, Row, SeedIds, Standing, Unreserve, Vote)
+from .core.messages import (ClockWrite, DropFreedSpan, ForgetFreed, FreeAddress, FreedSpan,
+                            PeerSeen, PutAllocation, Removal, Reserve, RingWrite, Row, SeedIds,
+                            Standing, Unreserve, Vote)
 from .core.peer import Peer
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -58,6 +60,25 @@ MIGRATIONS: dict[int, str] = {
     INSERT INTO reserved_3 SELECT address, 'kept', universe, note FROM reserved;
     DROP TABLE reserved;
     ALTER TABLE reserved_3 RENAME TO reserved;
+    """,
+    # 4: freed addresses cost what the live state needs, not what history left: the most
+    # recently freed stay one row each (now without a rowid: one b-tree, not two), the rest
+    # fold into spans (allocator.py, freelist.py). The rows a version-3 database has are all
+    # kept, in their order; the first address freed afterwards folds the excess.
+    3: """
+    CREATE TABLE freed_4 (
+        address  TEXT PRIMARY KEY,
+        universe TEXT NOT NULL REFERENCES universes (cidr),
+        freed_at REAL NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO freed_4 SELECT address, universe, freed_at FROM freed;
+    DROP TABLE freed;
+    ALTER TABLE freed_4 RENAME TO freed;
+    CREATE TABLE freed_spans (
+        start    TEXT PRIMARY KEY,
+        last     TEXT NOT NULL,
+        universe TEXT NOT NULL REFERENCES universes (cidr)
+    ) STRICT, WITHOUT ROWID;
     """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
@@ -252,9 +273,8 @@ class Store:
         for row in conn.execute("SELECT address, universe, subnet, handle, anchor, allocated_at "
                                 "FROM allocations"):
             d.allocations[row[0]] = PutAllocation(*row)
-        for address, universe, freed_at in conn.execute(
-                "SELECT address, universe, freed_at FROM freed"):
-            d.freed[address] = FreeAddress(address, universe, freed_at)
+        for start, last, universe in conn.execute("SELECT start, last, universe FROM freed_spans"):
+            d.freed_spans[start] = FreedSpan(universe, start, last)
         for address, holder, universe, note in conn.execute(
                 "SELECT address, holder, universe, note FROM reserved"):
             d.reserved[(address, holder)] = Reserve(address, holder, universe, note)
@@ -271,7 +291,14 @@ class Store:
             d.vote = Vote(tuple(promised) if promised else None,
                           (tuple(accepted[0]), tuple(accepted[1])) if accepted else None,
                           tuple(decided) if decided else None)
-        return d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
+        peer = d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
+        # The freed rows (a quarantine's worth: tens of thousands at a high rate) go straight
+        # in, in the order Durable.load would give them, not through a row object each.
+        a, by_text = peer.allocator, {str(u): u for u in loaded.universes}
+        for address, universe, freed_at in conn.execute(
+                "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
+            a.load_freed(by_text[universe], _address_value(address), freed_at)
+        return peer
 
     def candidates(self, now: float) -> dict[str, float]:
         """Peers that are only candidates (addresses others told us of, never heard from by
@@ -360,6 +387,11 @@ class Store:
                                  (r.address, r.holder))
                 elif isinstance(r, ForgetFreed):
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
+                elif isinstance(r, FreedSpan):
+                    conn.execute("INSERT OR REPLACE INTO freed_spans VALUES (?, ?, ?)",
+                                 (r.start, r.last, r.universe))
+                elif isinstance(r, DropFreedSpan):
+                    conn.execute("DELETE FROM freed_spans WHERE start = ?", (r.start,))
                 elif isinstance(r, RingWrite):
                     conn.execute("INSERT OR REPLACE INTO ring VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  (r.universe, r.start, r.last, r.owner, r.version, r.free_hint,
@@ -442,3 +474,10 @@ def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: di
     elif mode == "quorum":
         boot["quorum"] = int(meta["quorum"])
     return Durable(peer_id, cluster, list(universes), tuple(static), mode=mode, **boot)
+
+
+def _address_value(text: str) -> int:
+    """An address as the store writes it (canonical text) as its number: several times faster
+    than ipaddress, which matters for the tens of thousands of quarantine rows read at start."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    return int.from_bytes(socket.inet_pton(family, text), "big")

@@ -2,9 +2,9 @@
 
 The model enumerates addresses one by one; the allocator uses interval sets and ordered maps. A
 restart closes the SQLite store and rebuilds the allocator from it, so persistence is checked too.
+The allocator remembers only KEEP freed addresses past quarantine one by one (2 here, so the fold
+happens all the time): the model says exactly which address each allocate takes, fold included.
 """
-import itertools
-import math
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -19,6 +19,7 @@ DEFAULT = cidr("10.0.0.0/27")  # wider than its range: 10.0.0.16-30 are for stat
 SUBNETS = [None, cidr("10.0.0.0/29"), cidr("fd00::/125")]
 GATEWAY = parse_addr("10.0.0.9")
 DELAY = 30.0
+KEEP = 2  # freed addresses past quarantine remembered one by one, per universe
 HANDLES = [f"h{i}" for i in range(5)]
 CLAIMABLE = [format_addr(4, 0x0A000000 + i) for i in (0, 1, 2, 9, 14, 15, 16, 20, 31, 40)] + \
             [format_addr(6, (0xFD00 << 112) + i) for i in (0, 1, 5, 7)]
@@ -42,47 +43,85 @@ class Model:
 
     def __init__(self):
         self.held: dict[tuple[int, int], tuple[str, object]] = {}  # addr -> (handle, subnet)
+        # Freed addresses remembered one by one, in order of freeing, and when; the folded
+        # ones: freed before all of those, order forgotten.
+        self.order: list[tuple[int, int]] = []
         self.freed: dict[tuple[int, int], float] = {}
+        self.folded: set[tuple[int, int]] = set()
         self.holders: dict[tuple[int, int], set[str]] = {}  # gateway -> handles naming it
 
     @property
     def reserved(self):
         return {GATEWAY} | set(self.holders)
 
+    def free(self, a, now):
+        """a is freed: remembered last; then the least recently freed past quarantine fold
+        until KEEP of them are left in its universe."""
+        self.order.append(a)
+        self.freed[a] = now
+        cool = [x for x in self.order if x[0] == a[0] and self.freed[x] + DELAY <= now]
+        for x in cool[:max(0, len(cool) - KEEP)]:
+            self.order.remove(x)
+            del self.freed[x]
+            self.folded.add(x)
+
+    def take(self, a):
+        """a is used again; returns what puts it back where it was."""
+        if a in self.folded:
+            self.folded.discard(a)
+            return lambda: self.folded.add(a)
+        if a in self.freed:
+            i, t = self.order.index(a), self.freed.pop(a)
+            self.order.remove(a)
+
+            def undo():
+                self.order.insert(i, a)
+                self.freed[a] = t
+            return undo
+        return lambda: None
+
+    def restarted(self):
+        """The store loads what it remembers one by one in order of (freed_at, address text)."""
+        self.order.sort(key=lambda a: (self.freed[a], format_addr(*a)))
+
     def settle(self, handle, now):
         """A handle keeps the gateways it named while it holds an address of their family."""
         families = {a[0] for a, (h, _) in self.held.items() if h == handle}
-        for gw, hs in list(self.holders.items()):
+        for gw, hs in sorted(self.holders.items()):
             if handle in hs and gw[0] not in families:
                 hs.discard(handle)
                 if not hs:
                     del self.holders[gw]
-                    self.freed[gw] = now  # back through quarantine
+                    self.free(gw, now)  # back through quarantine
 
     def handle_subnet(self, handle, subnet):
         return next((a for a, (h, s) in self.held.items() if h == handle and s == subnet), None)
 
-    def candidates(self, subnet, now, rng=None):
-        """Addresses allocate may pick, best first as groups of equally good ones."""
-        fresh, reusable = [], {}
+    def candidate(self, subnet, now, rng=None):
+        """The address allocate must pick: never used (lowest), else folded (lowest), else
+        the least recently freed of the rest past quarantine; None if there is none."""
         for u in UNIVERSES:
             if not u.overlaps(subnet):
                 continue
+            fresh, folded, ok = [], [], set()
             for v in range(max(subnet.start, u.start), min(subnet.start + subnet.size, u.end)):
                 a = (u.family, v)
                 if rng is not None and not rng[0] <= v <= rng[1]:
                     continue
                 if a in self.held or a in self.reserved or reserved(subnet, v):
                     continue
-                if a not in self.freed:
+                if a in self.folded:
+                    folded.append(a)
+                elif a not in self.freed:
                     fresh.append(a)
                 elif self.freed[a] + DELAY <= now:
-                    reusable.setdefault(self.freed[a], []).append(a)
-        if fresh:
-            return [min(fresh)]
-        if reusable:
-            return reusable[min(reusable)]  # ties in freed time: any of them
-        return []
+                    ok.add(a)
+            if fresh or folded:
+                return min(fresh or folded)
+            for a in self.order:
+                if a in ok:
+                    return a
+        return None
 
     def claim_outcome(self, handle, a):
         universe = next((u for u in UNIVERSES if a in u), None)
@@ -115,6 +154,8 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def _load(self):
         self.alloc = self.store.load_peer(self.loaded, DEFAULT, DELAY, frozenset([GATEWAY])).allocator
+        for freed in self.alloc.freed.values():
+            freed.keep = KEEP
 
     def _apply(self, req):
         reply, rows = self.alloc.apply(req, self.now)
@@ -155,28 +196,24 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert reply["error"]["code"] == "in_use", reply
                 return
             # Held by this handle if the allocation succeeds; a failed one reserves nothing.
-            tentative = (gw, self.model.freed.pop(gw, None), set(self.model.holders.get(gw, ())))
+            tentative = (gw, self.model.take(gw), set(self.model.holders.get(gw, ())))
             self.model.holders.setdefault(gw, set()).add(handle)
-        best = self.model.candidates(s, self.now, rng)
-        if not best:
+        best = self.model.candidate(s, self.now, rng)
+        if best is None:
             assert not reply["ok"] and reply["error"]["code"] == "exhausted", reply
             if tentative is not None:
-                gw, freed_at, had = tentative
+                gw, undo, had = tentative
                 if had:
                     self.model.holders[gw] = had
                 else:
                     del self.model.holders[gw]
-                if freed_at is not None:
-                    self.model.freed = dict(sorted({**self.model.freed, gw: freed_at}
-                                                   .items(), key=lambda kv: kv[1]))
+                undo()
             self.model.settle(handle, self.now)
             return
         assert reply["ok"], reply
-        got = parse_addr(reply["address"].split("/")[0])
-        assert got in best, (got, best)
-        assert reply["address"].endswith(f"/{s.prefix}")
-        self.model.held[got] = (handle, s)
-        self.model.freed.pop(got, None)
+        assert reply["address"] == s.with_prefix(best[1]), (reply, best)
+        self.model.held[best] = (handle, s)
+        self.model.take(best)
 
     @rule(handle=st.sampled_from(HANDLES), address=st.sampled_from(CLAIMABLE))
     def claim(self, handle, address):
@@ -185,8 +222,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         outcome, subnet = self.model.claim_outcome(handle, a)
         if outcome in ("ok", "same"):
             assert reply["ok"] and reply["address"] == subnet.with_prefix(a[1]), reply
-            self.model.held[a] = (handle, subnet)
-            self.model.freed.pop(a, None)
+            if outcome == "ok":
+                self.model.held[a] = (handle, subnet)
+                self.model.take(a)
         else:
             assert not reply["ok"] and reply["error"]["code"] == outcome, (outcome, reply)
 
@@ -195,13 +233,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         key = only and parse_addr(only)
         reply = self._apply(Release(handle, key))
         assert reply["ok"]
-        mine = [a for a, (h, _) in self.model.held.items() if h == handle
-                and (key is None or a == key)]
-        assert len(reply["released"]) == len(mine)
-        for a in mine:
+        mine = {a for a, (h, _) in self.model.held.items() if h == handle
+                and (key is None or a == key)}
+        # Freed in the order the reply names them (a handle's addresses have no other order).
+        said = [parse_addr(x.split("/")[0]) for x in reply["released"]]
+        assert len(said) == len(mine) and set(said) == mine
+        for a in said:
             del self.model.held[a]
             if any(a in u for u in UNIVERSES):
-                self.model.freed[a] = self.now
+                self.model.free(a, self.now)
         self.model.settle(handle, self.now)
 
     @rule()
@@ -210,6 +250,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.store = Store(self.path)
         self.loaded = self.store.open(None, "test")
         self._load()
+        self.model.restarted()
 
     @invariant()
     def agrees_with_model(self):
@@ -245,6 +286,16 @@ class AllocatorMachine(RuleBasedStateMachine):
             {a: h for a, (h, _) in self.model.held.items()}
         freed = {parse_addr(a) for (a,) in self.store.conn.execute("SELECT address FROM freed")}
         assert freed == set(self.model.freed)
+        # The folded addresses, stored as maximal spans: one row per run.
+        spans = sorted((parse_addr(lo), parse_addr(hi)) for lo, hi in self.store.conn.execute(
+            "SELECT start, last FROM freed_spans"))
+        runs = []
+        for a in sorted(self.model.folded):
+            if runs and runs[-1][1] == (a[0], a[1] - 1):
+                runs[-1] = (runs[-1][0], a)
+            else:
+                runs.append((a, a))
+        assert spans == runs
         reserved = {}
         for a, holder in self.store.conn.execute("SELECT address, holder FROM reserved"):
             reserved.setdefault(parse_addr(a), set()).add(holder)

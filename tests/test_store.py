@@ -37,9 +37,19 @@ def make_db(path, allocations=0):
     return loaded
 
 
+def as_version_3(c):
+    """The tables version 4 changed, as version 3 had them: freed with a rowid, no spans."""
+    c.execute("DROP TABLE freed_spans; "
+              "CREATE TABLE f3 (address TEXT PRIMARY KEY, universe TEXT NOT NULL REFERENCES "
+              "universes (cidr), freed_at REAL NOT NULL) STRICT; "
+              "INSERT INTO f3 SELECT * FROM freed; DROP TABLE freed; "
+              "ALTER TABLE f3 RENAME TO freed; PRAGMA user_version = 3")
+
+
 def as_version_2(c):
     """The tables version 3 changed, as version 2 had them (universes without a kind, one
     reservation per address, for good)."""
+    as_version_3(c)
     c.execute("CREATE TABLE u2 (cidr TEXT PRIMARY KEY, family INTEGER NOT NULL) STRICT; "
               "INSERT INTO u2 SELECT cidr, family FROM universes; DROP TABLE universes; "
               "ALTER TABLE u2 RENAME TO universes; "

@@ -3,20 +3,22 @@
 Pure: fed a request and the time, returns (reply, rows). The shell commits the rows before it
 sends the reply. Order of reuse: never-used addresses first, lowest first (they are the least
 recently freed of all), then freed addresses once their quarantine is over, least recently freed
-first.
+first: those folded into spans (freelist.py) before the ones still remembered one by one, and
+among the folded, lowest first.
 """
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from .addr import Cidr, format_addr
 from .donation import choose_block
+from .freelist import FreeList
 from .intervals import IntervalSet
-from .messages import (Allocate, Claim, ForgetFreed, FreeAddress, Holder, List, Lookup,
-                       PutAllocation,
+from .messages import (Allocate, Claim, DropFreedSpan, ForgetFreed, FreeAddress, FreedSpan,
+                       Holder, List, Lookup, PutAllocation,
                        Release, ReleaseIf, ReleaseUnlisted, Reserve, ReserveGateway, Row, Status,
                        TakeSets, Unreserve, error, ok)
 from .ring import Ring
@@ -83,10 +85,10 @@ class Allocator:
         # every allocation: held addresses per universe, sorted; how many per subnet.
         self.held_sorted: dict[Cidr, list[int]] = {u: [] for u in self.rings}
         self.in_use: Counter = Counter()  # (universe or None, subnet) -> addresses held
-        # Per universe: every address ever used (allocated or freed), and the freed ones in the
-        # order they were freed.
+        # Per universe: every address ever used (allocated or freed), and the freed ones in
+        # reuse order, in space bounded by the live state rather than by history (freelist.py).
         self.used: dict[Cidr, IntervalSet] = {u: IntervalSet() for u in self.rings}
-        self.freed: dict[Cidr, OrderedDict[int, float]] = {u: OrderedDict() for u in self.rings}
+        self.freed: dict[Cidr, FreeList] = {u: FreeList(reuse_delay) for u in self.rings}
         self._owned = {u: r.owned_by(me) for u, r in self.rings.items()}
         # Never handed out: --gateway addresses and gateways that requests named, each with
         # its holders (see KEPT); reserved while it has any. Those inside a universe also count
@@ -105,6 +107,17 @@ class Allocator:
         # owner in the ring then, so nothing could stop two hosts claiming one: refuse them.
         self.clustered: Callable[[], bool] = lambda: False
 
+    @property
+    def reuse_delay(self) -> float:
+        return self._reuse_delay
+
+    @reuse_delay.setter
+    def reuse_delay(self, seconds: float) -> None:
+        # The free lists measure quarantine too (tests change it on a live allocator).
+        self._reuse_delay = seconds
+        for fl in getattr(self, "freed", {}).values():
+            fl.reuse_delay = seconds
+
     # -- loading (restart) ---------------------------------------------------------------------
 
     def load_allocation(self, held: Held) -> None:
@@ -119,23 +132,42 @@ class Allocator:
         u = self.universe_of(key)
         if u is not None:
             self.used[u].add(key[1])
-            self.freed[u].pop(key[1], None)
+            if self.freed[u].get(key[1]) is not None:
+                # Rows say both (a database from before reservations took addresses out of
+                # the freed list). A folded one stays as stored: allocate skips reserved ones.
+                self.freed[u].take(key[1], {})
 
-    def _mark_used(self, u: Cidr, address: int):
-        """Mark address used and not freed; return what undoes that."""
+    def _mark_used(self, u: Cidr, address: int, rows: list[Row]):
+        """Mark address used and not freed (its span rows into rows); return what undoes that
+        in memory."""
         was_used = address in self.used[u]
-        freed_at = self.freed[u].pop(address, None)
+        changes: dict = {}
+        undo_freed = self.freed[u].take(address, changes)
+        rows += self._span_rows(u, changes)
         self.used[u].add(address)
 
         def undo():
             if not was_used:
                 self.used[u].discard(address)
-            if freed_at is not None:
-                # Back in its place: the freed list is ordered by time of freeing.
-                items = list(self.freed[u].items()) + [(address, freed_at)]
-                items.sort(key=lambda kv: kv[1])
-                self.freed[u] = OrderedDict(items)
+            if undo_freed is not None:
+                undo_freed()
         return undo
+
+    def _span_rows(self, u: Cidr, changes: dict) -> list[Row]:
+        return [DropFreedSpan(format_addr(u.family, lo)) if hi is None else
+                FreedSpan(str(u), format_addr(u.family, lo), format_addr(u.family, hi - 1))
+                for lo, hi in sorted(changes.items())]
+
+    def _free(self, u: Cidr, address: int, text: str, now: float, rows: list[Row]) -> None:
+        """address is free again, through quarantine; the least recently freed beyond what is
+        remembered one by one fold into spans."""
+        fl = self.freed[u]
+        fl.free(address, now)
+        rows.append(FreeAddress(text, str(u), now))
+        fl.expire(now)
+        changes: dict = {}
+        rows += [ForgetFreed(format_addr(u.family, a)) for a in fl.fold(changes)]
+        rows += self._span_rows(u, changes)
 
     def universe_of(self, key: tuple[int, int]) -> Cidr | None:
         return next((u for u in self.rings if key in u), None)
@@ -143,7 +175,13 @@ class Allocator:
     def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
         """Call in order of freed_at."""
         self.used[universe].add(address)
-        self.freed[universe][address] = freed_at
+        if (universe.family, address) not in self.reserved:  # a --gateway freed before
+            self.freed[universe].free(address, freed_at)
+
+    def load_freed_span(self, universe: Cidr, lo: int, hi: int) -> None:
+        """[lo, hi) freed once and free, less recently than every address load_freed gives."""
+        self.used[universe].add_range(lo, hi)
+        self.freed[universe].add_folded(lo, hi)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -263,7 +301,7 @@ class Allocator:
         if handle is not None:
             self.reserved_by.setdefault(handle, set()).add(key)
             self.unsettled.add(handle)
-        undo_used = self._mark_used(u, key[1])
+        undo_used = self._mark_used(u, key[1], rows)
         rows.append(Reserve(_fmt(key), holder, str(u), note))
 
         def undo():
@@ -408,9 +446,7 @@ class Allocator:
         if self.rings[u].owner_of(key[1]) == self.me:
             # Free again, through quarantine like any address given back: a bridge may still
             # carry it for a moment, and a holder asking again meanwhile finds it unused.
-            self.freed[u][key[1]] = now
-            self.freed[u].move_to_end(key[1])
-            rows.append(FreeAddress(_fmt(key), str(u), now))
+            self._free(u, key[1], _fmt(key), now, rows)
         elif holder != RELEASING:
             # Reserved for us by its owner: the owner is to be told, until it answers.
             self._add_holder(key, u, RELEASING, "gateway, owner to be told", rows)
@@ -536,10 +572,9 @@ class Allocator:
         for h in held.values():
             self._unhold(h)
             if h.universe is not None:
-                self.freed[h.universe][h.address] = now
-                self.freed[h.universe].move_to_end(h.address)
-            rows.append(FreeAddress(h.text,
-                                    str(h.universe) if h.universe else None, now))
+                self._free(h.universe, h.address, h.text, now, rows)
+            else:
+                rows.append(FreeAddress(h.text, None, now))
         return ok(handle=req.handle,
                   released=[f"{h.text}/{h.subnet.prefix}" for h in held.values()]), rows
 
@@ -550,11 +585,15 @@ class Allocator:
         self._owned[universe] = self.rings[universe].owned_by(self.me)
         rows: list[Row] = []
         ring = self.rings[universe]
-        for address in [a for a in self.freed[universe] if ring.owner_of(a) != self.me]:
-            del self.freed[universe][address]
+        changes: dict = {}
+        gone, ranges = self.freed[universe].forget_outside(
+            lambda a: ring.owner_of(a) == self.me, self._owned[universe], changes)
+        for address in gone:
             self.used[universe].discard(address)
             rows.append(ForgetFreed(format_addr(universe.family, address)))
-        return rows
+        for lo, hi in ranges:
+            self.used[universe].discard_range(lo, hi)
+        return rows + self._span_rows(universe, changes)
 
     def owned(self, universe: Cidr) -> list[tuple[int, int]]:
         """What this host owns in universe, as the last ring_changed saw it."""
@@ -567,14 +606,17 @@ class Allocator:
         return self.free_counts(universe, [(lo, hi)], now)[0]
 
     def free_counts(self, universe: Cidr, spans: list[tuple[int, int]], now: float) -> list[int]:
-        """free_count of each [lo, hi) in spans: the quarantine tail and the reservations
-        are read once for all of them (a metrics scrape asks for every subnet in use)."""
+        """free_count of each [lo, hi) in spans: held and quarantined addresses are counted
+        by bisect in sorted lists, the reservations (few) read once for all of them (a
+        metrics scrape asks for every subnet in use)."""
         hs = self.held_sorted[universe]
+        fl = self.freed[universe]
+        fl.expire(now)
         ring = self.rings[universe]
         first, end = min(lo for lo, _ in spans), max(hi for _, hi in spans)
-        other = {a for a, _ in self.quarantined(universe, now) if first <= a < end}
-        other |= {a for f, a in self.reserved if f == universe.family and first <= a < end}
-        other = sorted(a for a in other if ring.owner_of(a) == self.me)
+        # Never quarantined too: taking a reservation takes it out of the freed list.
+        other = sorted(a for f, a in self.reserved if f == universe.family and first <= a < end
+                       and ring.owner_of(a) == self.me)
         out = []
         for lo, hi in spans:
             n = held = 0
@@ -582,25 +624,21 @@ class Allocator:
                 a, b = max(olo, lo), min(ohi, hi)
                 if a < b:
                     n += b - a
-                    held += bisect_left(hs, b) - bisect_left(hs, a)
+                    held += bisect_left(hs, b) - bisect_left(hs, a) + fl.quarantined_in(a, b)
             out.append(n - held - (bisect_left(other, hi) - bisect_left(other, lo)))
         return out
 
     def quarantined(self, universe: Cidr, now: float):
-        """(address, freed_at) of those freed less than reuse_delay ago, most recent first:
-        the freed list is in order of freeing, so only its tail is read."""
-        for address, t in reversed(self.freed[universe].items()):
-            if t + self.reuse_delay <= now:
-                return
-            yield address, t
+        """(address, freed_at) of those freed less than reuse_delay ago, most recent first."""
+        return self.freed[universe].quarantined(now)
 
     def _blocked(self, universe: Cidr, lo: int, hi: int, now: float) -> list[int]:
         """Owned addresses in [lo, hi) that are not free: held, quarantined or reserved."""
         fam = universe.family
         out = [h.address for h in self.by_addr.values() if h.universe == universe
                and lo <= h.address < hi]
-        out += [a for a, t in self.freed[universe].items()
-                if lo <= a < hi and t + self.reuse_delay > now]
+        self.freed[universe].expire(now)
+        out += self.freed[universe].quarantined_between(lo, hi)
         out += [a for f, a in self.reserved if f == fam and lo <= a < hi]
         ring = self.rings[universe]
         return sorted(a for a in set(out) if ring.owner_of(a) == self.me)
@@ -670,17 +708,14 @@ class Allocator:
         return None
 
     def _reusable(self, u: Cidr, bounds: tuple[int, int], now: float) -> int | None:
-        lo, hi = bounds
         ring = self.rings[u]
-        for address, freed_at in self.freed[u].items():
-            if freed_at + self.reuse_delay > now:
-                return None  # the rest were freed later still
-            if lo <= address < hi and ring.owner_of(address) == self.me:
-                return address
-        return None
+        return self.freed[u].pick(*bounds, now, lambda a: ring.owner_of(a) == self.me and
+                                  (u.family, a) not in self.reserved)
 
     def _take(self, held: Held) -> tuple[dict, list[Row]]:
-        undo_used = self._mark_used(held.universe, held.address) if held.universe else None
+        rows: list[Row] = []
+        undo_used = self._mark_used(held.universe, held.address, rows) if held.universe \
+            else None
         self._hold(held)
         if self._journal is not None:
             def undo():
@@ -692,10 +727,10 @@ class Allocator:
                 if undo_used is not None:
                     undo_used()
             self._journal.append(undo)
-        row = PutAllocation(held.text,
-                            str(held.universe) if held.universe else None, str(held.subnet),
-                            held.handle, held.anchor, held.allocated_at)
-        return ok(**held.view()), [row]
+        rows.append(PutAllocation(held.text,
+                                  str(held.universe) if held.universe else None,
+                                  str(held.subnet), held.handle, held.anchor, held.allocated_at))
+        return ok(**held.view()), rows
 
     def _hold(self, held: Held) -> None:
         key = (held.family, held.address)
@@ -726,7 +761,7 @@ class Allocator:
             lo, hi = u.host_bounds()
             owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[u])
             allocated = len(self.held_sorted[u])
-            quarantined = sum(1 for _ in self.quarantined(u, now))
+            quarantined = self.freed[u].quarantined_count(now)
             universes.append({"range": str(u), "static": u in self.static,
                               "owned": owned, "allocated": allocated,
                               # allocatable now: not held, quarantined or reserved

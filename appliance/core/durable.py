@@ -37,6 +37,7 @@ class Durable:
     clock: m.ClockWrite = m.ClockWrite(0, ())
     allocations: dict[str, m.PutAllocation] = field(default_factory=dict)
     freed: dict[str, m.FreeAddress] = field(default_factory=dict)
+    freed_spans: dict[str, m.FreedSpan] = field(default_factory=dict)
     reserved: dict[tuple[str, str], m.Reserve] = field(default_factory=dict)
     removals: dict[str, m.Removal] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
@@ -86,6 +87,10 @@ class Durable:
                 self.reserved.pop((r.address, r.holder), None)
             elif isinstance(r, m.ForgetFreed):
                 self.freed.pop(r.address, None)
+            elif isinstance(r, m.FreedSpan):
+                self.freed_spans[r.start] = r
+            elif isinstance(r, m.DropFreedSpan):
+                self.freed_spans.pop(r.start, None)
             elif isinstance(r, m.RingWrite):
                 self.ring[(r.universe, r.start)] = r
             elif isinstance(r, m.ClockWrite):
@@ -126,6 +131,9 @@ class Durable:
                                    r.anchor, r.allocated_at, r.address))
         for r in sorted(self.freed.values(), key=lambda f: (f.freed_at, f.address)):
             a.load_freed(by_text[r.universe], parse_addr(r.address)[1], r.freed_at)
+        for r in self.freed_spans.values():
+            a.load_freed_span(by_text[r.universe], parse_addr(r.start)[1],
+                              parse_addr(r.last)[1] + 1)
         for r in self.reserved.values():
             a.load_reserved(parse_addr(r.address), r.holder)
         return peer

@@ -68,3 +68,74 @@ class IntervalSet:
         # After jumping past the interval holding lo, x is either free or starts the next interval
         # only if intervals touched, which add() prevents by merging.
         return x if x < hi else None
+
+    def first_in(self, lo: int, hi: int) -> int | None:
+        """Lowest integer in [lo, hi) that is in the set, or None."""
+        i = bisect_right(self._lo, lo) - 1
+        if i >= 0 and lo < self._hi[i]:
+            return lo
+        i += 1
+        return self._lo[i] if i < len(self._lo) and self._lo[i] < hi else None
+
+    def overlapping(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The intervals that share an integer with [lo, hi)."""
+        i = max(bisect_right(self._lo, lo) - 1, 0)
+        out = []
+        while i < len(self._lo) and self._lo[i] < hi:
+            if self._hi[i] > lo:
+                out.append((self._lo[i], self._hi[i]))
+            i += 1
+        return out
+
+    def add_range(self, lo: int, hi: int) -> None:
+        """Add [lo, hi), merging with what it overlaps or touches."""
+        if lo >= hi:
+            return
+        i = bisect_right(self._lo, lo) - 1
+        if i >= 0 and self._hi[i] >= lo:
+            lo = self._lo[i]
+        else:
+            i += 1
+        j = i
+        while j < len(self._lo) and self._lo[j] <= hi:
+            hi = max(hi, self._hi[j])
+            j += 1
+        self._lo[i:j] = [lo]
+        self._hi[i:j] = [hi]
+
+    def discard_range(self, lo: int, hi: int) -> None:
+        """Remove [lo, hi)."""
+        if lo >= hi:
+            return
+        i = max(bisect_right(self._lo, lo) - 1, 0)
+        j = i
+        keep_lo, keep_hi = [], []
+        while j < len(self._lo) and self._lo[j] < hi:
+            a, b = self._lo[j], self._hi[j]
+            if b <= lo:
+                keep_lo.append(a)
+                keep_hi.append(b)
+            else:
+                if a < lo:
+                    keep_lo.append(a)
+                    keep_hi.append(lo)
+                if b > hi:
+                    keep_lo.append(hi)
+                    keep_hi.append(b)
+            j += 1
+        self._lo[i:j] = keep_lo
+        self._hi[i:j] = keep_hi
+
+    def keep_within(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Keep only what lies in the sorted, disjoint spans; return the ranges removed."""
+        if not self._lo:
+            return []
+        removed = []
+        edge = self._lo[0]  # the start of the gap before the next span
+        for lo, hi in [*spans, (self._hi[-1], self._hi[-1])]:
+            if edge < lo:
+                removed += [(max(a, edge), min(b, lo)) for a, b in self.overlapping(edge, lo)]
+            edge = max(edge, hi)
+        for a, b in removed:
+            self.discard_range(a, b)
+        return removed

@@ -158,8 +158,24 @@ class Unreserve:
 
 @dataclass(frozen=True)
 class ForgetFreed:
-    """A freed address that left with donated space: no longer ours to remember."""
+    """A freed address no longer remembered one by one: it left with donated space, or was
+    folded into a FreedSpan."""
     address: str
+
+
+@dataclass(frozen=True)
+class FreedSpan:
+    """[start, last] were freed once and are free: less recently freed than every address
+    remembered one by one (allocator.py, freelist.py). Replaces the span starting at start."""
+    universe: str
+    start: str
+    last: str
+
+
+@dataclass(frozen=True)
+class DropFreedSpan:
+    """The span of freed addresses starting at start is gone (taken from, merged, forgotten)."""
+    start: str
 
 
 @dataclass(frozen=True)
@@ -220,8 +236,8 @@ class SeedIds:
     ids: tuple[str, ...]
 
 
-Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | RingWrite | ClockWrite
-       | Removal | PeerSeen | Standing | Vote | SeedIds)
+Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | FreedSpan | DropFreedSpan
+       | RingWrite | ClockWrite | Removal | PeerSeen | Standing | Vote | SeedIds)
 
 
 def ring_rows(u: Cidr, entries) -> list[RingWrite]:
