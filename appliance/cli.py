@@ -99,11 +99,14 @@ def _delay_arg(text: str) -> float:
     return v
 
 
-def _interval_arg(text: str) -> float:
-    v = _delay_arg(text)
-    if v < 0.05:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short; at least 0.05 seconds")
-    return v
+def _at_least(minimum: float, words: str):
+    """Seconds (as _delay_arg takes them), refused below minimum."""
+    def parse(text: str) -> float:
+        v = _delay_arg(text)
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is too short; at least {words}")
+        return v
+    return parse
 
 
 def _nickname_arg(text: str) -> str:
@@ -112,13 +115,6 @@ def _nickname_arg(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return text
-
-
-def _ttl_arg(text: str) -> float:
-    v = _delay_arg(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short; at least 1 second")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     default=None, metavar="SOCKET",
                     help=f"also serve Docker's remote IPAM driver API (default socket: "
                          f"{DOCKER_SOCKET})")
-    la.add_argument("--sweep-interval", type=_interval_arg, default=30.0, metavar="SECONDS",
+    la.add_argument("--sweep-interval", type=_at_least(0.05, "0.05 seconds"), default=30.0,
+                    metavar="SECONDS",
                     help="how often to release addresses whose container (netns or pid "
                          "anchor) is gone; released within two intervals (default: 30)")
     la.add_argument("--log-level", default="warning",
@@ -178,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--metrics", type=_hostport_arg, metavar="HOST:PORT",
                     help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any "
                          "free port, printed on the ready line)")
-    la.add_argument("--candidate-ttl", type=_ttl_arg, default=3600.0, metavar="SECONDS",
+    la.add_argument("--candidate-ttl", type=_at_least(1, "1 second"), default=3600.0,
+                    metavar="SECONDS",
                     help="forget a peer address learned from another peer once it has gone "
                          "this long without answering with the secret, unless it is a member "
                          "(default: 3600)")

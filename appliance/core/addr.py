@@ -149,6 +149,18 @@ def parse_cidr(text: object) -> tuple[Cidr, bool]:
     return block, normalised
 
 
+def exact_cidr(text: object, what: str) -> Cidr:
+    """A CIDR block from a machine (a request, a peer): host bits set are refused, not dropped,
+    since a program that sends them has a bug worth naming. Errors start with `what`."""
+    try:
+        block, normalised = parse_cidr(text)
+    except AddrError as e:
+        raise AddrError(f"{what}: {e}") from None
+    if normalised:
+        raise AddrError(f"{what} {text!r} has host bits set; did you mean {block}?")
+    return block
+
+
 def cidr(text: str) -> Cidr:
     """Strict-enough parse for trusted text (tests, the database)."""
     return parse_cidr(text)[0]

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from ..core import messages as m
-from ..core.addr import AddrError, parse_addr, parse_cidr
+from ..core.addr import AddrError, exact_cidr, parse_addr
 
 VERSION = 1
 MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
@@ -71,12 +71,9 @@ def _subnet(obj: dict):
     if text is None:
         return None
     try:
-        block, normalised = parse_cidr(text)
+        return exact_cidr(text, "subnet")
     except AddrError as e:
-        raise _bad(f"subnet: {e}") from None
-    if normalised:
-        raise _bad(f"subnet {text!r} has host bits set; did you mean {block}?")
-    return block
+        raise _bad(str(e)) from None
 
 
 def _anchor(obj: dict) -> str | None:

@@ -12,7 +12,7 @@ import dataclasses
 import msgpack
 
 from ..core import peer_messages as wire
-from ..core.addr import AddrError, Cidr, parse_cidr
+from ..core.addr import AddrError, Cidr, exact_cidr
 from ..core.gossip import Delta
 from ..core.ring import Entry
 
@@ -95,12 +95,9 @@ def _list(v, what: str, n: int | None = None) -> list:
 
 def _cidr(v) -> Cidr:
     try:
-        block, normalised = parse_cidr(v)
+        return exact_cidr(v, "universe")
     except AddrError as e:
-        raise CodecError(f"universe: {e}") from None
-    if normalised:
-        raise CodecError(f"universe {v!r} has host bits set")
-    return block
+        raise CodecError(str(e)) from None
 
 
 def _vector(v, what: str) -> tuple[tuple[str, int], ...]:
