@@ -25,6 +25,9 @@ def show(r: dict) -> None:
         print(f"{name:>5} per daemon: CPU {x['cpu_pct_mean']:.1f}% of a core (max "
               f"{x['cpu_pct_max']:.1f}%), peer bytes sent {x['peer_bytes_per_s_mean']:.0f}/s "
               f"(max {x['peer_bytes_per_s_max']:.0f}/s)")
+    print(f"the client (one trio process driving every socket) used "
+          f"{r['churn']['client_cpu_pct']:.0f}% of a core during the churn; "
+          f"{r['churn']['late_starts']} starts began over 1 s late")
     print(f"RSS per daemon: {r['rss_mb']['mean']:.1f} MB mean, {r['rss_mb']['max']:.1f} MB max")
     rm = r["rmpeer"]
     print(f"rmpeer of {rm['removed']} killed hosts: {rm['kill_to_removed_s']:.1f}s from the kill "

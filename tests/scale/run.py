@@ -225,10 +225,13 @@ def run(plan: Plan, log=print, keep: bool = False) -> dict:
                           **latency_summary(ledger.latency.get("fill", []))}
         log(f"  filled to {len(ledger.acked)} containers in {result['fill']['seconds']:.1f}s")
         d0, before = donations(hosts), sample(hosts)
+        # The client's own CPU: near 100% of a core would mean the latencies are its own.
+        c0, t = time.process_time(), time.monotonic()
         load.run_churn(loads, plan.rate, plan.seconds, plan.seed)
+        client = 100 * (time.process_time() - c0) / (time.monotonic() - t)
         after = sample(hosts)
         result["churn"] = {**usage(before, after), "needed_a_peer": donations(hosts) - d0,
-                           "late_starts": ledger.late,
+                           "late_starts": ledger.late, "client_cpu_pct": client,
                            **latency_summary(ledger.latency.get("churn", []))}
         t = time.monotonic()
         wait_until("rings to agree after the churn", lambda: converged(alive(hosts)),
