@@ -2,6 +2,7 @@
 duplicate or a lost acknowledged allocation."""
 import argparse
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.hosts < 2:
         ap.error("--hosts must be at least 2 (one is killed and removed)")
+    # A hook connection or two per host, and each daemon's stdout pipe: raise the soft limit.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     r = run(Plan(args.hosts, args.seconds, args.live, args.rate, args.replace, seed=args.seed))
     show(r)
     if args.json:

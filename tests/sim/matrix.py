@@ -39,7 +39,7 @@ from appliance.core import messages as m
 from appliance.core.addr import Cidr
 from appliance.core.durable import Durable
 
-from .simulator import REUSE_DELAY, TICK, Faults, Sim
+from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation
 
 ROUNDS_PER_S = round(1 / TICK)
 
@@ -474,9 +474,15 @@ def main() -> int:
         # A level that is the baseline's own (medium, even, static) is the same run: once.
         same = replace(c, name="", dimension="", level="")
         if same not in done:
-            done[same] = run_case(c)
+            try:
+                done[same] = run_case(c)
+            except Violation as v:  # kept as the case's result: the report shows it
+                print(f"{c.name:<30} VIOLATION {v}", flush=True)
+                done[same] = {"violation": str(v)}
         r = {**done[same], "case": asdict(c)}
         out.append(r)
+        if "violation" in r:
+            continue
         print(f"{c.name:<30} peers={r['final_peers']:>4} {r['universe']:<14} allocs="
               f"{r['allocations']:>6} refused={sum(r['refused'].values()):>4} (with space "
               f"{r['refused_with_space']:>4}) needed-peer={100 * r['needed_peer_share']:5.1f}% "
@@ -484,12 +490,18 @@ def main() -> int:
               f"{r['change_bytes']}B entries={r['ring_entries']:>5} heal={r['heal_rounds']}r "
               f"wall={r['wall_s']:.1f}s", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
+        path = Path(args.json)
+        if args.only and path.exists():  # replace just these cases in the last results
+            kept = json.loads(path.read_text())["cases"]
+            out = [next((r for r in out if r["case"]["name"] == k["case"]["name"]), k)
+                   for k in kept] + [r for r in out if r["case"]["name"] not in
+                                     {k["case"]["name"] for k in kept}]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(
             {"size": args.size, "baseline": asdict(baseline(args.size)),
              "load_before": load, "load_after": os.getloadavg(),
              "cases": out}, indent=1) + "\n")
-    return 0
+    return 1 if any("violation" in r for r in out) else 0
 
 
 if __name__ == "__main__":
