@@ -255,7 +255,8 @@ def main() -> int:
         lines += ["![by node count](scale/by_peers.png)", ""]
     for c in broken:
         lines += [f"**{c['case']['name']}: the simulator found a violation** (not in the table "
-                  f"or plots): `{c['violation']}`", ""]
+                  f"or plots): `{c['violation']}`. It replays the same: `python -m "
+                  f"tests.sim.matrix --only '{c['case']['name']}'`.", ""]
     lines += findings(cases)
     lines += sim_cost(cases, OUT / "sim_cost.png")
     for key, (title, meaning) in METRICS.items():
