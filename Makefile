@@ -8,7 +8,7 @@ ARGS   ?=
 # Debian packages the tests use; installed when missing and we are root (as in CI).
 DEBS   := sqlite3 iproute2 iputils-ping containernetworking-plugins nftables docker.io busybox-static
 
-.PHONY: setup sysdeps run test bench dist clean sim soak-sim soak fuzz
+.PHONY: setup sysdeps run test bench dist clean sim soak-sim soak fuzz scale report
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,25 @@ CYCLES ?= 100000
 .PHONY: bench-history
 bench-history: $(STAMP)
 	$(BIN)/python -m tests.bench.history_bench --cycles $(CYCLES)
+
+## N real daemons on 127.0.0.1 under the requirements' workload (containers per host, starts/s
+## and hosts replaced scale down with N; the run prints what it used): allocation p50/p95/p99,
+## join, rmpeer and ring propagation times, CPU, peer bytes and RSS per daemon; exits 1 on a
+## duplicate or lost allocation. Figures go to docs/scale/scale-run.json:
+## make scale [N=100] [SECONDS=30]
+N ?= 100
+SECONDS ?= 30
+scale: $(STAMP)
+	$(BIN)/python -m tests.scale --hosts $(N) --seconds $(SECONDS) --json docs/scale/scale-run.json
+
+## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions up to
+## 1,000 peers), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
+## last `make scale`): make report [MATRIX=quick|full] [REPLOT=1 to re-plot the last matrix]
+MATRIX ?= full
+REPLOT ?=
+report: $(STAMP)
+	$(if $(REPLOT),,$(BIN)/python -m tests.sim.matrix --size $(MATRIX) --json docs/scale/matrix.json)
+	$(BIN)/python -m tests.scale.report
 
 ## Replay one simulator seed: make sim SEED=123 [PEERS=5] [OPS=1000]
 SEED ?=

@@ -1,0 +1,124 @@
+"""Real daemons on loopback, one data dir each, joined as users join them (`--peer` one or two
+hosts already running), and what /proc and `status` say about each."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import apsw
+
+from appliance.client import Client
+from tests.daemon_proc import Daemon
+
+SECRET = "scale-test-secret-0123456789abcdef"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+METRICS_CACHE = 1.05  # seconds a metrics scrape is served again (plus a margin)
+
+
+class Host:
+    def __init__(self, root: Path, index: int, iprange: str, peers: list[Host]):
+        self.index = index
+        self.name = f"h{index:03d}"
+        directory = root / self.name
+        directory.mkdir()
+        secret = root / "secret"
+        flags = ["--iprange", iprange, "--name", self.name, "--listen", "127.0.0.1:0",
+                 "--secret-file", str(secret), "--metrics", "127.0.0.1:0",
+                 "--log-level", "error"]
+        for p in peers:
+            flags += ["--peer", p.addr]
+        self.daemon = Daemon(directory, *flags)
+        self.id = ""
+        self.addr = ""
+        self.metrics = ""
+        self.started_at = 0.0
+        self.killed = False
+        self.scraped = 0.0
+
+    def start(self) -> float:
+        """Launch; seconds until its ready line."""
+        self.started_at = time.monotonic()
+        line = self.daemon.start(timeout=120)
+        self.addr = "127.0.0.1:" + re.search(r"listen=\S+:(\d+)", line).group(1)
+        self.metrics = re.search(r"metrics=(\S+)", line).group(1)
+        self.id = re.search(r"peer=(\S+)", line).group(1)
+        return time.monotonic() - self.started_at
+
+    @property
+    def pid(self) -> int:
+        return self.daemon.proc.pid
+
+    @property
+    def socket(self) -> Path:
+        return self.daemon.socket
+
+    def call(self, request: dict, timeout: float = 30) -> dict:
+        with Client(self.daemon.socket, timeout=timeout) as c:
+            return c.call(request)
+
+    def status(self) -> dict:
+        r = self.call({"v": 1, "op": "status"})
+        if not r.get("ok"):
+            raise RuntimeError(f"{self.name}: status refused: {r}")
+        return r
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def donations(self) -> int:
+        """Allocations that needed space from a peer (ipamd_donation_seconds_count)."""
+        import urllib.request
+        # A scrape within a second of the last is answered from the daemon's cache (README,
+        # Metrics): wait that second out, so the count is of now.
+        time.sleep(max(0.0, self.scraped + METRICS_CACHE - time.monotonic()))
+        self.scraped = time.monotonic()
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        m = re.search(r"^ipamd_donation_seconds_count (\S+)$", text, re.M)
+        return int(float(m.group(1))) if m else 0
+
+    def kill(self) -> None:
+        self.killed = True
+        self.daemon.kill(signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+            self.daemon.stop()
+
+    def allocations(self) -> dict[str, str]:
+        """address -> handle, read from the database (daemon stopped) read-only."""
+        db = apsw.Connection(str(self.daemon.db), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            return {a: h for a, h in db.execute("SELECT address, handle FROM allocations")}
+        finally:
+            db.close()
+
+
+def choose_peers(rng: random.Random, running: list[Host], fanout: int) -> list[Host]:
+    """One or a few hosts already running, as an operator would name them."""
+    alive = [h for h in running if not h.killed]
+    return rng.sample(alive, min(len(alive), rng.randint(1, fanout)))
+
+
+def converged(hosts: list[Host]) -> bool:
+    """Every host knows every other as a member, reaches it, and has the same ring."""
+    ids = {h.id for h in hosts}
+    seen = set()
+    for h in hosts:
+        s = h.status()
+        if s["standing"] != "member" or not ids <= set(s["members"]) or \
+                not ids - {h.id} <= set(s["reachable"]):
+            return False
+        seen.add(s["ring_digest"])
+    return len(seen) == 1

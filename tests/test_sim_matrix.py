@@ -1,0 +1,53 @@
+"""The scale matrix's driver (tests/sim/matrix.py) at a few peers: each dimension does what it
+says (peers join and leave, crash and restart, load moves), the simulator's invariants hold
+through it (a breach raises Violation), and what it counts adds up."""
+from dataclasses import replace
+
+import pytest
+
+from tests.sim.matrix import Case, Driver, matrix
+
+SMALL = Case(peers=6, per_node=20, seconds=6.0)
+
+
+def run(**kw):
+    return Driver(replace(SMALL, **kw)).run()
+
+
+def test_baseline_fills_to_its_utilisation_and_counts_what_it_sent():
+    r = run()
+    target = int(SMALL.utilisation * SMALL.universe().size)
+    assert r.allocations >= target  # the fill, then as many again as churn replaced
+    assert r.messages > 0 and r.peer_bytes > 0 and r.ring_changes > 0
+    assert r.final_peers == 6 and r.joined == r.left == r.crashes == 0
+    assert r.change_rounds > 0 and r.change_bytes > 0  # the probe claim reached every ring
+
+
+@pytest.mark.parametrize("kw, joined, left", [
+    (dict(membership="gradual"), True, True),
+    (dict(membership="spiky"), True, True),
+    (dict(node_churn=1.0), True, True),
+])
+def test_membership_dimensions_join_and_leave(kw, joined, left):
+    r = run(**kw)
+    assert (r.joined > 0) == joined and (r.left > 0) == left, r
+    assert r.final_peers == 6 + r.joined - r.left
+
+
+def test_failures_crash_and_restart_peers():
+    r = run(failures=0.05)
+    assert r.crashes > 0 and r.final_peers == 6
+
+
+def test_uneven_distribution_loads_peers_unequally():
+    d = Driver(replace(SMALL, distribution="static"))
+    d.run()
+    counts = sorted(len(v) for v in d.mine.values())
+    assert counts[-1] > 2 * max(1, counts[0]), counts
+
+
+def test_the_matrix_covers_every_dimension_of_the_requirements():
+    dims = {c.dimension for c in matrix("full")}
+    assert dims == {"node count", "addresses per node", "distribution", "churn",
+                    "utilisation", "membership", "node churn", "node failures"}
+    assert max(c.utilisation for c in matrix("full")) > 0.8
