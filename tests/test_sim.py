@@ -28,7 +28,7 @@ from appliance.core import peer as peer_mod
 from appliance.core import peer_messages as wire
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
-from appliance.core.addr import cidr
+from appliance.core.addr import cidr, parse_addr
 
 from .sim.simulator import REUSE_DELAY, Faults, Sim, Violation, copy_durable
 
@@ -445,6 +445,54 @@ def test_a_handover_survives_its_receiver_losing_its_disk():
     sim._wiped("p0")
     sim._rounds(20)
     assert "p1" not in newest_owner(sim, "p2").values(), newest_owner(sim, "p2")
+
+
+@pytest.mark.xfail(strict=True, raises=Violation, reason="core bug (KNOWN_BUGS "
+                   "left_peer_leaves_a_hole): the part of a split a leaver kept, never gossiped, "
+                   "has no entry anywhere once it and the peers holding it are gone")
+def test_a_leaver_leaves_no_space_without_an_entry():
+    """Seeds p0-p3 own a /24 each (p1 10.0.1.0/24). p1 grants p0 10.0.1.240/28, then (what
+    it sent p3 meanwhile lost) p3 10.0.1.0/28: p3 merges that grant only in part, so it cannot
+    pass on the entry p1 kept, 10.0.1.16-255. p1 grants p2 10.0.1.16/28, and leaves: its
+    Handover (the rest, to p2) overtakes that grant, so p2 refuses the grant (p1 is gone);
+    the leave answers ok. p3 releases, leaves, answers ok. Both are stopped. 10.0.1.16/28 is
+    in no ring (the one entry for it was p1's and p3's), and rmpeer p1 answers "already
+    removed": nothing ever owns it. The heal's I5 check raises."""
+    sim = Sim(1, 4, Faults(), bootstrap="seeds")
+    sim.known_bugs = set()
+    sim._rounds(20)
+    u = sim.u
+    submit(sim, "p0", m.Claim("g0", u.family, parse_addr("10.0.1.250")[1]))
+    sim._drain()
+    sim.blocked = {(q, "p3") for q in sim.names if q != "p3"}
+    sim._rounds(1)  # p1 gossips the grant to p0; p3 hears nothing
+    sim.blocked = set()
+    submit(sim, "p3", m.Claim("g1", u.family, parse_addr("10.0.1.5")[1]))
+    sim._drain()
+    assert sim.live["p3"].replica.vector["p1"] < sim.live["p1"].replica.vector["p1"]
+    held, real = [], sim._send
+    sim._send = lambda src, dst, msg: held.append((src, dst, msg)) \
+        if isinstance(msg, wire.SpaceGrant) else real(src, dst, msg)
+    submit(sim, "p2", m.Claim("g2", u.family, parse_addr("10.0.1.17")[1]))
+    sim._drain()
+    sim._send = real
+    assert [(s, d) for s, d, _ in held] == [("p1", "p2")]
+    submit(sim, "p1", m.Leave())
+    sim._drain()  # the Handover and its acknowledgement
+    for msg in held:
+        sim._send(*msg)
+    sim._rounds(20)
+    assert sim.leave_answers["p1"] == "ok"
+    assert newest_owner(sim, "p3")[("10.0.1.16", "10.0.1.31")] == "p1"
+    assert ("10.0.1.16", "10.0.1.31") not in newest_owner(sim, "p0")
+    submit(sim, "p3", m.Release("g1"))
+    sim._rounds(int(REUSE_DELAY / 0.1) + 5)
+    submit(sim, "p3", m.Leave())
+    sim._rounds(20)
+    assert sim.leave_answers["p3"] == "ok"
+    submit(sim, "p0", m.RemovePeer(("p1",)))
+    assert sim.last_reply["ok"] and sim.last_reply["already"], sim.last_reply
+    sim.heal()
 
 
 def test_rmpeer_never_claims_space_a_live_peer_owns():

@@ -257,6 +257,12 @@ def main() -> int:
         lines += [f"**{c['case']['name']}: the simulator found a violation** (not in the table "
                   f"or plots): `{c['violation']}`. It replays the same: `python -m "
                   f"tests.sim.matrix --only '{c['case']['name']}'`.", ""]
+    for c in cases:
+        if c.get("known_bugs"):
+            lines += [f"**{c['case']['name']}** met core bugs the simulator knows of and "
+                      "tolerates (tests/sim/simulator.py KNOWN_BUGS; a strict reproduction "
+                      "of each in tests/test_sim.py): " + ", ".join(
+                          f"`{k}` ({n})" for k, n in c["known_bugs"].items()) + ".", ""]
     lines += findings(cases)
     lines += sim_cost(cases, OUT / "sim_cost.png")
     for key, (title, meaning) in METRICS.items():
