@@ -153,6 +153,9 @@ class Store:
                     self._migrate(conn, version, migrations)
                 loaded = self._meta(conn, universes, static)
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS[self.durability]}")
+            # A WAL that grew while a checkpoint was copying is cut back to this once it starts
+            # over, so the files on disk follow the live state, not the busiest moment.
+            conn.execute(f"PRAGMA journal_size_limit = {CHECKPOINT_PAGES * 4096}")
             return loaded
         except BaseException:
             conn.close()

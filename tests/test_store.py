@@ -272,3 +272,22 @@ def test_checkpoints_elsewhere_copy_then_finish_and_the_wal_starts_over(tmp_path
     assert wal_frames(wal) == high, "the WAL did not start over"
     s.close()
     assert reader.execute("SELECT count(*) FROM allocations").fetchall() == [(i + 3,)]
+
+
+def test_a_wal_that_grew_is_cut_back_once_it_starts_over(tmp_path, monkeypatch):
+    """Commits go on while a checkpoint copies, so the WAL can grow well past CHECKPOINT_PAGES;
+    journal_size_limit cuts its file back when it starts over (disk use follows the live
+    state, not the busiest moment)."""
+    monkeypatch.setattr(store_mod, "CHECKPOINT_PAGES", 200)
+    path, wal = tmp_path / "ipamd.db", tmp_path / "ipamd.db-wal"
+    s = Store(path)
+    a = s.load_peer(s.open(RANGE, "t"), RANGE[0], 30).allocator
+    s.checkpoint_elsewhere(lambda: None, pages=10**9)  # no checkpoint until the test says
+    for i in range(600):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
+    assert wal_frames(wal) > 400
+    s.checkpoint_copy()
+    s.checkpoint_finish()
+    s.commit(a.apply(Allocate("next"), 3000.0)[1])
+    assert wal.stat().st_size <= 200 * 4096 + 10 * (4096 + 24), wal.stat().st_size
+    s.close()
