@@ -104,3 +104,69 @@ def test_full_state_for_a_peer_that_knows_nothing():
     newcomer.receive(peers[0].delta_for({}))
     assert {u: r.entries for u, r in newcomer.rings.items()} == \
         {u: r.entries for u, r in peers[0].rings.items()}
+
+
+def _deliver(peers: dict, now: float, ready_of) -> list:
+    """Ticks every peer and hands each message to its destination until nothing is sent;
+    returns every message sent, as (src, dst, msg)."""
+    from appliance.core.peer import PROBE
+    sent = []
+    for _ in range(4 * PROBE):
+        batch = [(p, dst, msg) for p, peer in peers.items()
+                 for dst, msg in ready_of(p, peer).messages]
+        for src, dst, msg in batch:
+            sent.append((src, dst, msg))
+            peers[dst].receive(src, msg, now)
+        if not batch:
+            return sent
+    raise AssertionError("the peers never went quiet")
+
+
+def _pair():
+    """Core peers a (the founder) and b, in touch, b having learned a's ring."""
+    from appliance.core.peer import Peer
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b = Peer("b", "c", [Ring(u)], u)
+    a.reachable, b.reachable = {"b"}, {"a"}
+    peers = {"a": a, "b": b}
+    _deliver(peers, 0, lambda p, peer: peer.tick(0))  # a pushes its news
+    return a, b, peers
+
+
+def test_a_probe_is_a_digest_answered_only_when_the_vectors_differ():
+    from appliance.core.peer_messages import Gossip
+    u = UNIVERSES[0]
+    a, b, peers = _pair()
+    assert b.rings[u].entries == a.rings[u].entries and b.replica.vector == a.replica.vector
+    probe = Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed))
+    assert b.receive("a", probe, 0).messages == []  # in step: no answer at all
+    # b misses a write of a's (a message lost): a probe finds it, and the exchange repairs it.
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    a.pushed = dict(a.replica.vector)  # as if its rumour had been sent, and lost
+    answer = b.receive("a", Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed)), 0)
+    assert [(dst, msg.delta.base, dict(msg.delta.vector)) for dst, msg in answer.messages] == \
+        [("a", None, b.replica.vector)]  # its whole vector, a hello
+    a.receive("b", answer.messages[0][1], 0)
+    _deliver(peers, 0, lambda p, peer: peer.tick(0))
+    assert b.rings[u].entries == a.rings[u].entries
+    assert b.replica.digest(b.removed) == a.replica.digest(a.removed)
+    # Removals count too (by whom does not: two peers may have heard it from different ones).
+    a.removals.removed["x"], b.removals.removed["x"] = "a", "b"
+    assert b.replica.digest(b.removed) == a.replica.digest(a.removed)
+    b.removals.removed["y"] = "b"
+    assert b.replica.digest(b.removed) != a.replica.digest(a.removed)
+
+
+def test_an_idle_pair_sends_only_probes():
+    from appliance.core.peer import PROBE
+    _, _, peers = _pair()
+    sent = []
+    for t in range(10 * PROBE):  # one tick each, everything delivered at once
+        for p, peer in peers.items():
+            for dst, msg in peer.tick(t).messages:
+                sent.append(msg)
+                assert peers[dst].receive(p, msg, t).messages == []  # never answered
+    assert len(sent) == 2 * 10  # one probe per PROBE ticks each way
+    assert all(msg.digest and not msg.delta.vector for msg in sent), sent

@@ -35,7 +35,9 @@ from .ring import HINT_MAX, Ring, RingConflict, RingError
 from .rings import Rings, RingWriter
 
 FANOUT = 3    # peers each piece of news is pushed to
-PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
+# Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
+# answered only when the other's differs. News is pushed as rumours; probes only repair.
+PROBE = 10
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
 # Ticks between reminders to the owners of gateways reserved for us (idempotent: it heals a
 # lost message, or an owner that took the space over from a removed peer) and telling owners
@@ -476,6 +478,14 @@ class Peer:
         return self.waiting.pop(req)
 
     def _gossip(self, sender: str, msg: Gossip, out: Ready) -> None:
+        if msg.digest:
+            # A probe. Equal digests: nothing to repair either way, and nothing is sent. Else
+            # our whole vector (a hello): the prober answers with what we lack and learns
+            # what it lacks from it, as after any hello.
+            if msg.digest != self.replica.digest(self.removed):
+                out.messages.append((sender, self._gossip_msg(self.replica.hello())))
+                self.asking.add(sender)
+            return
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
         if msg.delta.entries and not incomplete:
             self.merge(sender, msg.delta, out)
@@ -544,8 +554,9 @@ class Peer:
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
         # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
-        # also swap vectors with the next peer in rotation (a hello; its answer brings what we lack,
-        # and says what it lacks): that repairs whatever was lost. Peers that sent us news,
+        # also probe the next peer in rotation with our vector's digest; if its own differs it
+        # sends its vector, and the exchange that follows brings each what it lacks: that
+        # repairs whatever was lost, at a few dozen bytes a probe when nothing was. Peers that sent us news,
         # or just told us their vector, get what they lack at once.
         peers = sorted(self.reachable)
         targets = set((self.owe_ack | self.heard) & self.reachable)
@@ -568,8 +579,8 @@ class Peer:
                 targets.update(lacking[:FANOUT])
             probe = peers[(rank + self.ticks // PROBE) % len(peers)]
             if self.ticks % PROBE == 0 and probe not in targets:
-                out.messages.append((probe, self._gossip_msg(self.replica.hello())))
-                self.asking.add(probe)
+                out.messages.append((probe, Gossip(self.cluster, Delta((), ()), digest=(
+                    self.replica.digest(self.removed)))))
         for peer in sorted(targets):
             if peer not in self.known:
                 # Never heard its vector: ask for it rather than send everything we have. Full
