@@ -24,9 +24,9 @@ that an idle daemon's cost stays flat; protocols/peer_liveness.py has the arithm
 Unreachable is never removed: that is rmpeer's decision.
 
 Peers tell each other where the peers they know listen (address books): the whole book when a
-connection opens, again on that connection whenever it changed (looked at every
-ADDRESS_BOOK_EVERY seconds), and every BOOK_REFRESH_EVERY seconds to the one connected peer
-that has had it longest, so a book lost or cut short (a full queue, a receiver full of
+connection opens, then on that connection the entries that changed (looked at every
+ADDRESS_BOOK_EVERY seconds; a book only adds to what its receiver knows), and every
+BOOK_REFRESH_EVERY seconds the whole book to the one connected peer that has had it longest, so a book lost or cut short (a full queue, a receiver full of
 candidates) is repaired without sending O(peers) entries to every peer all the time: an
 idle cluster sends almost no books. An id heard of that way is a candidate: dialled, but a member only once the core has
 heard from it (it proved the secret and spoke) or it owns ring entries. Candidates are bounded
@@ -67,7 +67,9 @@ from .protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, KIND_NAMES
 
 log = logging.getLogger("ipamd.peers")
 
-WATCH_EVERY = 0.25      # seconds between looks at who is reachable
+# Seconds between looks at who is reachable: at the moment the first reachable peer would
+# fall silent too long, or at once when a peer may have become reachable; within these bounds.
+WATCH = (0.05, 1.0)
 CONNECT_TIMEOUT = 2.0
 BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
@@ -214,6 +216,7 @@ class PeerNet:
         # peer id -> seconds of silence on that connection that mean it is gone (from the
         # keepalive interval it announced; peer_liveness.dead_after)
         self.dead_after: dict[str, float] = {}
+        self.rewatch = trio.Event()                # set: look at who is reachable now
         self.wake: dict[str, trio.Event] = {}      # address -> cut its dialler's backoff short
         self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
         self.nursery: trio.Nursery | None = None
@@ -229,7 +232,7 @@ class PeerNet:
         self.named_by_self: set[str] = set()       # peers whose nickname came from them
         # Per connected peer, the whole book (to=None) as it was when last sent to it, and
         # when: a book goes again only when it changed (or for a rare refresh).
-        self.book_sent: dict[str, tuple[bytes, float]] = {}
+        self.book_sent: dict[str, tuple[dict, float]] = {}
 
     @property
     def me(self) -> str:
@@ -324,8 +327,13 @@ class PeerNet:
 
     async def _watch(self) -> None:
         while True:
-            await trio.sleep(WATCH_EVERY)
             self._update_reachable()
+            now = self.clock()
+            due = min((self.heard.get(p, now) + self._silence(p) for p in self.told[0]),
+                      default=now + WATCH[1])
+            self.rewatch = trio.Event()
+            with trio.move_on_after(min(max(due - now + 0.01, WATCH[0]), WATCH[1])):
+                await self.rewatch.wait()
 
     # -- candidates ----------------------------------------------------------------------------
 
@@ -470,11 +478,12 @@ class PeerNet:
         self._remember(peer, addr)
         send, recv = trio.open_memory_channel(QUEUE)
         self.out[peer] = send
+        self.rewatch.set()
         log.info("event=connected peer=%s address=%s", peer, addr)
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._sender, session, recv)
-                self._send_book(peer, self._book_payload(None))  # all of it, at once
+                self._send_book(peer, self._book_entries(None))  # all of it, at once
                 await self._reader(session, inbound=False)  # keepalives only, this way
         finally:
             del self.out[peer]
@@ -519,6 +528,8 @@ class PeerNet:
                 kind, payload = await session.receive()
             if inbound:
                 self.heard[peer] = self.clock()
+                if peer not in self.told[0]:
+                    self.rewatch.set()  # it may be reachable now
             if kind == CORE:
                 try:
                     msg = peer_codec.decode(payload)
@@ -544,7 +555,7 @@ class PeerNet:
         every = liveness.interval(len(self.out))
         await session.send(KEEPALIVE_FRAME, liveness.encode(every))
         while True:
-            with trio.move_on_after(every):
+            with trio.move_on_after(liveness.until_next(self.wall(), every)):
                 kind, payload = await recv.receive()
                 await session.send(kind, payload)
                 continue
@@ -558,39 +569,43 @@ class PeerNet:
         while True:
             await trio.sleep(ADDRESS_BOOK_EVERY)
             now = self.clock()
-            whole = self._book_payload(None)
+            whole = self._book_entries(None)
             for peer in list(self.out):
-                if self.book_sent.get(peer, (None,))[0] != whole:
-                    self._send_book(peer, whole)
+                if peer in self.book_sent and self.book_sent[peer][0] != whole:
+                    self._send_book(peer, whole, full=False)
             if now - refreshed >= BOOK_REFRESH_EVERY and self.book_sent:
                 refreshed = now
                 self._send_book(min(self.book_sent, key=lambda p: self.book_sent[p][1]), whole)
 
-    def _send_book(self, peer: str, whole: bytes) -> None:
-        """Our book to peer (less its own entry), noted as sent only if it was queued."""
+    def _send_book(self, peer: str, whole: dict, full: bool = True) -> None:
+        """Our book to peer, less its own entry: all of it, or (full=False) only the entries
+        that changed since the last one it was sent (a book only ever adds to what its
+        receiver knows, so the rest would tell it nothing). Noted as sent only if queued."""
         q = self.out.get(peer)
         if q is None:
             return
+        last = {} if full else self.book_sent[peer][0]
+        book = {p: e for p, e in whole.items() if p != peer and last.get(p) != e}
         try:
-            q.send_nowait((ADDRESSES, self._book_payload(peer)))
+            q.send_nowait((ADDRESSES, peer_book.encode_book(book)))
         except trio.WouldBlock:
             return  # tried again next round
         self.book_sent[peer] = (whole, self.clock())
 
     def _book(self, to: str | None) -> dict[str, str]:
-        """The addresses we tell `to` (None: the whole book) of: peers that proved the secret to us or are members,
-        never mere candidates (see the module's doc)."""
+        """The addresses we tell `to` (None: the whole book) of: peers that proved the secret
+        to us or are members, never mere candidates (see the module's doc)."""
         unproven = self.learned.keys() - self.proven
         if unproven:
             unproven -= self.core.members()
         return {p: a for p, a in self.addresses.items() if p != to and p not in unproven}
 
-    def _book_payload(self, to: str | None) -> bytes:
+    def _book_entries(self, to: str | None) -> dict[str, peer_book.Entry]:
         """_book with the nicknames we know, and our own."""
         book = {p: peer_book.Entry(a, self.nicknames.get(p)) for p, a in self._book(to).items()}
         if self.nickname is not None:
             book[self.me] = peer_book.Entry(None, self.nickname)
-        return peer_book.encode_book(book)
+        return book
 
     def _learn(self, payload: bytes, sender: str | None = None) -> None:
         good, bad = peer_book.decode_book(payload)

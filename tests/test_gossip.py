@@ -170,3 +170,30 @@ def test_an_idle_pair_sends_only_probes():
                 assert peers[dst].receive(p, msg, t).messages == []  # never answered
     assert len(sent) == 2 * 10  # one probe per PROBE ticks each way
     assert all(msg.digest and not msg.delta.vector for msg in sent), sent
+
+
+def test_a_core_is_idle_only_with_nothing_to_push_answer_or_wait_for():
+    from appliance.core import messages as m
+    from appliance.core.peer_messages import Gossip
+    u = UNIVERSES[0]
+    a, b, peers = _pair()
+    assert a.idle() and b.idle()
+    with a.writer.change([]) as ch:  # news: a has something to push
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    assert not a.idle()
+    ready = a.tick(1)
+    assert a.idle() and ready.messages
+    for dst, msg in ready.messages:  # b heard news: it owes an answer
+        b.receive("a", msg, 1)
+    assert not b.idle()
+    b.tick(1)
+    assert b.idle()
+    b.receive("a", Gossip("c", Delta((), ()), digest=b"not-mine"), 1)  # a probe that differs
+    assert b.idle()  # answered at once, nothing left for a tick
+    c = type(a)("c", "c", [Ring(u)], u)  # a newcomer owning nothing: its request waits
+    c.reachable = {"a"}
+    ready = c.request("r", m.Allocate("h"), 1)
+    assert ready.replies == [] and [dst for dst, _ in ready.messages] == ["a"]
+    assert not c.idle()
+    alone, _ = type(a).founder("z", "c", [u], u)
+    assert alone.idle()  # no peer to push its first write to: nothing to do

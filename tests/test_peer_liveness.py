@@ -25,6 +25,13 @@ def test_keepalive_bytes_stay_flat_and_detection_grows_only_past_the_budget():
     assert liveness.interval(10_000) == liveness.INTERVAL_MAX
 
 
+def test_keepalives_go_on_a_grid_of_wall_time():
+    assert liveness.until_next(1000.25, 0.5) == pytest.approx(0.25)
+    assert liveness.until_next(1000.0, 0.5) == pytest.approx(0.5)
+    assert liveness.until_next(999.99, 0.5) == pytest.approx(0.51)  # not twice at once
+    assert liveness.until_next(-3.2, 2.64) > 0  # a clock gone mad still gives a wait
+
+
 def test_keepalive_payloads():
     assert liveness.decode(liveness.encode(2.64)) == 2.64
     assert liveness.decode(b"") is None  # says nothing: the default silence applies

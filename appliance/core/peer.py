@@ -512,6 +512,17 @@ class Peer:
     def _gossip_msg(self, delta: Delta, nack: bool = False) -> Gossip:
         return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())))
 
+    def idle(self) -> bool:
+        """Nothing a tick soon would do: no news to push nor gossip to answer, no request
+        waiting, no bootstrap, leave or removal under way. The shell may then tick less
+        often (until the next event): what ticks still do at idle (probes, hint refreshes,
+        reminders) only repairs what was lost, and a slower rhythm is no danger."""
+        return not (self.waiting or self.owe_ack or self.heard or self.boot.confirming
+                    or self.boot.pending is not None or not self.boot.decided
+                    or self.reachable and self.replica.vector != self.pushed
+                    or self.removals.busy()
+                    or self.allocator.unsettled)
+
     def tick(self, now: float) -> Ready:
         out = self._tick(now)
         self._settle(now, out)

@@ -14,6 +14,9 @@ detection time = SILENCES x interval is the price of a flat cost. Up to 19 peers
 is INTERVAL_MIN (detection within DEAD_AFTER_MIN, as before); at 40 peers it is
 39 x 48 B / BUDGET = 1.04 s (detection within 3.1 s), at 100 peers 2.64 s (7.9 s).
 
+Keepalives go on a grid of wall time (until_next): an idle daemon wakes once an interval to
+send all its keepalives, not once per peer; what costs CPU at idle is wake-ups, not bytes.
+
 An interval never more than doubles from one keepalive to the next: the receiver holds the
 sender to SILENCES times the last interval it announced, so a cluster that grows at once
 (many joins) does not make its peers look dead for a moment.
@@ -36,6 +39,16 @@ def interval(connections: int, last: float | None = None) -> float:
     `last` (the interval this connection announced last)."""
     want = min(max(connections * FRAME_BYTES / BUDGET, INTERVAL_MIN), INTERVAL_MAX)
     return want if last is None else min(want, 2 * last)
+
+
+def until_next(wall: float, every: float) -> float:
+    """Seconds from wall-clock time `wall` to the next multiple of `every`: keepalives go on a
+    grid of wall time, so a daemon's keepalives to all its peers go in one wake-up, and, on
+    hosts whose clocks agree, arrive at each peer together too (one wake-up there as well).
+    Never less than a tenth of `every` (a timer that fires a hair early must not send two),
+    never more than 1.1 x `every`, whatever the clock does."""
+    wait = every - wall % every
+    return wait if wait >= every / 10 else wait + every
 
 
 def dead_after(announced: float | None) -> float:
