@@ -74,7 +74,9 @@ CONNECT_TIMEOUT = 2.0
 BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
-BOOK_REFRESH_EVERY = 30.0  # seconds between unchanged books, each to one peer in turn
+# Seconds between unchanged books, each to one peer in turn: at 100 peers a whole book is about
+# 4.5 KB, so 75 B/s of an idle daemon's bytes.
+BOOK_REFRESH_EVERY = 60.0
 
 
 class CoreSide(Protocol):
@@ -328,12 +330,16 @@ class PeerNet:
     async def _watch(self) -> None:
         while True:
             self._update_reachable()
-            now = self.clock()
-            due = min((self.heard.get(p, now) + self._silence(p) for p in self.told[0]),
-                      default=now + WATCH[1])
             self.rewatch = trio.Event()
-            with trio.move_on_after(min(max(due - now + 0.01, WATCH[0]), WATCH[1])):
+            with trio.move_on_after(self.next_look()):
                 await self.rewatch.wait()
+
+    def next_look(self) -> float:
+        """Seconds until a peer we call reachable could have been silent too long."""
+        now = self.clock()
+        due = min((self.heard.get(p, now) + self._silence(p) for p in self.told[0]),
+                  default=now + WATCH[1])
+        return min(max(due - now + 0.01, WATCH[0]), WATCH[1])
 
     # -- candidates ----------------------------------------------------------------------------
 
@@ -518,6 +524,20 @@ class PeerNet:
         except (AttributeError, OSError):  # not Linux: the receiving end's silence still tells
             pass
 
+    def frame_heard(self, peer: str, kind: int, payload: bytes) -> None:
+        """A frame came from peer on its connection to us: it is alive and the path works
+        (the simulator's liveness model feeds this too, tests/sim/liveness.py)."""
+        self.heard[peer] = self.clock()
+        if kind == KEEPALIVE_FRAME:
+            try:
+                announced = liveness.decode(payload)
+            except ValueError as e:
+                raise ProtocolError(f"bad keepalive from {peer}: {e}") from None
+            if announced is not None:
+                self.dead_after[peer] = liveness.dead_after(announced)
+        if peer not in self.told[0]:
+            self.rewatch.set()  # it may be reachable now
+
     async def _reader(self, session: _Session, inbound: bool) -> None:
         peer = session.peer
         while True:
@@ -527,9 +547,7 @@ class PeerNet:
             with trio.fail_after(2 * self._silence(peer)) if inbound else nullcontext():
                 kind, payload = await session.receive()
             if inbound:
-                self.heard[peer] = self.clock()
-                if peer not in self.told[0]:
-                    self.rewatch.set()  # it may be reachable now
+                self.frame_heard(peer, kind, payload)
             if kind == CORE:
                 try:
                     msg = peer_codec.decode(payload)
@@ -539,14 +557,7 @@ class PeerNet:
             elif kind == ADDRESSES:
                 if session.peer not in self.core.removed():  # its word counts no more
                     self._learn(payload, session.peer)
-            elif kind == KEEPALIVE_FRAME:
-                try:
-                    announced = liveness.decode(payload)
-                except ValueError as e:
-                    raise ProtocolError(f"bad keepalive from {peer}: {e}") from None
-                if announced is not None:
-                    self.dead_after[peer] = liveness.dead_after(announced)
-            else:
+            elif kind != KEEPALIVE_FRAME:
                 raise ProtocolError(f"unknown frame kind {kind}")
 
     async def _sender(self, session: _Session, recv: trio.MemoryReceiveChannel) -> None:

@@ -1,5 +1,8 @@
 """The simulator's CI tier, and proof that its checker catches broken code.
 
+The transport's failure detection has its own simulation (tests/sim/liveness.py), with its
+own checks proven the same way.
+
 CI tier: 300 seeds of 3-7 peers with 1,000 operations each and random fault rates, plus 10
 seeds of 100 peers; zero violations. Each seed draws its bootstrap (founder, seeds or quorum)
 too, and (up to 20 peers) its ranges: the IPv4 /22, an IPv6 range of /32 to /128, or both; and
@@ -29,7 +32,11 @@ from appliance.core import peer_messages as wire
 from appliance.core import removal as removal_mod
 from appliance.core import ring as ring_mod
 from appliance.core.addr import cidr
+from appliance.peer_net import PeerNet
+from appliance.protocols import peer_liveness as liveness_rules
 
+from .sim.liveness import LivenessSim
+from .sim.liveness import Violation as LivenessViolation
 from .sim.simulator import REUSE_DELAY, Faults, Sim, Violation, copy_durable
 
 SMALL_SEEDS = range(300)
@@ -487,3 +494,28 @@ def test_a_waiting_seed_that_restarts_waits_for_no_seed_that_left():
     sim._update_reachability()
     sim._rounds(100)
     assert sim.live["p0"].standing == "member", sim.live["p0"].note
+
+
+@pytest.mark.parametrize("hosts", [5, 20, 40, 100])
+def test_failure_detection_in_simulation(hosts):
+    """The transport's failure detection (tests/sim/liveness.py): a crashed host and both
+    sides of a split and of a one-way cut are noticed within their bound, a slow host never
+    is, and a heal is seen within an interval; at 100 hosts as at 5."""
+    for seed in range(3):
+        r = LivenessSim(seed, hosts).run()
+        # Each fault noticed by every host it concerns (the checks inside bound each time).
+        assert len(r.detections) >= hosts - 1 and r.heals, r
+        print(f"{hosts} hosts seed={seed}: interval {r.interval:.2f}s, noticed within "
+              f"{max(r.detections):.2f}s, heals seen within {max(r.heals):.2f}s")
+
+
+def test_the_failure_detection_checker_catches_hasty_and_deaf_detectors(monkeypatch):
+    with monkeypatch.context() as m:  # gone after 2 intervals: a slow host is called dead
+        m.setattr(liveness_rules, "SILENCES", 2)
+        with pytest.raises(LivenessViolation, match="alive and its frames reach"):
+            for seed in range(10):
+                LivenessSim(seed, 40).run()
+    with monkeypatch.context() as m:  # silence never counted: nothing is ever noticed
+        m.setattr(PeerNet, "_silence", lambda self, peer: 1e9)
+        with pytest.raises(LivenessViolation, match="still reaches"):
+            LivenessSim(0, 5).run()

@@ -66,7 +66,7 @@ def wait_for(what: str, check, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def run(n: int, idle: float, pool: ThreadPoolExecutor) -> dict:
+def run(n: int, idle: float, settle: float, pool: ThreadPoolExecutor) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "secret").write_text(SECRET)
@@ -86,7 +86,7 @@ def run(n: int, idle: float, pool: ThreadPoolExecutor) -> dict:
                     len({s["ring_digest"] for s in ss}) == 1
             wait_for("every daemon to reach every other, one ring", joined, 600)
             join = time.monotonic() - t0
-            time.sleep(3.0)  # the join's own traffic (books, first vectors) dies down
+            time.sleep(settle)  # the join's own traffic (books, first vectors) dies down
 
             load0 = os.getloadavg()
             cpu0 = [cpu_seconds(d) for d in ds]
@@ -132,15 +132,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--daemons", type=int, nargs="+", default=[10, 20, 40])
     ap.add_argument("--idle", type=float, default=15.0, help="seconds of the idle window")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="seconds between the join and the window (the machine calms down)")
     a = ap.parse_args()
-    print(f"idle benchmark: {os.cpu_count()} cores, idle window {a.idle:g}s; load average "
+    print(f"idle benchmark: {os.cpu_count()} cores, idle window {a.idle:g}s after "
+          f"{a.settle:g}s to settle; load average "
           f"before: {os.getloadavg()[0]:.2f}")
     print(f"{'daemons':>7} {'CPU %/daemon':>21} {'peer B/s per daemon':>24} {'join s':>7} "
           f"{'change s':>8} {'load before-after':>18}")
     print(f"{'':>7} {'median [max]':>21} {'median [max]':>24}")
     with ThreadPoolExecutor(8) as pool:
         for n in a.daemons:
-            r = run(n, a.idle, pool)
+            r = run(n, a.idle, a.settle, pool)
             cpu = f"{statistics.median(r['cpu']):.2f} [{max(r['cpu']):.2f}]"
             rate = f"{statistics.median(r['rate']):.0f} [{max(r['rate']):.0f}]"
             print(f"{n:>7} {cpu:>21} {rate:>24} {r['join']:>7.2f} {r['change']:>8.2f} "
