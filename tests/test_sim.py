@@ -465,7 +465,9 @@ def test_rmpeer_never_claims_space_a_live_peer_owns():
     sim = Sim(1, 4, Faults(), bootstrap="founder")
     sim.blocked = {(a, b) for a in sim.names for b in sim.names if (a == "p0") != (b == "p0")}
     sim._update_reachability()
-    sim._rounds(10)
+    joiners = {"p1", "p2", "p3"}
+    sim._rounds(50, until=lambda: all(joiners - {p} <= sim.live[p].seen for p in joiners))
+    assert all(joiners - {p} <= sim.live[p].seen for p in joiners)  # they know each other
     sim._crash("p2", "after_send")
     submit(sim, "p1", m.RemovePeer(("p2",)))
     sim._rounds(10)

@@ -38,6 +38,9 @@ FANOUT = 3    # peers each piece of news is pushed to
 # Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
 # answered only when the other's differs. News is pushed as rumours; probes only repair.
 PROBE = 10
+# Seconds after news of ours during which we probe every tick: a rumour pushed once to FANOUT
+# peers misses a few (about 5%); they are found at once, not at the next idle probe.
+AFTER_NEWS = 1.0
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
 # Ticks between reminders to the owners of gateways reserved for us (idempotent: it heals a
 # lost message, or an owner that took the space over from a removed peer) and telling owners
@@ -93,6 +96,9 @@ class Peer:
         self.pushed: Vector = {}       # our vector when we last pushed news
         self.heard: set[str] = set()   # peers heard from since the last tick: answer them next
         self.ticks = 0
+        self.probes = 0               # probes sent: the rotation's place
+        self.news_until = -1.0        # probing every tick until then (AFTER_NEWS)
+        self.last_tick = 0.0
         self.waiting: dict[int, _Waiting] = {}
         self.next_req = 0
         # "member" allocates; "waiting" (bootstrap undecided or unconfirmed), "left" and
@@ -518,6 +524,7 @@ class Peer:
         often (until the next event): what ticks still do at idle (probes, hint refreshes,
         reminders) only repairs what was lost, and a slower rhythm is no danger."""
         return not (self.waiting or self.owe_ack or self.heard or self.boot.confirming
+                    or self.last_tick < self.news_until
                     or self.boot.pending is not None or not self.boot.decided
                     or self.reachable and self.replica.vector != self.pushed
                     or self.removals.busy()
@@ -530,6 +537,7 @@ class Peer:
 
     def _tick(self, now: float) -> Ready:
         out = Ready()
+        self.last_tick = now
         if self.boot.pending is not None:
             return out  # nothing to do before the split
         for req, w in list(self.waiting.items()):
@@ -565,7 +573,8 @@ class Peer:
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
         # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
-        # also probe the next peer in rotation with our vector's digest; if its own differs it
+        # (every tick for AFTER_NEWS seconds after news of ours) also probe the next peer in
+        # rotation with our vector's digest; if its own differs it
         # sends its vector, and the exchange that follows brings each what it lacks: that
         # repairs whatever was lost, at a few dozen bytes a probe when nothing was. Peers that sent us news,
         # or just told us their vector, get what they lack at once.
@@ -584,12 +593,14 @@ class Peer:
             if self.replica.vector != self.pushed:
                 # The next FANOUT peers in rotation that may lack it: not the ones that sent it.
                 self.pushed = dict(self.replica.vector)
+                self.news_until = now + AFTER_NEWS
                 start = rank + self.ticks * FANOUT
                 lacking = [q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
                            if not _covers(self.sent.get(q, {}), self.pushed)]
                 targets.update(lacking[:FANOUT])
-            probe = peers[(rank + self.ticks // PROBE) % len(peers)]
-            if self.ticks % PROBE == 0 and probe not in targets:
+            probe = peers[(rank + self.probes) % len(peers)]
+            if (self.ticks % PROBE == 0 or now < self.news_until) and probe not in targets:
+                self.probes += 1
                 out.messages.append((probe, Gossip(self.cluster, Delta((), ()), digest=(
                     self.replica.digest(self.removed)))))
         for peer in sorted(targets):
