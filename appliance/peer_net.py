@@ -26,9 +26,10 @@ Unreachable is never removed: that is rmpeer's decision.
 Peers tell each other where the peers they know listen (address books): the whole book when a
 connection opens, then on that connection the entries that changed (looked at every
 ADDRESS_BOOK_EVERY seconds; a book only adds to what its receiver knows), and every
-BOOK_REFRESH_EVERY seconds the whole book to the one connected peer that has had it longest, so a book lost or cut short (a full queue, a receiver full of
-candidates) is repaired without sending O(peers) entries to every peer all the time: an
-idle cluster sends almost no books. An id heard of that way is a candidate: dialled, but a member only once the core has
+BOOK_REFRESH_EVERY seconds the whole book to the one connected peer that has had it longest,
+so a book lost or cut short (a full queue, a receiver full of candidates) is repaired without
+sending O(peers) entries to every peer all the time: an idle cluster sends almost no books.
+An id heard of that way is a candidate: dialled, but a member only once the core has
 heard from it (it proved the secret and spoke) or it owns ring entries. Candidates are bounded
 (MAX_CANDIDATES addresses kept in all) and expire: one that has not completed a handshake with
 us for candidate_ttl seconds, is not connected and is not a member is forgotten (its row
@@ -45,13 +46,13 @@ word wins over what others say of it).
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 import hmac
 import logging
 import os
 import socket
 import time
 from collections.abc import Set
+from contextlib import nullcontext
 from typing import Protocol
 
 import trio

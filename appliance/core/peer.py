@@ -572,12 +572,12 @@ class Peer:
             self._gateways(now, out)
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
-        # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
-        # (every tick for AFTER_NEWS seconds after news of ours) also probe the next peer in
-        # rotation with our vector's digest; if its own differs it
-        # sends its vector, and the exchange that follows brings each what it lacks: that
-        # repairs whatever was lost, at a few dozen bytes a probe when nothing was. Peers that sent us news,
-        # or just told us their vector, get what they lack at once.
+        # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks
+        # (every tick for AFTER_NEWS seconds after news of ours) we also probe the next peer in
+        # rotation with our vector's digest; if its own differs it sends its vector, and the
+        # exchange that follows brings each what it lacks: that repairs whatever was lost, at
+        # a few dozen bytes a probe when nothing was. Peers that sent us news, or just told us
+        # their vector, get what they lack at once.
         peers = sorted(self.reachable)
         targets = set((self.owe_ack | self.heard) & self.reachable)
         if self.boot.confirming and self.ticks % HINTS == 1:
