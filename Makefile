@@ -44,6 +44,13 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.scrape_bench
 	$(BIN)/python -m tests.bench.history_bench
 
+## What an idle daemon costs as the cluster grows: make bench-idle [N="10 20 40"] [IDLE=15]
+N ?= 10 20 40
+IDLE ?= 15
+.PHONY: bench-idle
+bench-idle: $(STAMP)
+	$(BIN)/python -m tests.bench.idle_bench -n $(N) --idle $(IDLE)
+
 ## What a long history costs: make bench-history [CYCLES=1000000] (default 100000)
 CYCLES ?= 100000
 .PHONY: bench-history

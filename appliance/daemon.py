@@ -114,6 +114,7 @@ class CoreLoop:
         self.reachable: set[str] = set()
         self.ever_reached: set[str] = set()
         self.dialling = False
+        self.kicked = trio.Event()  # set by every event but ticks: the ticker goes fast again
 
     @property
     def allocator(self):
@@ -152,6 +153,7 @@ class CoreLoop:
         """The transport learned who answers at address. A seed that knows the seeds by
         address only makes the split once it has every id (the core decides, and its rows
         carry the ids: one commit)."""
+        self.kicked.set()
         try:
             ready = self._core(lambda: self.peer.identified(address, peer, self.clock()))
         except CoreBug:
@@ -165,6 +167,7 @@ class CoreLoop:
         """Apply a hook request; return its reply once what it changed is durable. An
         allocation that needs space from a peer waits for the grant (or the timeout)."""
         ref = next(self._refs)
+        self.kicked.set()
         w = self._waiters[ref] = _Waiter()
         try:
             ready = self._core(functools.partial(self.peer.request, ref, request, self.clock()))
@@ -182,6 +185,7 @@ class CoreLoop:
         return w.reply
 
     async def receive(self, sender: str, msg) -> None:
+        self.kicked.set()
         try:
             ready = self._core(lambda: self.peer.receive(sender, msg, self.clock()))
         except CoreBug:
@@ -229,6 +233,7 @@ class CoreLoop:
     def set_reachable(self, peers: set[str], dialling: bool | None = None) -> None:
         """From the transport: the peers reachable now, and whether it still dials peer
         addresses it has never reached (a request lacking space waits for those)."""
+        self.kicked.set()
         self.reachable = set(peers)
         self.ever_reached |= self.reachable
         if dialling is not None:
@@ -438,6 +443,7 @@ SWITCH_INTERVAL = 0.0005
 # may be lost.
 OUTBOX = 65536
 TICK = 0.1  # seconds between core ticks: gossip rounds, request timeouts, free hints
+IDLE_TICK = 0.5  # seconds between core ticks while the core is idle (Peer.idle)
 
 
 class _Checkpoints:
@@ -460,8 +466,15 @@ class _Checkpoints:
 
 
 async def _ticker(core: CoreLoop) -> None:
+    """A tick every TICK while the core has work; while it is idle, every IDLE_TICK unless an
+    event (a request, a peer's message, reachability) comes first. At idle the wake-ups are
+    what costs CPU, not the ticks' work."""
     while True:
         await trio.sleep(TICK)
+        if core.peer.idle():
+            with trio.move_on_after(IDLE_TICK - TICK):
+                await core.kicked.wait()
+        core.kicked = trio.Event()
         await core.tick()
 
 

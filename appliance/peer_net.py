@@ -2,7 +2,9 @@
 
 Each daemon dials every peer it knows of and sends only on the connection it dialled; it
 receives on the connections others dialled to it. So a pair of peers has one connection each
-way, and there is nothing to deduplicate.
+way, and there is nothing to deduplicate. Nothing at all goes back on a connection we
+accepted: the kernel tells the dialler when what it sends is not acknowledged
+(TCP_USER_TIMEOUT), and the dialler hangs up and redials.
 
 The bytes on a connection (frames, the handshake, authenticated frames) are
 protocols/peer_frames.py's; core messages are protocols/peer_codec.py's, address books
@@ -16,11 +18,18 @@ a joiner's cluster; the core loop's messages come out through an outbox (a trio 
 (dst, message)) that PeerNet drains. PeerNet imports nothing of the daemon.
 
 Reachability, which the core needs for its decisions: a peer is reachable while our connection
-to it is up and we have heard from it (any frame; keepalives go every KEEPALIVE seconds)
-within DEAD_AFTER seconds. Unreachable is never removed: that is rmpeer's decision.
+to it is up and we have heard from it lately on its connection to us (any frame; a keepalive
+goes only on a connection silent for the interval, which grows with the number of peers so
+that an idle daemon's cost stays flat; protocols/peer_liveness.py has the arithmetic).
+Unreachable is never removed: that is rmpeer's decision.
 
-Peers tell each other where the peers they know listen (address books, ADDRESS_BOOK_EVERY
-seconds). An id heard of that way is a candidate: dialled, but a member only once the core has
+Peers tell each other where the peers they know listen (address books): the whole book when a
+connection opens, then on that connection the entries that changed (looked at every
+ADDRESS_BOOK_EVERY seconds; a book only adds to what its receiver knows), and every
+BOOK_REFRESH_EVERY seconds the whole book to the one connected peer that has had it longest,
+so a book lost or cut short (a full queue, a receiver full of candidates) is repaired without
+sending O(peers) entries to every peer all the time: an idle cluster sends almost no books.
+An id heard of that way is a candidate: dialled, but a member only once the core has
 heard from it (it proved the secret and spoke) or it owns ring entries. Candidates are bounded
 (MAX_CANDIDATES addresses kept in all) and expire: one that has not completed a handshake with
 us for candidate_ttl seconds, is not connected and is not a member is forgotten (its row
@@ -40,8 +49,10 @@ import functools
 import hmac
 import logging
 import os
+import socket
 import time
 from collections.abc import Set
+from contextlib import nullcontext
 from typing import Protocol
 
 import trio
@@ -49,6 +60,7 @@ import trio
 from .core.addr import AddrError, parse_hostport
 from .limits import ConnectionCap, Summary
 from .protocols import peer_book, peer_codec
+from .protocols import peer_liveness as liveness
 from .protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, KIND_NAMES, MAX_FRAME,
                                     MAX_HELLO, MAX_PROOF, FrameReader, ProtocolError, Sealer,
                                     SelfConnection, check_hello, decode_hello, encode_hello,
@@ -56,12 +68,16 @@ from .protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, KIND_NAMES
 
 log = logging.getLogger("ipamd.peers")
 
-KEEPALIVE = 0.5
-DEAD_AFTER = 2.0
+# Seconds between looks at who is reachable: at the moment the first reachable peer would
+# fall silent too long, or at once when a peer may have become reachable; within these bounds.
+WATCH = (0.05, 1.0)
 CONNECT_TIMEOUT = 2.0
 BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
+# Seconds between unchanged books, each to one peer in turn: at 100 peers a whole book is about
+# 4.5 KB, so 75 B/s of an idle daemon's bytes.
+BOOK_REFRESH_EVERY = 60.0
 
 
 class CoreSide(Protocol):
@@ -200,6 +216,10 @@ class PeerNet:
         self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
         # peer id -> when a frame last came on the connection it dialled to us
         self.heard: dict[str, float] = {}
+        # peer id -> seconds of silence on that connection that mean it is gone (from the
+        # keepalive interval it announced; peer_liveness.dead_after)
+        self.dead_after: dict[str, float] = {}
+        self.rewatch = trio.Event()                # set: look at who is reachable now
         self.wake: dict[str, trio.Event] = {}      # address -> cut its dialler's backoff short
         self.refused: dict[str, str] = {}          # address -> why we stopped dialling it
         self.nursery: trio.Nursery | None = None
@@ -213,6 +233,9 @@ class PeerNet:
         self.nicknames: dict[str, str] = dict(nicknames or {})  # peer id -> its nickname
         self.save_nickname = save_nickname
         self.named_by_self: set[str] = set()       # peers whose nickname came from them
+        # Per connected peer, the whole book (to=None) as it was when last sent to it, and
+        # when: a book goes again only when it changed (or for a rare refresh).
+        self.book_sent: dict[str, tuple[dict, float]] = {}
 
     @property
     def me(self) -> str:
@@ -245,7 +268,10 @@ class PeerNet:
         its connection to us has carried a frame lately (it can send; replies go that way).
         One way only would let a request go out whose answer could not come back."""
         now = self.clock()
-        return {p for p in self.out if now - self.heard.get(p, -1e9) < DEAD_AFTER}
+        return {p for p in self.out if now - self.heard.get(p, -1e9) < self._silence(p)}
+
+    def _silence(self, peer: str) -> float:
+        return self.dead_after.get(peer) or liveness.dead_after(None)
 
     def _dialling(self) -> bool:
         """A --peer address whose peer is not reachable (yet): a request lacking space waits
@@ -293,6 +319,7 @@ class PeerNet:
                 self.dial(addr)
             nursery.start_soon(self._watch)
             nursery.start_soon(self._expiry)
+            nursery.start_soon(self._books)
             task_status.started(bound)
 
     def dial(self, addr: str) -> None:
@@ -303,8 +330,17 @@ class PeerNet:
 
     async def _watch(self) -> None:
         while True:
-            await trio.sleep(KEEPALIVE / 2)
             self._update_reachable()
+            self.rewatch = trio.Event()
+            with trio.move_on_after(self.next_look()):
+                await self.rewatch.wait()
+
+    def next_look(self) -> float:
+        """Seconds until a peer we call reachable could have been silent too long."""
+        now = self.clock()
+        due = min((self.heard.get(p, now) + self._silence(p) for p in self.told[0]),
+                  default=now + WATCH[1])
+        return min(max(due - now + 0.01, WATCH[0]), WATCH[1])
 
     # -- candidates ----------------------------------------------------------------------------
 
@@ -318,7 +354,7 @@ class PeerNet:
 
     def _connected(self) -> set[str]:
         now = self.clock()
-        return set(self.out) | {p for p, t in self.heard.items() if now - t < DEAD_AFTER}
+        return set(self.out) | {p for p, t in self.heard.items() if now - t < self._silence(p)}
 
     def expire_candidates(self) -> list[str]:
         """Forget the candidates not heard from with the secret for candidate_ttl seconds,
@@ -378,6 +414,7 @@ class PeerNet:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await trio.open_tcp_stream(host, port)
+                self._unacked_timeout(stream)
             except (OSError, trio.TooSlowError, UnicodeError, ValueError) as e:
                 # A name that cannot be encoded or resolved is one more failed dial, never the
                 # end of the daemon.
@@ -448,14 +485,16 @@ class PeerNet:
         self._remember(peer, addr)
         send, recv = trio.open_memory_channel(QUEUE)
         self.out[peer] = send
+        self.rewatch.set()
         log.info("event=connected peer=%s address=%s", peer, addr)
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._sender, session, recv)
-                n.start_soon(self._book_sender, session)
+                self._send_book(peer, self._book_entries(None))  # all of it, at once
                 await self._reader(session, inbound=False)  # keepalives only, this way
         finally:
             del self.out[peer]
+            self.book_sent.pop(peer, None)
             self._update_reachable()
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
@@ -471,21 +510,45 @@ class PeerNet:
                 if peer not in self.out and addr in self.wake:
                     self.wake[addr].set()  # it is up: dial back now, not after the backoff
                 log.info("event=accepted peer=%s", peer)
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._keepalive, session)
-                    await self._reader(session, inbound=True)
-                    n.cancel_scope.cancel()
+                self._unacked_timeout(stream)
+                await self._reader(session, inbound=True)
         except Exception as e:
             _ended("connection_refused", e)
 
+    def _unacked_timeout(self, stream) -> None:
+        """What we send (keepalives at least) must be acknowledged within twice the silence
+        that means gone, or the kernel breaks the connection: a partition stalls TCP without
+        closing it, and a fresh connection after the heal beats TCP's retransmission backoff."""
+        ms = int(2000 * liveness.dead_after(liveness.interval(len(self.out) + 1)))
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+        except (AttributeError, OSError):  # not Linux: the receiving end's silence still tells
+            pass
+
+    def frame_heard(self, peer: str, kind: int, payload: bytes) -> None:
+        """A frame came from peer on its connection to us: it is alive and the path works
+        (the simulator's liveness model feeds this too, tests/sim/liveness.py)."""
+        self.heard[peer] = self.clock()
+        if kind == KEEPALIVE_FRAME:
+            try:
+                announced = liveness.decode(payload)
+            except ValueError as e:
+                raise ProtocolError(f"bad keepalive from {peer}: {e}") from None
+            if announced is not None:
+                self.dead_after[peer] = liveness.dead_after(announced)
+        if peer not in self.told[0]:
+            self.rewatch.set()  # it may be reachable now
+
     async def _reader(self, session: _Session, inbound: bool) -> None:
+        peer = session.peer
         while True:
-            # Both ends send a frame at least every KEEPALIVE: silence means the path is
-            # gone (a partition stalls TCP without closing it), so hang up and redial.
-            with trio.fail_after(DEAD_AFTER * 2):
+            # On a connection it dialled, the peer sends a frame at least every interval it
+            # announced: long silence means the peer or the path is gone (a partition stalls
+            # TCP without closing it), so hang up (it redials). Nothing comes the other way.
+            with trio.fail_after(2 * self._silence(peer)) if inbound else nullcontext():
                 kind, payload = await session.receive()
             if inbound:
-                self.heard[session.peer] = self.clock()
+                self.frame_heard(peer, kind, payload)
             if kind == CORE:
                 try:
                     msg = peer_codec.decode(payload)
@@ -499,41 +562,62 @@ class PeerNet:
                 raise ProtocolError(f"unknown frame kind {kind}")
 
     async def _sender(self, session: _Session, recv: trio.MemoryReceiveChannel) -> None:
+        """Queued frames; a keepalive whenever the connection was silent for the interval
+        (announced in it, and in a first one at once, so the peer knows what to expect)."""
+        every = liveness.interval(len(self.out))
+        await session.send(KEEPALIVE_FRAME, liveness.encode(every))
         while True:
-            with trio.move_on_after(KEEPALIVE):
+            with trio.move_on_after(liveness.until_next(self.wall(), every)):
                 kind, payload = await recv.receive()
                 await session.send(kind, payload)
                 continue
-            await session.send(KEEPALIVE_FRAME, b"")
+            every = liveness.interval(len(self.out), every)
+            await session.send(KEEPALIVE_FRAME, liveness.encode(every))
 
-    async def _keepalive(self, session: _Session) -> None:
+    async def _books(self) -> None:
+        """Books to the peers whose last one is out of date; now and then, an unchanged one
+        to the peer that has had it longest."""
+        refreshed = self.clock()
         while True:
-            await session.send(KEEPALIVE_FRAME, b"")
-            await trio.sleep(KEEPALIVE)
-
-    async def _book_sender(self, session: _Session) -> None:
-        q = self.out[session.peer]
-        while True:
-            try:
-                q.send_nowait((ADDRESSES, self._book_payload(session.peer)))
-            except trio.WouldBlock:
-                pass
             await trio.sleep(ADDRESS_BOOK_EVERY)
+            now = self.clock()
+            whole = self._book_entries(None)
+            for peer in list(self.out):
+                if peer in self.book_sent and self.book_sent[peer][0] != whole:
+                    self._send_book(peer, whole, full=False)
+            if now - refreshed >= BOOK_REFRESH_EVERY and self.book_sent:
+                refreshed = now
+                self._send_book(min(self.book_sent, key=lambda p: self.book_sent[p][1]), whole)
 
-    def _book(self, to: str) -> dict[str, str]:
-        """The addresses we tell `to` of: peers that proved the secret to us or are members,
-        never mere candidates (see the module's doc)."""
+    def _send_book(self, peer: str, whole: dict, full: bool = True) -> None:
+        """Our book to peer, less its own entry: all of it, or (full=False) only the entries
+        that changed since the last one it was sent (a book only ever adds to what its
+        receiver knows, so the rest would tell it nothing). Noted as sent only if queued."""
+        q = self.out.get(peer)
+        if q is None:
+            return
+        last = {} if full else self.book_sent[peer][0]
+        book = {p: e for p, e in whole.items() if p != peer and last.get(p) != e}
+        try:
+            q.send_nowait((ADDRESSES, peer_book.encode_book(book)))
+        except trio.WouldBlock:
+            return  # tried again next round
+        self.book_sent[peer] = (whole, self.clock())
+
+    def _book(self, to: str | None) -> dict[str, str]:
+        """The addresses we tell `to` (None: the whole book) of: peers that proved the secret
+        to us or are members, never mere candidates (see the module's doc)."""
         unproven = self.learned.keys() - self.proven
         if unproven:
             unproven -= self.core.members()
         return {p: a for p, a in self.addresses.items() if p != to and p not in unproven}
 
-    def _book_payload(self, to: str) -> bytes:
+    def _book_entries(self, to: str | None) -> dict[str, peer_book.Entry]:
         """_book with the nicknames we know, and our own."""
         book = {p: peer_book.Entry(a, self.nicknames.get(p)) for p, a in self._book(to).items()}
         if self.nickname is not None:
             book[self.me] = peer_book.Entry(None, self.nickname)
-        return peer_book.encode_book(book)
+        return book
 
     def _learn(self, payload: bytes, sender: str | None = None) -> None:
         good, bad = peer_book.decode_book(payload)

@@ -104,3 +104,113 @@ def test_full_state_for_a_peer_that_knows_nothing():
     newcomer.receive(peers[0].delta_for({}))
     assert {u: r.entries for u, r in newcomer.rings.items()} == \
         {u: r.entries for u, r in peers[0].rings.items()}
+
+
+def _deliver(peers: dict, now: float) -> tuple[list, float]:
+    """Ticks every peer every 0.1 s from `now`, handing each message to its destination,
+    until a tick sends nothing and every peer is idle; returns every message sent, as (src,
+    dst, msg), and the time then."""
+    sent = []
+    for _ in range(200):
+        batch = [(p, dst, msg) for p, peer in peers.items() for dst, msg in peer.tick(now).messages]
+        for src, dst, msg in batch:
+            sent.append((src, dst, msg))
+            peers[dst].receive(src, msg, now)
+        if not batch and all(peer.idle() for peer in peers.values()):
+            return sent, now
+        now += 0.1
+    raise AssertionError("the peers never went quiet")
+
+
+def _pair():
+    """Core peers a (the founder) and b, in touch, b having learned a's ring; and the time."""
+    from appliance.core.peer import Peer
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b = Peer("b", "c", [Ring(u)], u)
+    a.reachable, b.reachable = {"b"}, {"a"}
+    peers = {"a": a, "b": b}
+    _, now = _deliver(peers, 0.0)  # a pushes its news
+    return a, b, peers, now
+
+
+def test_a_probe_is_a_digest_answered_only_when_the_vectors_differ():
+    from appliance.core.peer_messages import Gossip
+    u = UNIVERSES[0]
+    a, b, peers, now = _pair()
+    assert b.rings[u].entries == a.rings[u].entries and b.replica.vector == a.replica.vector
+    probe = Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed))
+    assert b.receive("a", probe, now).messages == []  # in step: no answer at all
+    # b misses a write of a's (a message lost): a probe finds it, and the exchange repairs it.
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    a.pushed = dict(a.replica.vector)  # as if its rumour had been sent, and lost
+    answer = b.receive("a", Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed)), now)
+    assert [(dst, msg.delta.base, dict(msg.delta.vector)) for dst, msg in answer.messages] == \
+        [("a", None, b.replica.vector)]  # its whole vector, a hello
+    a.receive("b", answer.messages[0][1], now)
+    _deliver(peers, now)
+    assert b.rings[u].entries == a.rings[u].entries
+    assert b.replica.digest(b.removed) == a.replica.digest(a.removed)
+    # Removals count too (by whom does not: two peers may have heard it from different ones).
+    a.removals.removed["x"], b.removals.removed["x"] = "a", "b"
+    assert b.replica.digest(b.removed) == a.replica.digest(a.removed)
+    b.removals.removed["y"] = "b"
+    assert b.replica.digest(b.removed) != a.replica.digest(a.removed)
+
+
+def test_an_idle_pair_sends_only_probes():
+    from appliance.core.peer import PROBE
+    _, _, peers, now = _pair()
+    sent = []
+    for i in range(10 * PROBE):  # one tick each, everything delivered at once
+        t = now + 0.1 * (i + 1)
+        for p, peer in peers.items():
+            for dst, msg in peer.tick(t).messages:
+                sent.append(msg)
+                assert peers[dst].receive(p, msg, t).messages == []  # never answered
+    assert len(sent) == 2 * 10  # one probe per PROBE ticks each way
+    assert all(msg.digest and not msg.delta.vector for msg in sent), sent
+
+
+def test_news_is_followed_by_a_probe_every_tick_for_a_second():
+    from appliance.core.peer import AFTER_NEWS
+    u = UNIVERSES[0]
+    a, b, peers, now = _pair()
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    sent, _ = _deliver(peers, now)
+    probes = [msg for src, _, msg in sent if src == "a" and msg.digest]
+    assert len(probes) >= AFTER_NEWS / 0.1 - 2  # a straggler is found within a tick or two
+    assert b.rings[u].entries == a.rings[u].entries and a.idle()
+
+
+def test_a_core_is_idle_only_with_nothing_to_push_answer_or_wait_for():
+    from appliance.core import messages as m
+    from appliance.core.peer import AFTER_NEWS
+    from appliance.core.peer_messages import Gossip
+    u = UNIVERSES[0]
+    a, b, peers, now = _pair()
+    assert a.idle() and b.idle()
+    with a.writer.change([]) as ch:  # news: a has something to push
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    assert not a.idle()
+    ready = a.tick(now)
+    assert ready.messages and not a.idle()  # pushed, and probing every tick for a while
+    a.tick(now + AFTER_NEWS)
+    assert a.idle()
+    for dst, msg in ready.messages:  # b heard news: it owes an answer
+        b.receive("a", msg, now)
+    assert not b.idle()
+    b.tick(now + AFTER_NEWS + 1)  # (its own vector moved: it pushes, then probes a while)
+    b.tick(now + 2 * AFTER_NEWS + 1)
+    assert b.idle()
+    b.receive("a", Gossip("c", Delta((), ()), digest=b"not-mine"), now)  # a probe that differs
+    assert b.idle()  # answered at once, nothing left for a tick
+    c = type(a)("c", "c", [Ring(u)], u)  # a newcomer owning nothing: its request waits
+    c.reachable = {"a"}
+    ready = c.request("r", m.Allocate("h"), now)
+    assert ready.replies == [] and [dst for dst, _ in ready.messages] == ["a"]
+    assert not c.idle()
+    alone, _ = type(a).founder("z", "c", [u], u)
+    assert alone.idle()  # no peer to push its first write to: nothing to do

@@ -10,7 +10,8 @@ import trio.testing
 
 from appliance.core.addr import cidr
 from appliance.peer_net import PeerNet, _Framed, _Session
-from appliance.protocols.peer_frames import CORE, ProtocolError, mac
+from appliance.protocols.peer_book import Entry, decode_book
+from appliance.protocols.peer_frames import ADDRESSES, CORE, ProtocolError, mac
 
 SECRET = b"a-cluster-secret-of-some-length"
 
@@ -234,7 +235,6 @@ def test_bad_address_book_entries_are_dropped_one_by_one():
 def test_nicknames_travel_in_address_books():
     import msgpack
 
-    from appliance.protocols.peer_book import Entry, decode_book
     n = net("a")
     # Entries of an older ipamd (an address alone) still parse: no nickname known.
     n._learn(msgpack.packb({"b": "h:1", "c": ["h:2", "host-c"], "d": ["", "host-d"]}), "d")
@@ -255,8 +255,31 @@ def test_nicknames_travel_in_address_books():
     # Our books carry our own nickname, and those we know of peers we name.
     n.nickname = "host-a"
     n._proved("b")
-    assert decode_book(n._book_payload("c")) == (
-        {"a": Entry(None, "host-a"), "b": Entry("h:1", "real-b")}, [])
+    assert n._book_entries("c") == {"a": Entry(None, "host-a"), "b": Entry("h:1", "real-b")}
+
+
+async def test_a_book_goes_whole_once_then_only_what_changed():
+    n = net("a")
+    n.nickname = "host-a"
+    n._remember("b", "h:1")
+    n._proved("b")
+    send, recv = trio.open_memory_channel(10)
+    n.out["c"] = send
+
+    def sent():
+        kind, payload = recv.receive_nowait()
+        assert kind == ADDRESSES
+        return decode_book(payload)[0]
+    n._send_book("c", n._book_entries(None))  # a new connection: all of it
+    assert sent() == {"a": Entry(None, "host-a"), "b": Entry("h:1", None)}
+    n._remember("d", "h:4")
+    n._proved("d")
+    n._name("b", "host-b", True)
+    n._send_book("c", n._book_entries(None), full=False)  # what changed since
+    assert sent() == {"b": Entry("h:1", "host-b"), "d": Entry("h:4", None)}
+    n.out["d"] = send
+    n._send_book("d", n._book_entries(None))  # never its own entry
+    assert sent() == {"a": Entry(None, "host-a"), "b": Entry("h:1", "host-b")}
 
 
 def test_phantom_peers_from_an_address_book_stay_candidates(tmp_path):

@@ -17,7 +17,8 @@ import trio.testing
 from appliance import peer_net
 from appliance.core.addr import cidr
 from appliance.core.messages import PeerSeen
-from appliance.peer_net import KEEPALIVE, PeerNet, _Framed, _Session
+from appliance.peer_net import PeerNet, _Framed, _Session
+from appliance.protocols.peer_liveness import INTERVAL_MIN as KEEPALIVE
 from appliance.protocols.peer_frames import ADDRESSES, KEEPALIVE_FRAME, ProtocolError
 from appliance.store import Store
 
@@ -245,7 +246,7 @@ class FakePeer:
                 self.ready.set()
                 try:
                     while True:
-                        await self.session.receive()  # the daemon's keepalives
+                        await self.session.receive()  # nothing comes: this ends when the daemon hangs up
                 except (ProtocolError, trio.BrokenResourceError, OSError) as e:
                     self.closed = str(e) or type(e).__name__
                 n.cancel_scope.cancel()

@@ -12,6 +12,7 @@ A peer that knows nothing (empty vector) is sent every entry: full state is the 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from .addr import Cidr
@@ -19,6 +20,7 @@ from .ring import Entry, Ring, RingError
 from .rings import Rings
 
 Vector = dict[str, int]
+DIGEST_SIZE = 8  # bytes; a collision only delays a repair until the vectors change again
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class Replica:
 
     def hello(self) -> Delta:
         return Delta(tuple(sorted(self.vector.items())), (), None)
+
+    def digest(self, removed) -> bytes:
+        """A short hash of the vector and the removed peers' ids (not who removed them: two
+        peers may have heard that differently): equal on two peers that have seen the same
+        writes and removals, so a probe need not carry the vector itself."""
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        h.update(repr((sorted(self.vector.items()), sorted(removed))).encode())
+        return h.digest()
 
     def complete_for_me(self, delta: Delta) -> bool:
         """Was the delta made against a vector this peer's own covers? Only then does it hold

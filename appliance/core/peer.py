@@ -35,7 +35,12 @@ from .ring import HINT_MAX, Ring, RingConflict, RingError
 from .rings import Rings, RingWriter
 
 FANOUT = 3    # peers each piece of news is pushed to
-PROBE = 1     # ticks between vector swaps with the next peer in rotation (anti-entropy)
+# Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
+# answered only when the other's differs. News is pushed as rumours; probes only repair.
+PROBE = 10
+# Seconds after news of ours during which we probe every tick: a rumour pushed once to FANOUT
+# peers misses a few (about 5%); they are found at once, not at the next idle probe.
+AFTER_NEWS = 1.0
 HINTS = 10    # ticks between refreshes of the free hints on our own entries
 # Ticks between reminders to the owners of gateways reserved for us (idempotent: it heals a
 # lost message, or an owner that took the space over from a removed peer) and telling owners
@@ -91,6 +96,9 @@ class Peer:
         self.pushed: Vector = {}       # our vector when we last pushed news
         self.heard: set[str] = set()   # peers heard from since the last tick: answer them next
         self.ticks = 0
+        self.probes = 0               # probes sent: the rotation's place
+        self.news_until = -1.0        # probing every tick until then (AFTER_NEWS)
+        self.last_tick = 0.0
         self.waiting: dict[int, _Waiting] = {}
         self.next_req = 0
         # "member" allocates; "waiting" (bootstrap undecided or unconfirmed), "left" and
@@ -476,6 +484,14 @@ class Peer:
         return self.waiting.pop(req)
 
     def _gossip(self, sender: str, msg: Gossip, out: Ready) -> None:
+        if msg.digest:
+            # A probe. Equal digests: nothing to repair either way, and nothing is sent. Else
+            # our whole vector (a hello): the prober answers with what we lack and learns
+            # what it lacks from it, as after any hello.
+            if msg.digest != self.replica.digest(self.removed):
+                out.messages.append((sender, self._gossip_msg(self.replica.hello())))
+                self.asking.add(sender)
+            return
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
         if msg.delta.entries and not incomplete:
             self.merge(sender, msg.delta, out)
@@ -502,6 +518,18 @@ class Peer:
     def _gossip_msg(self, delta: Delta, nack: bool = False) -> Gossip:
         return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())))
 
+    def idle(self) -> bool:
+        """Nothing a tick soon would do: no news to push nor gossip to answer, no request
+        waiting, no bootstrap, leave or removal under way. The shell may then tick less
+        often (until the next event): what ticks still do at idle (probes, hint refreshes,
+        reminders) only repairs what was lost, and a slower rhythm is no danger."""
+        return not (self.waiting or self.owe_ack or self.heard or self.boot.confirming
+                    or self.last_tick < self.news_until
+                    or self.boot.pending is not None or not self.boot.decided
+                    or self.reachable and self.replica.vector != self.pushed
+                    or self.removals.busy()
+                    or self.allocator.unsettled)
+
     def tick(self, now: float) -> Ready:
         out = self._tick(now)
         self._settle(now, out)
@@ -509,6 +537,7 @@ class Peer:
 
     def _tick(self, now: float) -> Ready:
         out = Ready()
+        self.last_tick = now
         if self.boot.pending is not None:
             return out  # nothing to do before the split
         for req, w in list(self.waiting.items()):
@@ -543,10 +572,12 @@ class Peer:
             self._gateways(now, out)
         # Rumours and anti-entropy. News (our vector moved since we last pushed) goes once to
         # FANOUT peers in rotation, who pass it on the same way: a change reaches everyone in
-        # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks we
-        # also swap vectors with the next peer in rotation (a hello; its answer brings what we lack,
-        # and says what it lacks): that repairs whatever was lost. Peers that sent us news,
-        # or just told us their vector, get what they lack at once.
+        # about log(peers) ticks and each peer receives it a few times. Every PROBE ticks
+        # (every tick for AFTER_NEWS seconds after news of ours) we also probe the next peer in
+        # rotation with our vector's digest; if its own differs it sends its vector, and the
+        # exchange that follows brings each what it lacks: that repairs whatever was lost, at
+        # a few dozen bytes a probe when nothing was. Peers that sent us news, or just told us
+        # their vector, get what they lack at once.
         peers = sorted(self.reachable)
         targets = set((self.owe_ack | self.heard) & self.reachable)
         if self.boot.confirming and self.ticks % HINTS == 1:
@@ -562,14 +593,16 @@ class Peer:
             if self.replica.vector != self.pushed:
                 # The next FANOUT peers in rotation that may lack it: not the ones that sent it.
                 self.pushed = dict(self.replica.vector)
+                self.news_until = now + AFTER_NEWS
                 start = rank + self.ticks * FANOUT
                 lacking = [q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
                            if not _covers(self.sent.get(q, {}), self.pushed)]
                 targets.update(lacking[:FANOUT])
-            probe = peers[(rank + self.ticks // PROBE) % len(peers)]
-            if self.ticks % PROBE == 0 and probe not in targets:
-                out.messages.append((probe, self._gossip_msg(self.replica.hello())))
-                self.asking.add(probe)
+            probe = peers[(rank + self.probes) % len(peers)]
+            if (self.ticks % PROBE == 0 or now < self.news_until) and probe not in targets:
+                self.probes += 1
+                out.messages.append((probe, Gossip(self.cluster, Delta((), ()), digest=(
+                    self.replica.digest(self.removed)))))
         for peer in sorted(targets):
             if peer not in self.known:
                 # Never heard its vector: ask for it rather than send everything we have. Full

@@ -20,6 +20,9 @@ class Gossip:
     delta: Delta
     nack: bool = False  # "your last delta assumed more than I have": resend from my vector
     removed: tuple[tuple[str, str], ...] = ()  # (peer, who removed it): never to return
+    # A probe: only the digest of the sender's vector and removals (the delta empty). The
+    # receiver answers only when its own digest differs, with its whole vector (a hello).
+    digest: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ class Removals:
         self.stale_promises = False  # our own rounds cut off by a restart: withdraw them
         self.heard_of: set[str] = set()  # peers others named in their promises
 
+    def busy(self) -> bool:
+        """A leave or removal under way here: its deadlines and retries need ticks."""
+        return bool(self.promised or self.removing or self.leaving or self.stale_promises)
+
     def restore(self, me: str, rows: list[m.Removal]) -> None:
         for r in rows:
             if r.state == "removed":

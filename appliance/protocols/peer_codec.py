@@ -159,6 +159,10 @@ def _field(cls, name: str, v):
         return _text(v, name, 32)
     if name in ("reason", "removed_by"):
         return _text(v, name, MAX_TEXT, empty=True)
+    if name == "digest":
+        if not isinstance(v, bytes) or len(v) > 64:
+            raise CodecError("digest must be at most 64 bytes")
+        return v
     if name in ("nack", "gateway"):
         if not isinstance(v, bool):
             raise CodecError(f"{name} must be a boolean")

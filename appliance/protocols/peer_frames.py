@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import msgpack
 
 MAGIC = "ipamd-peer"
-PROTOCOL = 3  # 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d)
+# 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d); 4: Gossip.digest (probes
+# carry a vector's digest, not the vector)
+PROTOCOL = 4
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 MAX_PROOF = 64
