@@ -46,6 +46,7 @@ from pathlib import Path
 
 import msgpack
 
+from appliance.protocols import peer_liveness
 from appliance.protocols.peer_frames import mac
 from ..daemon_proc import Daemon, wait_until
 
@@ -563,8 +564,15 @@ class Soak:
                 # be told, so it is sent, and the session ended without a verdict.
                 verdict, kind = "unjudged", f"book_{verdict}_of_a_removed_peer"
         elif r < 0.87:
-            payload = b"" if rng.random() < 0.7 else rng.randbytes(rng.randint(1, 40))
-            data, kind = s.sealed(pr.KEEPALIVE_FRAME, payload), "keepalive"
+            # Protocol 4: a keepalive says its interval in 2 bytes (an empty one is taken too);
+            # any other payload is the sender's bug and ends the connection.
+            payload = rng.choice([b"", rng.randbytes(2), rng.randbytes(rng.randint(1, 40))])
+            try:
+                peer_liveness.decode(payload)
+                kind = "keepalive"
+            except ValueError as e:
+                verdict, why, kind = "fatal", e, "keepalive_bad_payload"
+            data = s.sealed(pr.KEEPALIVE_FRAME, payload)
         else:
             payload = msgpack.packb(["Gossip"])
             verdict = "fatal"
