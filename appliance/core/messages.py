@@ -115,10 +115,25 @@ class RemovePeer:
     force: bool = False  # skip the reachability and majority checks: the operator vouches
 
 
+@dataclass(frozen=True)
+class AddRange:
+    """Add an allocation range to the whole cluster (`ipamd range add`): carved out of the
+    spare space (ring.SPARE), which only its owner may do, so two hosts can never add
+    overlapping ranges, partitioned or not."""
+    cidr: Cidr
+
+
+@dataclass(frozen=True)
+class RetireRange:
+    """Stop (retired=True) or resume new allocations in a range; existing ones stay."""
+    cidr: Cidr
+    retired: bool = True
+
+
 Request = (Allocate | Claim | TakeSets | Release | ReleaseIf | ReleaseUnlisted | Lookup | List
-           | Holder | Status | CanServe | Leave | RemovePeer)
+           | Holder | Status | CanServe | Leave | RemovePeer | AddRange | RetireRange)
 # What a host may do only as a member in good standing: it gives out addresses or moves space.
-TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer)
+TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer, AddRange, RetireRange)
 
 
 # Rows: what must be durable before a reply is sent.
@@ -236,7 +251,16 @@ class SeedIds:
     ids: tuple[str, ...]
 
 
-Row = (PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | FreedSpan | DropFreedSpan
+@dataclass(frozen=True)
+class AddUniverse:
+    """A universe this peer learned of or made after the database was created (a range
+    added online): its row comes before any ring row of it. kind: "range" or "static"."""
+    cidr: str
+    family: int
+    kind: str
+
+
+Row = (AddUniverse | PutAllocation | FreeAddress | Reserve | Unreserve | ForgetFreed | FreedSpan | DropFreedSpan
        | RingWrite | ClockWrite | Removal | PeerSeen | Standing | Vote | SeedIds)
 
 
