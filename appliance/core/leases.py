@@ -173,21 +173,7 @@ def _what(req) -> str:
 # -- plans --------------------------------------------------------------------------------------
 
 def _plan(peer, req, now: float) -> Plan | dict:
-    if isinstance(req, m.AddRange):
-        return _add_range(peer, req)
-    if isinstance(req, m.LeaseBlock):
-        return _lease_block(peer, req)
-    if isinstance(req, m.ReleaseBlocks):
-        return _release_blocks(peer, req)
-    if isinstance(req, m.TenantCreate):
-        return _tenant_create(peer, req)
-    if isinstance(req, m.TenantGrow):
-        return _tenant_grow(peer, req)
-    if isinstance(req, m.TenantDelete):
-        return _tenant_delete(peer, req)
-    if isinstance(req, m.NamesCreate):
-        return _names_create(peer, req)
-    raise TypeError(f"not a lease request: {req!r}")
+    return PLANS[type(req)](peer, req)
 
 
 def _spare(peer, family: int) -> Ring | dict:
@@ -442,3 +428,8 @@ def _names_create(peer, req: m.NamesCreate) -> Plan | dict:
 
 def _cidr_arg(text: str) -> Cidr:
     return parse_marker(f"@range {text}").universe
+
+
+PLANS = {m.AddRange: _add_range, m.LeaseBlock: _lease_block, m.ReleaseBlocks: _release_blocks,
+         m.TenantCreate: _tenant_create, m.TenantGrow: _tenant_grow,
+         m.TenantDelete: _tenant_delete, m.NamesCreate: _names_create}
