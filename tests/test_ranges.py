@@ -124,3 +124,54 @@ def test_a_host_that_left_refuses_range_requests_with_its_standing():
     for req in (m.AddRange(cidr("10.1.0.0/24")), m.RetireRange(cidr("10.0.0.0/24"))):
         r = _ask(c, "p1", req)
         assert r["error"]["code"] == "left"
+
+
+def test_a_tenants_block_keeps_its_gateway_and_its_addresses_for_the_tenant():
+    c = Cluster(2, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.AddRange(cidr("10.64.0.0/16"), blocks=True))["ok"]
+    r = _ask(c, "p1", m.TenantCreate("acme", 29, max_blocks=1))
+    block = cidr(r["blocks"][0])
+    first = _ask(c, "p0", m.Allocate("a", tenant="acme"))
+    assert first["address"] == f"{block.addr(block.start + 2)}/29"
+    assert (first["tenant"], first["gateway"]) == ("acme", block.addr(block.start + 1))
+    gw, other = block.start + 1, block.start + 5
+    assert _ask(c, "p1", m.Claim("b", 4, gw, tenant="acme"))["error"]["message"] == (
+        f"{block.addr(gw)} may not be claimed: it is the gateway of tenant acme's block {block}")
+    assert _ask(c, "p1", m.Claim("b", 4, other))["error"]["message"] == (
+        f"{block.addr(other)} may not be claimed: it lies in tenant acme's block {block}: "
+        "claim it for the tenant")
+    held = _ask(c, "p1", m.Claim("b", 4, other, tenant="acme"))
+    assert held["address"] == f"{block.addr(other)}/29" and held["tenant"] == "acme"
+    # Plain allocations never land in block space or blocks, even with the range full.
+    for i in range(260):
+        r = _ask(c, "p0", m.Allocate(f"plain-{i}"))
+        if not r["ok"]:
+            break
+        assert cidr("10.0.0.0/24").start <= __import__("appliance.core.addr", fromlist=["x"]) \
+            .parse_addr(r["address"].split("/")[0])[1] < cidr("10.0.0.0/24").end
+    assert r["error"]["code"] == "exhausted"
+
+
+def test_name_pools_are_unique_and_names_parse_exactly():
+    from appliance.core.names import Pattern
+    p = Pattern.parse("web-{000..999}")
+    assert (p.size, p.name(7), p.ordinal("web-007"), p.ordinal("web-7"), p.ordinal("web-1000"))\
+        == (1000, "web-007", 7, None, None)
+    q = Pattern.parse("{1..12}.example")
+    assert (q.size, q.name(0), q.ordinal("12.example"), q.ordinal("012.example")) == \
+        (12, "1.example", 11, None)
+    for bad in ("web", "web-{9..1}", "Web-{0..9}", "web-{00..9}", "a{0..1}{0..1}"):
+        try:
+            Pattern.parse(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+    c = Cluster(2, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.NamesCreate("web", "web-{0..2}"))["size"] == 3
+    assert _ask(c, "p1", m.NamesCreate("web", "web-{0..5}"))["error"]["code"] == "exists"
+    names = {_ask(c, p, m.LeaseName(h, "web"))["name"] for p, h in
+             (("p0", "a"), ("p1", "b"), ("p0", "c"))}
+    assert names == {"web-0", "web-1", "web-2"}
+    assert _ask(c, "p1", m.LeaseName("d", "web"))["error"]["code"] == "exhausted"

@@ -254,6 +254,7 @@ class Allocator:
             v["pool"] = self.carves[h.universe].name
         elif h.universe in self.carves and self.carves[h.universe].state == "block":
             v["tenant"] = self.carves[h.universe].name
+            v["gateway"] = format_addr(h.family, block_gateway(h.universe))
         return v
 
     def kind(self, u: Cidr) -> str:
@@ -284,9 +285,12 @@ class Allocator:
             return [subnet]
         return [u for u in self._open if u.overlaps(subnet)]
 
-    def claimable(self, u: Cidr, subnet: Cidr, tenant: str | None) -> str | None:
+    def claimable(self, u: Cidr, subnet: Cidr, tenant: str | None,
+                  address: int | None = None) -> str | None:
         """Why an address of u may not be claimed so, or None."""
         k = self.kind(u)
+        if k == "block" and address == block_gateway(u):
+            return f"it is the gateway of {self.kind_text(u)} {u}"
         if k in ("range", "static") or k == "names" and subnet == u or \
                 k == "block" and self.carves[u].name == tenant:
             return None
@@ -341,6 +345,11 @@ class Allocator:
             if not subnets:
                 return error("no_tenant", f"no tenant {req.tenant} with blocks is known "
                              "here"), []
+            if req.subnet is not None:  # one of its blocks (a Docker network's pool)
+                if req.subnet not in subnets:
+                    return error("bad_subnet", f"{req.subnet} is not a block of tenant "
+                                 f"{req.tenant} ({', '.join(map(str, subnets))})"), []
+                subnets = [req.subnet]
         else:
             subnets = [req.subnet or self.default_subnet]
         held = self.by_handle.get(req.handle, {})
@@ -361,6 +370,8 @@ class Allocator:
                 return err, []
         for subnet in subnets:
             lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
+            if req.tenant is not None:
+                lo = max(lo, block_gateway(subnet) + 1)  # its first host address: the gateway
             found = self._find(subnet, lo, hi, now, req.tenant)
             if found is not None:
                 u, address = found
@@ -653,7 +664,8 @@ class Allocator:
             if holder.handle == req.handle and holder.subnet == subnet:
                 return ok(**self.view(holder)), []
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
-        why = self.claimable(universe, subnet, req.tenant) if universe is not None else None
+        why = self.claimable(universe, subnet, req.tenant, req.address) \
+            if universe is not None else None
         if why is not None:
             return error("bad_address", f"{_fmt(key)} may not be claimed: {why}"), []
         if universe is None and self.clustered():
@@ -923,6 +935,12 @@ class Allocator:
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
                 "reserved": {_fmt(k): sorted(h) for k, h in sorted(self.reserved.items())},
                 "handles": len(self.by_handle), "universes": universes}
+
+
+def block_gateway(block: Cidr) -> int:
+    """A tenant's block keeps its first host address for the gateway (a bridge's address):
+    never handed out, named in every allocation's reply."""
+    return block.host_bounds()[0]
 
 
 def _fmt(key: tuple[int, int]) -> str:

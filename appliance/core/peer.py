@@ -355,7 +355,9 @@ class Peer:
         digest = hashlib.sha256()
         by_range = {x["range"]: x for x in s["universes"]}
         spare: dict[str, dict[str, int]] = {}
-        for universe, ring in self.rings.items():
+        # In one order on every host, whatever order each learned its universes in.
+        for universe, ring in sorted(self.rings.items(),
+                                     key=lambda x: (x[0].family, x[0].start, x[0].prefix)):
             if str(universe) not in by_range:  # spare or dissolved: no share of addresses
                 owned = spare.setdefault(str(universe), {}) if is_spare(universe) else {}
                 for e, lo, hi in ring.spans():
@@ -996,12 +998,12 @@ class Peer:
         blocks = a.tenant_blocks.get(tenant, [])
         key = next((c for c in a.carves.values() if c.state == "tenant" and c.name == tenant),
                    None)
-        most = f"; its limit is {key.args[3]} blocks" if key else ""
+        most = f"; it may have {key.args[3]} block(s)" if key else ""
         return m.error("tenant_full", (
             f"tenant {tenant} is full: no free address in its {len(blocks)} block(s) "
             f"({', '.join(map(str, blocks))}) on {self.me}"
-            f"{' or ' + ', '.join(asked) if asked else ''}{most} (ipamd tenant grow "
-            f"{tenant})"))
+            f"{', nor on the peers it asked (' + ', '.join(asked) + ')' if asked else ''}"
+            f"{most} (ipamd tenant grow {tenant})"))
 
     def _name_request(self, req) -> m.Allocate | m.Claim | dict:
         """A name lease as the allocate or claim in its pool that it is (names.py)."""
