@@ -33,6 +33,7 @@ class Durable:
     cluster: str
     universes: list[Cidr]  # static ones (claim-only space) included
     static: tuple[Cidr, ...] = ()
+    spare: tuple = ()
     ring: dict[tuple[str, str], m.RingWrite] = field(default_factory=dict)
     clock: m.ClockWrite = m.ClockWrite(0, ())
     allocations: dict[str, m.PutAllocation] = field(default_factory=dict)

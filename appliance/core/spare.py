@@ -1,0 +1,3 @@
+from .addr import cidr
+
+SPARE = (cidr("0.0.0.0/0"), cidr("::/0"))
