@@ -23,6 +23,11 @@ Commands (peers are p0, p1, ...):
   block A B                       what A sends B is lost (one way); `heal` ends it
   tick N                          N rounds of ticks and deliveries
   stranger PEER                   a peer of another cluster talks to PEER
+  range add|retire|unretire PEER CIDR
+                                  add a range to the running cluster, or stop/resume new
+                                  allocations there (spare.py)
+  ranges PEER                     the universes PEER knows, with their state and who owns them
+  allocate PEER HANDLE subnet=CIDR  from that subnet
   CMD & CMD                       start both requests, then wait for both answers
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ from appliance.core.addr import cidr, parse_addr, range_to_cidrs
 from appliance.core.durable import Durable
 from appliance.core.gossip import Replica
 from appliance.core.peer import Gossip, Peer, Ready
+from appliance.core.spare import SPARE, is_spare
 
 TICK = 0.1
 CLUSTER = "c1"
@@ -62,12 +68,13 @@ class Cluster:
             boot = {"mode": "quorum", "quorum": self.quorum}
         else:
             boot = {"mode": "single" if name == "p0" else "join"}
-        d = self.durable[name] = Durable.new(name, CLUSTER, [self.u], **boot)
+        d = self.durable[name] = Durable.new(name, CLUSTER, [self.u, *SPARE], spare=SPARE,
+                                             **boot)
         self.peers[name] = d.load(self.u, 30.0)
         self._links()
 
     def join(self, name: str) -> None:
-        self.durable[name] = Durable.new(name, CLUSTER, [self.u])
+        self.durable[name] = Durable.new(name, CLUSTER, [self.u, *SPARE], spare=SPARE)
         self.peers[name] = self.durable[name].load(self.u, 30.0)
         self._links()
 
@@ -136,6 +143,11 @@ class Cluster:
         if isinstance(req, m.RemovePeer):
             return (f"removed {', '.join(r['removed'])} (by {r.get('by', '?')}); reclaimed "
                     f"{' '.join(r['reclaimed']) or 'nothing'}")
+        if isinstance(req, m.AddRange):
+            return f"added {r['range']}" + (" (already a range)" if r.get("already") else "")
+        if isinstance(req, m.RetireRange):
+            return f"{r['range']} {'retired' if r['retired'] else 'open'}" + \
+                (" (already)" if r.get("already") else "")
         return r["address"]
 
     def requests(self, pairs: list[tuple[str, object]]) -> list[str]:
@@ -152,7 +164,8 @@ def parse_request(words: list[str]):
     if cmd == "allocate":
         opts = dict(a.split("=", 1) for a in args[2:])
         gateway = parse_addr(opts["gateway"])[1] if "gateway" in opts else None
-        return args[0], m.Allocate(args[1], gateway=gateway)
+        subnet = cidr(opts["subnet"]) if "subnet" in opts else None
+        return args[0], m.Allocate(args[1], subnet, gateway=gateway)
     if cmd == "claim":
         return args[0], m.Claim(args[1], *parse_addr(args[2]))
     if cmd == "release":
@@ -161,6 +174,10 @@ def parse_request(words: list[str]):
         return args[0], m.Leave()
     if cmd == "rmpeer":
         return args[0], m.RemovePeer(tuple(args[1].split(",")), "force" in args[2:])
+    if cmd == "range" and args[0] == "add":
+        return args[1], m.AddRange(cidr(args[2]))
+    if cmd == "range" and args[0] in ("retire", "unretire"):
+        return args[1], m.RetireRange(cidr(args[2]), args[0] == "retire")
     return None
 
 
@@ -217,6 +234,8 @@ def run_command(state: dict, line: str) -> str:
         return c.owners()
     if cmd == "status":
         return status_line(c, args[0])
+    if cmd == "ranges":
+        return ranges_line(c, args[0])
     if cmd == "tick":
         c.settle(int(args[0]))
         return "ok"
@@ -260,6 +279,16 @@ def status_line(c: Cluster, p: str) -> str:
         words.append("knows removed: " + ", ".join(f"{t} by {by}"
                                                     for t, by in s["removed"].items()))
     return " ".join(words)
+
+
+def ranges_line(c: Cluster, p: str) -> str:
+    peer = c.peers[p]
+    out = []
+    for x in peer.status(c.now)["universes"]:
+        state = "static" if x["kind"] == "static" else "retired" if x["retired"] else "open"
+        owners = ", ".join(f"{q} {d['owned']}" for q, d in x["peers"].items()) or "nobody known"
+        out.append(f"{x['range']} {state}: {x['allocated']} allocated here; owned by {owners}")
+    return "\n".join(out)
 
 
 def run_file(path: Path) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from .messages import (Allocate, Claim, DropFreedSpan, ForgetFreed, FreeAddress,
                        TakeSets, Unreserve, error, ok)
 from .ring import Ring
 from .rings import Rings
+from .spare import RETIRED, is_spare, parse_marker
 
 CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
 
@@ -77,6 +78,10 @@ class Allocator:
         # Claim-only universes: the default subnet outside the ranges, in the ring so that
         # every static address there has one owner, but never handed out by allocate.
         self.static = frozenset(static)
+        # Ranges retired online (spare.py: their marker says so): claim-only, like static.
+        self.retired: frozenset[Cidr] = frozenset()
+        # Never searched by allocate: static, retired and spare universes.
+        self.closed: frozenset[Cidr] = frozenset()
         self.default_subnet = default_subnet
         self.reuse_delay = reuse_delay
         self.by_addr: dict[tuple[int, int], Held] = {}
@@ -90,6 +95,7 @@ class Allocator:
         self.used: dict[Cidr, IntervalSet] = {u: IntervalSet() for u in self.rings}
         self.freed: dict[Cidr, FreeList] = {u: FreeList(reuse_delay) for u in self.rings}
         self._owned = {u: r.owned_by(me) for u, r in self.rings.items()}
+        self.carves_changed()
         # Never handed out: --gateway addresses and gateways that requests named, each with
         # its holders (see KEPT); reserved while it has any. Those inside a universe also count
         # as used, so the search for fresh space skips them.
@@ -170,7 +176,33 @@ class Allocator:
         rows += self._span_rows(u, changes)
 
     def universe_of(self, key: tuple[int, int]) -> Cidr | None:
-        return next((u for u in self.rings if key in u), None)
+        """The range or static universe holding key; spare space holds no address."""
+        return next((u for u in self.rings if key in u and not is_spare(u)), None)
+
+    def universes(self) -> list[Cidr]:
+        """The ranges and static universes: what addresses can be in."""
+        return [u for u in self.rings if not is_spare(u)]
+
+    def add_universe(self, u: Cidr) -> None:
+        """A universe made after start (a range added online): RingWriter's Change.create."""
+        self.held_sorted[u], self.used[u] = [], IntervalSet()
+        self.freed[u] = FreeList(self.reuse_delay)
+        self._owned[u] = self.rings[u].owned_by(self.me)
+
+    def drop_universe(self, u: Cidr) -> None:
+        """Undo add_universe: the change that made it was refused before any row."""
+        for d in (self.held_sorted, self.used, self.freed, self._owned):
+            d.pop(u, None)
+
+    def carves_changed(self) -> None:
+        """The spare rings changed: which ranges are retired now."""
+        retired = set()
+        for u, ring in self.rings.items():
+            if is_spare(u):
+                retired |= {parse_marker(e.owner)[1] for e in ring.entries
+                            if e.owner.startswith(RETIRED)}
+        self.retired = frozenset(retired)
+        self.closed = self.static | self.retired | {u for u in self.rings if is_spare(u)}
 
     def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
         """Call in order of freed_at."""
@@ -241,16 +273,22 @@ class Allocator:
             undo_gateway()  # a request that fails reserves nothing
         where = f"subnet {subnet}" if req.range is None else \
             f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
+        retired = [u for u in self.universes() if u.overlaps(subnet) and u in self.retired]
+        if retired and all(u in self.closed for u in self.universes() if u.overlaps(subnet)):
+            return error("retired", f"no new allocations in {where}: range "
+                         f"{', '.join(map(str, retired))} is retired "
+                         "(ipamd range unretire to resume)"), []
         return error("exhausted", f"no free address in {where} on this peer"), []
 
     def _bad_subnet(self, subnet: Cidr) -> dict | None:
         """A request's subnet is the default one or lies inside a range: anything else (a
         /0, a subnet straddling a range) would hand out or record addresses no range gives."""
-        if subnet == self.default_subnet or any(u.contains_cidr(subnet) for u in self.rings):
+        if subnet == self.default_subnet or any(u.contains_cidr(subnet)
+                                                for u in self.universes()):
             return None
         return error("bad_subnet", f"subnet {subnet} is neither the default subnet "
                      f"{self.default_subnet} nor inside an allocation range "
-                     f"({', '.join(map(str, self.rings))})")
+                     f"({', '.join(map(str, self.universes()))})")
 
     def can_allocate(self, subnet: Cidr, rng: tuple[int, int], now: float) -> bool:
         """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
@@ -259,7 +297,7 @@ class Allocator:
     def _find(self, subnet: Cidr, first: int, last: int, now: float) -> tuple[Cidr, int] | None:
         """The address allocate would take from [first, last] of subnet, and its universe."""
         for u in self.rings:
-            if u.overlaps(subnet) and u not in self.static:
+            if u.overlaps(subnet) and u not in self.closed:
                 bounds = self._bounds(u, subnet, first, last + 1)
                 found = self._fresh(u, bounds)
                 if found is None:
@@ -511,7 +549,7 @@ class Allocator:
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
         if universe is None and self.clustered():
             return error("no_owner", f"{_fmt(key)} lies outside every allocation range "
-                         f"({', '.join(map(str, self.rings))}): in a cluster no host owns it, "
+                         f"({', '.join(map(str, self.universes()))}): in a cluster no host owns it, "
                          "so two hosts could each claim it; claim addresses inside a range"), []
         mine = self.by_handle.get(req.handle, {}).get(subnet)
         if mine is not None:
@@ -758,11 +796,15 @@ class Allocator:
     def status(self, now: float) -> dict:
         universes = []
         for u, ring in self.rings.items():
+            if is_spare(u):
+                continue
             lo, hi = u.host_bounds()
             owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[u])
             allocated = len(self.held_sorted[u])
             quarantined = self.freed[u].quarantined_count(now)
             universes.append({"range": str(u), "static": u in self.static,
+                              "kind": "static" if u in self.static else "range",
+                              "retired": u in self.retired,
                               "owned": owned, "allocated": allocated,
                               # allocatable now: not held, quarantined or reserved
                               "quarantined": quarantined, "free": self.free_count(u, lo, hi, now),

@@ -32,12 +32,14 @@ def decided_cluster(base: str, value: tuple[str, ...]) -> str:
     return f"{base}/{digest}"
 
 
-def adopt_split(writer: RingWriter, value: tuple[str, ...], rows: list) -> None:
-    """The split over value, as every peer computes it: each owner's write number 1."""
+def adopt_split(writer: RingWriter, value: tuple[str, ...], rows: list,
+                first=lambda ring: ring) -> None:
+    """The split over value, as every peer computes it: each owner's write number 1.
+    first: what the first peers make of a split ring (Peer.first_ring: spare rings carved)."""
     replica = writer.replica
     with writer.change(rows) as ch:
         for u in list(writer.rings):
-            ch.replace(Ring.split(u, list(value)))
+            ch.replace(first(Ring.split(u, list(value))))
         for p in value:
             replica.vector[p] = max(replica.vector.get(p, 0), 1)
         replica.seq = max(replica.seq, replica.vector.get(replica.me, 0))

@@ -33,7 +33,7 @@ class Durable:
     cluster: str
     universes: list[Cidr]  # static ones (claim-only space) included
     static: tuple[Cidr, ...] = ()
-    spare: tuple = ()
+    spare: tuple[Cidr, ...] = ()  # spare.SPARE for a database made since schema 5 (in universes)
     ring: dict[tuple[str, str], m.RingWrite] = field(default_factory=dict)
     clock: m.ClockWrite = m.ClockWrite(0, ())
     allocations: dict[str, m.PutAllocation] = field(default_factory=dict)
@@ -74,7 +74,13 @@ class Durable:
     def apply(self, rows: list) -> None:
         """One transaction: the rows in order (the same meaning the SQL store gives them)."""
         for r in rows:
-            if isinstance(r, m.PutAllocation):
+            if isinstance(r, m.AddUniverse):
+                u = cidr(r.cidr)
+                if u not in self.universes:
+                    self.universes.append(u)
+                    if r.kind == "static":
+                        self.static = (*self.static, u)
+            elif isinstance(r, m.PutAllocation):
                 self.freed.pop(r.address, None)
                 self.allocations[r.address] = r
             elif isinstance(r, m.FreeAddress):

@@ -33,6 +33,7 @@ from .peer_messages import (Accept, Accepted, Decided, GatewayRelease, GatewayRe
 from .removal import Removals
 from .ring import HINT_MAX, Ring, RingConflict, RingError
 from .rings import Rings, RingWriter
+from .spare import is_marker, is_spare, marker, parse_marker, spare_of
 
 FANOUT = 3    # peers each piece of news is pushed to
 # Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
@@ -127,8 +128,16 @@ class Peer:
         with peer.writer.change(rows) as ch:
             stamp = peer.replica.next_stamp()
             for u in universes:
-                ch.replace(Ring.single_owner(u, me, stamp))
+                ch.replace(peer.first_ring(Ring.single_owner(u, me, stamp)))
         return peer, rows
+
+    def first_ring(self, ring: Ring) -> Ring:
+        """A universe's ring as the first peers make it: spare rings with every other
+        universe carved out of them (spare.py), the rest as they are."""
+        if not is_spare(ring.universe):
+            return ring
+        return ring.carve_first({u: "static" if u in self.allocator.static else "range"
+                                 for u in self.rings if not is_spare(u)})
 
     @classmethod
     def seeded(cls, me: str, cluster: str, universes: list[Cidr], default_subnet: Cidr,
@@ -188,13 +197,13 @@ class Peer:
 
     def _split_seeds(self, ids: tuple[str, ...], rows: list) -> None:
         self.boot.confirming = set(ids) - {self.me}
-        adopt_split(self.writer, ids, rows)
+        adopt_split(self.writer, ids, rows, self.first_ring)
         self._hold_for_bootstrap()
         rows.append(m.Standing(self.standing, self.note))
 
     def _decided(self, value: tuple[str, ...], out: Ready) -> None:
         """The quorum decided the first peers: the split over them, and the cluster's name."""
-        adopt_split(self.writer, value, out.rows)
+        adopt_split(self.writer, value, out.rows, self.first_ring)
         self.cluster = self.boot.cluster()
         self.standing, self.note = "member", ""
         out.rows.append(m.Standing("member"))
@@ -232,7 +241,7 @@ class Peer:
         known = {self.me} | set(self.replica.vector) | self.seen | self.reachable | \
             self.removals.heard_of
         for ring in self.rings.values():
-            known |= {e.owner for e in ring.entries}
+            known |= {e.owner for e in ring.entries if not is_marker(e.owner)}
         return known - set(self.removed)
 
     # -- events --------------------------------------------------------------------------------
@@ -283,6 +292,12 @@ class Peer:
             else:
                 out.replies.append((w.ref, reply))
             return
+        if isinstance(req, m.AddRange):
+            self._add_range(w, now, out)
+            return
+        if isinstance(req, m.RetireRange):
+            out.replies.append((w.ref, self._retire_range(req, out)))
+            return
         if isinstance(req, m.TakeSets):
             reply, rows, need = self.allocator.take_sets(req, now)
         else:
@@ -326,7 +341,16 @@ class Peer:
         # and a digest of the ring, equal on every peer once gossip has converged.
         digest = hashlib.sha256()
         by_range = {x["range"]: x for x in s["universes"]}
+        spare: dict[str, dict[str, int]] = {}
         for universe, ring in self.rings.items():
+            if is_spare(universe):
+                owned = spare.setdefault(str(universe), {})
+                for e, lo, hi in ring.spans():
+                    if not is_marker(e.owner):
+                        owned[e.owner] = owned.get(e.owner, 0) + hi - lo
+                for e in ring.entries:
+                    digest.update(repr((str(universe), e)).encode())
+                continue
             u = by_range[str(universe)]
             share: dict[str, dict] = {}
             for e, lo, hi in ring.spans():
@@ -338,6 +362,7 @@ class Peer:
                           for p, d in sorted(share.items())}
             for e in ring.entries:
                 digest.update(repr((u["range"], e)).encode())
+        s["spare"] = {u: dict(sorted(o.items())) for u, o in spare.items()}
         s["members"] = sorted(self.members())
         s["ring_digest"] = digest.hexdigest()[:16]
         return s
@@ -398,7 +423,11 @@ class Peer:
                 self._attempt(w, now, out)
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
-            if w is not None:
+            if w is not None and isinstance(w.request, m.AddRange):
+                out.replies.append((w.ref, m.error("unreachable" if msg.code == "not_owned"
+                                                   else msg.code, f"{w.request.cidr}: "
+                                                   f"{sender} gave no spare space: {msg.reason}")))
+            elif w is not None:
                 self._ask(w, out, m.error(msg.code, msg.reason))
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
             self._gateway_released(sender, msg, now, out)
@@ -622,6 +651,8 @@ class Peer:
     def merge(self, sender: str, delta: Delta, out: Ready, adopt: bool = False) -> None:
         try:
             with self.writer.change(out.rows) as ch:
+                for u, kind in self._declared(delta).items():
+                    ch.create(Ring(u), kind)
                 changed = self.replica.receive(delta)
                 if adopt:
                     # Space given to us by a grant or a handover: write it again under our own
@@ -642,6 +673,29 @@ class Peer:
             return
         if changed and self.allocator.reserved:
             self._remind_owners(out, {u for u, _ in changed})
+
+    def _declared(self, delta: Delta) -> dict[Cidr, str]:
+        """Universes new to this host that the delta's carve markers make (a range added
+        online: its marker and its ring's first entry travel in one write). RingError for a
+        marker that is malformed or carves space some universe here has already."""
+        new: dict[Cidr, str] = {}
+        for u, e in delta.entries:
+            if not (is_spare(u) and is_marker(e.owner)):
+                continue
+            try:
+                state, c = parse_marker(e.owner)
+            except ValueError as err:
+                raise RingError(str(err)) from None
+            if c.family != u.family or not c.start <= e.start < e.end <= c.end:
+                raise RingError(f"the marker at {u.addr(e.start)} lies outside {c}")
+            if c in self.rings or c in new:
+                continue
+            clash = next((x for x in [*self.rings, *new] if not is_spare(x) and x.overlaps(c)),
+                         None)
+            if clash is not None:
+                raise RingError(f"a carve of {c} overlaps universe {clash}")
+            new[c] = "static" if state == "static" else "range"
+        return new
 
     def merge_given(self, sender: str, delta: Delta, out: Ready) -> None:
         """Space given to us (a grant, a handover): ownership moved whether or not anyone still
@@ -665,8 +719,8 @@ class Peer:
         with self.writer.change(out.rows) as ch:
             stamp = None
             for u, ring in self.rings.items():
-                if exact is not None and u != exact:
-                    continue
+                if exact is not None and u != exact or is_spare(u):
+                    continue  # spare space is never allocated from: no hint to keep
                 pieces: dict[int, list[tuple[int, int]]] = {}
                 for e, lo, hi in ring.spans():
                     if e.owner == self.me:
@@ -691,6 +745,8 @@ class Peer:
         with self.writer.change(out.rows) as ch:
             stamp = None
             for u, ring in self.rings.items():
+                if is_spare(u):
+                    continue  # asked for exactly, by range adds: never pushed on anyone
                 candidates = returnable(ring, self.me)
                 if not candidates:
                     continue  # a lone host, or nothing beside another's space: no scan each second
@@ -715,7 +771,7 @@ class Peer:
         if rng is not None:
             lo, hi = max(lo, rng[0]), min(hi, rng[1] + 1)
         return [(u, max(lo, u.start), min(hi, u.end)) for u in self.rings
-                if u.overlaps(subnet) and u not in self.allocator.static]
+                if u.overlaps(subnet) and u not in self.allocator.closed]
 
     def _hint(self, peer: str, u: Cidr, lo: int, hi: int, surely: bool = False) -> int:
         """What peer's hints say is free in [lo, hi) of u. An entry reaching outside [lo, hi)
@@ -809,6 +865,9 @@ class Peer:
             out.alarms.append(f"refused a space request from {sender}: bad bounds")
             return
         a = self.allocator
+        if is_spare(u):
+            self._give_spare(sender, msg, out)
+            return
         if msg.gateway:
             if msg.address is None or self.rings[u].owner_of(msg.address) != self.me:
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
@@ -854,3 +913,122 @@ class Peer:
         self._refresh_hints(now, out, exact=u)
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
 
+
+    # -- ranges online (spare.py) --------------------------------------------------------------
+
+    def _add_range(self, w: _Waiting, now: float, out: Ready) -> None:
+        """Carve w's range out of spare space once this host owns all of it; until then ask
+        the owner of the first part it lacks for exactly that part."""
+        c = w.request.cidr
+        if is_spare(c):
+            out.replies.append((w.ref, m.error("bad_range", f"{c} is a whole address family; "
+                                               "a range must be smaller")))
+            return
+        clash = next((u for u in self.allocator.universes() if u.overlaps(c)), None)
+        if clash == c and clash not in self.allocator.static:
+            out.replies.append((w.ref, m.ok(range=str(c), already=True)))
+            return
+        if clash is not None:
+            what = "static space" if clash in self.allocator.static else "range"
+            out.replies.append((w.ref, m.error("overlap", f"{c} overlaps {what} {clash}")))
+            return
+        sp = self.rings.get(spare_of(c))
+        if sp is None or not sp.entries:
+            if not any(r.entries for r in self.rings.values()) and \
+                    (self.reachable or self._unreached()):
+                self.next_req += 1  # a joiner that has heard no ring yet: wait for it
+                w.parked = True
+                self.waiting[self.next_req] = w
+                return
+            out.replies.append((w.ref, m.error("not_supported", (
+                f"this cluster keeps no spare space for IPv{c.family} (its databases were "
+                "made before ranges could be added online, schema 5): ranges are fixed"))))
+            return
+        lack = _first_lacking(sp, self.me, c.start, c.end)
+        if lack is None:
+            with self.writer.change(out.rows) as ch:
+                stamp = self.replica.next_stamp()
+                ch.wrote(sp.universe, sp.transfer(self.me, c.start, c.end, marker("range", c),
+                                                  stamp))
+                ch.create(Ring.single_owner(c, self.me, stamp), "range")
+            out.replies.append((w.ref, m.ok(range=str(c), owner=self.me)))
+            return
+        owner, lo, hi = lack
+        span = f"{sp.universe.addr(lo)}-{sp.universe.addr(hi - 1)}"
+        if owner is not None and is_marker(owner):  # carved, but not heard as a universe
+            out.replies.append((w.ref, m.error("overlap", f"{c} overlaps {parse_marker(owner)[1]}")))
+        elif owner is None:
+            out.replies.append((w.ref, m.error("unreachable", (
+                f"{c}: no owner of spare space {span} is known to {self.me} yet"))))
+        elif owner not in self.reachable:
+            out.replies.append((w.ref, m.error("unreachable", (
+                f"{c}: spare space {span} is owned by {owner}, which {self.me} cannot reach; "
+                "only the owner of that space may turn it into a range"))))
+        else:
+            self.next_req += 1
+            w.asked.append(owner)
+            self.waiting[self.next_req] = w
+            out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, sp.universe,
+                                                     lo, hi)))
+
+    def _give_spare(self, sender: str, msg: SpaceRequest, out: Ready) -> None:
+        """A range add elsewhere asks for exactly [lo, hi) of our spare space: all or none."""
+        ring = self.rings[msg.universe]
+        if msg.address is not None or msg.gateway:
+            out.alarms.append(f"refused a space request from {sender}: spare space is asked "
+                              "for by span only")
+            return
+        if _first_lacking(ring, self.me, msg.lo, msg.hi) is not None:
+            out.messages.append((sender, SpaceDenied(self.cluster, msg.req, (
+                f"{self.me} does not own all of {ring.universe.addr(msg.lo)}-"
+                f"{ring.universe.addr(msg.hi - 1)}"), "not_owned")))
+            return
+        with self.writer.change(out.rows) as ch:
+            ch.wrote(ring.universe, ring.transfer(self.me, msg.lo, msg.hi, sender,
+                                                  self.replica.next_stamp()))
+        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
+
+    def _retire_range(self, req: m.RetireRange, out: Ready) -> dict:
+        """Rewrite the range's carve markers: retired (no new allocations) or resumed."""
+        c = req.cidr
+        if c not in self.allocator.universes() or c in self.allocator.static:
+            return m.error("no_range", f"{c} is not a range of this cluster (ranges: "
+                           f"{', '.join(str(u) for u in self.allocator.universes() if u not in self.allocator.static)})")
+        sp = self.rings[spare_of(c)] if spare_of(c) in self.rings else None
+        marks = [e for e in (sp.entries if sp else ()) if is_marker(e.owner)
+                 and parse_marker(e.owner)[1] == c]
+        if not marks:
+            return m.error("not_supported", f"{c} was made before ranges could be retired "
+                           "online (schema 5): it has no marker to change")
+        want = marker("retired" if req.retired else "range", c)
+        if all(e.owner == want for e in marks):
+            return m.ok(range=str(c), retired=req.retired, already=True)
+        with self.writer.change(out.rows) as ch:
+            stamp = self.replica.next_stamp()
+            ch.wrote(sp.universe, [sp.remark(e.start, want, stamp) for e in marks])
+        return m.ok(range=str(c), retired=req.retired)
+
+
+def _first_lacking(ring: Ring, me: str, lo: int, hi: int) -> tuple[str | None, int, int] | None:
+    """The first part of [lo, hi) that `me` does not own in ring, as far as one other owner
+    (or no known entry) goes: (that owner or None, lo, hi); None if me owns it all."""
+    at, found = lo, None
+    for e, a, b in ring.spans():
+        if b <= at:
+            continue
+        if a >= hi:
+            break
+        if found is not None:
+            if a == found[2] and e.owner == found[0]:
+                found = (found[0], found[1], min(b, hi))
+                continue
+            return found
+        if a > at:
+            return None, at, min(a, hi)
+        if e.owner != me:
+            found = (e.owner, at, min(b, hi))
+            continue
+        at = b
+    if found is not None:
+        return found
+    return (None, at, hi) if at < hi else None

@@ -31,6 +31,7 @@ from .addr import range_to_cidrs
 from .allocator import Allocator
 from .gossip import Delta, Replica
 from .rings import RingWriter
+from .spare import is_spare
 from .peer_messages import (Handover, HandoverAck, Refuse, RemoveAbort, RemoveAck, RemoveDone,
                    RemoveNack, RemovePrepare)
 
@@ -148,8 +149,9 @@ class Removals:
                         peer.allocator.reservations_in(u, lo, hi))
                     ch.wrote(u, ring.transfer(peer.me, lo, hi, to, stamp, free_hint=hi - lo))
                     by_peer.add(to)
-                    handed.setdefault(to, []).extend(
-                        str(c) for c in range_to_cidrs(u.family, lo, hi))
+                    if not is_spare(u):  # spare space goes too, unlisted
+                        handed.setdefault(to, []).extend(
+                            str(c) for c in range_to_cidrs(u.family, lo, hi))
         peer.standing, peer.note = "left", f"{peer.me} left the cluster"
         self.removed[peer.me] = peer.me
         out.rows += [m.Standing("left", peer.note), m.Removal(peer.me, peer.me, "removed")]
@@ -184,7 +186,8 @@ class Removals:
             # One unknown name among known ones is fine (others may know it: they answer
             # with its writes); none known is more likely a typo.
             err = m.error("not_found", f"no peer {', '.join(targets)} is known to {peer.me}")
-        elif any(not ring.entries for ring in peer.replica.rings.values()):
+        elif any(not ring.entries for u, ring in peer.replica.rings.items()
+                 if not is_spare(u)):
             # Every gap of an unknown ring would look like space only dead peers knew.
             err = m.error("no_ring", f"{peer.me} has not heard the ring yet, so it cannot tell "
                           "the removed peers' space from live peers'; remove them from a peer "
@@ -290,11 +293,13 @@ class Removals:
             for u, ring in peer.replica.rings.items():
                 for t in r.targets:
                     reclaimed += [str(c) for lo, hi in ring.owned_by(t)
-                                  for c in range_to_cidrs(u.family, lo, hi)]
+                                  for c in range_to_cidrs(u.family, lo, hi) if not is_spare(u)]
                     ch.wrote(u, ring.reclaim(t, peer.me, stamp))
+                if is_spare(u) and not ring.entries:
+                    continue  # a cluster made before spare space (schema 5): none to claim
                 if not r.skipped:  # --force skipped someone: its ring may hold the gap
                     gaps = ch.wrote(u, ring.claim_gaps(peer.me, stamp))
-                    reclaimed += [str(c) for e in gaps
+                    reclaimed += [str(c) for e in gaps if not is_spare(u)
                                   for c in range_to_cidrs(u.family, e.start, e.end)]
             for t in r.targets:
                 self._set_removed(peer, t, peer.me, out)

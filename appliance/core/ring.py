@@ -20,6 +20,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, replace
 
 from .addr import Cidr
+from .spare import is_marker, marker, parse_marker
 
 # Free hints are advisory and travel in gossip and SQLite INTEGERs: an IPv6 range's count
 # saturates here rather than overflowing.
@@ -223,6 +224,39 @@ class Ring:
                                                      free_hint=hint, stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)
 
+    def remark(self, start: int, owner: str, stamp: tuple[str, int]) -> Entry:
+        """Rewrite a carve marker (spare.py: retire or resume a range): only a marker, and
+        only into a marker of the same universe."""
+        e = self._by_start[start]
+        if not is_marker(e.owner) or parse_marker(e.owner)[1] != parse_marker(owner)[1]:
+            raise RingError(f"cannot rewrite the entry at {start} ({e.owner}) as {owner}")
+        return self._put(replace(e, owner=owner, version=e.version + 1, stamp=stamp))
+
+    def carve_first(self, universes: dict[Cidr, str]) -> Ring:
+        """A spare ring as the first peers make it (spare.py), every universe given
+        ({cidr: "range" or "static"}) carved out under its marker. Each piece keeps the
+        version and stamp of the entry it was cut from, so every first peer computes the very
+        same entries."""
+        cuts = sorted((u, state) for u, state in universes.items()
+                      if u.family == self.universe.family and u.prefix > 0)
+        out = []
+        for e, lo, hi in self.spans():
+            pieces = [(lo, hi, e.owner)]
+            for u, state in cuts:
+                new = []
+                for a, b, o in pieces:
+                    if u.end <= a or b <= u.start or is_marker(o):
+                        new.append((a, b, o))
+                        continue
+                    if a < u.start:
+                        new.append((a, u.start, o))
+                    new.append((max(a, u.start), min(b, u.end), marker(state, u)))
+                    if u.end < b:
+                        new.append((u.end, b, o))
+                pieces = new
+            out += [Entry(a, b, o, e.version, 0, e.stamp) for a, b, o in pieces]
+        return Ring(self.universe, out)
+
     def set_hint(self, me: str, start: int, free: int, stamp: tuple[str, int]) -> Entry:
         e = self._by_start[start]
         if e.owner != me:
@@ -280,6 +314,12 @@ class Ring:
             if cur is None or e.version > cur.version:
                 changed[e.start] = e
             elif e.version == cur.version and not cur.same_write(e):
+                if is_marker(cur.owner) and is_marker(e.owner):
+                    # A range retired and resumed at once on two hosts (spare.py): either is
+                    # safe, so the larger write wins everywhere rather than an alarm.
+                    if (e.owner, e.stamp) > (cur.owner, cur.stamp):
+                        changed[e.start] = e
+                    continue
                 raise RingConflict(e.start, cur, e)
         if apply:
             for e in changed.values():

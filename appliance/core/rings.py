@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from . import messages as m
 from .addr import Cidr
 from .ring import Entry, Ring, RingInvariant
+from .spare import is_spare
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -47,6 +48,14 @@ class Rings(Mapping):
     def values(self):
         return self._by_universe.values()
 
+    def _add(self, ring: Ring) -> None:
+        if ring.universe in self._by_universe:
+            raise RingInvariant(f"universe {ring.universe} exists already")
+        self._by_universe[ring.universe] = ring
+
+    def _remove(self, u: Cidr) -> None:
+        del self._by_universe[u]
+
     def _replace(self, ring: Ring) -> None:
         if ring.universe not in self._by_universe:
             raise RingInvariant(f"no universe {ring.universe} to replace the ring of")
@@ -61,11 +70,19 @@ class Change:
     def __init__(self, rings: Rings):
         self._rings = rings
         self.written: dict[Cidr, list[Entry]] = {}
+        self.created: dict[Cidr, str] = {}  # universes made by this change, and their kind
         self.clock = False
 
     def wrote(self, u: Cidr, entries: list[Entry]) -> list[Entry]:
         self.written.setdefault(u, []).extend(entries)
         return entries
+
+    def create(self, ring: Ring, kind: str) -> None:
+        """A universe new to this host (a range added online, spare.py): its ring, and the
+        row that makes it, before any ring row of it."""
+        self._rings._add(ring)
+        self.created[ring.universe] = kind
+        self.wrote(ring.universe, ring.entries)
 
     def replace(self, ring: Ring) -> None:
         """A whole new ring for its universe (the bootstrap split): every entry is written."""
@@ -87,12 +104,23 @@ class RingWriter:
         self.check_invariants()
         clock = (self.replica.seq, dict(self.replica.vector))
         ch = Change(self.rings)
-        yield ch
+        try:
+            yield ch
+        except BaseException:
+            for u in ch.created:  # refused: memory must not be ahead of the rows
+                self.rings._remove(u)
+                self.allocator.drop_universe(u)
+            raise
+        for u, kind in ch.created.items():
+            rows.append(m.AddUniverse(str(u), u.family, kind))
+            self.allocator.add_universe(u)
         for u, entries in ch.written.items():
             self._check(u, self.rings[u])
             rows += m.ring_rows(u, entries)
             rows += self.allocator.ring_changed(u)
             self._checked[u] = (self.rings[u], self.rings[u].writes)
+        if any(is_spare(u) for u in ch.written):
+            self.allocator.carves_changed()
         if ch.written or ch.clock or clock != (self.replica.seq, self.replica.vector):
             rows.append(self.clock_row())
 
