@@ -372,7 +372,8 @@ def _show(cmd: str, r: dict) -> None:
             print(f"handed {', '.join(ranges)} to {peer}")
         print(f"{r['left']} left the cluster")
     elif cmd == "range add":
-        print(f"added {r['range']} to the cluster's ranges")
+        print(f"{r['range']} is a range of the cluster already" if r.get("already") else
+              f"added {r['range']} to the cluster's ranges")
     elif cmd in ("range retire", "range unretire"):
         print(f"retired {r['range']}: no new allocations there; addresses held stay"
               if r["retired"] else f"{r['range']} takes allocations again")

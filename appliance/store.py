@@ -115,7 +115,7 @@ class StoreError(Exception):
 class Loaded:
     peer_id: str
     cluster_id: str  # for a quorum, the base identity; the core derives the decided one
-    universes: list[Cidr]  # the ranges, then the static (claim-only), then the spare ones
+    universes: list[Cidr]  # ranges, static (claim-only) and spare ones, as _universes orders them
     created: bool
     mode: str = "single"
     meta: dict | None = None
@@ -267,7 +267,8 @@ class Store:
               static: list[Cidr] | None) -> Loaded:
         conn.execute("PRAGMA journal_mode = WAL")
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        have, have_static, spare, founding = _universes(conn)
+        every, have_static, spare, founding = _universes(conn)
+        have = [u for u in every if u not in have_static and u not in spare]
         # The database is the truth: every --iprange must be one of its ranges, and ranges it
         # has beyond them (added online) are kept.
         lacking = [u for u in universes or [] if u not in have]
@@ -288,7 +289,7 @@ class Store:
             note = (f"this database has no claim-only space for --subnet: static addresses "
                     f"outside the ranges ({', '.join(map(str, static))}) are refused while "
                     "the host has peers")
-        return Loaded(meta["peer_id"], meta["cluster_id"], have + have_static + spare, False,
+        return Loaded(meta["peer_id"], meta["cluster_id"], every, False,
                       meta.get("bootstrap", "single"), meta, have_static, note, spare, founding)
 
     # -- reading -------------------------------------------------------------------------------
@@ -300,8 +301,7 @@ class Store:
         conn = self.conn
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         # Read again, not taken from `loaded`: a range added online since start has rows too.
-        ranges, static, spare, _ = _universes(conn)
-        universes = ranges + static + spare
+        universes, static, spare, _ = _universes(conn)
         d = _durable(loaded.peer_id, loaded.cluster_id, universes, static, meta, spare)
         for row in conn.execute("SELECT universe, start, last, owner, version, free_hint, "
                                 "stamp_peer, stamp_seq FROM ring"):
@@ -506,11 +506,13 @@ class Store:
 
 
 def _universes(conn: apsw.Connection) -> tuple[list[Cidr], list[Cidr], list[Cidr], list[Cidr]]:
-    """The database's ranges, static and spare universes, each in the order they were made,
-    and the ranges and static universes it was made with."""
+    """The database's universes in the order this peer made or learned them (as its rings
+    were ordered before a restart: the ring digest in `status` follows that order), then its
+    static and spare ones, and the ranges and static universes it was made with. The first
+    is a range the database was made with (--iprange's first), the default subnet's."""
     rows = [(cidr(c), k, added) for c, k, added in
             conn.execute("SELECT cidr, kind, added FROM universes ORDER BY rowid")]
-    return ([u for u, k, _ in rows if k == "range"], [u for u, k, _ in rows if k == "static"],
+    return ([u for u, _, _ in rows], [u for u, k, _ in rows if k == "static"],
             [u for u, k, _ in rows if k == "spare"],
             [u for u, k, added in rows if k != "spare" and not added])
 

@@ -196,10 +196,12 @@ def test_range_commands_are_the_hook_ops():
 def test_range_output(capsys):
     from appliance.cli import _show
     _show("range add", {"ok": True, "range": "10.40.0.0/16"})
+    _show("range add", {"ok": True, "range": "10.40.0.0/16", "already": True})
     _show("range retire", {"ok": True, "range": "10.40.0.0/16", "retired": True})
     _show("range unretire", {"ok": True, "range": "10.40.0.0/16", "retired": False})
     assert capsys.readouterr().out.splitlines() == [
         "added 10.40.0.0/16 to the cluster's ranges",
+        "10.40.0.0/16 is a range of the cluster already",
         "retired 10.40.0.0/16: no new allocations there; addresses held stay",
         "10.40.0.0/16 takes allocations again"]
     universes = [

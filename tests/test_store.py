@@ -175,7 +175,7 @@ def test_the_database_is_the_truth_flags_may_name_a_subset_of_its_ranges(tmp_pat
         s = Store(path)
         loaded = s.open(flags, "t")
         assert loaded.ranges == [*RANGE, added] and loaded.founding == RANGE, flags
-        assert loaded.universes == [*RANGE, added, *SPARE]
+        assert loaded.universes == [*RANGE, *SPARE, added]  # as made or learned
         peer = s.load_peer(loaded, RANGE[0], 30)
         reply, rows = peer.allocator.apply(Allocate("x", added), 1000.0)
         assert reply["address"] == "10.40.0.1/16", reply  # served without a restart of mind
