@@ -121,3 +121,24 @@ def test_a_host_away_learns_the_range_later_and_an_unreachable_owner_is_named(tm
                    "allow_route_overlap": True})["ok"]
     wait_until("every host to show 10.60.0.0/24",
                lambda: all("10.60.0.0/24" in ranges(d) for d in (a, b, c)))
+
+
+def test_a_cluster_made_before_schema_5_cannot_add_ranges(tmp_path):
+    import apsw
+
+    from .daemon_proc import Daemon
+    from .test_store import as_version_4
+    d = Daemon(tmp_path, "--iprange", "10.40.0.0/24")
+    d.start()
+    d.stop()
+    c = apsw.Connection(str(d.db))
+    as_version_4(c)  # as the release before ranges online left it
+    c.close()
+    d.start()  # migrated: spare universes with no owner
+    message = refused(d.call({"op": "range_add", "range": ADDED, "allow_route_overlap": True}),
+                      "not_supported")
+    assert message == ("this cluster keeps no spare space for IPv4 (its databases were made "
+                       "before ranges could be added online, schema 5): ranges are fixed")
+    assert list(ranges(d)) == ["10.40.0.0/24"]
+    assert d.call({"op": "allocate", "handle": "x"})["address"] == "10.40.0.1/24"
+    d.stop()
