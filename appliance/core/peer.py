@@ -424,9 +424,11 @@ class Peer:
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
             if w is not None and isinstance(w.request, m.AddRange):
-                out.replies.append((w.ref, m.error("unreachable" if msg.code == "not_owned"
-                                                   else msg.code, f"{w.request.cidr}: "
-                                                   f"{sender} gave no spare space: {msg.reason}")))
+                # Its owner moved it on before our view caught up: gossip brings the new
+                # owner; the operator asks again (not retried here: no loop on a stale view).
+                out.replies.append((w.ref, m.error(msg.code, f"{w.request.cidr}: {sender} "
+                                                   f"gave no spare space: {msg.reason}; try "
+                                                   "again once gossip has caught up")))
             elif w is not None:
                 self._ask(w, out, m.error(msg.code, msg.reason))
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
