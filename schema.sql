@@ -1,4 +1,4 @@
--- ipamd database, schema version 4 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 5 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -8,13 +8,16 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 ) STRICT;
 
--- The universes, fixed when the cluster is created: the allocation ranges (kind 'range'),
--- and the part of --subnet outside them (kind 'static'): in the ring, so that every static
--- address has one owner, but only ever claimed, never handed out by allocate.
+-- The universes: the allocation ranges (kind 'range'), the part of --subnet outside them
+-- (kind 'static': in the ring, so that every static address has one owner, but only ever
+-- claimed, never handed out by allocate), and the spare space (kind 'spare': 0.0.0.0/0 and
+-- ::/0, whose ring says who may carve a new range out of it, `ipamd range add`). added: 0 for
+-- the universes the database was made with, 1 for a range added online (here or on a peer).
 CREATE TABLE universes (
     cidr   TEXT PRIMARY KEY,
     family INTEGER NOT NULL CHECK (family IN (4, 6)),
-    kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static'))
+    kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static', 'spare')),
+    added  INTEGER NOT NULL DEFAULT 0 CHECK (added IN (0, 1))
 ) STRICT;
 
 -- The ring of each universe: an entry owns [start, last]. Only its owner changes an entry, each

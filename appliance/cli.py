@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file holding the cluster secret, shared by every host (default: "
                          "$IPAMD_SECRET). Peers prove they know it; it never travels")
 
-    def client(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
+    def client(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
+        c = parent.add_parser(name, help=help, description=help)
         c.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
         c.add_argument("--socket", type=Path, default=None,
                        help=f"hook socket (default: $IPAMD_SOCKET or {default_socket()})")
@@ -220,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the reachability and majority checks: only when you know the "
                         "other peers are gone for good (dangerous behind a partition)")
 
+    r = sub.add_parser("range", help="add, retire or list the cluster's allocation ranges, "
+                                     "online, from any host", description=RANGE_HELP)
+    ranges = r.add_subparsers(dest="range_command", required=True, metavar="ACTION")
+    c = client("add", "add CIDR to every host's ranges (refused if it overlaps a range of the "
+                      "cluster, or a route or address of this host)", ranges)
+    c.add_argument("cidr", type=_cidr_arg("range"), metavar="CIDR")
+    c.add_argument("--allow-route-overlap", action="store_true",
+                   help="add it even if it overlaps a route or an address of this host")
+    client("retire", "stop new allocations in the range CIDR on every host (addresses held "
+                     "there stay)", ranges).add_argument("cidr", type=_cidr_arg("range"),
+                                                         metavar="CIDR")
+    client("unretire", "let allocations into the retired range CIDR again", ranges) \
+        .add_argument("cidr", type=_cidr_arg("range"), metavar="CIDR")
+    client("ls", "one line per range: kind, active or retired, addresses held here, free here",
+           ranges)
+
     s = sub.add_parser("sql", help="SQL shell on the database (daemon running or not)")
     s.add_argument("db", nargs="?", type=Path, help=f"default: {default_data_dir() / DB_NAME}")
     s.add_argument("sql_args", nargs=argparse.REMAINDER,
@@ -227,8 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGE_HELP = ("The cluster's allocation ranges, changed online: a range added on one host "
+              "reaches every host by gossip and is served at once; a retired range takes no "
+              "new allocations (those held stay) until it is unretired. Not possible in a "
+              "cluster whose databases were made before ipamd could add ranges "
+              "(not_supported).")
+
+
+def _command(args) -> str:
+    """The command as _request and _show know it: "range add" for `ipamd range add`."""
+    return f"range {args.range_command}" if args.command == "range" else args.command
+
+
 def _request(args) -> dict:
-    cmd = args.command
+    cmd = _command(args)
+    if cmd == "range add":
+        return {"v": 1, "op": "range_add", "range": str(args.cidr),
+                "allow_route_overlap": args.allow_route_overlap}
+    if cmd in ("range retire", "range unretire"):
+        return {"v": 1, "op": "range_retire", "range": str(args.cidr),
+                "undo": cmd == "range unretire"}
+    if cmd == "range ls":
+        return {"v": 1, "op": "status"}
     if cmd == "allocate":
         req = {"v": 1, "op": "allocate", "handle": args.handle}
         if args.subnet:
@@ -302,7 +338,8 @@ def _show(cmd: str, r: dict) -> None:
         # size in a short form; --json keeps them exact.
         print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
         for u in r["universes"]:
-            name = u["range"] + (" (static)" if u.get("static") else "")
+            name = u["range"] + (" (static)" if u.get("static") else "") + \
+                (" (retired)" if u.get("retired") else "")
             print(f"{name:<28}{_count(u['owned']):>12}{_count(u['allocated']):>12}"
                   f"{_count(u['quarantined']):>13}{_count(u['free']):>12}")
         for u in r["universes"]:
@@ -334,6 +371,21 @@ def _show(cmd: str, r: dict) -> None:
         for peer, ranges in r["handed"].items():
             print(f"handed {', '.join(ranges)} to {peer}")
         print(f"{r['left']} left the cluster")
+    elif cmd == "range add":
+        print(f"{r['range']} is a range of the cluster already" if r.get("already") else
+              f"added {r['range']} to the cluster's ranges")
+    elif cmd in ("range retire", "range unretire"):
+        print(f"retired {r['range']}: no new allocations there; addresses held stay"
+              if r["retired"] else f"{r['range']} takes allocations again")
+    elif cmd == "range ls":
+        # What this host sees: IN USE and FREE count its own allocations and the space it
+        # owns, as `status` does.
+        print(f"{'RANGE':<28}{'KIND':<8}{'STATE':<9}{'IN USE':>12}{'FREE':>12}")
+        for u in r["universes"]:
+            kind = u.get("kind") or ("static" if u.get("static") else "range")
+            state = "retired" if u.get("retired") else "active"
+            print(f"{u['range']:<28}{kind:<8}{state:<9}{_count(u['allocated']):>12}"
+                  f"{_count(u['free']):>12}")
     elif cmd == "rmpeer":
         print(f"removed {', '.join(r['removed'])} (by {r['by']}); reclaimed "
               f"{', '.join(r['reclaimed']) or 'nothing'}")
@@ -355,7 +407,7 @@ def _client_command(args) -> int:
             print(f"ipamd: {err.get('code')}: {err.get('message')}", file=sys.stderr)
         return EXIT_ERROR
     if not args.json:
-        _show(args.command, reply)
+        _show(_command(args), reply)
     return 0
 
 

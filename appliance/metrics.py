@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .core.spare import is_spare
 from .http_serve import next_event, respond
 from .limits import ConnectionCap
 
@@ -46,12 +47,15 @@ class Metrics:
         # thread (they are immutable).
         in_use = list(a.in_use.items())
         subnets = list({a.default_subnet} | {sub for _, sub in a.in_use})
+        # The spare universes are where ranges are carved from, never handed out: not shown.
+        universes = [u for u in a.rings if not is_spare(u)]
         owned = [(u, sum(max(0, min(hi, u.host_bounds()[1]) - max(lo, u.host_bounds()[0]))
-                         for lo, hi in a._owned[u])) for u in a.rings]
+                         for lo, hi in a._owned[u])) for u in universes]
+        retired = [(u, u in a.retired) for u in universes if u not in a.static]
         others = len(peer.members() - {peer.me})
         reachable, pending = len(peer.reachable), len(peer.waiting)
         free = []
-        for u in list(a.rings):
+        for u in universes:
             mine = [sub for sub in subnets if sub.overlaps(u)]
             for i in range(0, len(mine), CHUNK):
                 part = mine[i:i + CHUNK]
@@ -60,7 +64,8 @@ class Metrics:
                 counts = a.free_counts(u, spans, self.core.clock())
                 free += [((u, sub), n) for sub, n in zip(part, counts)]
                 await trio.sleep(0)
-        return {"in_use": in_use, "free": free, "owned": owned, "reachable": reachable,
+        return {"in_use": in_use, "free": free, "owned": owned, "retired": retired,
+                "reachable": reachable,
                 "unreachable": others - reachable, "pending": pending}
 
     async def body(self) -> bytes:
@@ -99,6 +104,11 @@ class _Scrape:
                                   "peer owns", labels=["universe"])
         for u, n in s["owned"]:
             owned.add_metric([str(u)], n)
+        retired = GaugeMetricFamily("ipamd_range_retired", "1 for a range retired online "
+                                    "(`ipamd range retire`: no new allocations), else 0",
+                                    labels=["universe"])
+        for u, is_retired in s["retired"]:
+            retired.add_metric([str(u)], int(is_retired))
         peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
                                   labels=["state"])
         peers.add_metric(["reachable"], s["reachable"])
@@ -106,7 +116,7 @@ class _Scrape:
         pending = GaugeMetricFamily("ipamd_pending_requests",
                                     "requests waiting for space from a peer")
         pending.add_metric([], s["pending"])
-        yield from (in_use, free, owned, peers, pending)
+        yield from (in_use, free, owned, retired, peers, pending)
         yield from self.metrics.registry.collect()
 
 

@@ -177,3 +177,70 @@ def test_peers_and_status_show_nicknames_in_columns_and_a_dash_when_unknown(caps
         f"  {'PEER':<18}{'NICKNAME':<66}   SHARE    FREE  STATE",
         f"  {'p1':<18}{long:<66}   50.0%   50.0%  this peer",
         f"  {'p2':<18}{'host-2':<66}   50.0%    0.0%  unreachable"]
+
+
+def test_range_commands_are_the_hook_ops():
+    from appliance.cli import _request, build_parser
+    parse = build_parser().parse_args
+    assert _request(parse(["range", "add", "10.40.0.0/16"])) == {
+        "v": 1, "op": "range_add", "range": "10.40.0.0/16", "allow_route_overlap": False}
+    assert _request(parse(["range", "add", "fd40::/64", "--allow-route-overlap"])) == {
+        "v": 1, "op": "range_add", "range": "fd40::/64", "allow_route_overlap": True}
+    assert _request(parse(["range", "retire", "10.40.0.0/16"])) == {
+        "v": 1, "op": "range_retire", "range": "10.40.0.0/16", "undo": False}
+    assert _request(parse(["range", "unretire", "10.40.0.0/16", "--json"])) == {
+        "v": 1, "op": "range_retire", "range": "10.40.0.0/16", "undo": True}
+    assert _request(parse(["range", "ls"])) == {"v": 1, "op": "status"}
+
+
+def test_range_output(capsys):
+    from appliance.cli import _show
+    _show("range add", {"ok": True, "range": "10.40.0.0/16"})
+    _show("range add", {"ok": True, "range": "10.40.0.0/16", "already": True})
+    _show("range retire", {"ok": True, "range": "10.40.0.0/16", "retired": True})
+    _show("range unretire", {"ok": True, "range": "10.40.0.0/16", "retired": False})
+    assert capsys.readouterr().out.splitlines() == [
+        "added 10.40.0.0/16 to the cluster's ranges",
+        "10.40.0.0/16 is a range of the cluster already",
+        "retired 10.40.0.0/16: no new allocations there; addresses held stay",
+        "10.40.0.0/16 takes allocations again"]
+    universes = [
+        {"range": "10.32.0.0/12", "kind": "range", "retired": False, "allocated": 3,
+         "free": 1048570, "static": False},
+        {"range": "10.40.0.0/16", "kind": "range", "retired": True, "allocated": 2,
+         "free": 0, "static": False},
+        {"range": "10.0.0.0/11", "kind": "static", "retired": False, "allocated": 1,
+         "free": 0, "static": True},
+        {"range": "fd40::/64", "kind": "range", "retired": False, "allocated": 0,
+         "free": 2**64 - 1, "static": False}]
+    _show("range ls", {"ok": True, "universes": universes})
+    assert capsys.readouterr().out.splitlines() == [
+        "RANGE                       KIND    STATE          IN USE        FREE",
+        "10.32.0.0/12                range   active              3     1048570",
+        "10.40.0.0/16                range   retired             2           0",
+        "10.0.0.0/11                 static  active              1           0",
+        "fd40::/64                   range   active              0     1.84e19"]
+    # A daemon from before ranges online says neither kind nor retired.
+    _show("range ls", {"ok": True, "universes": [
+        {"range": "10.0.0.0/11", "static": True, "allocated": 1, "free": 0}]})
+    assert capsys.readouterr().out.splitlines()[1] == \
+        "10.0.0.0/11                 static  active              1           0"
+
+
+def test_range_help_and_bad_arguments(tmp_path):
+    out = ipamd("--help").stdout
+    assert "range     add, retire or list the cluster's allocation ranges" in out
+    r = ipamd("range", "--help")
+    assert r.returncode == 0
+    assert [line.split()[0] for line in r.stdout.splitlines()
+            if re.match(r"    (add|retire|unretire|ls) ", line)] == \
+        ["add", "retire", "unretire", "ls"]
+    r = ipamd("range")
+    assert r.returncode == 2 and "the following arguments are required: ACTION" in r.stderr
+    r = ipamd("range", "add", "banana", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 2 and "'banana' is not a CIDR block" in r.stderr
+    # Weave's form is taken as its network, as --iprange is, with a notice; then the daemon
+    # (absent here) is asked.
+    r = ipamd("range", "add", "10.40.0.1/16", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 3
+    assert r.stderr.startswith("ipamd: notice: range 10.40.0.1/16 taken as 10.40.0.0/16\n")

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from .daemon_proc import Daemon
 
-OPS = ["allocate", "claim", "release", "lookup", "list", "status"]
+OPS = ["allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer",
+       "range_add", "range_retire"]
 NOT_STR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
                     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
                                                                           st.integers(), max_size=2))
@@ -27,13 +28,14 @@ def invalid_requests(draw):
     """JSON objects that cannot be a valid request, each in its own way."""
     kind = draw(st.sampled_from(["no_op", "bad_op", "op_type", "handle_type", "no_handle",
                                  "bad_handle", "bad_subnet", "bad_address", "bad_anchor",
-                                 "bad_version"]))
+                                 "bad_version", "bad_range", "bad_range_flag"]))
     op = draw(st.sampled_from(["allocate", "claim", "release", "lookup"]))
     req = {"op": op, "handle": draw(st.text(min_size=1, max_size=20).filter(str.isprintable))}
     if op == "claim":
         req["address"] = "10.20.0.9"
     extra = draw(st.dictionaries(st.text(max_size=6).filter(lambda k: k not in (
-        "op", "v", "handle", "subnet", "address", "anchor")), JSONISH, max_size=3))
+        "op", "v", "handle", "subnet", "address", "anchor", "range", "undo",
+        "allow_route_overlap")), JSONISH, max_size=3))
     req.update(extra)  # unknown fields are ignored, so they cannot make a request valid
     if kind == "no_op":
         del req["op"]
@@ -61,6 +63,15 @@ def invalid_requests(draw):
         req["anchor"] = draw(st.dictionaries(st.sampled_from(["netns", "pid", "x"]), NOT_STR,
                                              min_size=1).filter(lambda a: a.get("pid") is None or
                                                                 type(a["pid"]) is not int))
+    elif kind == "bad_range":  # range_add and range_retire name a CIDR block, host bits zero
+        req["op"] = draw(st.sampled_from(["range_add", "range_retire"]))
+        req["range"] = draw(NOT_STR | st.text().filter(lambda t: "/" not in t) |
+                            st.sampled_from(["10.20.0.5/24", "10.20.0.0/33", "fd00::1/64"]))
+    elif kind == "bad_range_flag":  # a good range, but a flag that is not true or false
+        req["op"], flag = draw(st.sampled_from([("range_add", "allow_route_overlap"),
+                                                ("range_retire", "undo")]))
+        req["range"] = "10.20.0.0/24"
+        req[flag] = draw(NOT_STR.filter(lambda v: type(v) is not bool))
     elif kind == "bad_version":
         req["v"] = draw(NOT_STR.filter(lambda v: v != 1 or v is True))
     return json.dumps(req).encode()

@@ -9,8 +9,9 @@ import pytest
 import trio
 
 from appliance.core import messages as m
+from appliance.core.addr import cidr
 from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
-                                      parse_request)
+                                      RangeAdd, parse_request)
 
 from .daemon_proc import Daemon
 
@@ -23,6 +24,14 @@ from .daemon_proc import Daemon
     (b'{"op":"lookup","handle":"a b"}', m.Lookup("a b")),
     (b'{"op":"allocate","handle":"x","anchor":{"netns":"/run/netns/a"},"extra":1}',
      m.Allocate("x", None, '{"netns": "/run/netns/a"}')),
+    (b'{"op":"range_add","range":"10.40.0.0/16"}', RangeAdd(m.AddRange(cidr("10.40.0.0/16")))),
+    (b'{"op":"range_add","range":"fd40::/64","allow_route_overlap":true}',
+     RangeAdd(m.AddRange(cidr("fd40::/64")), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16"}', m.RetireRange(cidr("10.40.0.0/16"), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":false}',
+     m.RetireRange(cidr("10.40.0.0/16"), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":true}',
+     m.RetireRange(cidr("10.40.0.0/16"), False)),
 ])
 def test_parse_valid(line, expect):
     assert parse_request(line) == expect
@@ -46,6 +55,17 @@ def test_parse_valid(line, expect):
     (b'{"op":"allocate","handle":"x","anchor":{"netns":"relative"}}', "bad_request", "anchor"),
     (b'{"op":"claim","handle":"x"}', "bad_request", "missing field 'address'"),
     (b'{"op":"claim","handle":"x","address":"10.0.0.300"}', "bad_request", "address"),
+    (b'{"op":"range_add"}', "bad_request", "missing field 'range'"),
+    (b'{"op":"range_retire","range":["10.40.0.0/16"]}', "bad_request",
+     "field 'range' must be str, got list"),
+    (b'{"op":"range_add","range":"10.40.0.1/16"}', "bad_request",
+     "range '10.40.0.1/16' has host bits set; did you mean 10.40.0.0/16?"),
+    (b'{"op":"range_retire","range":"banana"}', "bad_request",
+     "range: 'banana' is not a CIDR block"),
+    (b'{"op":"range_add","range":"10.40.0.0/16","allow_route_overlap":"yes"}', "bad_request",
+     "allow_route_overlap must be true or false"),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":1}', "bad_request",
+     "undo must be true or false"),
     (b'{"v":2,"op":"list"}', "bad_version", "version 2"),
     (b'{"v":true,"op":"list"}', "bad_version", "version"),
     (b'{"v":1.0,"op":"list"}', "bad_version", "version"),
@@ -76,7 +96,7 @@ def test_framing_sans_io_lines_in_order_across_chunks():
     conn.receive_data(b'st"}\n\n  \r\n{"op":"fly"}\n{"op":"status"}\n{"op":"lookup"')
     assert events(conn) == [m.List(), ("unknown_op", "unknown op 'fly' (known: allocate, "
                                        "claim, release, lookup, list, status, cni, leave, "
-                                       "rmpeer)"), m.Status()]
+                                       "rmpeer, range_add, range_retire)"), m.Status()]
     conn.receive_data(b',"handle":"h"}\n{"op":"list"}')
     conn.receive_data(b"")  # the client closed: its last, unfinished line is dropped
     assert events(conn) == [m.Lookup("h"), CLOSED]

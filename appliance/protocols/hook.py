@@ -19,7 +19,8 @@ from ..core.addr import AddrError, exact_cidr, parse_addr
 VERSION = 1
 MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
 MAX_HANDLE = 255
-OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer")
+OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer",
+       "range_add", "range_retire")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class CniRequest:
     """
     env: dict
     stdin: bytes
+
+
+@dataclass(frozen=True)
+class RangeAdd:
+    """range_add as it came: the core's request, and whether this host's routes may overlap
+    the range (the shell checks them before the request goes to the core, as a launch does
+    for a new database's ranges)."""
+    request: m.AddRange
+    allow_route_overlap: bool = False
 
 
 class HookError(Exception):
@@ -74,6 +84,22 @@ def _subnet(obj: dict):
         return exact_cidr(text, "subnet")
     except AddrError as e:
         raise _bad(str(e)) from None
+
+
+def _range(obj: dict):
+    """The "range" of range_add and range_retire: a CIDR block, host bits zero."""
+    try:
+        return exact_cidr(_field(obj, "range", str, True), "range")
+    except AddrError as e:
+        raise _bad(str(e)) from None
+
+
+def _flag(obj: dict, name: str) -> bool:
+    """An optional true/false field, false when absent."""
+    value = obj.get(name, False)
+    if type(value) is not bool:
+        raise _bad(f"{name} must be true or false")
+    return value
 
 
 def _anchor(obj: dict) -> str | None:
@@ -136,10 +162,11 @@ def parse_request(line: bytes) -> m.Request:
         if not peers or len(peers) > 1000 or not all(
                 isinstance(p, str) and 0 < len(p) <= 64 for p in peers):
             raise _bad("peers must be a list of 1 to 1000 peer ids")
-        force = obj.get("force", False)
-        if type(force) is not bool:
-            raise _bad("force must be true or false")
-        return m.RemovePeer(tuple(peers), force)
+        return m.RemovePeer(tuple(peers), _flag(obj, "force"))
+    if op == "range_add":
+        return RangeAdd(m.AddRange(_range(obj)), _flag(obj, "allow_route_overlap"))
+    if op == "range_retire":
+        return m.RetireRange(_range(obj), retired=not _flag(obj, "undo"))
     if op == "cni":
         env = _field(obj, "env", dict, True)
         if not all(isinstance(k, str) and k.startswith("CNI_") and isinstance(v, str)
