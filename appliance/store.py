@@ -89,7 +89,8 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE universes_5 (
         cidr   TEXT PRIMARY KEY,
         family INTEGER NOT NULL CHECK (family IN (4, 6)),
-        kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static', 'spare')),
+        kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN (
+        'range', 'static', 'spare', 'blocks', 'block', 'lease', 'tenant', 'names')),
         added  INTEGER NOT NULL DEFAULT 0 CHECK (added IN (0, 1))
     ) STRICT;
     INSERT INTO universes_5 (cidr, family, kind) SELECT cidr, family, kind FROM universes
@@ -98,6 +99,25 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE universes_5 RENAME TO universes;
     INSERT INTO universes (cidr, family, kind) VALUES ('0.0.0.0/0', 4, 'spare'),
         ('::/0', 6, 'spare');
+    -- What the carve markers in the rings say (core/spare.py): each carved universe, its state
+    -- (range, retired, static, blocks, block, lease, tenant, names) and what it is for.
+    CREATE VIEW IF NOT EXISTS carved AS
+        SELECT DISTINCT substr(owner, 2, instr(owner, ' ') - 2) AS state,
+               CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, 1, instr(rest, ' ') - 1)
+                    ELSE rest END AS cidr,
+               CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, instr(rest, ' ') + 1)
+                    ELSE '' END AS args,
+               universe AS parent
+        FROM (SELECT owner, universe, substr(owner, instr(owner, ' ') + 1) AS rest FROM ring
+              WHERE owner LIKE '@%' AND owner NOT LIKE '@dissolved %');
+    CREATE VIEW IF NOT EXISTS tenants AS
+        SELECT substr(args, 1, instr(args, ' ') - 1) AS tenant, cidr AS key,
+               (SELECT group_concat(b.cidr, ' ') FROM carved b WHERE b.state = 'block'
+                AND b.args = substr(t.args, 1, instr(t.args, ' ') - 1)) AS blocks
+        FROM carved t WHERE state = 'tenant';
+    CREATE VIEW IF NOT EXISTS blocks AS
+        SELECT cidr AS block, CASE state WHEN 'block' THEN 'tenant' ELSE 'handle' END AS leased_to,
+               args AS name FROM carved WHERE state IN ('block', 'lease');
     """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}

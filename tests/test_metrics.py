@@ -64,7 +64,7 @@ async def test_ranges_added_online_and_retired_are_shown_and_spare_space_is_not(
     core = core_loop(tmp_path)
     added = cidr("10.99.0.0/24")
     assert await core.submit(m.AddRange(added)) == {"ok": True, "range": "10.99.0.0/24",
-                                                    "owner": core.me}
+                                                    "owner": core.me, "blocks": False}
     assert (await core.submit(m.Allocate("a", added)))["address"] == "10.99.0.1/24"
     assert (await core.submit(m.RetireRange(added)))["retired"] is True
     body = await Metrics(core).body()

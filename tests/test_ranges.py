@@ -175,3 +175,14 @@ def test_name_pools_are_unique_and_names_parse_exactly():
              (("p0", "a"), ("p1", "b"), ("p0", "c"))}
     assert names == {"web-0", "web-1", "web-2"}
     assert _ask(c, "p1", m.LeaseName("d", "web"))["error"]["code"] == "exhausted"
+
+
+def test_a_new_database_carves_its_static_space_as_static():
+    r, s = cidr("10.40.10.0/28"), cidr("10.40.10.16/28")
+    for mode, extra in (("single", {}), ("seeds", {"seeds": ("p0", "p1")})):
+        d = Durable.new("p0", CLUSTER, [r, s, *SPARE], mode=mode, static=(s,), spare=SPARE,
+                        **extra)
+        peer = d.load(r, 30.0)
+        assert (peer.allocator.kind(r), peer.allocator.kind(s)) == ("range", "static"), mode
+        assert peer.rings[SPARE[0]].owner_of(s.start) == marker("static", s)
+        assert peer.allocator.candidates(cidr("10.40.8.0/22")) == [r]

@@ -110,9 +110,9 @@ def test_a_host_away_learns_the_range_later_and_an_unreachable_owner_is_named(tm
         wait_until("b to see a unreachable", lambda: ia not in status(b)["reachable"])
         message = refused(b.call({"op": "range_add", "range": "10.60.0.0/24",
                                   "allow_route_overlap": True}), "unreachable")
-        assert message == ("10.60.0.0/24: spare space 10.60.0.0-10.60.0.255 is owned by "
-                           f"{ia}, which {ib} cannot reach; only the owner of that space may "
-                           "turn it into a range"), message
+        assert message == ("range 10.60.0.0/24: spare space 10.60.0.0-10.60.0.255 is owned "
+                           f"by {ia}, which {ib} cannot reach; only the owner of that space may "
+                           "give it"), message
         assert "10.60.0.0/24" not in ranges(b)
     finally:
         a.proc.send_signal(signal.SIGCONT)
@@ -138,7 +138,7 @@ def test_a_cluster_made_before_schema_5_cannot_add_ranges(tmp_path):
     message = refused(d.call({"op": "range_add", "range": ADDED, "allow_route_overlap": True}),
                       "not_supported")
     assert message == ("this cluster keeps no spare space for IPv4 (its databases were made "
-                       "before ranges could be added online, schema 5): ranges are fixed")
+                       "before ranges could be added online, schema 5): ranges, blocks, tenants and name pools cannot be added")
     assert list(ranges(d)) == ["10.40.0.0/24"]
     assert d.call({"op": "allocate", "handle": "x"})["address"] == "10.40.0.1/24"
     d.stop()

@@ -63,6 +63,8 @@ def _ask(peer, w, u: Cidr, lack: tuple[str | None, int, int], out) -> None:
     span = f"{format_addr(u.family, lo)}-{format_addr(u.family, hi - 1)}"
     if REGISTRY.start <= lo < REGISTRY.end:
         span = f"the place of its name in ipamd's registry ({span})"
+    elif is_spare(u) or peer.allocator.kind(u) == "blocks":
+        span = f"{'spare' if is_spare(u) else 'block'} space {span}"
     what = _what(w.request)
     if owner is not None and is_marker(owner):
         c = parse_marker(owner)
