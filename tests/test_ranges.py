@@ -186,3 +186,20 @@ def test_a_new_database_carves_its_static_space_as_static():
         assert (peer.allocator.kind(r), peer.allocator.kind(s)) == ("range", "static"), mode
         assert peer.rings[SPARE[0]].owner_of(s.start) == marker("static", s)
         assert peer.allocator.candidates(cidr("10.40.8.0/22")) == [r]
+
+
+def test_a_block_given_back_and_carved_again_is_written_above_what_it_had():
+    c = Cluster(2, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.AddRange(cidr("10.64.0.0/23"), blocks=True))["ok"]
+    assert _ask(c, "p1", m.LeaseBlock("x", 23))["error"]["code"] == "exhausted"
+    seen = []
+    for i in range(3):
+        r = _ask(c, "p1", m.LeaseBlock("vpn", 24))
+        assert r == m.ok(handle="vpn", block="10.64.0.0/24"), r
+        block = cidr(r["block"])
+        seen.append(c.peers["p0"].rings[block].entries[0].version)
+        assert c.peers["p0"].allocator.lease_blocks == {"vpn": [block]}
+        assert _ask(c, "p1", m.Release("vpn"))["released"] == ["10.64.0.0/24"]
+        assert c.peers["p0"].allocator.kind(block) == "dissolved"
+    assert seen[0] < seen[1] < seen[2] and c.alarms == []

@@ -193,12 +193,17 @@ def _spare(peer, family: int) -> Ring | dict:
 
 def _carve(peer, ch: Change, stamp, parent: Ring, c: Cidr, state: str, *args: str) -> None:
     """Mark c in parent and make (or make again) c's own ring, owned wholly by this host."""
-    ch.wrote(parent.universe, parent.transfer(peer.me, c.start, c.end, marker(state, c, *args),
-                                              stamp))
+    marks = ch.wrote(parent.universe, parent.transfer(peer.me, c.start, c.end,
+                                                      marker(state, c, *args), stamp))
     kind = parse_marker(marker(state, c, *args)).kind
     if c in peer.rings:
-        ring = peer.rings[c]
-        ch.wrote(c, ring.revive(peer.me, stamp, c.size if kind in ("block", "names") else 0))
+        # Carved again after it was given back. This host's copy of c's ring may be behind
+        # (the space came by a grant that did not carry c's last writes), but the parent's
+        # entries it just wrote are exact (it owned them), and their versions grow with every
+        # carve and give-back of c: c's entries are written above any version they had.
+        version = max(e.version for e in marks) << 32
+        ch.wrote(c, peer.rings[c].revive(peer.me, stamp,
+                                         c.size if kind in ("block", "names") else 0, version))
     else:
         ch.create(Ring.single_owner(c, peer.me, stamp), kind)
 
@@ -250,8 +255,8 @@ def _choose_block(peer, family: int, prefix_len: int, within: Cidr | None,
     size = block_size(family, prefix_len)
     best = None
     for u in spaces:
-        if size > u.size:
-            continue
+        if size >= u.size:
+            continue  # a block is a universe of its own: smaller than the space it is cut from
         lo_bound = max(u.start, within.start) if within else u.start
         hi_bound = min(u.end, within.end) if within else u.end
         for e, lo, hi in peer.rings[u].spans():

@@ -729,7 +729,8 @@ class Peer:
                     continue
                 if parent is None or c.universe in self.rings or c.universe in new:
                     continue
-                if parent not in STATES[c.state][1] or not u.contains_cidr(c.universe):
+                if parent not in STATES[c.state][1] or not u.contains_cidr(c.universe) or \
+                        c.universe == u:
                     raise RingError(f"{c.kind} {c.universe} may not be carved out of "
                                     f"{parent} {u}")
                 # Only its ancestors (its parent, and what holds that) may overlap it.

@@ -245,13 +245,14 @@ class Ring:
             raise RingError(f"no marker of {c} in the ring of {self.universe}")
         return out
 
-    def revive(self, me: str, stamp: tuple[str, int], free_hint: int) -> list[Entry]:
+    def revive(self, me: str, stamp: tuple[str, int], free_hint: int,
+               version: int) -> list[Entry]:
         """A dissolved universe carved again: every entry (each says "dissolved") becomes
-        `me`'s at a higher version."""
+        `me`'s, at `version` (spare.py: above any this universe's entries had) or higher."""
         if not all(is_marker(e.owner) for e in self.entries):
             raise RingError(f"{self.universe} is in use: it cannot be carved again")
         hint = min(free_hint, HINT_MAX)
-        return [self._put(replace(e, owner=me, version=e.version + 1,
+        return [self._put(replace(e, owner=me, version=max(version, e.version + 1),
                                   free_hint=hint if i == 0 else 0, stamp=stamp))
                 for i, e in enumerate(list(self.entries))]
 
