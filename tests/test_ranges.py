@@ -203,3 +203,18 @@ def test_a_block_given_back_and_carved_again_is_written_above_what_it_had():
         assert _ask(c, "p1", m.Release("vpn"))["released"] == ["10.64.0.0/24"]
         assert c.peers["p0"].allocator.kind(block) == "dissolved"
     assert seen[0] < seen[1] < seen[2] and c.alarms == []
+
+
+def test_a_small_tenant_block_is_filled_from_any_host_and_claims_stay_inside_it():
+    # The block's network, gateway and broadcast addresses are neither free space in hints
+    # nor given to a peer: a peer asking for room never gets only those.
+    c = Cluster(2, cidr("198.18.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.AddRange(cidr("10.64.0.0/16"), blocks=True))["ok"]
+    assert _ask(c, "p0", m.TenantCreate("acme", 29, max_blocks=2))["blocks"] == ["10.64.0.0/29"]
+    got = [_ask(c, "p1", m.Allocate(f"h{i}", tenant="acme")) for i in range(6)]
+    assert sorted(r["address"] for r in got[:5]) == [f"10.64.0.{i}/29" for i in range(2, 7)]
+    assert got[5]["error"]["code"] == "tenant_full"
+    r = _ask(c, "p0", m.Claim("x", 4, cidr("198.18.0.0/24").start + 9, tenant="acme"))
+    assert r == m.error("bad_address", "198.18.0.9 may not be claimed: it is not in a block of "
+                        "tenant acme")

@@ -257,6 +257,15 @@ class Allocator:
             v["gateway"] = format_addr(h.family, block_gateway(h.universe))
         return v
 
+    def _never(self, u: Cidr) -> list[int]:
+        """Addresses of a tenant's block never handed out (its network, gateway and broadcast
+        addresses): not free, so neither counted in hints nor given as free space, which would
+        leave a peer asking for room with a block it cannot use."""
+        if self.kind(u) != "block":
+            return []
+        lo, hi = u.host_bounds()
+        return sorted({*range(u.start, lo + 1), *range(hi, u.end)})
+
     def kind(self, u: Cidr) -> str:
         """spare, range, static, blocks, block, lease, tenant, names or dissolved."""
         return self._kinds.get(u, "range")
@@ -666,6 +675,8 @@ class Allocator:
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
         why = self.claimable(universe, subnet, req.tenant, req.address) \
             if universe is not None else None
+        if req.tenant is not None and universe not in self.tenant_blocks.get(req.tenant, ()):
+            why = f"it is not in a block of tenant {req.tenant}"
         if why is not None:
             return error("bad_address", f"{_fmt(key)} may not be claimed: {why}"), []
         if universe is None and self.clustered():
@@ -774,8 +785,10 @@ class Allocator:
         ring = self.rings[universe]
         first, end = min(lo for lo, _ in spans), max(hi for _, hi in spans)
         # Never quarantined too: taking a reservation takes it out of the freed list.
-        other = sorted(a for f, a in self.reserved if f == universe.family and first <= a < end
-                       and ring.owner_of(a) == self.me)
+        other = sorted({a for f, a in self.reserved if f == universe.family and first <= a < end
+                        and ring.owner_of(a) == self.me} |
+                       {a for a in self._never(universe) if first <= a < end
+                        and ring.owner_of(a) == self.me})
         out = []
         for lo, hi in spans:
             n = held = 0
@@ -799,6 +812,7 @@ class Allocator:
         self.freed[universe].expire(now)
         out += self.freed[universe].quarantined_between(lo, hi)
         out += [a for f, a in self.reserved if f == fam and lo <= a < hi]
+        out += [a for a in self._never(universe) if lo <= a < hi]
         ring = self.rings[universe]
         return sorted(a for a in set(out) if ring.owner_of(a) == self.me)
 

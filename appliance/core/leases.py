@@ -125,7 +125,8 @@ def give_exact(peer, sender: str, msg: SpaceRequest, now: float, out) -> None:
 def _busy(peer, u: Cidr, lo: int, hi: int, now: float) -> str:
     """Why [lo, hi) of u cannot change hands whole: what this host holds there."""
     a = peer.allocator
-    blocked = a._blocked(u, lo, hi, now)
+    never = set(a._never(u))  # a block's network, gateway and broadcast: held by no one
+    blocked = [x for x in a._blocked(u, lo, hi, now) if x not in never]
     if not blocked:
         return ""
     first = format_addr(u.family, blocked[0])
