@@ -66,7 +66,7 @@ class Metrics:
                 await trio.sleep(0)
         return {"in_use": in_use, "free": free, "owned": owned, "retired": retired,
                 "reachable": reachable,
-                "unreachable": others - reachable, "pending": pending}
+                "unreachable": others - reachable, "pending": pending, **_carved(a, in_use)}
 
     async def body(self) -> bytes:
         """The exposition, at most FRESH seconds old: a scraper asking back to back (or many
@@ -117,7 +117,37 @@ class _Scrape:
                                     "requests waiting for space from a peer")
         pending.add_metric([], s["pending"])
         yield from (in_use, free, owned, retired, peers, pending)
+        yield _gauge("ipamd_tenant_blocks", "blocks each tenant has (this host's view of the "
+                     "ring)", "tenant", s["tenant_blocks"])
+        yield _gauge("ipamd_tenant_addresses_in_use", "addresses this host holds in each "
+                     "tenant's blocks", "tenant", s["tenant_in_use"])
+        yield _gauge("ipamd_names_in_use", "names of each pool this host holds", "pool",
+                     s["names_in_use"])
+        leased = GaugeMetricFamily("ipamd_leased_blocks", "blocks leased whole to a handle "
+                                   "(`ipamd lease-block`), cluster-wide as this host knows them")
+        leased.add_metric([], s["leased_blocks"])
+        yield leased
         yield from self.metrics.registry.collect()
+
+
+def _carved(a, in_use) -> dict:
+    """Tenants, leased blocks and name pools as this host knows them: each tenant's blocks
+    and the addresses this host holds there, the names it holds of each pool."""
+    held: dict = {}
+    for (u, _), n in in_use:
+        held[u] = held.get(u, 0) + n
+    return {"tenant_blocks": [(t, len(bs)) for t, bs in a.tenant_blocks.items()],
+            "tenant_in_use": [(t, sum(held.get(b, 0) for b in bs))
+                              for t, bs in a.tenant_blocks.items()],
+            "names_in_use": [(a.carves[u].name, held.get(u, 0)) for u in a.pools],
+            "leased_blocks": sum(len(bs) for bs in a.lease_blocks.values())}
+
+
+def _gauge(name: str, help: str, label: str, items) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help, labels=[label])
+    for value, n in sorted(items):
+        g.add_metric([value], n)
+    return g
 
 
 def _labelled(items) -> list[tuple[list[str], int]]:
