@@ -168,12 +168,9 @@ def test_tenants_blocks_and_names_on_three_hosts(tmp_path):
     assert r["ok"] and r["address"] == f"10.64.{beta[1]}.2/29", r  # .1: its gateway
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (reported, appliance/core/ not ours to "
-                   "change): a tenant block's gateway counts as free space in "
-                   "Allocator.free_count, so a donor may give just the gateway, and the asker "
-                   "answers tenant_full while another host still has a free address")
 def test_a_block_gateway_is_never_given_as_free_space():
-    """In the core's simulator: p1 and p2 take 12 of a /28's 13 host addresses by turns;
+    """In the core's simulator (this was a core bug: the gateway counted as free space, so a
+    donor could give just the gateway): p1 and p2 take 12 of a /28's 13 host addresses by turns;
     p0, which made the block, still owns .14 (free) and the gateway .1. p1's next allocate
     must get .14."""
     from appliance.core import messages as m
