@@ -239,16 +239,19 @@ class Chaos:
             if seq < self.seqs.get(i, 0):
                 raise Violation(f"I7: h{i}'s seq went back from {self.seqs[i]} to {seq}")
             self.seqs[i] = seq
-            for start, version, owner, sp, sq, last in read_db(
-                    d.db, "SELECT start, version, owner, stamp_peer, stamp_seq, last FROM ring"):
-                if version < self.versions.get((i, start), 0):
-                    raise Violation(f"I7: h{i}'s entry at {start} went back to version "
+            # Per universe: the spare ring has an entry (a marker) where each range starts.
+            for u, start, version, owner, sp, sq, last in read_db(
+                    d.db, "SELECT universe, start, version, owner, stamp_peer, stamp_seq, last "
+                    "FROM ring"):
+                if version < self.versions.get((i, u, start), 0):
+                    raise Violation(f"I7: h{i}'s entry at {start} of {u} went back to version "
                                     f"{version}")
-                self.versions[(i, start)] = version
+                self.versions[(i, u, start)] = version
                 content = (owner, sp, sq, last)
-                if self.writes.setdefault((start, version), content) != content:
-                    raise Violation(f"I3: entry {start} version {version} has two contents: "
-                                    f"{self.writes[(start, version)]} and {content}")
+                if self.writes.setdefault((u, start, version), content) != content:
+                    raise Violation(f"I3: entry {start} of {u} version {version} has two "
+                                    f"contents: {self.writes[(u, start, version)]} and "
+                                    f"{content}")
 
     def _check(self, c: Cluster, churn: list[Churn]) -> dict:
         spans = owner_spans(c.daemons[0])

@@ -254,7 +254,7 @@ def _choose_block(peer, family: int, prefix_len: int, within: Cidr | None,
         return m.error("no_block_space", f"{what}: no block space for IPv{family}{where}: add "
                        "some with `ipamd range add CIDR --blocks`")
     size = block_size(family, prefix_len)
-    best = None
+    best, away = None, set()
     for u in spaces:
         if size >= u.size:
             continue  # a block is a universe of its own: smaller than the space it is cut from
@@ -269,10 +269,16 @@ def _choose_block(peer, family: int, prefix_len: int, within: Cidr | None,
                 continue
             mine = e.owner == peer.me
             if not mine and e.owner not in peer.reachable:
+                away.add(e.owner)
                 continue
             key = (mine, hi - lo, -start)
             if best is None or key > best[0]:
                 best = (key, u, start)
+    if best is None and away:
+        return m.error("unreachable", f"{what}: no free /{prefix_len} in block space "
+                       f"{', '.join(map(str, spaces))} that {peer.me} or a peer it reaches "
+                       f"owns whole; {', '.join(sorted(away))} own(s) some, which {peer.me} "
+                       "cannot reach")
     if best is None:
         return m.error("exhausted", f"{what}: no free /{prefix_len} in block space "
                        f"{', '.join(map(str, spaces))} that {peer.me} or a peer it reaches "
@@ -379,6 +385,11 @@ def _tenant_grow(peer, req: m.TenantGrow) -> Plan | dict:
         return m.error("limit", f"tenant {req.name} has {len(blocks)} blocks, its limit "
                        f"(--max-blocks {most})")
     within = req.within or (_cidr_arg(c.args[4]) if len(c.args) > 4 else None)
+    lack = first_lacking(peer.rings[key], peer.me, key.start, key.end)
+    if lack is not None and lack[0] is not None and lack[0] not in peer.reachable:
+        # The key first: without it no block may be added, wherever block space is.
+        return m.error("unreachable", f"{_what(req)}: its key is owned by {lack[0]}, which "
+                       f"{peer.me} cannot reach; only the key's owner adds blocks")
     chosen = _choose_block(peer, family, plen, within, _what(req))
     if isinstance(chosen, dict):
         return chosen
