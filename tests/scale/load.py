@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+CALL_TIMEOUT = 30.0  # seconds: no hook request of the load waits longer
 
 class Conn:
     def __init__(self, stream: trio.SocketStream):
@@ -54,13 +55,16 @@ class HostLoad:
         self.made = 0
 
     async def call(self, request: dict) -> dict:
-        conn = self.idle.pop() if self.idle else \
-            Conn(await trio.open_unix_socket(self.socket))
-        try:
-            reply = await conn.call(request)
-        except BaseException:
-            await conn.stream.aclose()
-            raise
+        """The reply, or trio.TooSlowError past CALL_TIMEOUT: the daemon answers every request
+        within its own request timeout (seconds); this bounds one that does not."""
+        with trio.fail_after(CALL_TIMEOUT):
+            conn = self.idle.pop() if self.idle else \
+                Conn(await trio.open_unix_socket(self.socket))
+            try:
+                reply = await conn.call(request)
+            except BaseException:
+                await conn.stream.aclose()  # closes at once, even cancelled
+                raise
         self.idle.append(conn)
         return reply
 
@@ -70,7 +74,7 @@ class HostLoad:
         t0 = trio.current_time()
         try:
             r = await self.call({"v": 1, "op": "allocate", "handle": handle})
-        except OSError as e:
+        except (OSError, trio.TooSlowError) as e:
             self.ledger.errors[f"{phase} allocate {type(e).__name__}"] += 1
             return
         self.ledger.latency.setdefault(phase, []).append(trio.current_time() - t0)
@@ -88,7 +92,7 @@ class HostLoad:
         self.ledger.releases += 1
         try:
             r = await self.call({"v": 1, "op": "release", "handle": handle})
-        except OSError as e:
+        except (OSError, trio.TooSlowError) as e:
             self.ledger.errors[f"{phase} release {type(e).__name__}"] += 1
             return
         if not r.get("ok"):
