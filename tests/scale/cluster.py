@@ -17,6 +17,7 @@ from tests.daemon_proc import Daemon
 
 SECRET = "scale-test-secret-0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CALL_TIMEOUT = 30.0  # seconds a status call or a metrics scrape may take
 METRICS_CACHE = 1.05  # seconds a metrics scrape is served again (plus a margin)
 
 
@@ -57,7 +58,7 @@ class Host:
     def socket(self) -> Path:
         return self.daemon.socket
 
-    def call(self, request: dict, timeout: float = 30) -> dict:
+    def call(self, request: dict, timeout: float = CALL_TIMEOUT) -> dict:
         with Client(self.daemon.socket, timeout=timeout) as c:
             return c.call(request)
 
@@ -84,7 +85,9 @@ class Host:
         # Metrics): wait that second out, so the count is of now.
         time.sleep(max(0.0, self.scraped + METRICS_CACHE - time.monotonic()))
         self.scraped = time.monotonic()
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
+        # As long as a hook call may take: 100 daemons on 2 shared cores answered a scrape in
+        # over 10 s (load average 90).
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=CALL_TIMEOUT) as r:
             text = r.read().decode()
         m = re.search(r"^ipamd_donation_seconds_count (\S+)$", text, re.M)
         return int(float(m.group(1))) if m else 0

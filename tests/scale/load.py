@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -42,7 +43,9 @@ class Ledger:
 
     def refused(self, key: str, message: str) -> None:
         self.errors[key] += 1
-        self.first_error.setdefault(key, f"{message} (at {trio.current_time():.1f})")
+        # Monotonic time (trio's clock has an offset of its own, and joins call this outside
+        # trio): the "at" of first errors of different phases compare.
+        self.first_error.setdefault(key, f"{message} (at {time.monotonic():.1f})")
 
 
 class HostLoad:

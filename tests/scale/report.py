@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+from .run import first_allocations  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 OUT = DOCS / "scale"
@@ -204,7 +206,7 @@ def scale_section(run: dict) -> list[str]:
         f"{rm['converged_s']:.1f} s later.",
         "- Join of a new host: ready in " + ", ".join(f"{x:.2f}" for x in j["ready_s"])
         + " s; its first allocation (space from a peer) answered "
-        + ", ".join(f"{x:.2f}" for x in j["first_allocation_s"]) + " s after launch; that "
+        + first_allocations(j) + " s after launch; that "
         "grant in every other ring " + ", ".join(f"{x:.2f}" for x in j["change_reached_all_s"])
         + " s later.",
         f"- Check (databases read after stopping): {c['rows']} allocations, "
