@@ -54,15 +54,33 @@ class Daemon:
     def stderr(self) -> str:
         return (self.dir / f"daemon-{self.starts}.log").read_text(errors="replace")
 
-    def kill(self, sig: int = signal.SIGKILL) -> int:
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int:
         # The frozen one-file executable runs the daemon as a child of its bootloader: wait for
         # those children to be gone too, so a restart never races the dying daemon for its lock.
         children = [os.pidfd_open(pid) for pid in _children(self.proc.pid)]
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
+        try:
+            return self.reap(timeout, f"signal {sig}", children)
+        finally:
+            for fd in children:
+                os.close(fd)
+
+    def reap(self, timeout: float, after: str, children: list[int] = ()) -> int:
+        """Wait, at most `timeout` seconds, for the daemon (and `children`, pidfds) to exit;
+        TimeoutError naming it and what it was sent otherwise."""
+        deadline = time.monotonic() + timeout
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"daemon pid {self.proc.pid} ({self.dir}) still running "
+                               f"{timeout:g}s after {after}") from None
         for fd in children:
-            select.select([fd], [], [], 30)  # a pidfd turns readable when its process exits
-            os.close(fd)
+            # A pidfd turns readable when its process exits (poll: no FD_SETSIZE limit).
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if not p.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                raise TimeoutError(f"a child of daemon pid {self.proc.pid} ({self.dir}) still "
+                                   f"running {timeout:g}s after {after}")
         self.proc.stdout.close()
         return code
 

@@ -214,3 +214,33 @@ def test_a_core_is_idle_only_with_nothing_to_push_answer_or_wait_for():
     assert not c.idle()
     alone, _ = type(a).founder("z", "c", [u], u)
     assert alone.idle()  # no peer to push its first write to: nothing to do
+
+
+def test_a_denial_brings_the_asker_news_of_where_the_space_went():
+    """c counts on a's space, which a has since given to b (c has not heard): a's denial comes
+    after what c lacks, so c asks b next and its client gets an address, not `exhausted`."""
+    from appliance.core import messages as m
+    from appliance.core.peer import Peer
+    from appliance.core.peer_messages import Gossip, SpaceDenied, SpaceGrant, SpaceRequest
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b, c = Peer("b", "c", [Ring(u)], u), Peer("c", "c", [Ring(u)], u)
+    a.reachable, b.reachable, c.reachable = {"b", "c"}, {"a", "c"}, {"a", "b"}
+    _, now = _deliver({"a": a, "b": b, "c": c}, 0.0)
+    assert c.rings[u].entries == a.rings[u].entries  # c knows a owns it all, with a free hint
+    with a.writer.change([]) as ch:  # a gives all of it to b; only b hears of it
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.end, "b", a.replica.next_stamp(),
+                                        free_hint=u.end - u.start))
+    b.receive("a", a._gossip_msg(a.delta_for("b")), now)
+    ((dst, ask),) = c.request("r", m.Allocate("h"), now).messages
+    assert dst == "a" and isinstance(ask, SpaceRequest)
+    answer = a.receive("c", ask, now).messages
+    assert [(dst, type(msg)) for dst, msg in answer] == [("c", Gossip), ("c", SpaceDenied)]
+    asks = [c.receive("a", msg, now) for _, msg in answer]
+    assert asks[0].replies == [] and asks[1].replies == []
+    ((dst, ask),) = asks[1].messages
+    assert dst == "b" and isinstance(ask, SpaceRequest)
+    ((dst, grant),) = b.receive("c", ask, now).messages
+    assert dst == "c" and isinstance(grant, SpaceGrant)
+    ((ref, reply),) = c.receive("b", grant, now).replies
+    assert ref == "r" and reply["ok"] and reply["address"] == "10.0.64.0/16"  # in what b was given

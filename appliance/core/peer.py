@@ -958,6 +958,13 @@ class Peer:
             block = a.donatable(u, msg.lo, msg.hi, now, max(1, free // 2), sender) \
                 if free >= 1 else None
             if block is None:
+                # The asker counted on space of ours that has left: it went, by our own
+                # writes, to peers the asker may not have heard of yet. Send what it lacks
+                # first (same connection, so before the denial), so it asks one of them next
+                # instead of refusing its client while space is free elsewhere.
+                delta = self.delta_for(sender)
+                if delta.entries:
+                    out.messages.append((sender, self._gossip_msg(delta)))
                 out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
                                      f"{self.me} has no free space to spare there")))
                 return

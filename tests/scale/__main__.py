@@ -6,7 +6,7 @@ import resource
 import sys
 from pathlib import Path
 
-from .run import Plan, run
+from .run import Plan, first_allocations, run
 
 
 def show(r: dict) -> None:
@@ -36,7 +36,7 @@ def show(r: dict) -> None:
           f"{rm['converged_s']:.1f}s later")
     j = r["join"]
     print("join: ready " + ", ".join(f"{x:.2f}" for x in j["ready_s"]) + " s; first allocation "
-          + ", ".join(f"{x:.2f}" for x in j["first_allocation_s"]) + " s; the grant in every "
+          + first_allocations(j) + " s; the grant in every "
           "ring after " + ", ".join(f"{x:.2f}" for x in j["change_reached_all_s"]) + " s")
     c = r["check"]
     print(f"check: {c['rows']} allocations in {p['hosts']} databases, {c['acked_checked']} "

@@ -7,6 +7,7 @@ import random
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import apsw
@@ -16,6 +17,7 @@ from tests.daemon_proc import Daemon
 
 SECRET = "scale-test-secret-0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CALL_TIMEOUT = 30.0  # seconds a status call or a metrics scrape may take
 METRICS_CACHE = 1.05  # seconds a metrics scrape is served again (plus a margin)
 
 
@@ -56,7 +58,7 @@ class Host:
     def socket(self) -> Path:
         return self.daemon.socket
 
-    def call(self, request: dict, timeout: float = 30) -> dict:
+    def call(self, request: dict, timeout: float = CALL_TIMEOUT) -> dict:
         with Client(self.daemon.socket, timeout=timeout) as c:
             return c.call(request)
 
@@ -83,7 +85,9 @@ class Host:
         # Metrics): wait that second out, so the count is of now.
         time.sleep(max(0.0, self.scraped + METRICS_CACHE - time.monotonic()))
         self.scraped = time.monotonic()
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
+        # As long as a hook call may take: 100 daemons on 2 shared cores answered a scrape in
+        # over 10 s (load average 90).
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=CALL_TIMEOUT) as r:
             text = r.read().decode()
         m = re.search(r"^ipamd_donation_seconds_count (\S+)$", text, re.M)
         return int(float(m.group(1))) if m else 0
@@ -92,9 +96,13 @@ class Host:
         self.killed = True
         self.daemon.kill(signal.SIGKILL)
 
-    def stop(self) -> None:
-        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
-            self.daemon.stop()
+    def running(self) -> bool:
+        return self.daemon.proc is not None and self.daemon.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Send, without waiting: a hundred daemons stop together, not one after another."""
+        if self.running():
+            self.daemon.proc.send_signal(sig)
 
     def allocations(self) -> dict[str, str]:
         """address -> handle, read from the database (daemon stopped) read-only."""
@@ -103,6 +111,37 @@ class Host:
             return {a: h for a, h in db.execute("SELECT address, handle FROM allocations")}
         finally:
             db.close()
+
+
+def stop_all(hosts: list[Host], sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+    """Signal every running host, then wait for them all, `timeout` seconds in all; a host
+    still running then is killed -9 and named in a TimeoutError."""
+    running = [h for h in hosts if h.running()]
+    for h in running:
+        h.signal(sig)
+    deadline = time.monotonic() + timeout
+    late = []
+    for h in running:
+        try:
+            h.daemon.reap(max(0.1, deadline - time.monotonic()), f"signal {sig}")
+        except TimeoutError:
+            late.append(h.name)
+            h.daemon.kill(signal.SIGKILL)
+    if late:
+        raise TimeoutError(f"{', '.join(late)} still running {timeout:g}s after signal {sig} "
+                           "(killed -9)")
+
+
+def each(hosts: list[Host], fn, what: str) -> list:
+    """fn(host) for every host, a few at a time (a hundred sequential round trips to loaded
+    daemons take minutes); the first failure is raised naming its host."""
+    def one(h: Host):
+        try:
+            return fn(h)
+        except Exception as e:  # noqa: BLE001 - re-raised with the host's name
+            raise RuntimeError(f"{what} of {h.name} failed: {type(e).__name__}: {e}") from e
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts) or 1)) as pool:
+        return list(pool.map(one, hosts))
 
 
 def choose_peers(rng: random.Random, running: list[Host], fanout: int) -> list[Host]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import trio
 
+CALL_TIMEOUT = 30.0  # seconds: no hook request of the load waits longer
 
 class Conn:
     def __init__(self, stream: trio.SocketStream):
@@ -41,7 +43,9 @@ class Ledger:
 
     def refused(self, key: str, message: str) -> None:
         self.errors[key] += 1
-        self.first_error.setdefault(key, f"{message} (at {trio.current_time():.1f})")
+        # Monotonic time (trio's clock has an offset of its own, and joins call this outside
+        # trio): the "at" of first errors of different phases compare.
+        self.first_error.setdefault(key, f"{message} (at {time.monotonic():.1f})")
 
 
 class HostLoad:
@@ -54,13 +58,16 @@ class HostLoad:
         self.made = 0
 
     async def call(self, request: dict) -> dict:
-        conn = self.idle.pop() if self.idle else \
-            Conn(await trio.open_unix_socket(self.socket))
-        try:
-            reply = await conn.call(request)
-        except BaseException:
-            await conn.stream.aclose()
-            raise
+        """The reply, or trio.TooSlowError past CALL_TIMEOUT: the daemon answers every request
+        within its own request timeout (seconds); this bounds one that does not."""
+        with trio.fail_after(CALL_TIMEOUT):
+            conn = self.idle.pop() if self.idle else \
+                Conn(await trio.open_unix_socket(self.socket))
+            try:
+                reply = await conn.call(request)
+            except BaseException:
+                await conn.stream.aclose()  # closes at once, even cancelled
+                raise
         self.idle.append(conn)
         return reply
 
@@ -70,7 +77,7 @@ class HostLoad:
         t0 = trio.current_time()
         try:
             r = await self.call({"v": 1, "op": "allocate", "handle": handle})
-        except OSError as e:
+        except (OSError, trio.TooSlowError) as e:
             self.ledger.errors[f"{phase} allocate {type(e).__name__}"] += 1
             return
         self.ledger.latency.setdefault(phase, []).append(trio.current_time() - t0)
@@ -88,7 +95,7 @@ class HostLoad:
         self.ledger.releases += 1
         try:
             r = await self.call({"v": 1, "op": "release", "handle": handle})
-        except OSError as e:
+        except (OSError, trio.TooSlowError) as e:
             self.ledger.errors[f"{phase} release {type(e).__name__}"] += 1
             return
         if not r.get("ok"):
