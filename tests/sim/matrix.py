@@ -39,9 +39,8 @@ from pathlib import Path
 from appliance.protocols import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
-from appliance.core.durable import Durable
 
-from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation
+from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation, new_durable
 
 ROUNDS_PER_S = round(1 / TICK)
 
@@ -268,7 +267,7 @@ class Driver:
         self.joins += 1
         new = f"j{self.joins}"
         sim.names.append(new)
-        sim.durable[new] = Durable(new, sim.cluster, list(sim.universes))
+        sim.durable[new] = new_durable(new, sim.cluster, sim.universes)
         sim.max_clock[new] = (0, {})
         sim.freed[new] = {}
         sim._load(new)

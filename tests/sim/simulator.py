@@ -11,6 +11,14 @@ that an end is 2^128), or both. Entrance requests use them all: a CNI ADD is one
 a range set per family (or per half or quarter of the one range), alternatives, gateways,
 rangeStart-rangeEnd windows and requested addresses; CNI STATUS, GC and the sweeper likewise.
 
+Ranges online (issue #14): every database has the spare universes 0.0.0.0/0 and ::/0 (as the
+store makes them now), and among the client operations (3%, on a random peer in any standing,
+partitioned or not) the operator adds a range, or retires or resumes one. The candidates are a
+small pool per seed that overlap on purpose: an IPv4 /24, its /25s and two /26s, the /20
+holding it, an IPv6 /64, its /65s and a /120 inside, the seed's own universes and the prefix
+two shorter holding each; so concurrent and partitioned adds of overlapping ranges happen. A
+quarter of the allocations and claims go to a range added online, once there is one.
+
 Standings: a peer may be waiting (seeds and quorum bootstrap), member, left (the simulated
 operator drains it with GC, waits out its quarantine and asks it to leave), stale (restarted
 from an older copy of its database: the first peer it hears from knows more of its writes, and
@@ -39,6 +47,16 @@ address that peer freed and when (from the rows it committed), and checks every 
 is committed: an allocate reply must not hand out an address the same peer freed less than
 REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a handover) may
 move space holding such an address. (A claim may take a quarantined address on purpose.)
+I10 no address in two universes: any two ranges or static universes known anywhere (live peers,
+and crashed ones' disks) are equal or disjoint, each of one kind everywhere, and every carve
+marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind;
+I11 every acknowledged range add (ok, not "already"), unless lost with every disk that held
+it, is a range of every live member after the heal, and liveness allocates in it (in a range
+retired when the rings converge, the allocate must be refused "retired"); I12 no allocate
+hands out an address of a range its peer knows is retired when it answers (claims may).
+I3 covers spare rings too (a marker is no peer: no two peers own one spare address), I4 and
+I6 every universe a peer has, and I5 spare space as well: after the heal its every address
+has a live owner or is carved (a marker), since the next range added there must ask its owner.
 Free space as the allocator counts it is checked against a scan of its own tables (never an
 enumeration of the range: a /32 IPv6 range is never walked).
 A restart may lose the peer's whole database: it comes back under a new id, and its old id
@@ -244,7 +262,9 @@ class Stats:
     removals: int = 0
     gate: Counter = field(default_factory=Counter)  # "standing request-kind" on non-members
     universes: str = ""
-    ranges: Counter = field(default_factory=Counter)  # range adds and retires answered ok
+    # Range adds and retires answered ok ("added", "already", "retired", "resumed") and
+    # refused ("AddRange overlap", ...).
+    ranges: Counter = field(default_factory=Counter)
 
 
 class Sim:
@@ -550,12 +570,17 @@ class Sim:
     def _keepers(self, besides: set[str]) -> list[str]:
         """Peers other than `besides` whose disk holds the ring and counts: not void, not
         gone from the cluster. A fault that would leave none is the end of the cluster, not
-        one it can survive (wipes, stale restores, removals and leaves all wait for one)."""
+        one it can survive (wipes, stale restores, removals and leaves all wait for one).
+        The spare rings too: a peer that has only space granted to it (entries written again
+        under its own stamp) may have none of them, and a cluster that lost every copy of a
+        spare ring has no spare space left (no rmpeer reclaims an empty spare ring: that is
+        what a cluster made before spare space has), so it can never add a range again."""
         return [q for q in self.names if q not in besides and q not in self.void
                 and q not in self.condemned and q not in self.draining
                 and self.durable[q].ring and (self.durable[q].standing is None
                                               or self.durable[q].standing.state
-                                              not in NOT_MEMBER)]
+                                              not in NOT_MEMBER)
+                and {str(u) for u in SPARE} <= {r.universe for r in self.durable[q].ring.values()}]
 
     def _knowers_of_removal(self, p: str) -> list[str]:
         return [q for q in sorted(self.live) if p in self.live[q].removed
@@ -960,6 +985,8 @@ class Sim:
             self._left(p, reply)
         if not reply["ok"]:
             self.stats.refused[reply["error"]["code"]] += 1
+            if isinstance(req, (m.AddRange, m.RetireRange)):
+                self.stats.ranges[f"{type(req).__name__} {reply['error']['code']}"] += 1
             return
         if isinstance(req, m.RemovePeer):
             self.stats.removals += 1
