@@ -40,7 +40,7 @@ from appliance.protocols import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
 
-from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation, new_durable
+from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation
 
 ROUNDS_PER_S = round(1 / TICK)
 
@@ -267,7 +267,7 @@ class Driver:
         self.joins += 1
         new = f"j{self.joins}"
         sim.names.append(new)
-        sim.durable[new] = new_durable(new, sim.cluster, sim.universes)
+        sim.durable[new] = sim.new_durable(new, sim.cluster)
         sim.max_clock[new] = (0, {})
         sim.freed[new] = {}
         sim._load(new)

@@ -191,11 +191,6 @@ def host_range(s: Cidr) -> tuple[int, int]:
     return lo, hi - 1
 
 
-def new_durable(me: str, cluster: str, universes: list[Cidr], **boot) -> Durable:
-    """A new database, as the store makes one now: the spare universes (spare.py) too."""
-    return Durable.new(me, cluster, [*universes, *SPARE], spare=SPARE, **boot)
-
-
 def range_candidates(rng: random.Random, universes: list[Cidr]) -> list[Cidr]:
     """What the simulated operator may add as ranges: an IPv4 /24, both /25s and two /26s in
     it, and the /20 holding it; an IPv6 /64, its /65s and a /120 in the first; the seed's
@@ -270,8 +265,11 @@ class Stats:
 class Sim:
     def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None,
                  bootstrap: str = "founder", universes: list[Cidr] | None = None,
-                 variety: bool = False):
+                 variety: bool = False, spare: bool = True):
         self.seed, self.rng, self.faults = seed, random.Random(seed), faults
+        # The spare universes every database made since schema 5 has (spare.py); without
+        # them, a cluster made before: its ranges are fixed.
+        self.spare = SPARE if spare else ()
         self.broken = broken  # a known-wrong behaviour to plant, for the checker's own tests
         self.now = 1000.0
         self.names = [f"p{i}" for i in range(n)]
@@ -308,7 +306,7 @@ class Sim:
                 boot = {"mode": "quorum", "quorum": n}
             else:
                 boot = {"mode": "single" if p == self.names[0] else "join"}
-            self.durable[p] = new_durable(p, self.cluster, self.universes, **boot)
+            self.durable[p] = self.new_durable(p, self.cluster, **boot)
             self.live[p] = self.durable[p].load(self.u, REUSE_DELAY)
         for p in self.names:  # every seed reaches every other at the start
             for q in self.names:
@@ -416,6 +414,12 @@ class Sim:
         self._update_reachability()
 
     # -- peers ---------------------------------------------------------------------------------
+
+    def new_durable(self, me: str, cluster: str, **boot) -> Durable:
+        """A new database, as the store makes one: the spare universes too (if the cluster's
+        databases have them)."""
+        return Durable.new(me, cluster, [*self.universes, *self.spare], spare=self.spare,
+                           **boot)
 
     def _handle(self, p: str, ready: Ready) -> None:
         """What a shell does with a Ready: commit, then send, then reply; maybe crash on the way."""
@@ -580,7 +584,8 @@ class Sim:
                 and self.durable[q].ring and (self.durable[q].standing is None
                                               or self.durable[q].standing.state
                                               not in NOT_MEMBER)
-                and {str(u) for u in SPARE} <= {r.universe for r in self.durable[q].ring.values()}]
+                and {str(u) for u in self.spare} <= {r.universe
+                                                     for r in self.durable[q].ring.values()}]
 
     def _knowers_of_removal(self, p: str) -> list[str]:
         return [q for q in sorted(self.live) if p in self.live[q].removed
@@ -725,7 +730,7 @@ class Sim:
         # decided cluster has its own).
         votes = [d.vote.decided for d in self.durable.values() if d.vote and d.vote.decided]
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
-        self.durable[new] = new_durable(new, cluster, self.universes)
+        self.durable[new] = self.new_durable(new, cluster)
         self._ranges_lost("wipe")
         self.max_clock[new] = (0, {})
         self.freed[new] = {}
