@@ -1,4 +1,4 @@
--- ipamd database, schema version 4 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 5 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -8,13 +8,20 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 ) STRICT;
 
--- The universes, fixed when the cluster is created: the allocation ranges (kind 'range'),
--- and the part of --subnet outside them (kind 'static'): in the ring, so that every static
--- address has one owner, but only ever claimed, never handed out by allocate.
+-- The universes: the allocation ranges (kind 'range'), the part of --subnet outside them
+-- (kind 'static': in the ring, so that every static address has one owner, but only ever
+-- claimed, never handed out by allocate), and the spare space (kind 'spare': 0.0.0.0/0 and
+-- ::/0, whose ring says who may carve a new range out of it, `ipamd range add`). Carved since
+-- (core/spare.py): 'blocks' (block space, `range add --blocks`), 'block' (a tenant's),
+-- 'lease' (a block leased to a handle), 'tenant' (a tenant's key), 'names' (a name pool).
+-- added: 0 for the universes the database was made with, 1 for one added online (here or on
+-- a peer). What each carved universe is for is in its parent's ring: the views below.
 CREATE TABLE universes (
     cidr   TEXT PRIMARY KEY,
     family INTEGER NOT NULL CHECK (family IN (4, 6)),
-    kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static'))
+    kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN (
+        'range', 'static', 'spare', 'blocks', 'block', 'lease', 'tenant', 'names')),
+    added  INTEGER NOT NULL DEFAULT 0 CHECK (added IN (0, 1))
 ) STRICT;
 
 -- The ring of each universe: an entry owns [start, last]. Only its owner changes an entry, each
@@ -96,6 +103,26 @@ CREATE TABLE reserved (
     note     TEXT NOT NULL,
     PRIMARY KEY (address, holder)
 ) STRICT;
+
+-- What the carve markers in the rings say (core/spare.py): each carved universe, its state
+-- (range, retired, static, blocks, block, lease, tenant, names) and what it is for.
+CREATE VIEW carved AS
+    SELECT DISTINCT substr(owner, 2, instr(owner, ' ') - 2) AS state,
+           CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, 1, instr(rest, ' ') - 1)
+                ELSE rest END AS cidr,
+           CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, instr(rest, ' ') + 1)
+                ELSE '' END AS args,
+           universe AS parent
+    FROM (SELECT owner, universe, substr(owner, instr(owner, ' ') + 1) AS rest FROM ring
+          WHERE owner LIKE '@%' AND owner NOT LIKE '@dissolved %');
+CREATE VIEW tenants AS
+    SELECT substr(args, 1, instr(args, ' ') - 1) AS tenant, cidr AS key,
+           (SELECT group_concat(b.cidr, ' ') FROM carved b WHERE b.state = 'block'
+            AND b.args = substr(t.args, 1, instr(t.args, ' ') - 1)) AS blocks
+    FROM carved t WHERE state = 'tenant';
+CREATE VIEW blocks AS
+    SELECT cidr AS block, CASE state WHEN 'block' THEN 'tenant' ELSE 'handle' END AS leased_to,
+           args AS name FROM carved WHERE state IN ('block', 'lease');
 
 -- For people at a sqlite3 prompt.
 CREATE VIEW held AS

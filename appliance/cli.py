@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_tenants
 from .client import Client, Unreachable
 from .core.addr import AddrError, parse_addr, parse_cidr, parse_hostport
 from .paths import DB_NAME, default_data_dir, default_socket
@@ -187,24 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file holding the cluster secret, shared by every host (default: "
                          "$IPAMD_SECRET). Peers prove they know it; it never travels")
 
-    def client(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
+    def client(name: str, help: str, parent=sub) -> argparse.ArgumentParser:
+        c = parent.add_parser(name, help=help, description=help)
         c.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
         c.add_argument("--socket", type=Path, default=None,
                        help=f"hook socket (default: $IPAMD_SOCKET or {default_socket()})")
         return c
 
+    def anchor_flags(c) -> None:
+        c.add_argument("--anchor-netns", metavar="PATH",
+                       help="release automatically once this network namespace is gone")
+        c.add_argument("--anchor-pid", type=int, metavar="PID",
+                       help="release automatically once this process is gone")
+
     c = client("allocate", "give HANDLE an address (the same one again if it has one)")
     c.add_argument("handle")
     c.add_argument("--subnet", type=_cidr_arg("--subnet"), metavar="CIDR")
-    c.add_argument("--anchor-netns", metavar="PATH",
-                   help="release automatically once this network namespace is gone")
-    c.add_argument("--anchor-pid", type=int, metavar="PID",
-                   help="release automatically once this process is gone")
+    c.add_argument("--tenant", metavar="NAME",
+                   help="from tenant NAME's blocks only (--subnet may name one of them)")
+    anchor_flags(c)
     c = client("claim", "give HANDLE a specific address")
     c.add_argument("handle")
     c.add_argument("address")
     c.add_argument("--subnet", type=_cidr_arg("--subnet"), metavar="CIDR")
+    c.add_argument("--tenant", metavar="NAME",
+                   help="an address in tenant NAME's blocks (refused there without it)")
     client("release", "free every address HANDLE holds (succeeds if it holds none)") \
         .add_argument("handle")
     client("lookup", "show the addresses HANDLE holds").add_argument("handle")
@@ -220,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the reachability and majority checks: only when you know the "
                         "other peers are gone for good (dangerous behind a partition)")
 
+    r = sub.add_parser("range", help="add, retire or list the cluster's allocation ranges, "
+                                     "online, from any host", description=RANGE_HELP)
+    ranges = r.add_subparsers(dest="range_command", required=True, metavar="ACTION")
+    c = client("add", "add CIDR to every host's ranges (refused if it overlaps a range of the "
+                      "cluster, or a route or address of this host)", ranges)
+    c.add_argument("cidr", type=_cidr_arg("range"), metavar="CIDR")
+    c.add_argument("--allow-route-overlap", action="store_true",
+                   help="add it even if it overlaps a route or an address of this host")
+    c.add_argument("--blocks", action="store_true",
+                   help="block space: never allocated from itself; tenants' blocks and "
+                        "leased blocks are cut from it (see `ipamd tenant --help`)")
+    client("retire", "stop new allocations in the range CIDR on every host (addresses held "
+                     "there stay)", ranges).add_argument("cidr", type=_cidr_arg("range"),
+                                                         metavar="CIDR")
+    client("unretire", "let allocations into the retired range CIDR again", ranges) \
+        .add_argument("cidr", type=_cidr_arg("range"), metavar="CIDR")
+    client("ls", "one line per range: kind, active or retired, addresses held here, free here",
+           ranges)
+    cli_tenants.add_commands(sub, client, _cidr_arg, anchor_flags)
+
     s = sub.add_parser("sql", help="SQL shell on the database (daemon running or not)")
     s.add_argument("db", nargs="?", type=Path, help=f"default: {default_data_dir() / DB_NAME}")
     s.add_argument("sql_args", nargs=argparse.REMAINDER,
@@ -227,25 +254,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGE_HELP = ("The cluster's allocation ranges, changed online: a range added on one host "
+              "reaches every host by gossip and is served at once; a retired range takes no "
+              "new allocations (those held stay) until it is unretired. Not possible in a "
+              "cluster whose databases were made before ipamd could add ranges "
+              "(not_supported).")
+
+
+def _command(args) -> str:
+    """The command as _request and _show know it: "range add" for `ipamd range add`."""
+    if args.command == "range":
+        return f"range {args.range_command}"
+    return cli_tenants.command(args) or args.command
+
+
+def _anchor(args) -> dict | None:
+    """The liveness anchor of --anchor-netns or --anchor-pid, if given."""
+    if args.anchor_netns:
+        return {"netns": os.path.abspath(args.anchor_netns)}
+    if args.anchor_pid is not None:
+        from .liveness import ALIVE, start_time
+        state, start = start_time(args.anchor_pid)
+        if state != ALIVE:
+            raise SystemExit(f"ipamd: no process {args.anchor_pid} to anchor to")
+        return {"pid": args.anchor_pid, "start_time": start}
+    return None
+
+
 def _request(args) -> dict:
-    cmd = args.command
+    cmd = _command(args)
+    if (req := cli_tenants.request(cmd, args, _anchor)) is not None:
+        return req
+    if cmd == "range add":
+        req = {"v": 1, "op": "range_add", "range": str(args.cidr),
+               "allow_route_overlap": args.allow_route_overlap}
+        if args.blocks:
+            req["blocks"] = True
+        return req
+    if cmd in ("range retire", "range unretire"):
+        return {"v": 1, "op": "range_retire", "range": str(args.cidr),
+                "undo": cmd == "range unretire"}
+    if cmd == "range ls":
+        return {"v": 1, "op": "status"}
     if cmd == "allocate":
         req = {"v": 1, "op": "allocate", "handle": args.handle}
         if args.subnet:
             req["subnet"] = str(args.subnet)
-        if args.anchor_netns:
-            req["anchor"] = {"netns": os.path.abspath(args.anchor_netns)}
-        elif args.anchor_pid is not None:
-            from .liveness import ALIVE, start_time
-            state, start = start_time(args.anchor_pid)
-            if state != ALIVE:
-                raise SystemExit(f"ipamd: no process {args.anchor_pid} to anchor to")
-            req["anchor"] = {"pid": args.anchor_pid, "start_time": start}
-        return req
-    if cmd == "claim":
+        if (anchor := _anchor(args)) is not None:
+            req["anchor"] = anchor
+    elif cmd == "claim":
         req = {"v": 1, "op": "claim", "handle": args.handle, "address": args.address}
         if args.subnet:
             req["subnet"] = str(args.subnet)
+    if cmd in ("allocate", "claim"):
+        if args.tenant:
+            req["tenant"] = args.tenant
         return req
     if cmd in ("release", "lookup"):
         return {"v": 1, "op": cmd, "handle": args.handle}
@@ -276,51 +339,28 @@ class _nicknames:
         return max([len(self(p)) for p in peers] + [len("NICKNAME")]) + 2
 
 
-def _show(cmd: str, r: dict) -> None:
+def _show(cmd: str, r: dict, args=None, names: dict | None = None) -> None:
+    """Print reply r of cmd for people. names: each name pool's universe -> its pattern
+    (cli_tenants.names_of), to show a released name as the name."""
     if cmd in ("allocate", "claim"):
         print(r["address"])
     elif cmd == "release":
         for a in r["released"]:
-            print(f"released {a}")
+            name = cli_tenants.name_at(a, names) if names else None
+            print(f"released {name or a}")
     elif cmd == "lookup":
         for a in r["addresses"]:
-            print(a["address"])
+            print(a.get("name") or a["address"])
     elif cmd == "ls":
         rows = sorted(r["allocations"], key=lambda a: a["handle"])
         width = max([len(a["handle"]) for a in rows] + [6])
         print(f"{'HANDLE':<{width}}  ADDRESS")
         for a in rows:
-            print(f"{a['handle']:<{width}}  {a['address']}")
+            print(f"{a['handle']:<{width}}  {a['address']}"
+                  + (f"  (name {a['name']} of pool {a['pool']})" if a.get("name") else "")
+                  + (f"  (tenant {a['tenant']})" if a.get("tenant") else ""))
     elif cmd == "status":
-        nick = _nicknames(r)
-        print(f"peer {r['peer']} {nick(r['peer'])}  {r['standing']}{'  (' + r['note'] + ')' if r['note'] else ''}"
-              f"  cluster {r['cluster'] or '(none yet)'}")
-        print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
-              f"{r['allocations']} addresses held by {r['handles']} handles  "
-              f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
-        # FREE: allocatable now (neither held, quarantined nor reserved). Counts of IPv6
-        # size in a short form; --json keeps them exact.
-        print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
-        for u in r["universes"]:
-            name = u["range"] + (" (static)" if u.get("static") else "")
-            print(f"{name:<28}{_count(u['owned']):>12}{_count(u['allocated']):>12}"
-                  f"{_count(u['quarantined']):>13}{_count(u['free']):>12}")
-        for u in r["universes"]:
-            size = sum(p["owned"] for p in u["peers"].values()) or 1
-            width = nick.width(u["peers"])
-            print(f"\n{u['range']}: {u['ring_entries']} ring entries")
-            print(f"  {'PEER':<18}{'NICKNAME':<{width}}{'SHARE':>8}{'FREE':>8}  STATE")
-            for peer, p in u["peers"].items():
-                free = 100 * p["free_hint"] / p["owned"] if p["owned"] else 0
-                state = "this peer" if peer == r["peer"] else \
-                    "reachable" if p["reachable"] else "unreachable"
-                print(f"  {peer:<18}{nick(peer):<{width}}{100 * p['owned'] / size:>7.1f}%"
-                      f"{free:>7.1f}%  {state}")
-        if r.get("reserved"):
-            # Gateways requests named: kept out of use while a holder still names them.
-            print(f"\n{'RESERVED':<28}HELD BY")
-            for address, holders in r["reserved"].items():
-                print(f"{address:<28}{', '.join(holders)}")
+        _status(r)
     elif cmd == "peers":
         reach, nick = set(r["reachable"]), _nicknames(r)
         width = nick.width([*r["members"], *r["removed"]])
@@ -334,19 +374,100 @@ def _show(cmd: str, r: dict) -> None:
         for peer, ranges in r["handed"].items():
             print(f"handed {', '.join(ranges)} to {peer}")
         print(f"{r['left']} left the cluster")
+    elif cmd == "range add":
+        print(f"{r['range']} is a range of the cluster already" if r.get("already") else
+              f"added {r['range']} to the cluster's ranges")
+    elif cmd in ("range retire", "range unretire"):
+        print(f"retired {r['range']}: no new allocations there; addresses held stay"
+              if r["retired"] else f"{r['range']} takes allocations again")
+    elif cmd == "range ls":
+        # What this host sees: IN USE and FREE count its own allocations and the space it
+        # owns, as `status` does.
+        # Tenants' blocks, leased blocks and name pools have commands of their own.
+        print(f"{'RANGE':<28}{'KIND':<8}{'STATE':<9}{'IN USE':>12}{'FREE':>12}")
+        for u in r["universes"]:
+            kind = u.get("kind") or ("static" if u.get("static") else "range")
+            if kind not in ("range", "static", "blocks"):
+                continue
+            state = "retired" if u.get("retired") else "active"
+            print(f"{u['range']:<28}{kind:<8}{state:<9}{_count(u['allocated']):>12}"
+                  f"{_count(u['free']):>12}")
     elif cmd == "rmpeer":
         print(f"removed {', '.join(r['removed'])} (by {r['by']}); reclaimed "
               f"{', '.join(r['reclaimed']) or 'nothing'}")
+    else:
+        cli_tenants.show(cmd, r, args, _nicknames(r))
+
+
+# How status marks a universe that is not a plain range, by its kind (tenant keys, which hold
+# no addresses, are not shown: `tenant ls` lists tenants).
+_MARKS = {"static": "static", "blocks": "block space", "block": "block of {}",
+          "lease": "leased to {}"}
+
+
+def _status(r: dict) -> None:
+    nick = _nicknames(r)
+    print(f"peer {r['peer']} {nick(r['peer'])}  {r['standing']}{'  (' + r['note'] + ')' if r['note'] else ''}"
+          f"  cluster {r['cluster'] or '(none yet)'}")
+    print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
+          f"{r['allocations']} addresses held by {r['handles']} handles  "
+          f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
+    universes = [u for u in r["universes"] if u.get("kind") != "tenant"]
+    # FREE: allocatable now (neither held, quarantined nor reserved). Counts of IPv6
+    # size in a short form; --json keeps them exact.
+    print(f"{'RANGE':<28}{'OWNED':>12}{'ALLOCATED':>12}{'QUARANTINED':>13}{'FREE':>12}")
+    for u in universes:
+        kind = u.get("kind") or ("static" if u.get("static") else "range")
+        # A pool's /96 is long: it is named by its pool here, and listed under POOL below.
+        name = f"pool {u.get('for')}" if kind == "names" else u["range"] + (
+            f" ({_MARKS[kind].format(u.get('for'))})" if kind in _MARKS else "") + \
+            (" (retired)" if u.get("retired") else "")
+        print(f"{name:<28}{_count(u['owned']):>12}{_count(u['allocated']):>12}"
+              f"{_count(u['quarantined']):>13}{_count(u['free']):>12}")
+    for u in universes:
+        # Carved space shows in its parent's ring as a marker ("@block ..."): no peer.
+        peers = {p: x for p, x in u["peers"].items() if not p.startswith("@")}
+        size = sum(p["owned"] for p in peers.values()) or 1
+        width = nick.width(peers)
+        print(f"\n{u['range']}: {u['ring_entries']} ring entries")
+        print(f"  {'PEER':<18}{'NICKNAME':<{width}}{'SHARE':>8}{'FREE':>8}  STATE")
+        for peer, p in peers.items():
+            free = 100 * p["free_hint"] / p["owned"] if p["owned"] else 0
+            state = "this peer" if peer == r["peer"] else \
+                "reachable" if p["reachable"] else "unreachable"
+            print(f"  {peer:<18}{nick(peer):<{width}}{100 * p['owned'] / size:>7.1f}%"
+                  f"{free:>7.1f}%  {state}")
+    # Gateways requests named (kept out of use while a holder still names them), tenants,
+    # leased blocks and name pools: a table each, when there are any.
+    for key, head, row in (
+            ("reserved", f"{'RESERVED':<28}HELD BY", lambda k, v: f"{k:<28}{', '.join(v)}"),
+            ("tenants", f"{'TENANT':<28}BLOCKS", lambda k, v: (
+                f"{k:<28}{' '.join(v['blocks']) or '-'} ({len(v['blocks'])} of at most "
+                f"{v['max_blocks']} /{v['prefix_len']})")),
+            ("leases", f"{'LEASED BLOCK':<28}HANDLE", lambda k, v: f"{k:<28}{v}"),
+            ("pools", f"{'POOL':<28}{'PATTERN':<28}{'SIZE':>12}  UNIVERSE", lambda k, v: (
+                f"{k:<28}{v['pattern']:<28}{_count(v['size']):>12}  {v['universe']}"))):
+        if r.get(key):
+            print(f"\n{head}")
+            for k, v in r[key].items():
+                print(row(k, v))
 
 
 def _client_command(args) -> int:
-    request = _request(args)
+    request, cmd, names = _request(args), _command(args), None
     try:
         with Client(args.socket or default_socket()) as c:
-            reply = c.call(request)
+            reply = _call(c, cmd, request)
+            if cmd == "release" and reply.get("ok") and not args.json and \
+                    any(map(cli_tenants.in_registry, reply["released"])):
+                names = cli_tenants.names_of(c.call({"v": 1, "op": "status"}))
+        if args.json and reply.get("ok") and cmd in ("tenant ls", "tenant show", "names ls"):
+            reply = cli_tenants.json_view(cmd, args, reply)
     except Unreachable as e:
         print(f"ipamd: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except cli_tenants.Refused as e:
+        reply = e.reply
     if args.json:
         print(json.dumps(reply, indent=2))
     if not reply.get("ok"):
@@ -355,8 +476,23 @@ def _client_command(args) -> int:
             print(f"ipamd: {err.get('code')}: {err.get('message')}", file=sys.stderr)
         return EXIT_ERROR
     if not args.json:
-        _show(args.command, reply)
+        try:
+            _show(cmd, reply, args, names)
+        except cli_tenants.Refused as e:
+            print(f"ipamd: {e.reply['error']['code']}: {e}", file=sys.stderr)
+            return EXIT_ERROR
     return 0
+
+
+def _call(c: Client, cmd: str, request: dict) -> dict:
+    """The daemon's reply to request; a claim-name without --pool first asks `status` for
+    the pools and takes the one whose pattern makes the name."""
+    if cmd == "claim-name" and request["pool"] is None:
+        status = c.call({"v": 1, "op": "status"})
+        if not status.get("ok"):
+            return status
+        request["pool"] = cli_tenants.pool_of(request["name"], status)
+    return c.call(request)
 
 
 def _launch(args) -> int:

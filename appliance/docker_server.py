@@ -29,6 +29,7 @@ MAX_BODY = 1 << 20
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 300.0  # docker's plugin client keeps connections open, and redials if closed
 REQUEST_TIMEOUT = 30.0
+DELETE_RETRY = 5.0  # a released network's own tenant waits out its addresses' quarantine
 
 
 async def _respond(stream, conn: h11.Connection, status: int, body: dict) -> None:
@@ -94,7 +95,20 @@ async def _answer(core, state: DriverState, caller: str, path: str,
         return e.status, {"Error": str(e)}
     log.debug("event=docker_call path=%s caller=%s body=%s", path, caller or "?",
               json.dumps(body, sort_keys=True))
-    plan = docker_ipam.call(path, body, state, caller)
+    try:
+        reply = await _run(core, docker_ipam.call(path, body, state, caller))
+    except DockerError as e:
+        reply = {"Error": str(e)}
+    except Exception as e:  # a bug, or the database refused a commit: this call fails only
+        log.exception("event=docker_failed path=%s", path)
+        reply = {"Error": f"internal: {e}"}
+    _log_notes(state)
+    log.info("event=docker path=%s status=200 error=%r", path, reply.get("Error"))
+    return 200, reply
+
+
+async def _run(core, plan):
+    """Run a plan of docker_ipam: submit its core requests, answer its questions; its value."""
     answer = None
     try:
         while True:
@@ -104,16 +118,27 @@ async def _answer(core, state: DriverState, caller: str, path: str,
             else:
                 answer = await core.submit(step)
     except StopIteration as done:
-        status, reply = 200, done.value
-    except DockerError as e:
-        status, reply = 200, {"Error": str(e)}
-    except Exception as e:  # a bug, or the database refused a commit: this call fails only
-        log.exception("event=docker_failed path=%s", path)
-        status, reply = 200, {"Error": f"internal: {e}"}
+        return done.value
     finally:
         plan.close()
-    log.info("event=docker path=%s status=%d error=%r", path, status, reply.get("Error"))
-    return status, reply
+
+
+def _log_notes(state: DriverState) -> None:
+    for note in state.notes:
+        log.info(note)
+    state.notes.clear()
+
+
+async def _delete_doomed(core, state: DriverState) -> None:
+    """Released networks' own tenants, deleted once their addresses' quarantine is over."""
+    while True:
+        await trio.sleep(DELETE_RETRY)
+        if state.doomed:
+            try:
+                await _run(core, docker_ipam.delete_doomed(state))
+            except Exception:  # the database refused a commit: tried again next round
+                log.exception("event=docker_tenant_delete_failed")
+            _log_notes(state)
 
 
 def _caller(sock) -> str:
@@ -139,5 +164,8 @@ def _pid_gone(owner: str) -> bool:
 async def serve_docker(path: Path, core, task_status=trio.TASK_STATUS_IGNORED,
                        cap: int = MAX_CONNECTIONS) -> None:
     state = DriverState(token=lambda: secrets.token_hex(6))
-    await serve_unix(path, lambda stream: _serve(stream, core, state, _caller(stream.socket)),
-                     "docker", cap, 64, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_delete_doomed, core, state)
+        await serve_unix(path, lambda stream: _serve(stream, core, state, _caller(stream.socket)),
+                         "docker", cap, 64, task_status=task_status)
+        nursery.cancel_scope.cancel()

@@ -3,19 +3,20 @@ core requests through CoreLoop.submit, the one gate, and their replies go back i
 only once what it changed is durable. Served by unixsock.serve_unix: 0660, capped."""
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from pathlib import Path
 
 import trio
 
-from . import cni_ops
+from . import cni_ops, host_routes
 from .core import messages as m
 from .core.messages import error
 from .daemon import CommitFailed, CoreBug, CoreLoop
 from .protocols import cni
 from .protocols.hook import (CLOSED, NEED_DATA, CniRequest, HookConnection, HookError,
-                             encode_cni_reply, encode_reply)
+                             RangeAdd, encode_cni_reply, encode_reply)
 from .unixsock import serve_unix
 
 log = logging.getLogger("ipamd")
@@ -103,6 +104,11 @@ async def _answer(core: CoreLoop, request) -> bytes:
     try:
         if isinstance(request, CniRequest):
             return await _answer_cni(core, request)
+        if isinstance(request, RangeAdd):
+            refused = await _routes_refuse(request)
+            if refused is not None:
+                return encode_reply(refused)
+            request = request.request
         reply = await core.submit(request)
         if isinstance(request, m.Status) and reply["ok"]:
             reply["swept"] = core.sweeper.swept
@@ -119,6 +125,21 @@ async def _answer(core: CoreLoop, request) -> bytes:
         if isinstance(request, CniRequest):
             return encode_cni_reply(cni.error_result(cni.CniError(cni.IO_FAILURE, str(e))), 1)
         return encode_reply(error("internal", str(e)))
+
+
+async def _routes_refuse(request: RangeAdd) -> dict | None:
+    """The error for a range this host already routes (host_routes.py), before anything is
+    submitted; None if it may go on. Only this host is judged: the others learn the range
+    from the ring, as a launch's ranges are judged only where a database takes them. In a
+    thread: reading the routes is a netlink dump."""
+    check = functools.partial(host_routes.check_ranges, [request.request.cidr],
+                              allow=request.allow_route_overlap)
+    try:
+        await trio.to_thread.run_sync(check)
+    except host_routes.RangeOverlapsHost as e:
+        log.info("event=range_add_refused code=route_overlap message=%r", str(e))
+        return error("route_overlap", str(e))
+    return None
 
 
 def _nicknames(status: dict, known: dict[str, str]) -> dict[str, str]:

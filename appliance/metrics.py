@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .core.spare import is_spare
 from .http_serve import next_event, respond
 from .limits import ConnectionCap
 
@@ -46,12 +47,15 @@ class Metrics:
         # thread (they are immutable).
         in_use = list(a.in_use.items())
         subnets = list({a.default_subnet} | {sub for _, sub in a.in_use})
+        # The spare universes are where ranges are carved from, never handed out: not shown.
+        universes = [u for u in a.rings if not is_spare(u)]
         owned = [(u, sum(max(0, min(hi, u.host_bounds()[1]) - max(lo, u.host_bounds()[0]))
-                         for lo, hi in a._owned[u])) for u in a.rings]
+                         for lo, hi in a._owned[u])) for u in universes]
+        retired = [(u, u in a.retired) for u in universes if u not in a.static]
         others = len(peer.members() - {peer.me})
         reachable, pending = len(peer.reachable), len(peer.waiting)
         free = []
-        for u in list(a.rings):
+        for u in universes:
             mine = [sub for sub in subnets if sub.overlaps(u)]
             for i in range(0, len(mine), CHUNK):
                 part = mine[i:i + CHUNK]
@@ -60,8 +64,9 @@ class Metrics:
                 counts = a.free_counts(u, spans, self.core.clock())
                 free += [((u, sub), n) for sub, n in zip(part, counts)]
                 await trio.sleep(0)
-        return {"in_use": in_use, "free": free, "owned": owned, "reachable": reachable,
-                "unreachable": others - reachable, "pending": pending}
+        return {"in_use": in_use, "free": free, "owned": owned, "retired": retired,
+                "reachable": reachable,
+                "unreachable": others - reachable, "pending": pending, **_carved(a, in_use)}
 
     async def body(self) -> bytes:
         """The exposition, at most FRESH seconds old: a scraper asking back to back (or many
@@ -99,6 +104,11 @@ class _Scrape:
                                   "peer owns", labels=["universe"])
         for u, n in s["owned"]:
             owned.add_metric([str(u)], n)
+        retired = GaugeMetricFamily("ipamd_range_retired", "1 for a range retired online "
+                                    "(`ipamd range retire`: no new allocations), else 0",
+                                    labels=["universe"])
+        for u, is_retired in s["retired"]:
+            retired.add_metric([str(u)], int(is_retired))
         peers = GaugeMetricFamily("ipamd_peers", "peers known, by reachability",
                                   labels=["state"])
         peers.add_metric(["reachable"], s["reachable"])
@@ -106,8 +116,38 @@ class _Scrape:
         pending = GaugeMetricFamily("ipamd_pending_requests",
                                     "requests waiting for space from a peer")
         pending.add_metric([], s["pending"])
-        yield from (in_use, free, owned, peers, pending)
+        yield from (in_use, free, owned, retired, peers, pending)
+        yield _gauge("ipamd_tenant_blocks", "blocks each tenant has (this host's view of the "
+                     "ring)", "tenant", s["tenant_blocks"])
+        yield _gauge("ipamd_tenant_addresses_in_use", "addresses this host holds in each "
+                     "tenant's blocks", "tenant", s["tenant_in_use"])
+        yield _gauge("ipamd_names_in_use", "names of each pool this host holds", "pool",
+                     s["names_in_use"])
+        leased = GaugeMetricFamily("ipamd_leased_blocks", "blocks leased whole to a handle "
+                                   "(`ipamd lease-block`), cluster-wide as this host knows them")
+        leased.add_metric([], s["leased_blocks"])
+        yield leased
         yield from self.metrics.registry.collect()
+
+
+def _carved(a, in_use) -> dict:
+    """Tenants, leased blocks and name pools as this host knows them: each tenant's blocks
+    and the addresses this host holds there, the names it holds of each pool."""
+    held: dict = {}
+    for (u, _), n in in_use:
+        held[u] = held.get(u, 0) + n
+    return {"tenant_blocks": [(t, len(bs)) for t, bs in a.tenant_blocks.items()],
+            "tenant_in_use": [(t, sum(held.get(b, 0) for b in bs))
+                              for t, bs in a.tenant_blocks.items()],
+            "names_in_use": [(a.carves[u].name, held.get(u, 0)) for u in a.pools],
+            "leased_blocks": sum(len(bs) for bs in a.lease_blocks.values())}
+
+
+def _gauge(name: str, help: str, label: str, items) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help, labels=[label])
+    for value, n in sorted(items):
+        g.add_metric([value], n)
+    return g
 
 
 def _labelled(items) -> list[tuple[list[str], int]]:

@@ -567,9 +567,14 @@ class PeerNet:
         every = liveness.interval(len(self.out))
         await session.send(KEEPALIVE_FRAME, liveness.encode(every))
         while True:
+            got = None
             with trio.move_on_after(liveness.until_next(self.wall(), every)):
-                kind, payload = await recv.receive()
-                await session.send(kind, payload)
+                got = await recv.receive()
+            # Sent outside the keepalive's deadline: a send cancelled there would have used
+            # its frame's counter (or written half of it), and the peer would hang up on the
+            # next frame as out of sequence.
+            if got is not None:
+                await session.send(*got)
                 continue
             every = liveness.interval(len(self.out), every)
             await session.send(KEEPALIVE_FRAME, liveness.encode(every))

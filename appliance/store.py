@@ -17,14 +17,15 @@ import apsw
 
 from .core.addr import Cidr, cidr
 from .core.durable import Durable
-from .core.messages import (ClockWrite, DropFreedSpan, ForgetFreed, FreeAddress, FreedSpan,
+from .core.messages import (AddUniverse, ClockWrite, DropFreedSpan, ForgetFreed, FreeAddress, FreedSpan,
                             PeerSeen, PutAllocation, Removal, Reserve, RingWrite, Row, SeedIds,
                             Standing, Unreserve, Vote)
 from .core.peer import Peer
+from .core.spare import SPARE
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -80,6 +81,44 @@ MIGRATIONS: dict[int, str] = {
         universe TEXT NOT NULL REFERENCES universes (cidr)
     ) STRICT, WITHOUT ROWID;
     """,
+    # 5: ranges online. Universes gain the kind 'spare' (SQLite cannot change a CHECK, so the
+    # table is rebuilt; the tables that refer to it name it, and keep doing so once the new
+    # one takes its name) and `added`. The spare universes get no ring rows: a cluster made
+    # before has no owner of its spare space, so it cannot add ranges (the core says so).
+    4: """
+    CREATE TABLE universes_5 (
+        cidr   TEXT PRIMARY KEY,
+        family INTEGER NOT NULL CHECK (family IN (4, 6)),
+        kind   TEXT NOT NULL DEFAULT 'range' CHECK (kind IN (
+        'range', 'static', 'spare', 'blocks', 'block', 'lease', 'tenant', 'names')),
+        added  INTEGER NOT NULL DEFAULT 0 CHECK (added IN (0, 1))
+    ) STRICT;
+    INSERT INTO universes_5 (cidr, family, kind) SELECT cidr, family, kind FROM universes
+        ORDER BY rowid;
+    DROP TABLE universes;
+    ALTER TABLE universes_5 RENAME TO universes;
+    INSERT INTO universes (cidr, family, kind) VALUES ('0.0.0.0/0', 4, 'spare'),
+        ('::/0', 6, 'spare');
+    -- What the carve markers in the rings say (core/spare.py): each carved universe, its state
+    -- (range, retired, static, blocks, block, lease, tenant, names) and what it is for.
+    CREATE VIEW IF NOT EXISTS carved AS
+        SELECT DISTINCT substr(owner, 2, instr(owner, ' ') - 2) AS state,
+               CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, 1, instr(rest, ' ') - 1)
+                    ELSE rest END AS cidr,
+               CASE WHEN instr(rest, ' ') > 0 THEN substr(rest, instr(rest, ' ') + 1)
+                    ELSE '' END AS args,
+               universe AS parent
+        FROM (SELECT owner, universe, substr(owner, instr(owner, ' ') + 1) AS rest FROM ring
+              WHERE owner LIKE '@%' AND owner NOT LIKE '@dissolved %');
+    CREATE VIEW IF NOT EXISTS tenants AS
+        SELECT substr(args, 1, instr(args, ' ') - 1) AS tenant, cidr AS key,
+               (SELECT group_concat(b.cidr, ' ') FROM carved b WHERE b.state = 'block'
+                AND b.args = substr(t.args, 1, instr(t.args, ' ') - 1)) AS blocks
+        FROM carved t WHERE state = 'tenant';
+    CREATE VIEW IF NOT EXISTS blocks AS
+        SELECT cidr AS block, CASE state WHEN 'block' THEN 'tenant' ELSE 'handle' END AS leased_to,
+               args AS name FROM carved WHERE state IN ('block', 'lease');
+    """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
 # WAL pages (4 KiB each) that make a checkpoint due. SQLite's default is 1000; each checkpoint
@@ -96,12 +135,20 @@ class StoreError(Exception):
 class Loaded:
     peer_id: str
     cluster_id: str  # for a quorum, the base identity; the core derives the decided one
-    universes: list[Cidr]  # the ranges, then the static (claim-only) universes
+    universes: list[Cidr]  # ranges, static (claim-only) and spare ones, as _universes orders them
     created: bool
     mode: str = "single"
     meta: dict | None = None
     static: list[Cidr] = field(default_factory=list)
     note: str = ""  # something the operator should hear at start
+    spare: list[Cidr] = field(default_factory=list)
+    # The ranges and static universes the database was made with, not those added online: what
+    # the peer hello compares (hosts learn added ranges at different times).
+    founding: list[Cidr] = field(default_factory=list)
+
+    @property
+    def ranges(self) -> list[Cidr]:
+        return [u for u in self.universes if u not in self.static and u not in self.spare]
 
 
 def cluster_id_for(universes: list[Cidr], bootstrap: str) -> str:
@@ -208,15 +255,18 @@ class Store:
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("peer_id", peer_id), ("cluster_id", cluster), ("bootstrap", mode),
                 *sorted(bootstrap_meta.items())])
-            for u in universes:
-                conn.execute("INSERT INTO universes VALUES (?, ?, ?)",
-                             (str(u), u.family, "static" if u in static else "range"))
+            for u in [*universes, *SPARE]:
+                kind = "spare" if u in SPARE else "static" if u in static else "range"
+                conn.execute("INSERT INTO universes (cidr, family, kind) VALUES (?, ?, ?)",
+                             (str(u), u.family, kind))
             conn.execute("INSERT INTO clock VALUES (1, 0, '{}')")
             conn.execute("INSERT INTO peers (id, nickname) VALUES (?, ?)", (peer_id, nickname))
             meta = {"peer_id": peer_id, "cluster_id": cluster, "bootstrap": mode,
                     **bootstrap_meta}
-            self._apply(conn, _durable(peer_id, cluster, universes, static, meta).first_rows())
-        return Loaded(peer_id, cluster, universes, True, mode, meta, list(static))
+            self._apply(conn, _durable(peer_id, cluster, [*universes, *SPARE], static, meta,
+                                       SPARE).first_rows())
+        return Loaded(peer_id, cluster, [*universes, *SPARE], True, mode, meta, list(static),
+                      spare=list(SPARE), founding=universes)
 
     def _migrate(self, conn: apsw.Connection, version: int, migrations: dict[int, str]) -> None:
         missing = [v for v in range(version, SCHEMA_VERSION) if v not in migrations]
@@ -237,14 +287,17 @@ class Store:
               static: list[Cidr] | None) -> Loaded:
         conn.execute("PRAGMA journal_mode = WAL")
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        kinds = [(cidr(c), k) for c, k in conn.execute("SELECT cidr, kind FROM universes")]
-        have = [u for u, k in kinds if k == "range"]
-        have_static = [u for u, k in kinds if k == "static"]
-        if universes is not None and sorted(universes) != sorted(have):
+        every, have_static, spare, founding = _universes(conn)
+        have = [u for u in every if u not in have_static and u not in spare]
+        # The database is the truth: every --iprange must be one of its ranges, and ranges it
+        # has beyond them (added online) are kept.
+        lacking = [u for u in universes or [] if u not in have]
+        if lacking:
             raise StoreError(
                 f"{self.path} belongs to a cluster with ranges {', '.join(map(str, have))}, but "
-                f"this launch asked for {', '.join(map(str, universes))}; give the same "
-                "--iprange, or use another --data-dir for a new cluster")
+                f"this launch asked for {', '.join(map(str, lacking))} too; add a range to the "
+                f"cluster with `ipamd range add {lacking[0]}` on a running host, or use another "
+                "--data-dir for a new cluster")
         note = ""
         if static and sorted(static) != sorted(have_static):
             if have_static:
@@ -256,8 +309,8 @@ class Store:
             note = (f"this database has no claim-only space for --subnet: static addresses "
                     f"outside the ranges ({', '.join(map(str, static))}) are refused while "
                     "the host has peers")
-        return Loaded(meta["peer_id"], meta["cluster_id"], have + have_static, False,
-                      meta.get("bootstrap", "single"), meta, have_static, note)
+        return Loaded(meta["peer_id"], meta["cluster_id"], every, False,
+                      meta.get("bootstrap", "single"), meta, have_static, note, spare, founding)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -267,7 +320,9 @@ class Store:
         (core/durable.py), from rows read here."""
         conn = self.conn
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        d = _durable(loaded.peer_id, loaded.cluster_id, loaded.universes, loaded.static, meta)
+        # Read again, not taken from `loaded`: a range added online since start has rows too.
+        universes, static, spare, _ = _universes(conn)
+        d = _durable(loaded.peer_id, loaded.cluster_id, universes, static, meta, spare)
         for row in conn.execute("SELECT universe, start, last, owner, version, free_hint, "
                                 "stamp_peer, stamp_seq FROM ring"):
             d.ring[(row[0], row[1])] = RingWrite(*row)
@@ -297,7 +352,7 @@ class Store:
         peer = d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
         # The freed rows (a quarantine's worth: tens of thousands at a high rate) go straight
         # in, in the order Durable.load would give them, not through a row object each.
-        a, by_text = peer.allocator, {str(u): u for u in loaded.universes}
+        a, by_text = peer.allocator, {str(u): u for u in universes}
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
             a.load_freed(by_text[universe], _address_value(address), freed_at)
@@ -370,7 +425,10 @@ class Store:
     def _apply(conn: apsw.Connection, rows: list[Row]) -> None:
         with conn:
             for r in rows:
-                if isinstance(r, PutAllocation):
+                if isinstance(r, AddUniverse):
+                    conn.execute("INSERT OR IGNORE INTO universes (cidr, family, kind, added) "
+                                 "VALUES (?, ?, ?, 1)", (r.cidr, r.family, r.kind))
+                elif isinstance(r, PutAllocation):
                     conn.execute("DELETE FROM freed WHERE address = ?", (r.address,))
                     conn.execute("INSERT INTO allocations VALUES (?, ?, ?, ?, ?, ?)",
                                  (r.address, r.universe, r.subnet, r.handle, r.anchor,
@@ -467,7 +525,20 @@ class Store:
             self.conn = None
 
 
-def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: dict) -> Durable:
+def _universes(conn: apsw.Connection) -> tuple[list[Cidr], list[Cidr], list[Cidr], list[Cidr]]:
+    """The database's universes in the order this peer made or learned them (as its rings
+    were ordered before a restart: the ring digest in `status` follows that order), then its
+    static and spare ones, and the ranges and static universes it was made with. The first
+    is a range the database was made with (--iprange's first), the default subnet's."""
+    rows = [(cidr(c), k, added) for c, k, added in
+            conn.execute("SELECT cidr, kind, added FROM universes ORDER BY rowid")]
+    return ([u for u, _, _ in rows], [u for u, k, _ in rows if k == "static"],
+            [u for u, k, _ in rows if k == "spare"],
+            [u for u, k, added in rows if k != "spare" and not added])
+
+
+def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: dict,
+             spare) -> Durable:
     """The Durable (core/durable.py) of this database, its bootstrap mode read from meta."""
     mode = meta.get("bootstrap", "single")
     boot: dict = {}
@@ -476,7 +547,8 @@ def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: di
         boot["seed_addresses"] = tuple(a for a in meta.get("seed_addresses", "").split(",") if a)
     elif mode == "quorum":
         boot["quorum"] = int(meta["quorum"])
-    return Durable(peer_id, cluster, list(universes), tuple(static), mode=mode, **boot)
+    return Durable(peer_id, cluster, list(universes), tuple(static), tuple(spare), mode=mode,
+                   **boot)
 
 
 def _address_value(text: str) -> int:

@@ -123,8 +123,12 @@ def allocations(d: Daemon) -> dict[str, str]:
 def owner_spans(d: Daemon) -> list[tuple[int, int, str]]:
     """The ring as this database has it: [lo, hi) and owner, each entry cut at the next start
     (the ring's rule, core/ring.py)."""
+    # The universes addresses are held in (not spare or block space, which hold carved ones).
     rows = sorted((int(ipaddress.ip_address(s)), int(ipaddress.ip_address(last)) + 1, o)
-                  for s, last, o in read_db(d.db, "SELECT start, last, owner FROM ring"))
+                  for s, last, o in read_db(
+                      d.db, "SELECT r.start, r.last, r.owner FROM ring r JOIN universes u ON "
+                      "u.cidr = r.universe WHERE u.kind IN ('range', 'static', 'block', "
+                      "'names')"))
     return [(lo, min(hi, rows[k + 1][0]) if k + 1 < len(rows) else hi, o)
             for k, (lo, hi, o) in enumerate(rows)]
 

@@ -27,7 +27,12 @@ Commands (peers are p0, p1, ...):
                                   add a range to the running cluster, or stop/resume new
                                   allocations there (spare.py)
   ranges PEER                     the universes PEER knows, with their state and who owns them
-  allocate PEER HANDLE subnet=CIDR  from that subnet
+  allocate PEER HANDLE subnet=CIDR|tenant=NAME   from that subnet, or the tenant's blocks
+  range add PEER CIDR blocks      block space: tenants' blocks and leased blocks come from it
+  tenant create PEER NAME plen=N [max=N] [family=6] [in=CIDR]
+  tenant grow PEER NAME / tenant delete PEER NAME [force]
+  lease-block PEER HANDLE plen=N [family=6]
+  names create PEER POOL PATTERN / lease-name PEER HANDLE POOL / claim-name PEER HANDLE POOL NAME
   CMD & CMD                       start both requests, then wait for both answers
 """
 from __future__ import annotations
@@ -144,7 +149,21 @@ class Cluster:
             return (f"removed {', '.join(r['removed'])} (by {r.get('by', '?')}); reclaimed "
                     f"{' '.join(r['reclaimed']) or 'nothing'}")
         if isinstance(req, m.AddRange):
-            return f"added {r['range']}" + (" (already a range)" if r.get("already") else "")
+            kind = "block space" if req.blocks else "range"
+            return f"added {kind} {r['range']}" + (" (already)" if r.get("already") else "")
+        if isinstance(req, (m.TenantCreate, m.TenantGrow)):
+            return f"tenant {r['tenant']}: blocks {' '.join(r['blocks'])}" + \
+                (" (already)" if r.get("already") else "")
+        if isinstance(req, m.TenantDelete):
+            return f"tenant {r['tenant']} deleted; gave back {' '.join(r['blocks']) or 'nothing'}"
+        if isinstance(req, m.LeaseBlock):
+            return f"{r['handle']} holds {r['block']}" + (" (already)" if r.get("already") else "")
+        if isinstance(req, m.NamesCreate):
+            return f"pool {r['pool']}: {r['size']} names" + (" (already)" if r.get("already") else "")
+        if isinstance(req, (m.LeaseName, m.ClaimName)):
+            return f"{r['name']} ({r['address']})"
+        if isinstance(req, m.Allocate) and req.tenant:
+            return f"{r['address']} (tenant {r['tenant']})"
         if isinstance(req, m.RetireRange):
             return f"{r['range']} {'retired' if r['retired'] else 'open'}" + \
                 (" (already)" if r.get("already") else "")
@@ -165,7 +184,7 @@ def parse_request(words: list[str]):
         opts = dict(a.split("=", 1) for a in args[2:])
         gateway = parse_addr(opts["gateway"])[1] if "gateway" in opts else None
         subnet = cidr(opts["subnet"]) if "subnet" in opts else None
-        return args[0], m.Allocate(args[1], subnet, gateway=gateway)
+        return args[0], m.Allocate(args[1], subnet, gateway=gateway, tenant=opts.get("tenant"))
     if cmd == "claim":
         return args[0], m.Claim(args[1], *parse_addr(args[2]))
     if cmd == "release":
@@ -174,8 +193,25 @@ def parse_request(words: list[str]):
         return args[0], m.Leave()
     if cmd == "rmpeer":
         return args[0], m.RemovePeer(tuple(args[1].split(",")), "force" in args[2:])
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
     if cmd == "range" and args[0] == "add":
-        return args[1], m.AddRange(cidr(args[2]))
+        return args[1], m.AddRange(cidr(args[2]), "blocks" in args[3:])
+    if cmd == "tenant" and args[0] == "create":
+        return args[1], m.TenantCreate(args[2], int(opts["plen"]), int(opts.get("family", 4)),
+                                       int(opts.get("max", 1)),
+                                       cidr(opts["in"]) if "in" in opts else None)
+    if cmd == "tenant" and args[0] == "grow":
+        return args[1], m.TenantGrow(args[2])
+    if cmd == "tenant" and args[0] == "delete":
+        return args[1], m.TenantDelete(args[2], "force" in args[3:])
+    if cmd == "lease-block":
+        return args[0], m.LeaseBlock(args[1], int(opts["plen"]), int(opts.get("family", 4)))
+    if cmd == "names" and args[0] == "create":
+        return args[1], m.NamesCreate(args[2], args[3])
+    if cmd == "lease-name":
+        return args[0], m.LeaseName(args[1], args[2])
+    if cmd == "claim-name":
+        return args[0], m.ClaimName(args[1], args[2], args[3])
     if cmd == "range" and args[0] in ("retire", "unretire"):
         return args[1], m.RetireRange(cidr(args[2]), args[0] == "retire")
     return None
@@ -236,6 +272,8 @@ def run_command(state: dict, line: str) -> str:
         return status_line(c, args[0])
     if cmd == "ranges":
         return ranges_line(c, args[0])
+    if cmd == "tenants":
+        return tenants_line(c, args[0])
     if cmd == "tick":
         c.settle(int(args[0]))
         return "ok"
@@ -289,6 +327,15 @@ def ranges_line(c: Cluster, p: str) -> str:
         owners = ", ".join(f"{q} {d['owned']}" for q, d in x["peers"].items()) or "nobody known"
         out.append(f"{x['range']} {state}: {x['allocated']} allocated here; owned by {owners}")
     return "\n".join(out)
+
+
+def tenants_line(c: Cluster, p: str) -> str:
+    s = c.peers[p].status(c.now)
+    out = [f"tenant {n}: IPv{t['family']} /{t['prefix_len']} blocks, at most {t['max_blocks']}; "
+           f"blocks {' '.join(t['blocks']) or 'none'}" for n, t in s["tenants"].items()]
+    out += [f"block {b} leased to {h}" for b, h in s["leases"].items()]
+    out += [f"pool {n}: {x['pattern']}" for n, x in s["pools"].items()]
+    return "\n".join(out) or "none"
 
 
 def run_file(path: Path) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from .daemon_proc import ROOT, Daemon
+from .hook_tenants import block_space, tenant
 from .netns import BRIDGE_PLUGIN, Namespaces, addresses, need_netns, sh
 from .test_frozen import frozen
 
@@ -174,3 +175,47 @@ def wait_released(d, handles, timeout=20.0):
         time.sleep(0.1)
     for h in handles:
         assert d.call({"op": "lookup", "handle": h})["ok"] is False, h
+
+
+def test_a_tenant_network_on_a_bridge_gets_the_blocks_gateway(world):
+    """A tenant's block (from block space) through the bridge plugin: the bridge carries the
+    block's gateway, each container an address of the block with its prefix."""
+    d, ns, plugins = world
+    block_space(d, "198.19.240.0/20")
+    (block,) = tenant(d, "acme", 28)
+    assert block == "198.19.240.0/28"
+    conf = {"cniVersion": "1.0.0", "name": f"e2e{ns.tag}", "type": "bridge",
+            "bridge": ns.link("ipdbt"), "isGateway": True,
+            "ipam": {"type": "ipamd", "socket": str(d.socket), "tenant": "acme"}}
+    bridge, got = plugins / "bridge", {}
+    for i in range(3):
+        name = ns.add(f"t{i}")
+        code, out, err = cni(bridge, "ADD", conf, f"t{i}", name, path=plugins)
+        assert code == 0, (out, err)
+        (ip,) = out["ips"]
+        assert ip["gateway"] == "198.19.240.1"
+        assert addresses_in(name) == {ip["address"]}
+        got[name] = (f"t{i}", out)
+    assert sorted(out["ips"][0]["address"] for _, out in got.values()) == \
+        ["198.19.240.2/28", "198.19.240.3/28", "198.19.240.4/28"]
+    assert addresses(None, conf["bridge"]) == {"198.19.240.1/28"}  # isGateway: the block's
+    for _, out in got.values():  # reachable from the host over the bridge
+        a = out["ips"][0]["address"].split("/")[0]
+        assert sh("ping", "-c", "1", "-W", "2", a, check=False).returncode == 0, a
+    held = {a["handle"]: (a["address"], a.get("tenant")) for a in
+            d.call({"op": "list"})["allocations"]}
+    assert held == {f"cni/{conf['name']}/{cid}/eth0": (out["ips"][0]["address"], "acme")
+                    for cid, out in got.values()}
+    name, (cid, out) = next(iter(got.items()))
+    assert cni(bridge, "CHECK", {**conf, "prevResult": out}, cid, name, path=plugins)[0] == 0
+    status = {**conf, "cniVersion": "1.1.0"}
+    assert cni(plugins / "ipamd", "STATUS", status)[0] == 0
+    assert cni(bridge, "DEL", conf, cid, name, path=plugins)[0] == 0
+    assert d.call({"op": "lookup", "handle": f"cni/{conf['name']}/{cid}/eth0"})["ok"] is False
+    # An unknown tenant: refused, naming it, nothing held.
+    other = ns.add("t9")
+    code, out, _ = cni(bridge, "ADD", {**conf, "ipam": {**conf["ipam"], "tenant": "nobody"}},
+                       "t9", other, path=plugins)
+    assert (code, out["code"]) == (1, 7)
+    assert out["msg"] == "ADD refused (no_tenant): no tenant nobody with blocks is known here"
+    assert len(d.call({"op": "list"})["allocations"]) == 2

@@ -4,10 +4,14 @@ import json
 import pytest
 
 from appliance import cni_ops
+from appliance.core import messages as m
 from appliance.core.addr import cidr, parse_addr
 from appliance.core.peer import Peer
 from appliance.protocols import cni
 from appliance.protocols.cni import CniError, parse_call
+
+from .scenario import Cluster
+from .test_ranges import _ask as ask
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/c1",
        "CNI_IFNAME": "eth0"}
@@ -266,3 +270,103 @@ def test_check_names_the_range_set_the_container_holds_nothing_in():
                                                      "range set 1")
     out, code, _ = run(a, env={"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": "c9"})
     assert (code, out["code"], out["msg"]) == (1, 3, "no address is held for cni/net1/c9/eth0")
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+def tenant_conf(tenant="acme", **ipam):
+    return {"cniVersion": "1.1.0", "name": "tnet",
+            "ipam": {"type": "ipamd", "tenant": tenant, **ipam}}
+
+
+@pytest.mark.parametrize("ipam, words", [
+    (tenant_conf(ranges=[[{"subnet": "198.18.0.0/24"}]])["ipam"],
+     'ipam has both "tenant" and "ranges": a tenant\'s addresses come from its blocks only'),
+    (tenant_conf(subnet="198.18.0.0/24")["ipam"], 'ipam has both "tenant" and "subnet"'),
+    (tenant_conf(7)["ipam"], "ipam.tenant must be a string"),
+    (tenant_conf("Acme")["ipam"], "ipam.tenant: tenant name 'Acme' must be 1 to 63 characters"),
+    (tenant_conf("")["ipam"], "ipam.tenant: tenant name '' must be"),
+    (tenant_conf("a" * 64)["ipam"], "must be 1 to 63 characters"),
+])
+def test_a_bad_tenant_is_refused_naming_it(ipam, words):
+    with pytest.raises(CniError) as e:
+        call(stdin={"cniVersion": "1.1.0", "name": "tnet", "ipam": ipam})
+    assert e.value.code == 7 and words in e.value.msg, e.value.msg
+
+
+def test_a_tenant_replaces_the_range_sets_and_its_requested_ip_is_the_cores_to_judge():
+    c = call(stdin=tenant_conf(), env={"CNI_ARGS": "IP=10.64.0.9"})
+    assert (c.tenant, c.range_sets, c.ips) == ("acme", [], [parse_addr("10.64.0.9")])
+    req = cni_ops.request_for(c)
+    (alternatives,) = req.sets
+    assert alternatives == (m.Claim("cni/tnet/c1/eth0", 4, parse_addr("10.64.0.9")[1], None,
+                                    '{"netns": "/run/netns/c1"}', "acme"),)
+    two = call(stdin=tenant_conf(), env={"CNI_ARGS": "IP=10.64.0.9,10.64.0.10"})
+    with pytest.raises(CniError) as e:
+        cni_ops.request_for(two)
+    assert (e.value.code, e.value.msg) == (7, "more than one requested IP for tenant acme")
+    assert cni_ops.request_for(call(stdin=tenant_conf(), env={"CNI_COMMAND": "STATUS"})) == \
+        m.CanServe(())
+
+
+class Tenants:
+    """A host of the sim with block space 10.64.0.0/16 and tenant acme (/29 blocks, at most
+    2), the CNI verbs answered as its daemon would."""
+
+    def __init__(self):
+        self.c = Cluster(1, cidr("198.18.0.0/24"))
+        self.c.settle()
+        assert ask(self.c, "p0", m.AddRange(cidr("10.64.0.0/16"), blocks=True))["ok"]
+        self.block = ask(self.c, "p0", m.TenantCreate("acme", 29, max_blocks=2))["blocks"][0]
+
+    def __call__(self, cmd, cid="c1", stdin=None, env=None):
+        c = parse_call({**ENV, "CNI_COMMAND": cmd, "CNI_CONTAINERID": cid, **(env or {})},
+                       json.dumps(stdin or tenant_conf()).encode())
+        req = cni_ops.request_for(c)
+        out, code = cni_ops.result(c, ask(self.c, "p0", req))
+        return (json.loads(out) if out else None), code
+
+
+def test_tenant_add_check_del_gc_and_a_full_tenant():
+    t = Tenants()
+    assert t.block == "10.64.0.0/29"
+    out, code = t("ADD")
+    # The block's prefix and its gateway (its first host address, which nobody is given).
+    assert (code, out["ips"]) == (0, [{"address": "10.64.0.2/29", "gateway": "10.64.0.1"}])
+    assert t("ADD") == (out, 0)  # again: the same address
+    assert t("CHECK", stdin={**tenant_conf(), "prevResult": out}) == (None, 0)
+    assert t("STATUS") == (None, 0)
+    claimed, code = t("ADD", "c2", env={"CNI_ARGS": "IP=10.64.0.3"})
+    assert (code, claimed["ips"]) == (0, [{"address": "10.64.0.3/29", "gateway": "10.64.0.1"}])
+    gw, code = t("ADD", "c3", env={"CNI_ARGS": "IP=10.64.0.1"})
+    assert (code, gw["code"]) == (1, 7)
+    assert gw["msg"] == ("ADD refused (bad_address): 10.64.0.1 may not be claimed: it is the "
+                         "gateway of tenant acme's block 10.64.0.0/29")
+    held = {h: a for h, a in t.c.peers["p0"].allocator.by_handle.items()}
+    assert sorted(held) == ["cni/tnet/c1/eth0", "cni/tnet/c2/eth0"]
+    # Full: 5 host addresses in the /29 but its gateway; ADD does not grow the tenant (an
+    # operator's `ipamd tenant grow`), and the error says how many blocks it may have.
+    got = [t("ADD", f"f{i}") for i in range(5)]
+    assert [code for _, code in got] == [0, 0, 0, 1, 1], got
+    assert got[3][0]["code"] == 100 and got[3][0]["msg"] == (
+        "ADD refused (tenant_full): tenant acme is full: no free address in its 1 block(s) "
+        "(10.64.0.0/29) on p0; it may have 2 block(s) (ipamd tenant grow acme)")
+    other, code = t("ADD", "x", stdin=tenant_conf("nobody"))
+    assert (code, other["code"]) == (1, 7)
+    assert other["msg"] == "ADD refused (no_tenant): no tenant nobody with blocks is known here"
+    assert t("DEL") == (None, 0)
+    out, code = t("CHECK")
+    assert (code, out["code"], out["msg"]) == (1, 3, "no address is held for cni/tnet/c1/eth0")
+    gc = {**tenant_conf(), "cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "eth0"}]}
+    assert t("GC", stdin=gc) == (None, 0)
+    assert sorted(t.c.peers["p0"].allocator.by_handle) == ["cni/tnet/c2/eth0"]
+
+
+def test_check_for_a_tenant_needs_an_address_of_that_tenant():
+    t = Tenants()
+    assert ask(t.c, "p0", m.TenantCreate("beta", 29))["ok"]
+    assert t("ADD", stdin=tenant_conf("beta"))[1] == 0
+    out, code = t("CHECK")
+    assert (code, out["code"], out["msg"]) == (
+        1, 3, "cni/tnet/c1/eth0 holds no address of tenant acme")
+    assert t("CHECK", stdin=tenant_conf("beta")) == (None, 0)

@@ -424,3 +424,45 @@ def test_docker_goes_through_the_gate_on_a_joined_host(tmp_path):
     assert api.address(pid, "", GW) == {"Error": f"left: {me} left the cluster"}
     assert api.address(pid, "10.40.0.9", mac(2)) == {"Error": f"left: {me} left the cluster"}
     assert held(b) == {} and status(b)["standing"] == "left"
+
+
+def test_networks_without_subnet_on_two_hosts_get_disjoint_blocks(tmp_path):
+    """Two ipamd of one cluster, each the driver of its own docker daemon: with block space,
+    each network without --subnet gets a block (and a tenant) of its own, carved cluster-wide;
+    network rm gives it back once its addresses are out of quarantine."""
+    from .hook_tenants import block_space
+    from .test_peers import joined, status
+    (a, b), _ = joined(tmp_path, ["a", "b"], lambda name: (
+        "--docker-plugin", str(tmp_path / f"{name}.sock"), "--reuse-delay", "0.5"))
+    block_space(a, "198.19.200.0/21")
+    wait_until("b to learn the block space", lambda: any(
+        u["kind"] == "blocks" for u in status(b)["universes"]), timeout=10)
+    apis = [Driver(tmp_path / "a.sock"), Driver(tmp_path / "b.sock")]
+    pools = [api("/IpamDriver.RequestPool", {"AddressSpace": "local", "Options": {}})
+             for api in apis for _ in range(2)]
+    assert all("Error" not in p for p in pools), pools
+    blocks = [p["Pool"] for p in pools]
+    assert sorted(blocks) == ["198.19.200.0/24", "198.19.201.0/24", "198.19.202.0/24",
+                              "198.19.203.0/24"], pools
+    for p in pools:
+        assert re.fullmatch(rf"ipamd:{re.escape(p['Pool'])}~docker-[0-9a-f]{{12}}-p\d+\.\d+"
+                            r"#[0-9a-f]{12}@p\d+\.\d+", p["PoolID"]), p
+    # Each network's gateway is its block's first host address, held by nobody; endpoints on
+    # both hosts get addresses of their own network's block.
+    got = []
+    for i, (api, p) in enumerate(zip([apis[0]] * 2 + [apis[1]] * 2, pools)):
+        first = p["Pool"].replace(".0/24", ".1/24")
+        assert api.address(p["PoolID"], "", GW) == {"Address": first, "Data": {}}
+        got.append(api.address(p["PoolID"], "", mac(i))["Address"])
+    assert got == [p["Pool"].replace(".0/24", ".2/24") for p in pools]
+    assert sorted(held(a)) == got[:2] and sorted(held(b)) == got[2:]
+    wait_until("a to show every network's tenant", lambda: sorted(
+        bl for t in status(a)["tenants"].values() for bl in t["blocks"]) == sorted(blocks),
+        timeout=10)
+    # network rm on b: its tenants go once the released addresses are out of quarantine.
+    for p in pools[2:]:
+        assert apis[1]("/IpamDriver.ReleasePool", {"PoolID": p["PoolID"]}) == {}
+    assert held(b) == {}
+    wait_until("b's networks' tenants to be deleted", lambda: sorted(
+        bl for t in status(a)["tenants"].values() for bl in t["blocks"]) == sorted(blocks[:2]),
+        timeout=20)

@@ -337,3 +337,44 @@ def test_dockerd_restarted_with_live_restore(docker):
         assert held(ipamd) == {}
     finally:
         engine.restart(live_restore=False)
+
+
+def test_networks_without_subnet_from_two_hosts_drivers_never_overlap(docker, tmp_path):
+    """Two ipamd of one cluster, each a docker IPAM driver (as on two hosts; here both serve
+    this one engine, whose bridge driver refuses overlapping networks): with block space,
+    each network without --subnet gets a block of its own. Without it, both drivers would
+    choose the default subnet's first /24, and docker would refuse the second network."""
+    from .hook_tenants import block_space
+    from .test_peers import joined, status
+    engine, _, plugin = docker
+    names = {h: f"{plugin}-{h}" for h in ("a", "b")}
+    hosts = []
+    try:
+        hosts, _ = joined(tmp_path, ["a", "b"], lambda h: (
+            "--docker-plugin", str(PLUGIN_DIR / f"{names[h]}.sock"), "--reuse-delay", "0.5"))
+        a, b = hosts
+        block_space(a, "198.19.200.0/21")
+        wait_until("b to learn the block space", lambda: any(
+            u["kind"] == "blocks" for u in status(b)["universes"]), timeout=10)
+        for h, d in zip("ab", hosts):
+            for i in (1, 2):
+                network(engine, names[h], f"{h}{i}")
+        subnets = {n: ipam_config(engine, n) for n in ("a1", "a2", "b1", "b2")}
+        blocks = sorted(c[0][0] for c in subnets.values())
+        assert blocks == [f"198.19.20{i}.0/24" for i in range(4)], subnets
+        for n, ((subnet, gateway),) in subnets.items():
+            assert gateway == subnet.replace(".0/24", ".1")
+            container(engine, f"c-{n}", n)
+            assert engine.addresses(f"c-{n}") == {subnet.replace(".0/24", ".2/24")}
+            assert gateways(engine, f"c-{n}") == {gateway}
+        assert sorted(held(a)) == sorted(c[0][0].replace(".0/24", ".2/24")
+                                         for n, c in subnets.items() if n[0] == "a")
+        engine.remove_all()
+        assert held(a) == held(b) == {}
+        wait_until("the networks' tenants to be deleted",
+                   lambda: status(a)["tenants"] == {} and status(b)["tenants"] == {},
+                   timeout=30)
+    finally:
+        engine.remove_all()  # while the drivers run: network rm asks them
+        for d in hosts:
+            d.stop()

@@ -4,6 +4,7 @@ Every one gets an error reply or a closed connection; afterwards the daemon stil
 neither its allocations nor its database have changed.
 """
 import json
+import re
 import socket
 
 import apsw
@@ -13,7 +14,13 @@ from hypothesis import strategies as st
 
 from .daemon_proc import Daemon
 
-OPS = ["allocate", "claim", "release", "lookup", "list", "status"]
+OPS = ["allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer",
+       "range_add", "range_retire", "tenant_create", "tenant_grow", "tenant_delete",
+       "lease_block", "names_create", "lease_name", "claim_name"]
+# Text that no tenant or pool may be named: empty, too long, or a character outside
+# [a-z0-9._-], or a first one outside [a-z0-9].
+BAD_NAME = st.just("") | st.text(min_size=64, max_size=80, alphabet="abc") | \
+    st.text(max_size=10).filter(lambda t: not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", t))
 NOT_STR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
                     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
                                                                           st.integers(), max_size=2))
@@ -27,13 +34,16 @@ def invalid_requests(draw):
     """JSON objects that cannot be a valid request, each in its own way."""
     kind = draw(st.sampled_from(["no_op", "bad_op", "op_type", "handle_type", "no_handle",
                                  "bad_handle", "bad_subnet", "bad_address", "bad_anchor",
-                                 "bad_version"]))
+                                 "bad_version", "bad_range", "bad_range_flag", "bad_tenant",
+                                 "bad_prefix_len", "bad_family", "bad_pool", "bad_pattern"]))
     op = draw(st.sampled_from(["allocate", "claim", "release", "lookup"]))
     req = {"op": op, "handle": draw(st.text(min_size=1, max_size=20).filter(str.isprintable))}
     if op == "claim":
         req["address"] = "10.20.0.9"
     extra = draw(st.dictionaries(st.text(max_size=6).filter(lambda k: k not in (
-        "op", "v", "handle", "subnet", "address", "anchor")), JSONISH, max_size=3))
+        "op", "v", "handle", "subnet", "address", "anchor", "range", "undo",
+        "allow_route_overlap", "blocks", "tenant", "prefix_len", "family", "max_blocks",
+        "force", "pool", "pattern", "name")), JSONISH, max_size=3))
     req.update(extra)  # unknown fields are ignored, so they cannot make a request valid
     if kind == "no_op":
         del req["op"]
@@ -61,6 +71,38 @@ def invalid_requests(draw):
         req["anchor"] = draw(st.dictionaries(st.sampled_from(["netns", "pid", "x"]), NOT_STR,
                                              min_size=1).filter(lambda a: a.get("pid") is None or
                                                                 type(a["pid"]) is not int))
+    elif kind == "bad_range":  # range_add and range_retire name a CIDR block, host bits zero
+        req["op"] = draw(st.sampled_from(["range_add", "range_retire"]))
+        req["range"] = draw(NOT_STR | st.text().filter(lambda t: "/" not in t) |
+                            st.sampled_from(["10.20.0.5/24", "10.20.0.0/33", "fd00::1/64"]))
+    elif kind == "bad_range_flag":  # a good range, but a flag that is not true or false
+        req["op"], flag = draw(st.sampled_from([("range_add", "allow_route_overlap"),
+                                                ("range_retire", "undo")]))
+        req["range"] = "10.20.0.0/24"
+        req[flag] = draw(NOT_STR.filter(lambda v: type(v) is not bool))
+    elif kind == "bad_tenant":  # a tenant's name, where every op that takes one reads it
+        req["op"] = draw(st.sampled_from(["tenant_create", "tenant_grow", "tenant_delete",
+                                          "allocate", "claim"]))
+        req.update(address="10.20.0.9", prefix_len=24, tenant=draw(NOT_STR.filter(
+            lambda x: x is not None or req["op"].startswith("tenant_")) | BAD_NAME))
+    elif kind == "bad_prefix_len":  # not an int, or out of 1..32 (IPv4) / 1..64 (IPv6)
+        req["op"] = draw(st.sampled_from(["tenant_create", "lease_block"]))
+        req["tenant"], req["family"] = "acme", draw(st.sampled_from([4, 6]))
+        req["prefix_len"] = draw(NOT_STR | st.integers(max_value=0) |
+                                 st.integers(min_value=33 if req["family"] == 4 else 65))
+    elif kind == "bad_family":
+        req["op"] = draw(st.sampled_from(["tenant_create", "lease_block"]))
+        req.update(tenant="acme", prefix_len=24, family=draw(
+            NOT_STR.filter(lambda x: x is not None) | st.integers().filter(
+                lambda f: f not in (4, 6))))
+    elif kind == "bad_pool":
+        req["op"] = draw(st.sampled_from(["names_create", "lease_name", "claim_name"]))
+        req.update(pattern="web-{1..9}", name="web-1", pool=draw(NOT_STR | BAD_NAME))
+    elif kind == "bad_pattern":  # no {first..last}, counting down, or bad characters
+        req["op"], req["pool"] = "names_create", "web"
+        req["pattern"] = draw(NOT_STR | st.text(max_size=20).filter(lambda t: "{" not in t) |
+                              st.sampled_from(["web-{9..1}", "Web-{1..9}", "w{1..2}{3..4}",
+                                               "web-{01..100}", "web {1..9}"]))
     elif kind == "bad_version":
         req["v"] = draw(NOT_STR.filter(lambda v: v != 1 or v is True))
     return json.dumps(req).encode()

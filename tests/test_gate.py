@@ -19,7 +19,7 @@ from appliance.core.allocator import Allocator
 from appliance.core.peer import Peer
 from appliance.core.ring import Ring
 from appliance.core.peer_messages import SpaceDenied
-from appliance.daemon import Config, CoreBug, CoreLoop
+from appliance.daemon import CommitFailed, Config, CoreBug, CoreLoop
 from appliance.store import Store
 from appliance.sweeper import ALIVE, GONE, UNKNOWN, Sweeper, anchor_state
 
@@ -211,4 +211,18 @@ async def test_sweeper_keeps_what_it_cannot_judge_and_counts_it(tmp_path, monkey
     await s.sweep()
     assert held_in_db(core) == {"198.18.0.1": "a"}
     assert (s.swept, s.undecided) == (1, 1)
+    core.store.close()
+
+
+async def test_a_range_added_online_survives_a_rebuild_of_memory(tmp_path):
+    # The rebuild after a failed commit reads the universes from the database again, not
+    # those the daemon started with.
+    core = core_loop(tmp_path)
+    added = cidr("10.99.0.0/24")
+    assert (await core.submit(m.AddRange(added)))["ok"]
+    assert (await core.submit(m.Allocate("a", added)))["address"] == "10.99.0.1/24"
+    core._rebuild(CommitFailed("test"))
+    assert held_in_memory(core) == held_in_db(core) == {"10.99.0.1": "a"}
+    assert (await core.submit(m.Allocate("b", added)))["address"] == "10.99.0.2/24"
+    assert held_in_memory(core) == held_in_db(core)
     core.store.close()

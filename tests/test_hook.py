@@ -1,4 +1,5 @@
 """The hook protocol: request parsing as pure code, then against a real daemon process."""
+import ipaddress
 import json
 import os
 import socket
@@ -9,8 +10,9 @@ import pytest
 import trio
 
 from appliance.core import messages as m
+from appliance.core.addr import cidr
 from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
-                                      parse_request)
+                                      RangeAdd, parse_request)
 
 from .daemon_proc import Daemon
 
@@ -23,6 +25,39 @@ from .daemon_proc import Daemon
     (b'{"op":"lookup","handle":"a b"}', m.Lookup("a b")),
     (b'{"op":"allocate","handle":"x","anchor":{"netns":"/run/netns/a"},"extra":1}',
      m.Allocate("x", None, '{"netns": "/run/netns/a"}')),
+    (b'{"op":"range_add","range":"10.40.0.0/16"}', RangeAdd(m.AddRange(cidr("10.40.0.0/16")))),
+    (b'{"op":"range_add","range":"fd40::/64","allow_route_overlap":true}',
+     RangeAdd(m.AddRange(cidr("fd40::/64")), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16"}', m.RetireRange(cidr("10.40.0.0/16"), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":false}',
+     m.RetireRange(cidr("10.40.0.0/16"), True)),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":true}',
+     m.RetireRange(cidr("10.40.0.0/16"), False)),
+    (b'{"op":"range_add","range":"10.64.0.0/16","blocks":true}',
+     RangeAdd(m.AddRange(cidr("10.64.0.0/16"), blocks=True))),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":24}', m.TenantCreate("acme", 24)),
+    (b'{"op":"tenant_create","tenant":"a.b_c-9","prefix_len":56,"family":6,"max_blocks":3,'
+     b'"range":"fd64::/48"}', m.TenantCreate("a.b_c-9", 56, 6, 3, cidr("fd64::/48"))),
+    (b'{"op":"tenant_create","tenant":"v6","prefix_len":64,"range":"fd64::/48"}',
+     m.TenantCreate("v6", 64, 6, 1, cidr("fd64::/48"))),  # the family of its range
+    (b'{"op":"tenant_grow","tenant":"acme"}', m.TenantGrow("acme")),
+    (b'{"op":"tenant_grow","tenant":"acme","range":"10.64.0.0/16"}',
+     m.TenantGrow("acme", cidr("10.64.0.0/16"))),
+    (b'{"op":"tenant_delete","tenant":"acme"}', m.TenantDelete("acme")),
+    (b'{"op":"tenant_delete","tenant":"acme","force":true}', m.TenantDelete("acme", True)),
+    (b'{"op":"allocate","handle":"w","tenant":"acme","subnet":"10.64.0.0/24"}',
+     m.Allocate("w", cidr("10.64.0.0/24"), tenant="acme")),
+    (b'{"op":"claim","handle":"w","address":"10.64.0.9","tenant":"acme"}',
+     m.Claim("w", 4, int(ipaddress.ip_address("10.64.0.9")), tenant="acme")),
+    (b'{"op":"lease_block","handle":"vpn 1","prefix_len":20}', m.LeaseBlock("vpn 1", 20)),
+    (b'{"op":"lease_block","handle":"v","prefix_len":48,"family":6,"range":"fd64::/32"}',
+     m.LeaseBlock("v", 48, 6, cidr("fd64::/32"))),
+    (b'{"op":"names_create","pool":"web","pattern":"web-{000..999}"}',
+     m.NamesCreate("web", "web-{000..999}")),
+    (b'{"op":"lease_name","handle":"h","pool":"web","anchor":{"pid":7}}',
+     m.LeaseName("h", "web", '{"pid": 7}')),
+    (b'{"op":"claim_name","handle":"h","pool":"web","name":"web-007"}',
+     m.ClaimName("h", "web", "web-007")),
 ])
 def test_parse_valid(line, expect):
     assert parse_request(line) == expect
@@ -46,6 +81,66 @@ def test_parse_valid(line, expect):
     (b'{"op":"allocate","handle":"x","anchor":{"netns":"relative"}}', "bad_request", "anchor"),
     (b'{"op":"claim","handle":"x"}', "bad_request", "missing field 'address'"),
     (b'{"op":"claim","handle":"x","address":"10.0.0.300"}', "bad_request", "address"),
+    (b'{"op":"range_add"}', "bad_request", "missing field 'range'"),
+    (b'{"op":"range_retire","range":["10.40.0.0/16"]}', "bad_request",
+     "field 'range' must be str, got list"),
+    (b'{"op":"range_add","range":"10.40.0.1/16"}', "bad_request",
+     "range '10.40.0.1/16' has host bits set; did you mean 10.40.0.0/16?"),
+    (b'{"op":"range_retire","range":"banana"}', "bad_request",
+     "range: 'banana' is not a CIDR block"),
+    (b'{"op":"range_add","range":"10.40.0.0/16","allow_route_overlap":"yes"}', "bad_request",
+     "allow_route_overlap must be true or false"),
+    (b'{"op":"range_retire","range":"10.40.0.0/16","undo":1}', "bad_request",
+     "undo must be true or false"),
+    (b'{"op":"range_add","range":"10.64.0.0/16","blocks":"yes"}', "bad_request",
+     "blocks must be true or false"),
+    (b'{"op":"tenant_create","prefix_len":24}', "bad_request", "missing field 'tenant'"),
+    (b'{"op":"tenant_create","tenant":"Acme","prefix_len":24}', "bad_request",
+     "tenant: tenant name 'Acme' must be 1 to 63 characters of a-z, 0-9"),
+    (b'{"op":"tenant_create","tenant":"-a","prefix_len":24}', "bad_request",
+     "starting with a letter or digit"),
+    (b'{"op":"tenant_create","tenant":"acme"}', "bad_request", "missing field 'prefix_len'"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":"24"}', "bad_request",
+     "field 'prefix_len' must be int, got str"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":true}', "bad_request",
+     "field 'prefix_len' must be int, got bool"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":33}', "bad_request",
+     "prefix_len must be 1 to 32 for IPv4, got 33"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":0}', "bad_request",
+     "prefix_len must be 1 to 32 for IPv4, got 0"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":65,"family":6}', "bad_request",
+     "prefix_len must be 1 to 64 for IPv6, got 65"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":24,"family":5}', "bad_request",
+     "family must be 4 or 6, got 5"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":24,"family":4,'
+     b'"range":"fd64::/48"}', "bad_request", "range fd64::/48 is not IPv4"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":24,"max_blocks":0}', "bad_request",
+     "max_blocks must be 1 to 1048576, got 0"),
+    (b'{"op":"tenant_create","tenant":"acme","prefix_len":24,"range":"10.64.0.1/16"}',
+     "bad_request", "range '10.64.0.1/16' has host bits set"),
+    (b'{"op":"tenant_grow","tenant":7}', "bad_request", "field 'tenant' must be str, got int"),
+    (b'{"op":"tenant_delete","tenant":"acme","force":1}', "bad_request",
+     "force must be true or false"),
+    (b'{"op":"allocate","handle":"w","tenant":"ACME"}', "bad_request",
+     "tenant: tenant name 'ACME'"),
+    (b'{"op":"claim","handle":"w","address":"10.64.0.9","tenant":""}', "bad_request",
+     "tenant: tenant name ''"),
+    (b'{"op":"lease_block","prefix_len":20}', "bad_request", "missing field 'handle'"),
+    (b'{"op":"lease_block","handle":"v","prefix_len":[20]}', "bad_request",
+     "field 'prefix_len' must be int, got list"),
+    (b'{"op":"names_create","pool":"web"}', "bad_request", "missing field 'pattern'"),
+    (b'{"op":"names_create","pool":"web","pattern":"web-{9..1}"}', "bad_request",
+     "pattern: name pattern 'web-{9..1}': {9..1} must count up"),
+    (b'{"op":"names_create","pool":"web","pattern":"Web-{1..9}"}', "bad_request",
+     "pattern: name pattern 'Web-{1..9}' must look like web-{000..999}"),
+    (b'{"op":"names_create","pool":"w/b","pattern":"web-{1..9}"}', "bad_request",
+     "pool: pool name 'w/b'"),
+    (b'{"op":"lease_name","handle":"h"}', "bad_request", "missing field 'pool'"),
+    (b'{"op":"lease_name","handle":"h","pool":"web","anchor":{"pid":0}}', "bad_request",
+     "anchor must be"),
+    (b'{"op":"claim_name","handle":"h","pool":"web"}', "bad_request", "missing field 'name'"),
+    (b'{"op":"claim_name","handle":"h","pool":"web","name":""}', "bad_request",
+     "name must be 1-255 printable characters"),
     (b'{"v":2,"op":"list"}', "bad_version", "version 2"),
     (b'{"v":true,"op":"list"}', "bad_version", "version"),
     (b'{"v":1.0,"op":"list"}', "bad_version", "version"),
@@ -76,7 +171,9 @@ def test_framing_sans_io_lines_in_order_across_chunks():
     conn.receive_data(b'st"}\n\n  \r\n{"op":"fly"}\n{"op":"status"}\n{"op":"lookup"')
     assert events(conn) == [m.List(), ("unknown_op", "unknown op 'fly' (known: allocate, "
                                        "claim, release, lookup, list, status, cni, leave, "
-                                       "rmpeer)"), m.Status()]
+                                       "rmpeer, range_add, range_retire, tenant_create, "
+                                       "tenant_grow, tenant_delete, lease_block, "
+                                       "names_create, lease_name, claim_name)"), m.Status()]
     conn.receive_data(b',"handle":"h"}\n{"op":"list"}')
     conn.receive_data(b"")  # the client closed: its last, unfinished line is dropped
     assert events(conn) == [m.Lookup("h"), CLOSED]
@@ -272,5 +369,63 @@ def test_the_wal_stays_bounded_under_steady_allocations(tmp_path):
         frames = (d.db.with_name("ipamd.db-wal").stat().st_size - 32) // (4096 + 24)
         assert frames < 15_000
         assert d.call({"op": "status"})["allocations"] == 10_000
+    finally:
+        d.stop()
+
+
+def test_tenants_blocks_and_names_through_the_hook(tmp_path):
+    """The carving ops on one host, answered by the core; bad ones change nothing."""
+    d = Daemon(tmp_path, "--iprange", "10.13.0.0/24")
+    d.start()
+    try:
+        me = d.call({"op": "status"})["peer"]
+        assert d.call({"op": "range_add", "range": "10.64.0.0/16", "blocks": True}) == \
+            {"ok": True, "range": "10.64.0.0/16", "owner": me, "blocks": True}
+        before = d.call({"op": "status"})
+        for bad in ({"op": "tenant_create", "tenant": "acme", "prefix_len": 40},
+                    {"op": "tenant_create", "tenant": "acme", "prefix_len": 24,
+                     "family": 4, "range": "fd00::/48"},
+                    {"op": "names_create", "pool": "web", "pattern": "web"},
+                    {"op": "lease_block", "handle": "v", "prefix_len": 20, "family": 7}):
+            assert d.call(bad)["error"]["code"] == "bad_request", bad
+        after = d.call({"op": "status"})
+        assert (after["ring_digest"], after["tenants"], after["pools"], after["leases"]) == \
+            (before["ring_digest"], {}, {}, {})
+        assert d.call({"op": "tenant_create", "tenant": "acme", "prefix_len": 30}) == \
+            {"ok": True, "tenant": "acme", "blocks": ["10.64.0.0/30"]}
+        a = d.call({"op": "allocate", "handle": "w1", "tenant": "acme"})
+        assert (a["address"], a["gateway"], a["tenant"]) == ("10.64.0.2/30", "10.64.0.1", "acme")
+        r = d.call({"op": "allocate", "handle": "w2", "tenant": "acme"})
+        assert r["error"] == {"code": "tenant_full", "message": (
+            f"tenant acme is full: no free address in its 1 block(s) (10.64.0.0/30) on {me}; "
+            "it may have 1 block(s) (ipamd tenant grow acme)")}, r
+        r = d.call({"op": "claim", "handle": "w2", "address": "10.64.0.1", "tenant": "acme"})
+        assert r["error"] == {"code": "bad_address", "message": "10.64.0.1 may not be claimed: "
+                              "it is the gateway of tenant acme's block 10.64.0.0/30"}, r
+        assert d.call({"op": "allocate", "handle": "w2", "tenant": "nope"})["error"]["code"] \
+            == "no_tenant"
+        assert d.call({"op": "lease_block", "handle": "vpn", "prefix_len": 20}) == \
+            {"ok": True, "handle": "vpn", "block": "10.64.16.0/20"}
+        assert d.call({"op": "release", "handle": "vpn"}) == \
+            {"ok": True, "released": ["10.64.16.0/20"]}
+        assert d.call({"op": "names_create", "pool": "web", "pattern": "web-{000..009}"}) == \
+            {"ok": True, "pool": "web", "pattern": "web-{000..009}", "size": 10}
+        n = d.call({"op": "claim_name", "handle": "n1", "pool": "web", "name": "web-007"})
+        assert (n["name"], n["pool"]) == ("web-007", "web"), n
+        r = d.call({"op": "claim_name", "handle": "n2", "pool": "web", "name": "web-007"})
+        assert r["error"]["code"] == "in_use" and "'n1'" in r["error"]["message"], r
+        r = d.call({"op": "claim_name", "handle": "n2", "pool": "web", "name": "web-010"})
+        assert r["error"] == {"code": "bad_request", "message":
+                              "'web-010' is not a name of pool web (web-{000..009})"}, r
+        assert d.call({"op": "lease_name", "handle": "n3", "pool": "db"})["error"]["code"] == \
+            "no_pool"
+        leased = {d.call({"op": "lease_name", "handle": f"l{i}", "pool": "web"})["name"]
+                  for i in range(9)}
+        assert leased == {f"web-{i:03}" for i in range(10)} - {"web-007"}
+        r = d.call({"op": "lease_name", "handle": "l9", "pool": "web"})
+        assert r["error"]["code"] == "exhausted", r
+        s = d.call({"op": "status"})
+        assert s["tenants"]["acme"]["blocks"] == ["10.64.0.0/30"] and s["leases"] == {}
+        assert s["pools"]["web"]["pattern"] == "web-{000..009}"
     finally:
         d.stop()

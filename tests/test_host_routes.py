@@ -6,6 +6,7 @@ addresses from 198.18.0.0/15 and 2001:2::/48; every namespace is removed afterwa
 """
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -195,3 +196,29 @@ def test_a_restart_is_not_judged_by_the_routes_of_its_own_containers(host, tmp_p
                 "range 10.32.0.0/12 overlaps address 10.32.0.254/24 on cni0 on this host")
     finally:
         ns.cleanup()
+
+
+def test_range_add_is_judged_by_this_hosts_routes_before_anything_is_submitted(host, tmp_path):
+    d = daemon(host, tmp_path, "--iprange", "10.32.0.0/12")
+    d.start()
+    try:
+        route(host, "10.50.0.0/16")
+        before = d.call({"op": "status"})
+        r = d.cli("range", "add", "10.50.0.0/24", "--json")
+        assert r.returncode == 1 and json.loads(r.stdout)["error"] == {
+            "code": "route_overlap",
+            "message": "range 10.50.0.0/24 overlaps route 10.50.0.0/16 dev eth1 on this host"
+                       + HINT}
+        after = d.call({"op": "status"})
+        assert [u["range"] for u in after["universes"]] == ["10.32.0.0/12"]
+        assert after["ring_digest"] == before["ring_digest"]  # nothing reached the core
+        r = d.cli("range", "add", "10.50.0.0/24", "--allow-route-overlap")
+        assert (r.returncode, r.stdout) == (0, "added 10.50.0.0/24 to the cluster's ranges\n")
+        assert d.call({"op": "allocate", "handle": "x", "subnet": "10.50.0.0/24"})["address"] \
+            == "10.50.0.1/24"
+        r = d.cli("range", "add", "10.60.0.0/24")  # no route there: no flag needed
+        assert (r.returncode, r.stdout) == (0, "added 10.60.0.0/24 to the cluster's ranges\n")
+    finally:
+        d.stop()
+    assert ("event=route_overlap_allowed overlaps='range 10.50.0.0/24 overlaps route "
+            "10.50.0.0/16 dev eth1 on this host'") in d.stderr()

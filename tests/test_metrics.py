@@ -58,3 +58,20 @@ async def test_free_space_is_counted_in_chunks_and_agrees_with_the_allocator(
     assert free[(cidr("198.18.0.0/24"), subnets[3])] == 14 - 2  # h3's, and x's in quarantine
     assert len(free) == 11  # the ten, and the default subnet
     core.store.close()
+
+
+async def test_ranges_added_online_and_retired_are_shown_and_spare_space_is_not(tmp_path):
+    core = core_loop(tmp_path)
+    added = cidr("10.99.0.0/24")
+    assert await core.submit(m.AddRange(added)) == {"ok": True, "range": "10.99.0.0/24",
+                                                    "owner": core.me, "blocks": False}
+    assert (await core.submit(m.Allocate("a", added)))["address"] == "10.99.0.1/24"
+    assert (await core.submit(m.RetireRange(added)))["retired"] is True
+    body = await Metrics(core).body()
+    assert gauge(body, "ipamd_range_retired", universe="10.99.0.0/24") == 1
+    assert gauge(body, "ipamd_range_retired", universe="198.18.0.0/24") == 0
+    assert gauge(body, "ipamd_addresses_in_use", universe="10.99.0.0/24",
+                 subnet="10.99.0.0/24") == 1
+    assert gauge(body, "ipamd_addresses_owned", universe="10.99.0.0/24") == 254
+    assert "/0" not in body.decode()  # the spare universes 0.0.0.0/0 and ::/0
+    core.store.close()

@@ -41,6 +41,12 @@ def test_ipv6_addresses_beyond_64_bits():
     assert decode(encode(req)) == req
     gw = wire.SpaceRequest("c", 3, V6, V6.start + 1, V6.start + 2, V6.start + 1, gateway=True)
     assert decode(encode(gw)) == gw
+    exact = wire.SpaceRequest("c", 5, V6, V6.start, V6.end, exact=True)
+    assert decode(encode(exact)) == exact
+    marked = wire.SpaceGrant("c", 6, Delta((), ((V6, Entry(V6.start, V6.end, "@names " + str(V6)
+                                                          + " web " + "w" * 180 + "{0..9}", 2)),),
+                                              ()))
+    assert decode(encode(marked)) == marked  # carve markers may be long (protocol 5)
     no = wire.SpaceDenied("c", 4, "fd00::1 is held by handle 'x' on peer p", "in_use")
     assert decode(encode(no)) == no
 
@@ -52,12 +58,17 @@ def test_ipv6_addresses_beyond_64_bits():
     (msgpack.packb(["HandoverAck", "c", -1]), "req must be an integer"),
     (msgpack.packb(["HandoverAck", "c", True]), "req must be an integer"),
     (msgpack.packb(["HandoverAck", "", 1]), "cluster must be a string"),
-    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.1/24", b"\x01", b"\x02", None, False]),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.1/24", b"\x01", b"\x02", None, False, False]),
      "host bits"),
-    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", 5, b"\x02", None, False]),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", 5, b"\x02", None, False, False]),
      "lo must be 1 to 17 bytes"),
-    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, 1]),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, 1, False]),
      "gateway must be a boolean"),
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, False, 0]),
+     "exact must be a boolean"),
+    # A SpaceRequest of protocol 4 (no exact): refused by name.
+    (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, False]),
+     "SpaceRequest needs 8 fields"),
     (msgpack.packb(["SpaceDenied", "c", 1, "why", "x" * 33]), "code must be a string"),
     (msgpack.packb(["Gossip", "c", [[["a", 1], ["a", 2]], [], None], False, [], b""]),
      "names a peer twice"),

@@ -11,6 +11,7 @@ import pytest
 from appliance import store as store_mod
 from appliance.core.addr import cidr, parse_addr
 from appliance.core.messages import Allocate, Claim, Release
+from appliance.core.spare import SPARE
 from appliance.store import APPLICATION_ID, Store, StoreError
 
 from .conftest import need_tool
@@ -37,8 +38,22 @@ def make_db(path, allocations=0):
     return loaded
 
 
+def as_version_4(c):
+    """The tables version 5 changed, as version 4 had them: universes of kind 'range' or
+    'static' only (its CHECK word for word), no spare universes, nor their ring rows."""
+    c.execute("DELETE FROM ring WHERE universe IN (SELECT cidr FROM universes "
+              "WHERE kind = 'spare'); "
+              "CREATE TABLE u4 (cidr TEXT PRIMARY KEY, "
+              "family INTEGER NOT NULL CHECK (family IN (4, 6)), "
+              "kind TEXT NOT NULL DEFAULT 'range' CHECK (kind IN ('range', 'static'))) STRICT; "
+              "INSERT INTO u4 SELECT cidr, family, kind FROM universes WHERE kind != 'spare'; "
+              "DROP TABLE universes; ALTER TABLE u4 RENAME TO universes; "
+              "PRAGMA user_version = 4")
+
+
 def as_version_3(c):
     """The tables version 4 changed, as version 3 had them: freed with a rowid, no spans."""
+    as_version_4(c)
     c.execute("DROP TABLE freed_spans; "
               "CREATE TABLE f3 (address TEXT PRIMARY KEY, universe TEXT NOT NULL REFERENCES "
               "universes (cidr), freed_at REAL NOT NULL) STRICT; "
@@ -73,8 +88,12 @@ def test_create(tmp_path):
     assert c.execute("PRAGMA application_id").fetchall()[0][0] == APPLICATION_ID
     assert c.execute("PRAGMA user_version").fetchall()[0][0] == store_mod.SCHEMA_VERSION
     assert c.execute("PRAGMA journal_mode").fetchall()[0][0] == "wal"
-    assert c.execute("SELECT start, owner, version FROM ring").fetchall() == \
-        [("10.32.0.0", loaded.peer_id, 1)]
+    assert c.execute("SELECT start, owner, version FROM ring WHERE universe = ?",
+                     (str(RANGE[0]),)).fetchall() == [("10.32.0.0", loaded.peer_id, 1)]
+    assert c.execute("SELECT cidr, family, kind, added FROM universes ORDER BY rowid").fetchall() \
+        == [("10.32.0.0/12", 4, "range", 0), ("0.0.0.0/0", 4, "spare", 0),
+            ("::/0", 6, "spare", 0)]
+    assert (loaded.ranges, loaded.spare, loaded.founding) == (RANGE, list(SPARE), RANGE)
     again = Store(path).open(None, "t")
     assert (again.peer_id, again.cluster_id, again.created) == (loaded.peer_id, loaded.cluster_id,
                                                                 False)
@@ -122,11 +141,60 @@ def test_refuses_corrupt(tmp_path):
     refuses(path, "corrupt|not a usable")
 
 
-def test_refuses_other_cluster_ranges(tmp_path):
+def test_refuses_a_flag_range_the_database_lacks(tmp_path):
     path = tmp_path / "ipamd.db"
     make_db(path)
-    refuses(path, r"belongs to a cluster with ranges 10\.32\.0\.0/12.*asked for 10\.1\.0\.0/16",
-            [cidr("10.1.0.0/16")])
+    for flags in ([cidr("10.1.0.0/16")], [*RANGE, cidr("10.1.0.0/16")]):
+        before = file_digest(path)
+        with pytest.raises(StoreError) as e:
+            Store(path).open(flags, "t")
+        assert str(e.value) == (
+            f"{path} belongs to a cluster with ranges 10.32.0.0/12, but this launch asked for "
+            "10.1.0.0/16 too; add a range to the cluster with `ipamd range add 10.1.0.0/16` on "
+            "a running host, or use another --data-dir for a new cluster")
+        assert file_digest(path) == before, "a refused database must be left as it was"
+
+
+def test_the_database_is_the_truth_flags_may_name_a_subset_of_its_ranges(tmp_path):
+    # A range added online (an AddUniverse row, as the core writes it) is kept when the host
+    # restarts with the --iprange flags it was first started with, or with none.
+    from appliance.core import messages as m
+    path = tmp_path / "ipamd.db"
+    first = make_db(path)
+    s = Store(path)
+    s.open(RANGE, "t")
+    s.commit([m.AddUniverse("10.40.0.0/16", 4, "range"),
+              m.AddUniverse("10.40.0.0/16", 4, "range"),  # learned twice: one row
+              m.RingWrite("10.40.0.0/16", "10.40.0.0", "10.40.255.255", first.peer_id, 1,
+                          0, first.peer_id, 9)])
+    assert s.conn.execute("SELECT cidr, family, kind, added FROM universes WHERE added = 1"
+                          ).fetchall() == [("10.40.0.0/16", 4, "range", 1)]
+    s.close()
+    added = cidr("10.40.0.0/16")
+    for flags in (RANGE, None, [added], [added, *RANGE]):
+        s = Store(path)
+        loaded = s.open(flags, "t")
+        assert loaded.ranges == [*RANGE, added] and loaded.founding == RANGE, flags
+        assert loaded.universes == [*RANGE, *SPARE, added]  # as made or learned
+        peer = s.load_peer(loaded, RANGE[0], 30)
+        reply, rows = peer.allocator.apply(Allocate("x", added), 1000.0)
+        assert reply["address"] == "10.40.0.1/16", reply  # served without a restart of mind
+        s.close()
+
+
+def test_load_peer_reads_universes_added_after_open(tmp_path):
+    # A rebuild of memory (after a failed commit) must see a range added since start.
+    from appliance.core import messages as m
+    path = tmp_path / "ipamd.db"
+    s = Store(path)
+    loaded = s.open(RANGE, "t")
+    s.commit([m.AddUniverse("fd40::/64", 6, "range"),
+              m.RingWrite("fd40::/64", "fd40::", "fd40::ffff:ffff:ffff:ffff", loaded.peer_id,
+                          1, 0, loaded.peer_id, 3)])
+    peer = s.load_peer(loaded, RANGE[0], 30)
+    reply, _ = peer.allocator.apply(Allocate("v6", cidr("fd40::/64")), 1000.0)
+    assert reply["address"] == "fd40::1/64", reply
+    s.close()
 
 
 def test_migration_applies_in_order(tmp_path, monkeypatch):
@@ -182,6 +250,48 @@ def test_version_2_reservations_are_kept_for_good(tmp_path):
     assert a.reserved == {(4, parse_addr("10.32.0.1")[1]): {"kept"}}
     reply, _ = a.apply(Claim("x", *parse_addr("10.32.0.1")), 1.0)
     assert reply["error"]["code"] == "reserved"
+    s.close()
+
+
+def test_version_4_database_migrates_to_ranges_online(tmp_path):
+    # A version-4 database with something in every table that refers to universes: the
+    # rebuilt universes table keeps every row and reference, and gains the spare universes
+    # with no ring rows (such a cluster cannot add ranges: the core says not_supported).
+    from appliance.core import messages as m
+    path = tmp_path / "ipamd.db"
+    s = Store(path)
+    loaded = s.open(RANGE, "t", static=[cidr("10.0.0.0/13")])
+    a = s.load_peer(loaded, RANGE[0], 30).allocator
+    for i in range(3):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
+    s.commit(a.apply(Release("h1"), 1010.0)[1])
+    s.commit([m.Reserve("10.32.0.9", "kept", "10.32.0.0/12", "gateway"),
+              m.FreedSpan("10.32.0.0/12", "10.32.1.0", "10.32.1.9")])
+    s.close()
+    c = apsw.Connection(str(path))
+    as_version_4(c)
+    tables = ("ring", "allocations", "freed", "freed_spans", "reserved")
+    before = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+    c.close()
+    s = Store(path)
+    again = s.open(RANGE, "t")
+    c = s.conn
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 5
+    assert c.execute("SELECT cidr, family, kind, added FROM universes ORDER BY rowid"
+                     ).fetchall() == [("10.32.0.0/12", 4, "range", 0),
+                                      ("10.0.0.0/13", 4, "static", 0),
+                                      ("0.0.0.0/0", 4, "spare", 0), ("::/0", 6, "spare", 0)]
+    assert {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables} == before
+    assert c.execute("SELECT count(*) FROM ring WHERE universe IN ('0.0.0.0/0', '::/0')"
+                     ).fetchall() == [(0,)]
+    assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert "REFERENCES universes" in c.execute(
+        "SELECT sql FROM sqlite_schema WHERE name = 'ring'").fetchall()[0][0]
+    assert (again.ranges, again.static, again.spare, again.founding) == (
+        RANGE, [cidr("10.0.0.0/13")], list(SPARE), [*RANGE, cidr("10.0.0.0/13")])
+    peer = s.load_peer(again, RANGE[0], 30)
+    assert sorted(peer.allocator.by_handle) == ["h0", "h2"]
     s.close()
 
 

@@ -23,7 +23,8 @@ from .messages import (Allocate, Claim, DropFreedSpan, ForgetFreed, FreeAddress,
                        TakeSets, Unreserve, error, ok)
 from .ring import Ring
 from .rings import Rings
-from .spare import RETIRED, is_spare, parse_marker
+from .names import Pattern
+from .spare import DISSOLVED, Carve, is_marker, is_spare, parse_marker
 
 CLAIM_BLOCK = 16  # the most a claim takes from another peer's space
 
@@ -78,10 +79,17 @@ class Allocator:
         # Claim-only universes: the default subnet outside the ranges, in the ring so that
         # every static address there has one owner, but never handed out by allocate.
         self.static = frozenset(static)
-        # Ranges retired online (spare.py: their marker says so): claim-only, like static.
+        # What the carve markers in the rings say (spare.py), worked out by carves_changed
+        # whenever a marker may have changed: universe -> its carve, where its marker is, the
+        # ranges retired, each tenant's blocks, each handle's leased blocks, the name pools.
+        self.carves: dict[Cidr, Carve] = {}
+        self.parents: dict[Cidr, Cidr] = {}
         self.retired: frozenset[Cidr] = frozenset()
-        # Never searched by allocate: static, retired and spare universes.
-        self.closed: frozenset[Cidr] = frozenset()
+        self.tenant_blocks: dict[str, list[Cidr]] = {}
+        self.lease_blocks: dict[str, list[Cidr]] = {}
+        self.pools: dict[Cidr, Pattern] = {}
+        self._kinds: dict[Cidr, str] = {}
+        self._open: list[Cidr] = []  # what a plain allocate searches: ranges not retired
         self.default_subnet = default_subnet
         self.reuse_delay = reuse_delay
         self.by_addr: dict[tuple[int, int], Held] = {}
@@ -176,8 +184,13 @@ class Allocator:
         rows += self._span_rows(u, changes)
 
     def universe_of(self, key: tuple[int, int]) -> Cidr | None:
-        """The range or static universe holding key; spare space holds no address."""
-        return next((u for u in self.rings if key in u and not is_spare(u)), None)
+        """The innermost universe holding key (a block rather than its block space); spare
+        space holds no address."""
+        best = None
+        for u in self.rings:
+            if key in u and not is_spare(u) and (best is None or u.prefix > best.prefix):
+                best = u
+        return best
 
     def universes(self) -> list[Cidr]:
         """The ranges and static universes: what addresses can be in."""
@@ -195,14 +208,104 @@ class Allocator:
             d.pop(u, None)
 
     def carves_changed(self) -> None:
-        """The spare rings changed: which ranges are retired now."""
-        retired = set()
+        """A marker may have changed (RingWriter): work out again what the markers say."""
+        carves, parents, dissolved = {}, {}, set()
         for u, ring in self.rings.items():
+            for e in ring.entries:
+                if is_marker(e.owner):
+                    c = parse_marker(e.owner)
+                    if c.state == DISSOLVED:
+                        dissolved.add(c.universe)
+                    else:
+                        carves[c.universe], parents[c.universe] = c, u
+        self.carves, self.parents = carves, parents
+        self.retired = frozenset(u for u, c in carves.items() if c.state == "retired")
+        tenants: dict[str, list[Cidr]] = {}
+        leases: dict[str, list[Cidr]] = {}
+        for u, c in sorted(carves.items(), key=lambda x: (x[0].family, x[0].start)):
+            if c.state == "block":
+                tenants.setdefault(c.name, []).append(u)
+            elif c.state == "lease":
+                leases.setdefault(c.name, []).append(u)
+        self.tenant_blocks, self.lease_blocks = tenants, leases
+        self.pools = {u: Pattern.parse(c.args[1]) for u, c in carves.items()
+                      if c.state == "names"}
+        kinds = {}
+        for u in self.rings:
             if is_spare(u):
-                retired |= {parse_marker(e.owner)[1] for e in ring.entries
-                            if e.owner.startswith(RETIRED)}
-        self.retired = frozenset(retired)
-        self.closed = self.static | self.retired | {u for u in self.rings if is_spare(u)}
+                kinds[u] = "spare"
+            elif u in carves:
+                kinds[u] = carves[u].kind
+            elif u in self.static:
+                kinds[u] = "static"
+            elif u in dissolved or self.rings[u].entries and all(
+                    is_marker(e.owner) for e in self.rings[u].entries):
+                kinds[u] = DISSOLVED
+            else:
+                kinds[u] = "range"  # made before markers, or not heard of whole yet
+        self._kinds = kinds
+        self._open = [u for u, k in kinds.items() if k == "range" and u not in self.retired]
+
+    def view(self, h: Held) -> dict:
+        """An allocation as replies show it: a tenant's names its tenant, a pool's its name."""
+        v = h.view()
+        if h.universe in self.pools:
+            v["name"] = self.pools[h.universe].name(h.address - h.universe.start - 1)
+            v["pool"] = self.carves[h.universe].name
+        elif h.universe in self.carves and self.carves[h.universe].state == "block":
+            v["tenant"] = self.carves[h.universe].name
+            v["gateway"] = format_addr(h.family, block_gateway(h.universe))
+        return v
+
+    def _never(self, u: Cidr) -> list[int]:
+        """Addresses of a tenant's block never handed out (its network, gateway and broadcast
+        addresses): not free, so neither counted in hints nor given as free space, which would
+        leave a peer asking for room with a block it cannot use."""
+        if self.kind(u) != "block":
+            return []
+        lo, hi = u.host_bounds()
+        return sorted({*range(u.start, lo + 1), *range(hi, u.end)})
+
+    def kind(self, u: Cidr) -> str:
+        """spare, range, static, blocks, block, lease, tenant, names or dissolved."""
+        return self._kinds.get(u, "range")
+
+    def kind_text(self, u: Cidr) -> str:
+        c = self.carves.get(u)
+        return {"range": "retired range" if u in self.retired else "range",
+                "static": "static space", "blocks": "block space",
+                "block": f"tenant {c.name if c else '?'}'s block",
+                "lease": f"block leased to {c.name if c else '?'}",
+                "tenant": f"tenant {c.name if c else '?'}'s key",
+                "names": f"name pool {c.name if c else '?'}"}.get(self.kind(u), self.kind(u))
+
+    def parent_of(self, u: Cidr) -> Cidr | None:
+        return self.parents.get(u)
+
+    def allocatable(self, u: Cidr) -> bool:
+        """Does anything ever hold an address of u (so free hints matter)?"""
+        return self.kind(u) in ("range", "static", "block", "names")
+
+    def candidates(self, subnet: Cidr, tenant: str | None = None) -> list[Cidr]:
+        """The universes an allocate in subnet (or for tenant) searches."""
+        if tenant is not None:
+            return list(self.tenant_blocks.get(tenant, ()))
+        if subnet in self.pools:
+            return [subnet]
+        return [u for u in self._open if u.overlaps(subnet)]
+
+    def claimable(self, u: Cidr, subnet: Cidr, tenant: str | None,
+                  address: int | None = None) -> str | None:
+        """Why an address of u may not be claimed so, or None."""
+        k = self.kind(u)
+        if k == "block" and address == block_gateway(u):
+            return f"it is the gateway of {self.kind_text(u)} {u}"
+        if k in ("range", "static") or k == "names" and subnet == u or \
+                k == "block" and self.carves[u].name == tenant:
+            return None
+        if k == "block" and tenant is None:
+            return f"it lies in {self.kind_text(u)} {u}: claim it for the tenant"
+        return f"it lies in {self.kind_text(u)} {u}"
 
     def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
         """Call in order of freed_at."""
@@ -235,9 +338,9 @@ class Allocator:
             held = self.by_handle.get(req.handle)
             if not held:
                 return error("not_found", f"no address is held by handle {req.handle!r}"), []
-            return ok(handle=req.handle, addresses=[h.view() for h in held.values()]), []
+            return ok(handle=req.handle, addresses=[self.view(h) for h in held.values()]), []
         if isinstance(req, List):
-            return ok(allocations=[h.view() for h in self.by_addr.values()]), []
+            return ok(allocations=[self.view(h) for h in self.by_addr.values()]), []
         if isinstance(req, Holder):
             h = self.by_addr.get((req.family, req.address))
             return ok(handle=None if h is None else h.handle), []
@@ -246,13 +349,27 @@ class Allocator:
         raise TypeError(f"not a request: {req!r}")  # a bug in the caller, not bad input
 
     def _allocate(self, req: Allocate, now: float) -> tuple[dict, list[Row]]:
-        subnet = req.subnet or self.default_subnet
-        existing = self.by_handle.get(req.handle, {}).get(subnet)
-        if existing is not None:
-            return ok(**existing.view()), []
-        bad = self._bad_subnet(subnet)
-        if bad is not None:
-            return bad, []
+        if req.tenant is not None:
+            subnets = self.tenant_blocks.get(req.tenant, [])
+            if not subnets:
+                return error("no_tenant", f"no tenant {req.tenant} with blocks is known "
+                             "here"), []
+            if req.subnet is not None:  # one of its blocks (a Docker network's pool)
+                if req.subnet not in subnets:
+                    return error("bad_subnet", f"{req.subnet} is not a block of tenant "
+                                 f"{req.tenant} ({', '.join(map(str, subnets))})"), []
+                subnets = [req.subnet]
+        else:
+            subnets = [req.subnet or self.default_subnet]
+        held = self.by_handle.get(req.handle, {})
+        for subnet in subnets:
+            if subnet in held:
+                return ok(**self.view(held[subnet])), []
+        if req.tenant is None:
+            bad = self._bad_subnet(subnets[0])
+            if bad is not None:
+                return bad, []
+        subnet = subnets[0]
         rows: list[Row] = []
         undo_gateway = None
         if req.gateway is not None:
@@ -260,21 +377,27 @@ class Allocator:
                                                       rows)
             if err is not None:
                 return err, []
-        lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
-        found = self._find(subnet, lo, hi, now)
-        if found is not None:
-            u, address = found
-            reply, take = self._take(Held(u.family, address, u, subnet, req.handle, req.anchor,
-                                          now))
-            if undo_gateway is not None and self._journal is not None:
-                self._journal.append(undo_gateway)
-            return reply, rows + take
+        for subnet in subnets:
+            lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
+            if req.tenant is not None:
+                lo = max(lo, block_gateway(subnet) + 1)  # its first host address: the gateway
+            found = self._find(subnet, lo, hi, now, req.tenant)
+            if found is not None:
+                u, address = found
+                reply, take = self._take(Held(u.family, address, u, subnet, req.handle,
+                                              req.anchor, now))
+                if undo_gateway is not None and self._journal is not None:
+                    self._journal.append(undo_gateway)
+                return reply, rows + take
         if undo_gateway is not None:
             undo_gateway()  # a request that fails reserves nothing
+        if req.tenant is not None:
+            return error("exhausted", f"no free address in tenant {req.tenant}'s blocks "
+                         f"({', '.join(map(str, subnets))}) on this peer"), []
         where = f"subnet {subnet}" if req.range is None else \
             f"{subnet.addr(lo)}-{subnet.addr(hi)} of subnet {subnet}"
         retired = [u for u in self.universes() if u.overlaps(subnet) and u in self.retired]
-        if retired and all(u in self.closed for u in self.universes() if u.overlaps(subnet)):
+        if retired and not self.candidates(subnet):
             return error("retired", f"no new allocations in {where}: range "
                          f"{', '.join(map(str, retired))} is retired "
                          "(ipamd range unretire to resume)"), []
@@ -294,10 +417,11 @@ class Allocator:
         """Would an allocate from [first, last] of subnet succeed now? Changes nothing."""
         return self._find(subnet, rng[0], rng[1], now) is not None
 
-    def _find(self, subnet: Cidr, first: int, last: int, now: float) -> tuple[Cidr, int] | None:
+    def _find(self, subnet: Cidr, first: int, last: int, now: float,
+              tenant: str | None = None) -> tuple[Cidr, int] | None:
         """The address allocate would take from [first, last] of subnet, and its universe."""
-        for u in self.rings:
-            if u.overlaps(subnet) and u not in self.closed:
+        for u in self.candidates(subnet, tenant):
+            if u.overlaps(subnet):
                 bounds = self._bounds(u, subnet, first, last + 1)
                 found = self._fresh(u, bounds)
                 if found is None:
@@ -528,7 +652,9 @@ class Allocator:
         subnet = req.subnet
         universe = self.universe_of(key)
         if subnet is None:
-            if key in self.default_subnet:
+            if req.tenant is not None and universe is not None:
+                subnet = universe  # a tenant's address has its block's prefix
+            elif key in self.default_subnet:
                 subnet = self.default_subnet
             elif universe is not None:
                 subnet = universe
@@ -545,8 +671,14 @@ class Allocator:
         holder = self.by_addr.get(key)
         if holder is not None:
             if holder.handle == req.handle and holder.subnet == subnet:
-                return ok(**holder.view()), []
+                return ok(**self.view(holder)), []
             return error("in_use", f"{_fmt(key)} is held by handle {holder.handle!r}"), []
+        why = self.claimable(universe, subnet, req.tenant, req.address) \
+            if universe is not None else None
+        if req.tenant is not None and universe not in self.tenant_blocks.get(req.tenant, ()):
+            why = f"it is not in a block of tenant {req.tenant}"
+        if why is not None:
+            return error("bad_address", f"{_fmt(key)} may not be claimed: {why}"), []
         if universe is None and self.clustered():
             return error("no_owner", f"{_fmt(key)} lies outside every allocation range "
                          f"({', '.join(map(str, self.universes()))}): in a cluster no host owns it, "
@@ -653,8 +785,10 @@ class Allocator:
         ring = self.rings[universe]
         first, end = min(lo for lo, _ in spans), max(hi for _, hi in spans)
         # Never quarantined too: taking a reservation takes it out of the freed list.
-        other = sorted(a for f, a in self.reserved if f == universe.family and first <= a < end
-                       and ring.owner_of(a) == self.me)
+        other = sorted({a for f, a in self.reserved if f == universe.family and first <= a < end
+                        and ring.owner_of(a) == self.me} |
+                       {a for a in self._never(universe) if first <= a < end
+                        and ring.owner_of(a) == self.me})
         out = []
         for lo, hi in spans:
             n = held = 0
@@ -678,6 +812,7 @@ class Allocator:
         self.freed[universe].expire(now)
         out += self.freed[universe].quarantined_between(lo, hi)
         out += [a for f, a in self.reserved if f == fam and lo <= a < hi]
+        out += [a for a in self._never(universe) if lo <= a < hi]
         ring = self.rings[universe]
         return sorted(a for a in set(out) if ring.owner_of(a) == self.me)
 
@@ -768,7 +903,7 @@ class Allocator:
         rows.append(PutAllocation(held.text,
                                   str(held.universe) if held.universe else None,
                                   str(held.subnet), held.handle, held.anchor, held.allocated_at))
-        return ok(**held.view()), rows
+        return ok(**self.view(held)), rows
 
     def _hold(self, held: Held) -> None:
         key = (held.family, held.address)
@@ -796,15 +931,16 @@ class Allocator:
     def status(self, now: float) -> dict:
         universes = []
         for u, ring in self.rings.items():
-            if is_spare(u):
+            kind = self.kind(u)
+            if kind in ("spare", DISSOLVED):
                 continue
             lo, hi = u.host_bounds()
             owned = sum(max(0, min(h, hi) - max(l, lo)) for l, h in self._owned[u])
             allocated = len(self.held_sorted[u])
             quarantined = self.freed[u].quarantined_count(now)
-            universes.append({"range": str(u), "static": u in self.static,
-                              "kind": "static" if u in self.static else "range",
-                              "retired": u in self.retired,
+            c = self.carves.get(u)
+            universes.append({"range": str(u), "static": kind == "static", "kind": kind,
+                              "retired": u in self.retired, "for": c.name if c else None,
                               "owned": owned, "allocated": allocated,
                               # allocatable now: not held, quarantined or reserved
                               "quarantined": quarantined, "free": self.free_count(u, lo, hi, now),
@@ -813,6 +949,12 @@ class Allocator:
                 "reuse_delay": self.reuse_delay, "allocations": len(self.by_addr),
                 "reserved": {_fmt(k): sorted(h) for k, h in sorted(self.reserved.items())},
                 "handles": len(self.by_handle), "universes": universes}
+
+
+def block_gateway(block: Cidr) -> int:
+    """A tenant's block keeps its first host address for the gateway (a bridge's address):
+    never handed out, named in every allocation's reply."""
+    return block.host_bounds()[0]
 
 
 def _fmt(key: tuple[int, int]) -> str:

@@ -63,12 +63,14 @@ class Durable:
         if self.mode not in MODES:
             raise ValueError(f"unknown bootstrap mode {self.mode!r} (one of {', '.join(MODES)})")
         universes, subnet = list(self.universes), self.universes[0]
+        kw = {"static": frozenset(self.static)}  # carved as static, not as ranges (spare.py)
         if self.mode == "single":
-            return Peer.founder(self.me, self.cluster, universes, subnet)[1]
+            return Peer.founder(self.me, self.cluster, universes, subnet, **kw)[1]
         if self.mode == "seeds" and self.seeds:
-            return Peer.seeded(self.me, self.cluster, universes, subnet, list(self.seeds))[1]
+            return Peer.seeded(self.me, self.cluster, universes, subnet, list(self.seeds),
+                               **kw)[1]
         if self.mode == "quorum":
-            return Peer.voter(self.me, self.cluster, universes, subnet, self.quorum)[1]
+            return Peer.voter(self.me, self.cluster, universes, subnet, self.quorum, **kw)[1]
         return []
 
     def apply(self, rows: list) -> None:

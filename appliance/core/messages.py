@@ -20,6 +20,8 @@ class Allocate:
     # The subnet's gateway: reserved while this handle holds an address of its family, so
     # that no allocation takes it meanwhile (on any host: its owner reserves it).
     gateway: int | None = None
+    # Only from this tenant's blocks (and nothing but a tenant's allocations lands there).
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Claim:
     address: int
     subnet: Cidr | None = None
     anchor: str | None = None
+    tenant: str | None = None  # an address in this tenant's blocks (refused there without it)
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,11 @@ class RemovePeer:
 @dataclass(frozen=True)
 class AddRange:
     """Add an allocation range to the whole cluster (`ipamd range add`): carved out of the
-    spare space (ring.SPARE), which only its owner may do, so two hosts can never add
-    overlapping ranges, partitioned or not."""
+    spare space (spare.py), which only its owner may do, so two hosts can never add
+    overlapping ranges, partitioned or not. blocks: block space (`--blocks`), which blocks
+    for tenants and leases are cut from, never allocated from itself."""
     cidr: Cidr
+    blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,10 +135,77 @@ class RetireRange:
     retired: bool = True
 
 
+@dataclass(frozen=True)
+class LeaseBlock:
+    """A block of block space leased whole to handle (a VM host, a VPN): `release` gives it
+    back."""
+    handle: str
+    prefix_len: int
+    family: int = 4
+    within: Cidr | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseBlocks:
+    """Not a client request: what a Release does after the addresses, when the handle also
+    holds blocks (released: the addresses it gave back already)."""
+    handle: str
+    released: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TenantCreate:
+    name: str
+    prefix_len: int
+    family: int = 4
+    max_blocks: int = 1
+    within: Cidr | None = None  # the block space its blocks come from (remembered)
+
+
+@dataclass(frozen=True)
+class TenantGrow:
+    name: str
+    within: Cidr | None = None
+
+
+@dataclass(frozen=True)
+class TenantDelete:
+    """Refused while an address is held in the tenant's blocks on any host; force releases
+    those this host holds first (they then wait out their quarantine)."""
+    name: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class NamesCreate:
+    pool: str
+    pattern: str  # prefix{000..999}suffix: names.Pattern
+
+
+@dataclass(frozen=True)
+class LeaseName:
+    handle: str
+    pool: str
+    anchor: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimName:
+    handle: str
+    pool: str
+    name: str
+    anchor: str | None = None
+
+
+LEASES = (AddRange, LeaseBlock, ReleaseBlocks, TenantCreate, TenantGrow, TenantDelete,
+          NamesCreate)
+
 Request = (Allocate | Claim | TakeSets | Release | ReleaseIf | ReleaseUnlisted | Lookup | List
-           | Holder | Status | CanServe | Leave | RemovePeer | AddRange | RetireRange)
+           | Holder | Status | CanServe | Leave | RemovePeer | AddRange | RetireRange | LeaseBlock
+           | TenantCreate | TenantGrow | TenantDelete | NamesCreate | LeaseName | ClaimName)
 # What a host may do only as a member in good standing: it gives out addresses or moves space.
-TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer, AddRange, RetireRange)
+TAKES = (Allocate, Claim, TakeSets, Leave, RemovePeer, AddRange, RetireRange, LeaseBlock,
+         TenantCreate, TenantGrow, TenantDelete, NamesCreate, LeaseName, ClaimName)
 
 
 # Rows: what must be durable before a reply is sent.

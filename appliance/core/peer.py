@@ -33,7 +33,8 @@ from .peer_messages import (Accept, Accepted, Decided, GatewayRelease, GatewayRe
 from .removal import Removals
 from .ring import HINT_MAX, Ring, RingConflict, RingError
 from .rings import Rings, RingWriter
-from .spare import is_marker, is_spare, marker, parse_marker, spare_of
+from . import leases
+from .spare import DISSOLVED, STATES, is_marker, is_spare, key_of, marker, parse_marker
 
 FANOUT = 3    # peers each piece of news is pushed to
 # Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
@@ -292,8 +293,20 @@ class Peer:
             else:
                 out.replies.append((w.ref, reply))
             return
-        if isinstance(req, m.AddRange):
-            self._add_range(w, now, out)
+        if isinstance(req, (m.LeaseName, m.ClaimName)):
+            as_address = self._name_request(req)
+            if isinstance(as_address, dict):
+                out.replies.append((w.ref, as_address))
+                return
+            w.request = req = as_address
+        if isinstance(req, m.Release) and req.address is None and \
+                req.handle in self.allocator.lease_blocks:
+            # Its addresses here first, then its blocks, which it may have to gather whole.
+            reply, rows = self.allocator.apply(req, now)
+            out.rows += rows
+            w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
+        if isinstance(req, m.LEASES):
+            leases.attempt(self, w, now, out)
             return
         if isinstance(req, m.RetireRange):
             out.replies.append((w.ref, self._retire_range(req, out)))
@@ -342,9 +355,11 @@ class Peer:
         digest = hashlib.sha256()
         by_range = {x["range"]: x for x in s["universes"]}
         spare: dict[str, dict[str, int]] = {}
-        for universe, ring in self.rings.items():
-            if is_spare(universe):
-                owned = spare.setdefault(str(universe), {})
+        # In one order on every host, whatever order each learned its universes in.
+        for universe, ring in sorted(self.rings.items(),
+                                     key=lambda x: (x[0].family, x[0].start, x[0].prefix)):
+            if str(universe) not in by_range:  # spare or dissolved: no share of addresses
+                owned = spare.setdefault(str(universe), {}) if is_spare(universe) else {}
                 for e, lo, hi in ring.spans():
                     if not is_marker(e.owner):
                         owned[e.owner] = owned.get(e.owner, 0) + hi - lo
@@ -363,6 +378,19 @@ class Peer:
             for e in ring.entries:
                 digest.update(repr((u["range"], e)).encode())
         s["spare"] = {u: dict(sorted(o.items())) for u, o in spare.items()}
+        a = self.allocator
+        s["tenants"], s["leases"], s["pools"] = {}, {}, {}
+        for u, c in sorted(a.carves.items(), key=lambda x: x[1].name):
+            if c.state == "tenant":
+                s["tenants"][c.name] = {
+                    "family": int(c.args[1]), "prefix_len": int(c.args[2]),
+                    "max_blocks": int(c.args[3]), "within": c.args[4] if len(c.args) > 4 else None,
+                    "key": str(u), "blocks": [str(b) for b in a.tenant_blocks.get(c.name, ())]}
+            elif c.state == "lease":
+                s["leases"][str(u)] = c.name
+            elif c.state == "names":
+                s["pools"][c.name] = {"pattern": c.args[1], "size": a.pools[u].size,
+                                      "universe": str(u)}
         s["members"] = sorted(self.members())
         s["ring_digest"] = digest.hexdigest()[:16]
         return s
@@ -423,10 +451,8 @@ class Peer:
                 self._attempt(w, now, out)
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
-            if w is not None and isinstance(w.request, m.AddRange):
-                out.replies.append((w.ref, m.error("unreachable" if msg.code == "not_owned"
-                                                   else msg.code, f"{w.request.cidr}: "
-                                                   f"{sender} gave no spare space: {msg.reason}")))
+            if w is not None and isinstance(w.request, m.LEASES):
+                out.replies.append((w.ref, leases.denied(w, sender, msg)))
             elif w is not None:
                 self._ask(w, out, m.error(msg.code, msg.reason))
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
@@ -675,26 +701,45 @@ class Peer:
             self._remind_owners(out, {u for u, _ in changed})
 
     def _declared(self, delta: Delta) -> dict[Cidr, str]:
-        """Universes new to this host that the delta's carve markers make (a range added
-        online: its marker and its ring's first entry travel in one write). RingError for a
-        marker that is malformed or carves space some universe here has already."""
+        """Universes new to this host that the delta's carve markers make (spare.py: a marker
+        and the new ring's first entry travel in one write). RingError for a marker that is
+        malformed, is carved where it may not be, or carves space a universe here has
+        already."""
+        a = self.allocator
         new: dict[Cidr, str] = {}
+        marks = []
         for u, e in delta.entries:
-            if not (is_spare(u) and is_marker(e.owner)):
+            if not is_marker(e.owner):
                 continue
             try:
-                state, c = parse_marker(e.owner)
+                c = parse_marker(e.owner)
             except ValueError as err:
                 raise RingError(str(err)) from None
-            if c.family != u.family or not c.start <= e.start < e.end <= c.end:
-                raise RingError(f"the marker at {u.addr(e.start)} lies outside {c}")
-            if c in self.rings or c in new:
-                continue
-            clash = next((x for x in [*self.rings, *new] if not is_spare(x) and x.overlaps(c)),
-                         None)
-            if clash is not None:
-                raise RingError(f"a carve of {c} overlaps universe {clash}")
-            new[c] = "static" if state == "static" else "range"
+            if not c.universe.start <= e.start < e.end <= c.universe.end or \
+                    c.universe.family != u.family:
+                raise RingError(f"the marker at {u.addr(e.start)} of {u} lies outside "
+                                f"{c.universe}")
+            marks.append((u, c))
+        for _ in range(3):  # a block of block space declared in the same delta as the space
+            for u, c in marks:
+                parent = a.kind(u) if u in self.rings else new.get(u)
+                if c.state == DISSOLVED:
+                    if c.universe != u:
+                        raise RingError(f"{u} holds a marker of {c.universe}")
+                    continue
+                if parent is None or c.universe in self.rings or c.universe in new:
+                    continue
+                if parent not in STATES[c.state][1] or not u.contains_cidr(c.universe) or \
+                        c.universe == u:
+                    raise RingError(f"{c.kind} {c.universe} may not be carved out of "
+                                    f"{parent} {u}")
+                # Only its ancestors (its parent, and what holds that) may overlap it.
+                clash = next((x for x in [*self.rings, *new] if not is_spare(x)
+                              and x != c.universe and x.overlaps(c.universe)
+                              and not x.contains_cidr(u)), None)
+                if clash is not None:
+                    raise RingError(f"a carve of {c.universe} overlaps universe {clash}")
+                new[c.universe] = c.kind
         return new
 
     def merge_given(self, sender: str, delta: Delta, out: Ready) -> None:
@@ -764,14 +809,18 @@ class Peer:
 
     def _subnet_bounds(self, req) -> list[tuple[Cidr, int, int]]:
         rng = req.range if isinstance(req, m.Allocate) else None
+        tenant = getattr(req, "tenant", None)
+        if tenant is not None:  # every block of the tenant
+            return [b for u in self.allocator.tenant_blocks.get(tenant, [])
+                    for b in self._bounds(u, rng, tenant)]
         return self._bounds(req.subnet or self.allocator.default_subnet, rng)
 
-    def _bounds(self, subnet: Cidr, rng) -> list[tuple[Cidr, int, int]]:
+    def _bounds(self, subnet: Cidr, rng, tenant: str | None = None) -> list[tuple[Cidr, int, int]]:
         lo, hi = subnet.host_bounds()
         if rng is not None:
             lo, hi = max(lo, rng[0]), min(hi, rng[1] + 1)
-        return [(u, max(lo, u.start), min(hi, u.end)) for u in self.rings
-                if u.overlaps(subnet) and u not in self.allocator.closed]
+        return [(u, max(lo, u.start), min(hi, u.end))
+                for u in self.allocator.candidates(subnet, tenant) if u.overlaps(subnet)]
 
     def _hint(self, peer: str, u: Cidr, lo: int, hi: int, surely: bool = False) -> int:
         """What peer's hints say is free in [lo, hi) of u. An entry reaching outside [lo, hi)
@@ -815,6 +864,10 @@ class Peer:
                 # them, up to the request's deadline, rather than refuse at once.
                 w.parked = True
                 self.waiting[self.next_req] = w
+                return
+            tenant = getattr(req, "tenant", None)
+            if tenant is not None and last_error["error"]["code"] == "exhausted":
+                out.replies.append((w.ref, self._tenant_full(tenant, w.asked)))
                 return
             out.replies.append((w.ref, last_error if not w.asked else m.error(
                 "exhausted", f"{last_error['error']['message']}; asked "
@@ -865,8 +918,12 @@ class Peer:
             out.alarms.append(f"refused a space request from {sender}: bad bounds")
             return
         a = self.allocator
-        if is_spare(u):
-            self._give_spare(sender, msg, out)
+        if msg.exact:
+            leases.give_exact(self, sender, msg, now, out)
+            return
+        if not a.allocatable(u):
+            out.messages.append((sender, SpaceDenied(self.cluster, msg.req, (
+                f"{a.kind_text(u)} {u} is given only exactly"), "not_owned")))
             return
         if msg.gateway:
             if msg.address is None or self.rings[u].owner_of(msg.address) != self.me:
@@ -914,121 +971,52 @@ class Peer:
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
 
 
-    # -- ranges online (spare.py) --------------------------------------------------------------
-
-    def _add_range(self, w: _Waiting, now: float, out: Ready) -> None:
-        """Carve w's range out of spare space once this host owns all of it; until then ask
-        the owner of the first part it lacks for exactly that part."""
-        c = w.request.cidr
-        if is_spare(c):
-            out.replies.append((w.ref, m.error("bad_range", f"{c} is a whole address family; "
-                                               "a range must be smaller")))
-            return
-        clash = next((u for u in self.allocator.universes() if u.overlaps(c)), None)
-        if clash == c and clash not in self.allocator.static:
-            out.replies.append((w.ref, m.ok(range=str(c), already=True)))
-            return
-        if clash is not None:
-            what = "static space" if clash in self.allocator.static else "range"
-            out.replies.append((w.ref, m.error("overlap", f"{c} overlaps {what} {clash}")))
-            return
-        sp = self.rings.get(spare_of(c))
-        if sp is None or not sp.entries:
-            if not any(r.entries for r in self.rings.values()) and \
-                    (self.reachable or self._unreached()):
-                self.next_req += 1  # a joiner that has heard no ring yet: wait for it
-                w.parked = True
-                self.waiting[self.next_req] = w
-                return
-            out.replies.append((w.ref, m.error("not_supported", (
-                f"this cluster keeps no spare space for IPv{c.family} (its databases were "
-                "made before ranges could be added online, schema 5): ranges are fixed"))))
-            return
-        lack = _first_lacking(sp, self.me, c.start, c.end)
-        if lack is None:
-            with self.writer.change(out.rows) as ch:
-                stamp = self.replica.next_stamp()
-                ch.wrote(sp.universe, sp.transfer(self.me, c.start, c.end, marker("range", c),
-                                                  stamp))
-                ch.create(Ring.single_owner(c, self.me, stamp), "range")
-            out.replies.append((w.ref, m.ok(range=str(c), owner=self.me)))
-            return
-        owner, lo, hi = lack
-        span = f"{sp.universe.addr(lo)}-{sp.universe.addr(hi - 1)}"
-        if owner is not None and is_marker(owner):  # carved, but not heard as a universe
-            out.replies.append((w.ref, m.error("overlap", f"{c} overlaps {parse_marker(owner)[1]}")))
-        elif owner is None:
-            out.replies.append((w.ref, m.error("unreachable", (
-                f"{c}: no owner of spare space {span} is known to {self.me} yet"))))
-        elif owner not in self.reachable:
-            out.replies.append((w.ref, m.error("unreachable", (
-                f"{c}: spare space {span} is owned by {owner}, which {self.me} cannot reach; "
-                "only the owner of that space may turn it into a range"))))
-        else:
-            self.next_req += 1
-            w.asked.append(owner)
-            self.waiting[self.next_req] = w
-            out.messages.append((owner, SpaceRequest(self.cluster, self.next_req, sp.universe,
-                                                     lo, hi)))
-
-    def _give_spare(self, sender: str, msg: SpaceRequest, out: Ready) -> None:
-        """A range add elsewhere asks for exactly [lo, hi) of our spare space: all or none."""
-        ring = self.rings[msg.universe]
-        if msg.address is not None or msg.gateway:
-            out.alarms.append(f"refused a space request from {sender}: spare space is asked "
-                              "for by span only")
-            return
-        if _first_lacking(ring, self.me, msg.lo, msg.hi) is not None:
-            out.messages.append((sender, SpaceDenied(self.cluster, msg.req, (
-                f"{self.me} does not own all of {ring.universe.addr(msg.lo)}-"
-                f"{ring.universe.addr(msg.hi - 1)}"), "not_owned")))
-            return
-        with self.writer.change(out.rows) as ch:
-            ch.wrote(ring.universe, ring.transfer(self.me, msg.lo, msg.hi, sender,
-                                                  self.replica.next_stamp()))
-        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
+    # -- carved space (spare.py, leases.py) ------------------------------------------------------
 
     def _retire_range(self, req: m.RetireRange, out: Ready) -> dict:
         """Rewrite the range's carve markers: retired (no new allocations) or resumed."""
-        c = req.cidr
-        if c not in self.allocator.universes() or c in self.allocator.static:
+        c, a = req.cidr, self.allocator
+        if a.kind(c) != "range" or c not in self.rings:
+            ranges = [u for u in a.universes() if a.kind(u) == "range"]
             return m.error("no_range", f"{c} is not a range of this cluster (ranges: "
-                           f"{', '.join(str(u) for u in self.allocator.universes() if u not in self.allocator.static)})")
-        sp = self.rings[spare_of(c)] if spare_of(c) in self.rings else None
-        marks = [e for e in (sp.entries if sp else ()) if is_marker(e.owner)
-                 and parse_marker(e.owner)[1] == c]
-        if not marks:
+                           f"{', '.join(map(str, ranges))})")
+        if c not in a.carves:
             return m.error("not_supported", f"{c} was made before ranges could be retired "
                            "online (schema 5): it has no marker to change")
+        parent = self.rings[a.parent_of(c)]
+        marks = [e for e in parent.entries if is_marker(e.owner)
+                 and parse_marker(e.owner).universe == c]
         want = marker("retired" if req.retired else "range", c)
         if all(e.owner == want for e in marks):
             return m.ok(range=str(c), retired=req.retired, already=True)
         with self.writer.change(out.rows) as ch:
             stamp = self.replica.next_stamp()
-            ch.wrote(sp.universe, [sp.remark(e.start, want, stamp) for e in marks])
+            ch.wrote(parent.universe, [parent.remark(e.start, want, stamp) for e in marks])
         return m.ok(range=str(c), retired=req.retired)
 
+    def _tenant_full(self, tenant: str, asked: list[str]) -> dict:
+        a = self.allocator
+        blocks = a.tenant_blocks.get(tenant, [])
+        key = next((c for c in a.carves.values() if c.state == "tenant" and c.name == tenant),
+                   None)
+        most = f"; it may have {key.args[3]} block(s)" if key else ""
+        return m.error("tenant_full", (
+            f"tenant {tenant} is full: no free address in its {len(blocks)} block(s) "
+            f"({', '.join(map(str, blocks))}) on {self.me}"
+            f"{', nor on the peers it asked (' + ', '.join(asked) + ')' if asked else ''}"
+            f"{most} (ipamd tenant grow {tenant})"))
 
-def _first_lacking(ring: Ring, me: str, lo: int, hi: int) -> tuple[str | None, int, int] | None:
-    """The first part of [lo, hi) that `me` does not own in ring, as far as one other owner
-    (or no known entry) goes: (that owner or None, lo, hi); None if me owns it all."""
-    at, found = lo, None
-    for e, a, b in ring.spans():
-        if b <= at:
-            continue
-        if a >= hi:
-            break
-        if found is not None:
-            if a == found[2] and e.owner == found[0]:
-                found = (found[0], found[1], min(b, hi))
-                continue
-            return found
-        if a > at:
-            return None, at, min(a, hi)
-        if e.owner != me:
-            found = (e.owner, at, min(b, hi))
-            continue
-        at = b
-    if found is not None:
-        return found
-    return (None, at, hi) if at < hi else None
+    def _name_request(self, req) -> m.Allocate | m.Claim | dict:
+        """A name lease as the allocate or claim in its pool that it is (names.py)."""
+        key = key_of("names", req.pool)
+        pattern = self.allocator.pools.get(key)
+        if pattern is None or self.allocator.carves[key].name != req.pool:
+            return m.error("no_pool", f"no name pool {req.pool} is known to {self.me}")
+        if isinstance(req, m.LeaseName):
+            return m.Allocate(req.handle, key, req.anchor,
+                              (key.start + 1, key.start + pattern.size))
+        n = pattern.ordinal(req.name)
+        if n is None:
+            return m.error("bad_request", f"{req.name!r} is not a name of pool {req.pool} "
+                           f"({self.allocator.carves[key].args[1]})")
+        return m.Claim(req.handle, 6, key.start + 1 + n, key, req.anchor)

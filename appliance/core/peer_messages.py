@@ -36,6 +36,8 @@ class SpaceRequest:
     # A gateway: the owner reserves `address` for good (never handed out) and says so with an
     # empty grant; no space moves.
     gateway: bool = False
+    # Exactly [lo, hi), all or nothing (leases.give_exact): a range, block or key to carve.
+    exact: bool = False
 
 
 @dataclass(frozen=True)

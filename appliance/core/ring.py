@@ -228,9 +228,33 @@ class Ring:
         """Rewrite a carve marker (spare.py: retire or resume a range): only a marker, and
         only into a marker of the same universe."""
         e = self._by_start[start]
-        if not is_marker(e.owner) or parse_marker(e.owner)[1] != parse_marker(owner)[1]:
+        if not is_marker(e.owner) or \
+                parse_marker(e.owner).universe != parse_marker(owner).universe:
             raise RingError(f"cannot rewrite the entry at {start} ({e.owner}) as {owner}")
         return self._put(replace(e, owner=owner, version=e.version + 1, stamp=stamp))
+
+    def unmark(self, c: Cidr, me: str, stamp: tuple[str, int]) -> list[Entry]:
+        """Give the space carved as c back to `me` as its own (c dissolved: spare.py). Only
+        the host that owns all of c's own ring may: the caller has checked."""
+        out = []
+        for e in list(self.entries):
+            if is_marker(e.owner) and parse_marker(e.owner).universe == c:
+                out.append(self._put(replace(e, owner=me, version=e.version + 1, free_hint=0,
+                                             stamp=stamp)))
+        if not out:
+            raise RingError(f"no marker of {c} in the ring of {self.universe}")
+        return out
+
+    def revive(self, me: str, stamp: tuple[str, int], free_hint: int,
+               version: int) -> list[Entry]:
+        """A dissolved universe carved again: every entry (each says "dissolved") becomes
+        `me`'s, at `version` (spare.py: above any this universe's entries had) or higher."""
+        if not all(is_marker(e.owner) for e in self.entries):
+            raise RingError(f"{self.universe} is in use: it cannot be carved again")
+        hint = min(free_hint, HINT_MAX)
+        return [self._put(replace(e, owner=me, version=max(version, e.version + 1),
+                                  free_hint=hint if i == 0 else 0, stamp=stamp))
+                for i, e in enumerate(list(self.entries))]
 
     def carve_first(self, universes: dict[Cidr, str]) -> Ring:
         """A spare ring as the first peers make it (spare.py), every universe given

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from . import messages as m
 from .addr import Cidr
 from .ring import Entry, Ring, RingInvariant
-from .spare import is_spare
+from .spare import is_marker, is_spare
 
 if TYPE_CHECKING:
     from .allocator import Allocator
@@ -119,8 +119,10 @@ class RingWriter:
             rows += m.ring_rows(u, entries)
             rows += self.allocator.ring_changed(u)
             self._checked[u] = (self.rings[u], self.rings[u].writes)
-        if any(is_spare(u) for u in ch.written):
-            self.allocator.carves_changed()
+        if ch.created or any(is_spare(u) or self.allocator.kind(u) == "blocks" or
+                             any(is_marker(e.owner) for e in es)
+                             for u, es in ch.written.items()):
+            self.allocator.carves_changed()  # a marker may have changed: what they say
         if ch.written or ch.clock or clock != (self.replica.seq, self.replica.vector):
             rows.append(self.clock_row())
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..core.addr import AddrError, Cidr, format_addr, parse_addr, parse_cidr
+from ..core.spare import check_name
 
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
@@ -51,6 +52,7 @@ class Call:
     netns: str = ""
     ifname: str = ""
     range_sets: list[list[Range]] = field(default_factory=list)
+    tenant: str | None = None  # "ipam": {"tenant": NAME}: one address from its blocks, no ranges
     routes: list = field(default_factory=list)
     dns: dict = field(default_factory=dict)
     ips: list[tuple[int, int]] = field(default_factory=list)  # addresses asked for by name
@@ -106,13 +108,15 @@ def parse_call(env: dict[str, str], stdin: bytes) -> Call:
     ipam = conf.get("ipam")
     if not isinstance(ipam, dict):
         raise CniError(BAD_CONFIG, "network config has no \"ipam\" object")
-    call.range_sets = _range_sets(ipam)
+    call.tenant = _tenant(ipam)
+    if call.tenant is None:
+        call.range_sets = _range_sets(ipam)
     call.routes = _routes(ipam.get("routes"))
     call.dns = _dns(ipam.get("dns"))
     # DEL releases what the container holds, whatever it asks for now (host-local's DEL
     # succeeds for an address no longer in any range set).
     if command != "DEL":
-        call.ips = _claims(conf, env.get("CNI_ARGS", ""), call.range_sets)
+        call.ips = _claims(conf, env.get("CNI_ARGS", ""), call.range_sets, call.tenant)
     if command == "CHECK":
         call.prev = _prev_addresses(conf.get("prevResult"))
     if command == "GC":
@@ -164,6 +168,24 @@ def _range(r, where: str) -> Range:
     if first > last:
         raise CniError(BAD_CONFIG, f"{where}: rangeStart is after rangeEnd")
     return Range(subnet, first, last, gateway)
+
+
+def _tenant(ipam: dict) -> str | None:
+    """ipam.tenant, checked as the core checks tenant names. With ranges it is refused: the
+    tenant's blocks are the only place its addresses come from, so ranges would be ignored."""
+    name = ipam.get("tenant")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise CniError(BAD_CONFIG, "ipam.tenant must be a string")
+    why = check_name("tenant", name)
+    if why is not None:
+        raise CniError(BAD_CONFIG, f"ipam.tenant: {why}")
+    given = [k for k in ("ranges", "subnet") if k in ipam]
+    if given:
+        raise CniError(BAD_CONFIG, f"ipam has both \"tenant\" and \"{given[0]}\": a tenant's "
+                       "addresses come from its blocks only; give one or the other")
+    return name
 
 
 def _range_sets(ipam: dict) -> list[list[Range]]:
@@ -229,7 +251,8 @@ def _dns(raw) -> dict:
     return out
 
 
-def _claims(conf: dict, cni_args: str, sets: list[list[Range]]) -> list[tuple[int, int]]:
+def _claims(conf: dict, cni_args: str, sets: list[list[Range]],
+            tenant: str | None = None) -> list[tuple[int, int]]:
     texts = []
     rc = conf.get("runtimeConfig")
     if isinstance(rc, dict) and rc.get("ips") is not None:
@@ -248,7 +271,8 @@ def _claims(conf: dict, cni_args: str, sets: list[list[Range]]) -> list[tuple[in
         a = _addr(text, "requested ips")
         if slash and not (prefix.isdigit() and int(prefix) <= (32 if a[0] == 4 else 128)):
             raise CniError(BAD_CONFIG, f"invalid requested IP address {t!r}: bad prefix length")
-        if not any(a in r for rs in sets for r in rs):
+        # A tenant's blocks are known to the core only: it judges the address there.
+        if tenant is None and not any(a in r for rs in sets for r in rs):
             raise CniError(BAD_CONFIG, f"requested IP address {t} is not in any range set")
         if a not in out:
             out.append(a)

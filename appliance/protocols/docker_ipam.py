@@ -34,6 +34,20 @@ again only when:
 Otherwise the answer is the core's "in_use" error naming the holder, which Docker shows.
 Pool ids of an older ipamd ("ipamd:POOL[,SUBPOOL]", handles "docker/POOLID/...") keep working;
 their daemon counts as gone once a docker daemon has sent /Plugin.Activate to this ipamd.
+
+Tenants' blocks (#14). A pool in a tenant's block has the id "ipamd:BLOCK[,SUBPOOL]~TENANT#..."
+and every address of it is allocated or claimed for that tenant; its gateway is the block's
+own (its first host address, which the core keeps free and nobody holds).
+- `--ipam-opt tenant=NAME` without --subnet: a block of NAME that no live pool of this driver
+  uses (the tenant is grown if all are used and its --max-blocks allows); with --subnet: the
+  subnet must be one of NAME's blocks.
+- No tenant and no --subnet, with block space of the family in the cluster: a tenant of the
+  network's own, "docker-TOKEN-OWNER" (TOKEN: the pool id's, OWNER: the asking daemon's), with
+  one block of DEFAULT_PREFIX, so that networks made on two hosts never overlap. ReleasePool
+  deletes it; while its released addresses wait out their quarantine the delete is refused,
+  and the shell tries again (`doomed`). A replay naming its block binds the new pool id to the
+  same tenant, unless a docker daemon that still runs uses it. Without block space of the
+  family: a block of the default subnet chosen on this host, as before.
 """
 from __future__ import annotations
 
@@ -44,6 +58,8 @@ from typing import Callable
 
 from ..core import messages as m
 from ..core.addr import BITS, AddrError, Cidr, format_addr, parse_addr, parse_cidr
+from ..core.allocator import block_gateway
+from ..core.spare import check_name
 
 GATEWAY_OPTION = "com.docker.network.gateway"  # netlabel.Gateway
 ADDRESS_TYPE = "RequestAddressType"  # ipamapi.RequestAddressType
@@ -51,6 +67,8 @@ MAC_OPTION = "com.docker.network.endpoint.macaddress"  # netlabel.MacAddress
 NAME_OPTION = "com.docker.network.endpoint.name"  # netlabel.EndpointName (Docker 27 and later)
 CAPABILITIES = {"RequiresMACAddress": True, "RequiresRequestReplay": True}
 DEFAULT_PREFIX = {4: 24, 6: 64}  # a network without --subnet gets a block this size
+TENANT_OPTION = "tenant"  # --ipam-opt tenant=NAME
+OWN_TENANT = "docker-"  # the prefix of a network's own tenant's name
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
 ENDPOINTS = {"/Plugin.Activate", "/IpamDriver.GetCapabilities",
              "/IpamDriver.GetDefaultAddressSpaces", "/IpamDriver.RequestPool",
@@ -58,9 +76,10 @@ ENDPOINTS = {"/Plugin.Activate", "/IpamDriver.GetCapabilities",
              "/IpamDriver.ReleaseAddress"}
 
 _CIDR = r"[0-9A-Fa-f.:]+/\d{1,3}"
-_POOL_ID = re.compile(rf"ipamd:({_CIDR})(?:,({_CIDR}))?"
+_TENANT = r"[a-z0-9][a-z0-9._-]{0,62}"
+_POOL_ID = re.compile(rf"ipamd:({_CIDR})(?:,({_CIDR}))?(?:~({_TENANT}))?"
                       r"(?:#([0-9a-f]{1,32})@([a-z0-9.]{0,64}))?")
-_HANDLE = re.compile(rf"docker/(ipamd:{_CIDR}(?:,{_CIDR})?(?:#[^/]*)?)/(.+)")
+_HANDLE = re.compile(rf"docker/(ipamd:{_CIDR}(?:,{_CIDR})?(?:~{_TENANT})?(?:#[^/]*)?)/(.+)")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5,19}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
@@ -110,6 +129,8 @@ class DriverState:
     epoch: str = ""  # renewed by every /Plugin.Activate: a docker daemon (re)started
     activated: bool = False  # an Activate came since this ipamd started
     pools: dict[str, Cidr] = field(default_factory=dict)  # ids handed out, not yet released
+    doomed: set[str] = field(default_factory=set)  # own tenants released, to delete
+    notes: list[str] = field(default_factory=list)  # for the shell's log, drained by it
 
     def __post_init__(self):
         if not self.epoch:
@@ -122,6 +143,7 @@ class PoolId:
     pool: Cidr
     sub: Cidr | None
     owner: str | None  # None: an id from an ipamd before pool ids were unique
+    tenant: str | None = None  # a pool in this tenant's block
 
     @property
     def prefix(self) -> str:
@@ -133,7 +155,7 @@ def parse_pool_id(value) -> PoolId:
         raise DockerError(f"unknown PoolID {value!r}")
     pool = _cidr(match[1], "PoolID")
     sub = _cidr(match[2], "PoolID") if match[2] else None
-    return PoolId(value, pool, sub, match[4] if match[3] else None)
+    return PoolId(value, pool, sub, match[5] if match[4] else None, match[3])
 
 
 def split_handle(handle: str) -> tuple[PoolId, str] | None:
@@ -199,6 +221,9 @@ def call(path: str, body: dict, state: DriverState, caller: str):
         for handle in sorted({a["handle"] for a in listing["allocations"]
                               if a["handle"].startswith(pool.prefix)}):
             _ok((yield m.Release(handle)))
+        if pool.tenant is not None and pool.tenant.startswith(OWN_TENANT):
+            state.doomed.add(pool.tenant)
+            yield from delete_doomed(state)
         return {}
     if path == "/IpamDriver.RequestAddress":
         return (yield from _request_address(body, state))
@@ -224,25 +249,55 @@ def _holder(key: tuple[int, int]):
     return _ok((yield m.Holder(*key)))["handle"]
 
 
+def delete_doomed(state: DriverState):
+    """Delete the own tenants of released networks. One whose released addresses still wait
+    out their quarantine is refused (in_use) and stays doomed: the shell calls again."""
+    for name in sorted(state.doomed):
+        reply = yield m.TenantDelete(name)
+        if reply["ok"] or reply["error"]["code"] == "no_tenant":
+            state.doomed.discard(name)
+            state.notes.append(f"event=docker_tenant_deleted tenant={name}")
+        elif reply["error"]["code"] != "in_use":
+            state.notes.append(f"event=docker_tenant_kept tenant={name} "
+                               f"code={reply['error']['code']} "
+                               f"message={reply['error']['message']!r}")
+
+
 # -- pools ---------------------------------------------------------------------------------------
 
 def _request_pool(body: dict, state: DriverState, owner: str):
     v6 = body.get("V6") is True
     family = 6 if v6 else 4
-    _options(body)
+    tenant = _tenant_option(_options(body))
     text, subtext = _str(body, "Pool"), _str(body, "SubPool")
     status = _ok((yield m.Status()))
-    # The ranges: not the claim-only (static) part of --subnet, which allocate never serves.
-    universes = [_cidr(u["range"], "range") for u in status["universes"] if not u.get("static")]
+    # The ranges: not static space (claim-only), block space or blocks, which allocate never
+    # serves without a tenant.
+    universes = [_cidr(u["range"], "range") for u in status["universes"]
+                 if u.get("kind", "range") == "range"]
     ranges = ", ".join(map(str, universes))
+    token = state.token()
     if text:
         pool = _cidr(text, "Pool")
         if pool.family != family:
             raise DockerError(f"Pool {pool} is not IPv{family}, as V6={v6} asks")
+    if tenant is not None:
+        pool = yield from _tenant_pool(tenant, pool if text else None, family, status, state)
+    elif text:
+        tenant = yield from _block_of(pool, status, state)
+    elif any(u.get("kind") == "blocks" and _cidr(u["range"], "range").family == family
+             for u in status["universes"]):
+        # A tenant of the network's own: its block is carved cluster-wide, so no network of
+        # another host gets it.
+        tenant = f"{OWN_TENANT}{token}-{owner}"
+        made = _ok((yield m.TenantCreate(tenant, DEFAULT_PREFIX[family], family, 1)))
+        pool = _cidr(made["blocks"][0], "block")
     else:
         pool = yield from _default_pool(family, universes, _cidr(status["default_subnet"],
                                                                  "default subnet"), state)
-    if not any(pool.overlaps(u) for u in universes):
+        state.notes.append(f"event=docker_pool_on_this_host pool={pool} why='no IPv{family} "
+                           "block space: ipamd range add CIDR --blocks'")
+    if tenant is None and not any(pool.overlaps(u) for u in universes):
         raise DockerError(f"pool {pool} lies outside every ipamd range ({ranges}); "
                           f"ipamd hands out addresses only from its ranges")
     pool_id = f"ipamd:{pool}"
@@ -250,14 +305,99 @@ def _request_pool(body: dict, state: DriverState, owner: str):
         sub = _cidr(subtext, "SubPool")
         if not pool.contains_cidr(sub):
             raise DockerError(f"SubPool {sub} is not inside {pool}")
-        if not any(sub.overlaps(u) for u in universes):
+        if tenant is None and not any(sub.overlaps(u) for u in universes):
             raise DockerError(f"SubPool {sub} lies outside every ipamd range ({ranges})")
         pool_id += f",{sub}"
-    pool_id += f"#{state.token()}@{owner}"
+    if tenant is not None:
+        pool_id += f"~{tenant}"
+    pool_id += f"#{token}@{owner}"
     state.pools[pool_id] = pool
     # No gateway in Data: libnetwork then asks for one with RequestAddress (gateway type),
     # the user's --gateway or one we choose, held under this pool's own handle.
     return {"PoolID": pool_id, "Pool": str(pool), "Data": {}}
+
+
+def _tenant_option(options: dict) -> str | None:
+    name = options.get(TENANT_OPTION)
+    if name is None:
+        return None
+    why = check_name("tenant", name)
+    if why is not None:
+        raise DockerError(f"--ipam-opt {TENANT_OPTION}: {why}")
+    if name.startswith(OWN_TENANT):
+        raise DockerError(f"--ipam-opt {TENANT_OPTION}={name}: names starting with "
+                          f"{OWN_TENANT} are the driver's own (one per network without --subnet)")
+    return name
+
+
+def _tenant_pool(name: str, pool: Cidr | None, family: int, status: dict, state):
+    """The block of tenant name a pool takes: pool, which must be one of them, or one that no
+    live pool of this driver uses (the tenant grown if all are)."""
+    t = status["tenants"].get(name)
+    if t is None:
+        raise DockerError(f"no_tenant: no tenant {name} is known; create it first "
+                          "(ipamd tenant create)")
+    if t["family"] != family:
+        raise DockerError(f"tenant {name} has IPv{t['family']} blocks, the pool asked for is "
+                          f"IPv{family}")
+    blocks = [_cidr(b, "block") for b in t["blocks"]]
+    if pool is not None:
+        if pool not in blocks:
+            raise DockerError(f"bad_subnet: {pool} is not a block of tenant {name} "
+                              f"({', '.join(map(str, blocks))})")
+        return pool
+    used = {p.pool for p in (yield from _pools(state))}
+    free = [b for b in blocks if b not in used]
+    if free:
+        return free[0]
+    reply = yield m.TenantGrow(name)
+    if not reply["ok"]:
+        raise DockerError(f"{reply['error']['code']}: every block of tenant {name} is used by "
+                          f"a network here, and it may not grow: {reply['error']['message']}")
+    return _cidr(reply["block"], "block")
+
+
+def _block_of(pool: Cidr, status: dict, state):
+    """A pool named without a tenant: None if it is no tenant's block and not in block space;
+    a network's own tenant if pool is its block and no docker daemon that still runs uses it
+    (a restarted daemon replaying its network); else refused."""
+    for name, t in status["tenants"].items():
+        if str(pool) not in t["blocks"]:
+            continue
+        if not name.startswith(OWN_TENANT):
+            raise DockerError(f"pool {pool} is a block of tenant {name}: add --ipam-opt "
+                              f"{TENANT_OPTION}={name}")
+        users = [name.split("-", 2)[2]] + [p.owner for p in (yield from _pools(state))
+                                           if p.tenant == name]
+        for owner in users:
+            if not (yield from _gone(owner, state)):
+                raise DockerError(f"in_use: pool {pool} is the block of tenant {name}, made "
+                                  "for a network of a docker daemon that is still running")
+        state.doomed.discard(name)
+        return name
+    for u in status["universes"]:
+        if u.get("kind") == "blocks" and pool.overlaps(_cidr(u["range"], "range")):
+            raise DockerError(f"pool {pool} lies in block space {u['range']}: give no --subnet, "
+                              f"or name a tenant (--ipam-opt {TENANT_OPTION}=NAME)")
+    return None
+
+
+def _pools(state: DriverState):
+    """The pools of this driver in use: those handed out in this run to a docker daemon that is
+    not gone (the others are forgotten: docker forgot them), and those addresses are held in."""
+    out = []
+    for pool_id in list(state.pools):
+        pool = parse_pool_id(pool_id)
+        if (yield from _gone(pool.owner, state)):
+            del state.pools[pool_id]
+        else:
+            out.append(pool)
+    listing = _ok((yield m.List()))
+    for a in listing["allocations"]:
+        parts = split_handle(a["handle"])
+        if parts is not None:
+            out.append(parts[0])
+    return out
 
 
 def _default_pool(family: int, universes: list[Cidr], default_subnet: Cidr, state):
@@ -270,20 +410,7 @@ def _default_pool(family: int, universes: list[Cidr], default_subnet: Cidr, stat
     if base is None:
         raise DockerError(f"ipamd has no IPv{family} range; start it with an IPv{family} "
                           "--iprange, or give the network a --subnet")
-    listing = _ok((yield m.List()))
-    taken = set()
-    for pool_id, pool in list(state.pools.items()):
-        # Handed out in this run and not released: taken, unless its docker daemon is gone
-        # (then docker forgot it: a restarted daemon replays its networks under new ids).
-        if (yield from _gone(parse_pool_id(pool_id).owner, state)):
-            del state.pools[pool_id]
-        else:
-            taken.add(pool)
-    for a in listing["allocations"]:
-        parts = split_handle(a["handle"])
-        if parts is not None:
-            taken.add(parts[0].pool)
-    taken = [t for t in taken if t.family == family]
+    taken = {p.pool for p in (yield from _pools(state)) if p.pool.family == family}
     prefix = max(base.prefix, DEFAULT_PREFIX[family])
     size = 1 << (BITS[family] - prefix)
     inside = [u for u in universes if u.family == family]
@@ -310,6 +437,10 @@ def _request_address(body: dict, state: DriverState):
         raise DockerError(f"{format_addr(*key)} is not in pool {pool.pool}")
     if options.get(ADDRESS_TYPE) == GATEWAY_OPTION:
         role = "gateway"
+        if pool.tenant is not None and key in (None, (pool.pool.family, block_gateway(pool.pool))):
+            # The block's own gateway: kept free by the core, held by nobody.
+            gateway = format_addr(pool.pool.family, block_gateway(pool.pool))
+            return {"Address": f"{gateway}/{pool.pool.prefix}", "Data": {}}
         if key is None:
             # The pool's first address, as Docker's own driver gives; if that is taken, any.
             first = pool.pool.host_bounds()[0]
@@ -326,7 +457,8 @@ def _request_address(body: dict, state: DriverState):
     if key is None:
         role = _endpoint(state.token(), mac, name)
         rng = (pool.sub.start, pool.sub.end - 1) if pool.sub else None
-        return _answer((yield m.Allocate(pool.prefix + role, pool.pool, None, rng)))
+        return _answer((yield m.Allocate(pool.prefix + role, pool.pool, None, rng,
+                                         tenant=pool.tenant)))
     role = _endpoint(state.token(), mac, name) if fresh else f"addr/{format_addr(*key)}"
     return (yield from _claim(pool, role, key, state))
 
@@ -347,17 +479,17 @@ def _answer(reply: dict) -> dict:
 def _claim(pool: PoolId, role: str, key: tuple[int, int], state: DriverState):
     """Claim key for pool in role; if it is held, give it again only to the same holder, or
     move it from a pool of a docker daemon that is gone (see the module's doc)."""
-    reply = yield m.Claim(pool.prefix + role, key[0], key[1], pool.pool)
+    reply = yield _claim_request(pool, role, key)
     if reply["ok"] or reply["error"]["code"] != "in_use":
         return _answer(reply)
     holder = yield from _holder(key)
     if holder is None:  # freed meanwhile: one more try
-        return _answer((yield m.Claim(pool.prefix + role, key[0], key[1], pool.pool)))
+        return _answer((yield _claim_request(pool, role, key)))
     parts = split_handle(holder)
     if parts is None or not _same_role(role, parts[1]):
         raise _failed(reply)
     theirs, their_role = parts
-    if (theirs.pool, theirs.sub) != (pool.pool, pool.sub):
+    if (theirs.pool, theirs.sub, theirs.tenant) != (pool.pool, pool.sub, pool.tenant):
         raise _failed(reply)
     if theirs.text == pool.text:
         return {"Address": f"{format_addr(*key)}/{pool.pool.prefix}", "Data": {}}
@@ -367,7 +499,11 @@ def _claim(pool: PoolId, role: str, key: tuple[int, int], state: DriverState):
     # A restarted docker daemon replays: the allocation moves to the new pool id.
     state.pools.pop(theirs.text, None)
     _ok((yield m.Release(holder, key)))
-    return _answer((yield m.Claim(pool.prefix + their_role, key[0], key[1], pool.pool)))
+    return _answer((yield _claim_request(pool, their_role, key)))
+
+
+def _claim_request(pool: PoolId, role: str, key: tuple[int, int]) -> m.Claim:
+    return m.Claim(pool.prefix + role, key[0], key[1], pool.pool, None, pool.tenant)
 
 
 def _same_role(role: str, theirs: str) -> bool:

@@ -14,12 +14,17 @@ import json
 from dataclasses import dataclass
 
 from ..core import messages as m
-from ..core.addr import AddrError, exact_cidr, parse_addr
+from ..core.addr import BITS, AddrError, exact_cidr, parse_addr
+from ..core.names import Pattern
+from ..core.spare import check_name
 
 VERSION = 1
 MAX_LINE = 64 * 1024  # far above any real request; bounds what one client can make us buffer
 MAX_HANDLE = 255
-OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer")
+OPS = ("allocate", "claim", "release", "lookup", "list", "status", "cni", "leave", "rmpeer",
+       "range_add", "range_retire", "tenant_create", "tenant_grow", "tenant_delete",
+       "lease_block", "names_create", "lease_name", "claim_name")
+MAX_BLOCKS = 1 << 20  # a tenant's block limit: far above any real one, and a bound
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,15 @@ class CniRequest:
     """
     env: dict
     stdin: bytes
+
+
+@dataclass(frozen=True)
+class RangeAdd:
+    """range_add as it came: the core's request, and whether this host's routes may overlap
+    the range (the shell checks them before the request goes to the core, as a launch does
+    for a new database's ranges)."""
+    request: m.AddRange
+    allow_route_overlap: bool = False
 
 
 class HookError(Exception):
@@ -74,6 +88,51 @@ def _subnet(obj: dict):
         return exact_cidr(text, "subnet")
     except AddrError as e:
         raise _bad(str(e)) from None
+
+
+def _range(obj: dict, required: bool = True):
+    """The "range" of range_add and range_retire (or the block space a tenant's or a leased
+    block comes from): a CIDR block, host bits zero."""
+    text = _field(obj, "range", str, required)
+    if text is None:
+        return None
+    try:
+        return exact_cidr(text, "range")
+    except AddrError as e:
+        raise _bad(str(e)) from None
+
+
+def _name(obj: dict, field: str, what: str, required: bool = True) -> str | None:
+    """A tenant's or a pool's name, by the core's rule (spare.check_name)."""
+    name = _field(obj, field, str, required)
+    if name is not None and (why := check_name(what, name)):
+        raise _bad(f"{field}: {why}")
+    return name
+
+
+def _block_shape(obj: dict, within) -> tuple[int, int]:
+    """(family, prefix_len) of a tenant's or a leased block. family defaults to that of
+    "range" when one is given, else 4."""
+    family = _field(obj, "family", int, False)
+    if family is None:
+        family = within.family if within is not None else 4
+    if family not in (4, 6):
+        raise _bad(f"family must be 4 or 6, got {family}")
+    if within is not None and within.family != family:
+        raise _bad(f"range {within} is not IPv{family}")
+    plen = _field(obj, "prefix_len", int, True)
+    most = min(BITS[family], 64)  # the core's limit: an IPv6 block is at most a /64
+    if not 1 <= plen <= most:
+        raise _bad(f"prefix_len must be 1 to {most} for IPv{family}, got {plen}")
+    return family, plen
+
+
+def _flag(obj: dict, name: str) -> bool:
+    """An optional true/false field, false when absent."""
+    value = obj.get(name, False)
+    if type(value) is not bool:
+        raise _bad(f"{name} must be true or false")
+    return value
 
 
 def _anchor(obj: dict) -> str | None:
@@ -120,7 +179,8 @@ def parse_request(line: bytes) -> m.Request:
         return _allocate(obj)
     if op == "claim":
         family, address = _address(obj, "address", True)
-        return m.Claim(_handle(obj), family, address, _subnet(obj), _anchor(obj))
+        return m.Claim(_handle(obj), family, address, _subnet(obj), _anchor(obj),
+                       _name(obj, "tenant", "tenant", False))
     if op == "release":
         return m.Release(_handle(obj), _address(obj, "address", False))
     if op == "lookup":
@@ -136,10 +196,14 @@ def parse_request(line: bytes) -> m.Request:
         if not peers or len(peers) > 1000 or not all(
                 isinstance(p, str) and 0 < len(p) <= 64 for p in peers):
             raise _bad("peers must be a list of 1 to 1000 peer ids")
-        force = obj.get("force", False)
-        if type(force) is not bool:
-            raise _bad("force must be true or false")
-        return m.RemovePeer(tuple(peers), force)
+        return m.RemovePeer(tuple(peers), _flag(obj, "force"))
+    if op == "range_add":
+        return RangeAdd(m.AddRange(_range(obj), _flag(obj, "blocks")),
+                        _flag(obj, "allow_route_overlap"))
+    if op == "range_retire":
+        return m.RetireRange(_range(obj), retired=not _flag(obj, "undo"))
+    if op in CARVE_OPS:
+        return CARVE_OPS[op](obj)
     if op == "cni":
         env = _field(obj, "env", dict, True)
         if not all(isinstance(k, str) and k.startswith("CNI_") and isinstance(v, str)
@@ -170,7 +234,57 @@ def _allocate(obj: dict) -> m.Allocate:
         if subnet is None or gateway not in subnet:
             raise _bad("gateway must lie inside the request's subnet")
         gateway = gateway[1]
-    return m.Allocate(_handle(obj), subnet, _anchor(obj), rng, gateway)
+    return m.Allocate(_handle(obj), subnet, _anchor(obj), rng, gateway,
+                      _name(obj, "tenant", "tenant", False))
+
+
+def _tenant_create(obj: dict) -> m.TenantCreate:
+    name, within = _name(obj, "tenant", "tenant"), _range(obj, False)
+    family, plen = _block_shape(obj, within)
+    most = _field(obj, "max_blocks", int, False)
+    if most is None:
+        most = 1
+    if not 1 <= most <= MAX_BLOCKS:
+        raise _bad(f"max_blocks must be 1 to {MAX_BLOCKS}, got {most}")
+    return m.TenantCreate(name, plen, family, most, within)
+
+
+def _lease_block(obj: dict) -> m.LeaseBlock:
+    handle, within = _handle(obj), _range(obj, False)
+    family, plen = _block_shape(obj, within)
+    return m.LeaseBlock(handle, plen, family, within)
+
+
+def _names_create(obj: dict) -> m.NamesCreate:
+    pool, pattern = _name(obj, "pool", "pool"), _field(obj, "pattern", str, True)
+    try:
+        Pattern.parse(pattern)
+    except ValueError as e:
+        raise _bad(f"pattern: {e}") from None
+    return m.NamesCreate(pool, pattern)
+
+
+def _claim_name(obj: dict) -> m.ClaimName:
+    handle, pool = _handle(obj), _name(obj, "pool", "pool")
+    name = _field(obj, "name", str, True)
+    if not name or len(name) > 255 or not name.isprintable():
+        raise _bad("name must be 1-255 printable characters")
+    return m.ClaimName(handle, pool, name, _anchor(obj))
+
+
+# The ops that carve space (tenants, leased blocks, name pools) and take names.
+CARVE_OPS = {
+    "tenant_create": _tenant_create,
+    "tenant_grow": lambda obj: m.TenantGrow(_name(obj, "tenant", "tenant"),
+                                            _range(obj, False)),
+    "tenant_delete": lambda obj: m.TenantDelete(_name(obj, "tenant", "tenant"),
+                                                _flag(obj, "force")),
+    "lease_block": _lease_block,
+    "names_create": _names_create,
+    "lease_name": lambda obj: m.LeaseName(_handle(obj), _name(obj, "pool", "pool"),
+                                          _anchor(obj)),
+    "claim_name": _claim_name,
+}
 
 
 NEED_DATA = "need_data"  # HookConnection.next_event: feed it more bytes

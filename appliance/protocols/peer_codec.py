@@ -16,6 +16,7 @@ from ..core.addr import AddrError, Cidr, exact_cidr
 from ..core.gossip import Delta
 from ..core.ring import Entry
 
+MAX_OWNER = 255    # an entry's owner: a peer id, or a carve marker (core/spare.py)
 MAX_NAME = 64       # peer ids and cluster ids are short hex; names bound what a peer must hold
 MAX_TEXT = 1024     # reasons
 MAX_ITEMS = 1 << 20  # entries or vector items in one message; the frame bound comes first
@@ -116,7 +117,8 @@ def _delta(v) -> Delta:
     for item in _list(entries, "entries"):
         u, e = _list(item, "entry", 2)
         s, end, owner, version, hint, sp, sq = _list(e, "entry", 7)
-        out.append((_cidr(u), Entry(_addr(s, "start"), _addr(end, "end"), _text(owner, "owner"),
+        out.append((_cidr(u), Entry(_addr(s, "start"), _addr(end, "end"),
+                                    _text(owner, "owner", MAX_OWNER),
                                     _int(version, "version", 1), _int(hint, "free hint"),
                                     (_text(sp, "stamp", empty=True), _int(sq, "stamp")))))
     return Delta(_vector(vec, "vector"), tuple(out),
@@ -163,7 +165,7 @@ def _field(cls, name: str, v):
         if not isinstance(v, bytes) or len(v) > 64:
             raise CodecError("digest must be at most 64 bytes")
         return v
-    if name in ("nack", "gateway"):
+    if name in ("nack", "gateway", "exact"):
         if not isinstance(v, bool):
             raise CodecError(f"{name} must be a boolean")
         return v

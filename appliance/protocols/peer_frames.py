@@ -22,8 +22,9 @@ import msgpack
 
 MAGIC = "ipamd-peer"
 # 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d); 4: Gossip.digest (probes
-# carry a vector's digest, not the vector)
-PROTOCOL = 4
+# carry a vector's digest, not the vector); 5: SpaceRequest.exact, carve markers as owners
+# (up to 255 characters)
+PROTOCOL = 5
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 MAX_PROOF = 64
