@@ -26,6 +26,7 @@ from collections import Counter
 import pytest
 
 from appliance.core import allocator as allocator_mod
+from appliance.core import leases as leases_mod
 from appliance.core import messages as m
 from appliance.core import peer as peer_mod
 from appliance.core import peer_messages as wire
@@ -227,13 +228,30 @@ def test_checker_catches_a_range_carved_without_owning_its_spare_space(monkeypat
                                                               stamp=stamp))
         return sorted(written.values(), key=lambda e: e.start)
 
-    monkeypatch.setattr(peer_mod, "_first_lacking", lambda ring, me, lo, hi: None)
+    monkeypatch.setattr(leases_mod, "first_lacking", lambda ring, me, lo, hi: None)
     monkeypatch.setattr(ring_mod.Ring, "transfer", carve_anything)
     found = find_violation(check="I10 ")
     assert found is not None, "ranges carved without owning their spare space went unnoticed"
     assert found[1].startswith(f"I10 seed={found[0]}: universes "), found
     assert "overlap: addresses in two universes" in found[1], found
     print(f"carving without owning: caught at seed {found[0]}: {found[1]}")
+
+
+def test_checker_catches_allocations_in_a_retired_range(monkeypatch):
+    """An allocator that searches retired ranges as if they were open: I12 (checked on the
+    reply, with the peer's own view of which ranges are retired)."""
+    real = allocator_mod.Allocator.carves_changed
+
+    def retired_stay_open(self):
+        real(self)
+        self._open = [u for u in self.rings if self.kind(u) == "range"]
+
+    monkeypatch.setattr(allocator_mod.Allocator, "carves_changed", retired_stay_open)
+    found = find_violation(check="I12 ")
+    assert found is not None, "allocations in retired ranges went unnoticed"
+    assert found[1].startswith(f"I12 seed={found[0]}: "), found
+    assert "which it knows is retired" in found[1], found
+    print(f"retired range allocated from: caught at seed {found[0]}: {found[1]}")
 
 
 def drive(sim, p, req):

@@ -49,7 +49,8 @@ REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a h
 move space holding such an address. (A claim may take a quarantined address on purpose.)
 I10 no address in two universes: any two ranges or static universes known anywhere (live peers,
 and crashed ones' disks) are equal or disjoint, each of one kind everywhere, and every carve
-marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind;
+marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind
+(the simulator makes no tenants or blocks: a block inside its block space would count here);
 I11 every acknowledged range add (ok, not "already"), unless lost with every disk that held
 it, is a range of every live member after the heal, and liveness allocates in it (in a range
 retired when the rings converge, the allocate must be refused "retired"); I12 no allocate
@@ -1168,13 +1169,14 @@ class Sim:
         for p in self.names:
             peer = self.live.get(p)
             if peer is not None:
-                static, known = peer.allocator.static, peer.allocator.universes()
+                a = peer.allocator
+                known = [(u, a.kind(u)) for u in a.universes()]
                 self._check_markers(p, peer)
-            else:
+            else:  # a disk keeps only which universes are static (the rest: ranges here)
                 d = self.durable[p]
-                static, known = d.static, [u for u in d.universes if not is_spare(u)]
-            for u in known:
-                kind = "static" if u in static else "range"
+                known = [(u, "static" if u in d.static else "range") for u in d.universes
+                         if not is_spare(u)]
+            for u, kind in known:
                 seen = kinds.setdefault(u, (kind, p))
                 if seen[0] != kind:
                     raise Violation(f"I10 seed={self.seed}: {u} is {seen[0]} on {seen[1]} and "
@@ -1198,10 +1200,10 @@ class Sim:
             for e, lo, hi in ring.spans():
                 if not is_marker(e.owner):
                     continue
-                state, c = parse_marker(e.owner)
-                kind = "static" if state == "static" else "range"
+                carve = parse_marker(e.owner)
+                c, kind = carve.universe, carve.kind
                 if c not in peer.allocator.rings or not c.start <= lo < hi <= c.end or \
-                        kind != ("static" if c in peer.allocator.static else "range"):
+                        kind != peer.allocator.kind(c):
                     raise Violation(f"I10 seed={self.seed}: {p}'s spare ring carves "
                                     f"{sp.addr(lo)}-{format_addr(sp.family, hi - 1)} as "
                                     f"{e.owner!r}, which is not a {kind} universe of its own "
