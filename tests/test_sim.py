@@ -230,11 +230,8 @@ def test_checker_catches_a_range_carved_without_owning_its_spare_space(monkeypat
 
     monkeypatch.setattr(leases_mod, "first_lacking", lambda ring, me, lo, hi: None)
     monkeypatch.setattr(ring_mod.Ring, "transfer", carve_anything)
-    found = find_violation(check="I10 ")
-    assert found is not None, "ranges carved without owning their spare space went unnoticed"
-    assert found[1].startswith(f"I10 seed={found[0]}: universes "), found
-    assert "overlap: addresses in two universes" in found[1], found
-    print(f"carving without owning: caught at seed {found[0]}: {found[1]}")
+    assert_caught("I10", "ranges carved without owning their spare space",
+                  "overlap: addresses in two universes")
 
 
 def test_checker_catches_allocations_in_a_retired_range(monkeypatch):
@@ -247,11 +244,15 @@ def test_checker_catches_allocations_in_a_retired_range(monkeypatch):
         self._open = [u for u in self.rings if self.kind(u) == "range"]
 
     monkeypatch.setattr(allocator_mod.Allocator, "carves_changed", retired_stay_open)
-    found = find_violation(check="I12 ")
-    assert found is not None, "allocations in retired ranges went unnoticed"
-    assert found[1].startswith(f"I12 seed={found[0]}: "), found
-    assert "which it knows is retired" in found[1], found
-    print(f"retired range allocated from: caught at seed {found[0]}: {found[1]}")
+    assert_caught("I12", "allocations in retired ranges", "which it knows is retired")
+
+
+def assert_caught(check, what, says):
+    """Some seed's run breaks invariant `check` (its message saying `says`) first."""
+    found = find_violation(check=check + " ")
+    assert found is not None, f"{what} went unnoticed"
+    assert found[1].startswith(f"{check} seed={found[0]}: ") and says in found[1], found
+    print(f"{what}: caught at seed {found[0]}: {found[1]}")
 
 
 def drive(sim, p, req):
