@@ -39,7 +39,6 @@ from pathlib import Path
 from appliance.protocols import peer_codec
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
-from appliance.core.durable import Durable
 
 from .simulator import REUSE_DELAY, TICK, Faults, Sim, Violation
 
@@ -268,7 +267,7 @@ class Driver:
         self.joins += 1
         new = f"j{self.joins}"
         sim.names.append(new)
-        sim.durable[new] = Durable(new, sim.cluster, list(sim.universes))
+        sim.durable[new] = sim.new_durable(new, sim.cluster)
         sim.max_clock[new] = (0, {})
         sim.freed[new] = {}
         sim._load(new)

@@ -11,6 +11,14 @@ that an end is 2^128), or both. Entrance requests use them all: a CNI ADD is one
 a range set per family (or per half or quarter of the one range), alternatives, gateways,
 rangeStart-rangeEnd windows and requested addresses; CNI STATUS, GC and the sweeper likewise.
 
+Ranges online (issue #14): every database has the spare universes 0.0.0.0/0 and ::/0 (as the
+store makes them now), and among the client operations (3%, on a random peer in any standing,
+partitioned or not) the operator adds a range, or retires or resumes one. The candidates are a
+small pool per seed that overlap on purpose: an IPv4 /24, its /25s and two /26s, the /20
+holding it, an IPv6 /64, its /65s and a /120 inside, the seed's own universes and the prefix
+two shorter holding each; so concurrent and partitioned adds of overlapping ranges happen. A
+quarter of the allocations and claims go to a range added online, once there is one.
+
 Standings: a peer may be waiting (seeds and quorum bootstrap), member, left (the simulated
 operator drains it with GC, waits out its quarantine and asks it to leave), stale (restarted
 from an older copy of its database: the first peer it hears from knows more of its writes, and
@@ -39,6 +47,17 @@ address that peer freed and when (from the rows it committed), and checks every 
 is committed: an allocate reply must not hand out an address the same peer freed less than
 REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a handover) may
 move space holding such an address. (A claim may take a quarantined address on purpose.)
+I10 no address in two universes: any two ranges or static universes known anywhere (live peers,
+and crashed ones' disks) are equal or disjoint, each of one kind everywhere, and every carve
+marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind
+(the simulator makes no tenants or blocks: a block inside its block space would count here);
+I11 every acknowledged range add (ok, not "already"), unless lost with every disk that held
+it, is a range of every live member after the heal, and liveness allocates in it (in a range
+retired when the rings converge, the allocate must be refused "retired"); I12 no allocate
+hands out an address of a range its peer knows is retired when it answers (claims may).
+I3 covers spare rings too (a marker is no peer: no two peers own one spare address), I4 and
+I6 every universe a peer has, and I5 spare space as well: after the heal its every address
+has a live owner or is carved (a marker), since the next range added there must ask its owner.
 Free space as the allocator counts it is checked against a scan of its own tables (never an
 enumeration of the range: a /32 IPv6 range is never walked).
 A restart may lose the peer's whole database: it comes back under a new id, and its old id
@@ -62,6 +81,7 @@ from appliance.core.bootstrap import decided_cluster
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 from appliance.core.ring import Entry, Ring
+from appliance.core.spare import SPARE, is_marker, is_spare, parse_marker
 
 UNIVERSE = cidr("10.0.0.0/22")     # small enough that peers run short and ask each other
 BIG_UNIVERSE = cidr("10.0.0.0/16")  # for 100 peers
@@ -72,6 +92,8 @@ NOT_MEMBER = ("left", "stale", "removed")  # standings that never take again
 # Requests a peer in another standing gets before the operator stops it (left) or starts it
 # afresh under a new id (stale, removed).
 PATIENCE = 25
+RANGE_SHARE = 0.03  # of client operations: a range added, retired or resumed (issue #14)
+ADDED_SHARE = 0.25  # of allocations and claims, once ranges were added: in one of those
 # Core bugs the checks know of and tolerate, until they are fixed (`python -m tests.sim
 # --strict` tolerates none; tests/test_sim.py holds a strict reproduction of each):
 # "left_peer_silent": a peer that left never gossips, answers nothing and never sends its
@@ -170,6 +192,23 @@ def host_range(s: Cidr) -> tuple[int, int]:
     return lo, hi - 1
 
 
+def range_candidates(rng: random.Random, universes: list[Cidr]) -> list[Cidr]:
+    """What the simulated operator may add as ranges: an IPv4 /24, both /25s and two /26s in
+    it, and the /20 holding it; an IPv6 /64, its /65s and a /120 in the first; the seed's
+    universes themselves, and the prefix two shorter holding each. They overlap on purpose:
+    concurrent and partitioned adds of overlapping ranges happen, and all but one must fail."""
+    b = Cidr(4, (10 << 24) | (rng.randrange(64, 250) << 16) | (rng.randrange(256) << 8), 24)
+    v6 = Cidr(6, (0xFD66 << 112) | (rng.getrandbits(48) << 64), 64)
+    out = [b, *split(b, 2), *split(b, 4)[1:3], Cidr(4, b.start >> 12 << 12, 20),
+           v6, *split(v6, 2), Cidr(6, v6.start | 0x1200, 120)]
+    for u in universes:
+        out.append(u)
+        if u.prefix > 2:
+            wide = u.bits - u.prefix + 2
+            out.append(Cidr(u.family, u.start >> wide << wide, u.prefix - 2))
+    return out
+
+
 def copy_durable(d: Durable) -> Durable:
     """A copy of a database (an operator's backup): rows are frozen, containers are copied."""
     return dataclasses.replace(d, **{f.name: type(v)(v) for f in dataclasses.fields(d)
@@ -219,19 +258,31 @@ class Stats:
     removals: int = 0
     gate: Counter = field(default_factory=Counter)  # "standing request-kind" on non-members
     universes: str = ""
+    # Range adds and retires answered ok ("added", "already", "retired", "resumed") and
+    # refused ("AddRange overlap", ...).
+    ranges: Counter = field(default_factory=Counter)
 
 
 class Sim:
     def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None,
                  bootstrap: str = "founder", universes: list[Cidr] | None = None,
-                 variety: bool = False):
+                 variety: bool = False, spare: bool = True):
         self.seed, self.rng, self.faults = seed, random.Random(seed), faults
+        # The spare universes every database made since schema 5 has (spare.py); without
+        # them, a cluster made before: its ranges are fixed.
+        self.spare = SPARE if spare else ()
         self.broken = broken  # a known-wrong behaviour to plant, for the checker's own tests
         self.now = 1000.0
         self.names = [f"p{i}" for i in range(n)]
         self.universes = list(universes or [BIG_UNIVERSE if n > 20 else UNIVERSE])
         self.u = self.universes[0]  # the default subnet
-        self.by_text = {str(u): u for u in self.universes}
+        # Ranges added online (issue #14): what the operator may try to add (its own random
+        # stream, so that the rest of a seed's draws stay as they were), every range some peer
+        # committed (AddUniverse rows), and those whose add was acknowledged, with the adder.
+        self.range_pool = range_candidates(random.Random(f"ranges {seed}"), self.universes)
+        self.added: set[Cidr] = set()
+        self.acked_ranges: dict[Cidr, str] = {}
+        self.marks_checked: dict[tuple[str, Cidr], tuple[int, int]] = {}
         self.codec = n <= 20
         # Entrance requests with alternatives, windows and requested addresses, more requests
         # to peers in other standings, counts checked over windows too: for drawn seeds of up
@@ -256,7 +307,7 @@ class Sim:
                 boot = {"mode": "quorum", "quorum": n}
             else:
                 boot = {"mode": "single" if p == self.names[0] else "join"}
-            self.durable[p] = Durable.new(p, self.cluster, list(self.universes), **boot)
+            self.durable[p] = self.new_durable(p, self.cluster, **boot)
             self.live[p] = self.durable[p].load(self.u, REUSE_DELAY)
         for p in self.names:  # every seed reaches every other at the start
             for q in self.names:
@@ -365,6 +416,12 @@ class Sim:
 
     # -- peers ---------------------------------------------------------------------------------
 
+    def new_durable(self, me: str, cluster: str, **boot) -> Durable:
+        """A new database, as the store makes one: the spare universes too (if the cluster's
+        databases have them)."""
+        return Durable.new(me, cluster, [*self.universes, *self.spare], spare=self.spare,
+                           **boot)
+
     def _handle(self, p: str, ready: Ready) -> None:
         """What a shell does with a Ready: commit, then send, then reply; maybe crash on the way."""
         for alarm in ready.alarms:
@@ -372,6 +429,7 @@ class Sim:
                 raise Violation(f"I3 seed={self.seed}: {p}: {alarm}")
         self._check_gate_rows(p, ready)
         self._check_quarantine(p, ready)
+        self._check_retired(p, ready)
         point = self.rng.choice(CRASH_POINTS) if self.rng.random() < self.faults.crash else None
         if self.broken == "send_before_commit":
             for dst, msg in ready.messages:
@@ -417,6 +475,8 @@ class Sim:
                 # Taken again (a claim), gone with its space, or reserved (a gateway: it
                 # travels reserved, and is quarantined again when its last holder lets go).
                 freed.pop(r.address, None)
+            elif isinstance(r, m.AddUniverse):
+                self.added.add(cidr(r.cidr))
 
     def _check_quarantine(self, p: str, ready: Ready) -> None:
         """I9, on what p is about to commit and say."""
@@ -427,6 +487,34 @@ class Sim:
             del freed[a]  # quarantine over
         if not freed:
             return
+        for req, address in self._handed_out(ready):
+            if address in freed:
+                raise Violation(f"I9 seed={self.seed}: {p} handed out {address} to "
+                                f"{req.handle} {self.now - freed[address]:.2f}s after "
+                                f"freeing it (quarantine {REUSE_DELAY:g}s)")
+        # Spare space holds no address (the ranges carved from it are universes of their own).
+        given = [r for r in ready.rows if isinstance(r, m.RingWrite) and r.stamp_peer == p
+                 and r.owner != p and not is_spare(cidr(r.universe))]
+        if not given:
+            return
+        quarantined = sorted((parse_addr(a), a) for a in freed)
+        spans = {}
+        for r in given:
+            u = cidr(r.universe)
+            if u not in spans:
+                spans[u] = {e.start: (lo, hi)
+                            for e, lo, hi in self.live[p].replica.rings[u].spans()}
+            lo, hi = spans[u][parse_addr(r.start)[1]]
+            for (fam, value), address in quarantined:
+                if fam == u.family and lo <= value < hi:
+                    raise Violation(f"I9 seed={self.seed}: {p} gave {r.owner} "
+                                    f"{format_addr(fam, lo)}-{format_addr(fam, hi - 1)}, holding "
+                                    f"{address}, {self.now - freed[address]:.2f}s after freeing it "
+                                    f"(quarantine {REUSE_DELAY:g}s)")
+
+    def _handed_out(self, ready: Ready):
+        """(request, address) for each address an allocate answered in ready hands out:
+        requested addresses of a CNI ADD (claims) left out."""
         for ref, reply in ready.replies:
             got = self.pending.get(ref)
             if got is None or not reply["ok"] or \
@@ -439,28 +527,19 @@ class Sim:
                         isinstance(c, m.Claim) and format_addr(c.family, c.address) == address
                         for c in req.sets[i]):
                     continue  # a requested address (a claim may take a quarantined one)
-                if address in freed:
-                    raise Violation(f"I9 seed={self.seed}: {p} handed out {address} to "
-                                    f"{got[1].handle} {self.now - freed[address]:.2f}s after "
-                                    f"freeing it (quarantine {REUSE_DELAY:g}s)")
-        given = [r for r in ready.rows if isinstance(r, m.RingWrite) and r.stamp_peer == p
-                 and r.owner != p]
-        if not given:
+                yield req, address
+
+    def _check_retired(self, p: str, ready: Ready) -> None:
+        """I12: no allocate hands out an address of a range p knows is retired when it
+        answers (its allocator's view as the Ready is made; claims may take one)."""
+        peer = self.live.get(p)
+        if peer is None or not peer.allocator.retired:
             return
-        quarantined = sorted((parse_addr(a), a) for a in freed)
-        spans = {}
-        for r in given:
-            u = self.by_text[r.universe]
-            if u not in spans:
-                spans[u] = {e.start: (lo, hi)
-                            for e, lo, hi in self.live[p].replica.rings[u].spans()}
-            lo, hi = spans[u][parse_addr(r.start)[1]]
-            for (fam, value), address in quarantined:
-                if fam == u.family and lo <= value < hi:
-                    raise Violation(f"I9 seed={self.seed}: {p} gave {r.owner} "
-                                    f"{format_addr(fam, lo)}-{format_addr(fam, hi - 1)}, holding "
-                                    f"{address}, {self.now - freed[address]:.2f}s after freeing it "
-                                    f"(quarantine {REUSE_DELAY:g}s)")
+        for req, address in self._handed_out(ready):
+            u = peer.allocator.universe_of(parse_addr(address))
+            if u in peer.allocator.retired:
+                raise Violation(f"I12 seed={self.seed}: {p} handed out {address} to "
+                                f"{req.handle} from range {u}, which it knows is retired")
 
     def _crash(self, p: str, point: str) -> None:
         self.stats.faults[f"crash_{point}"] += 1
@@ -496,12 +575,18 @@ class Sim:
     def _keepers(self, besides: set[str]) -> list[str]:
         """Peers other than `besides` whose disk holds the ring and counts: not void, not
         gone from the cluster. A fault that would leave none is the end of the cluster, not
-        one it can survive (wipes, stale restores, removals and leaves all wait for one)."""
+        one it can survive (wipes, stale restores, removals and leaves all wait for one).
+        The spare rings too: a peer that has only space granted to it (entries written again
+        under its own stamp) may have none of them, and a cluster that lost every copy of a
+        spare ring has no spare space left (no rmpeer reclaims an empty spare ring: that is
+        what a cluster made before spare space has), so it can never add a range again."""
         return [q for q in self.names if q not in besides and q not in self.void
                 and q not in self.condemned and q not in self.draining
                 and self.durable[q].ring and (self.durable[q].standing is None
                                               or self.durable[q].standing.state
-                                              not in NOT_MEMBER)]
+                                              not in NOT_MEMBER)
+                and {str(u) for u in self.spare} <= {r.universe
+                                                     for r in self.durable[q].ring.values()}]
 
     def _knowers_of_removal(self, p: str) -> list[str]:
         return [q for q in sorted(self.live) if p in self.live[q].removed
@@ -613,6 +698,16 @@ class Sim:
         self.condemned.pop(p, None)
         self.draining.pop(p, None)
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        self._ranges_lost("void")
+
+    def _ranges_lost(self, why: str) -> None:
+        """An acknowledged range add that no database which counts holds any more went with
+        the disks that held it (the fault itself, as for an allocation: I11 forgets it)."""
+        for c in sorted(self.acked_ranges):
+            if not any(c in self.durable[q].universes for q in self.names
+                       if q not in self.void):
+                del self.acked_ranges[c]
+                self.stats.faults[f"range_lost_{why}"] += 1
 
     def _wiped(self, p: str) -> None:
         """The database is gone: the host comes back as a newcomer with a new id (rule 3)."""
@@ -636,7 +731,8 @@ class Sim:
         # decided cluster has its own).
         votes = [d.vote.decided for d in self.durable.values() if d.vote and d.vote.decided]
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
-        self.durable[new] = Durable.new(new, cluster, list(self.universes))
+        self.durable[new] = self.new_durable(new, cluster)
+        self._ranges_lost("wipe")
         self.max_clock[new] = (0, {})
         self.freed[new] = {}
         self._load(new)
@@ -649,6 +745,8 @@ class Sim:
         self.standing.pop(p, None)
         self.departed.append(p)
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        if "left_peer_silent" in self.known_bugs:  # its add, not gossiped before it left
+            self._ranges_lost("known_bug_left_peer_silent")
 
     def _check_clock(self, p: str) -> None:
         peer = self.live.get(p)
@@ -694,6 +792,8 @@ class Sim:
             return
         if p in self.draining:
             return self._submit(p, m.ReleaseUnlisted("", frozenset()))  # keep it empty
+        if self.variety and self.rng.random() < RANGE_SHARE:
+            return self._submit(p, self._range_request())
         release = 0.35 if self.fill is None else 0.0
         member = peer.standing == "member"
         # Peers in other standings get more of the entrances' requests (each must be refused
@@ -770,7 +870,19 @@ class Sim:
                 raise Violation(f"gate seed={self.seed}: {kind} on {p}, {standing}, answered "
                                 f"{reply}: releases pass in every standing")
 
+    def _range_request(self):
+        """The operator's `ipamd range add|retire|unretire` on a random peer (in any
+        standing, partitioned or not): mostly an add from the seed's overlapping candidates,
+        else a retire or resume, mostly of a range some peer has."""
+        if self.rng.random() < 0.3:
+            pool = sorted(self.added) if self.added and self.rng.random() < 0.8 else \
+                self.range_pool
+            return m.RetireRange(self.rng.choice(pool), self.rng.random() < 0.5)
+        return m.AddRange(self.rng.choice(self.range_pool))
+
     def _pick_universe(self) -> Cidr:
+        if self.added and self.rng.random() < ADDED_SHARE:
+            return self.rng.choice(sorted(self.added))
         return self.u if len(self.universes) == 1 else self.rng.choice(self.universes)
 
     def _claim_address(self, s: Cidr) -> int:
@@ -879,11 +991,19 @@ class Sim:
             self._left(p, reply)
         if not reply["ok"]:
             self.stats.refused[reply["error"]["code"]] += 1
+            if isinstance(req, (m.AddRange, m.RetireRange)):
+                self.stats.ranges[f"{type(req).__name__} {reply['error']['code']}"] += 1
             return
         if isinstance(req, m.RemovePeer):
             self.stats.removals += 1
             return
         self.stats.acked += 1
+        if isinstance(req, m.AddRange):
+            self.stats.ranges["already" if reply.get("already") else "added"] += 1
+            if not reply.get("already"):
+                self.acked_ranges[req.cidr] = p
+        elif isinstance(req, m.RetireRange):
+            self.stats.ranges["retired" if req.retired else "resumed"] += 1
         if isinstance(req, (m.Allocate, m.Claim, m.TakeSets)):
             got = reply["addresses"] if isinstance(req, m.TakeSets) else [reply["address"]]
             for i, text in enumerate(got):
@@ -953,9 +1073,9 @@ class Sim:
         """Not on a peer whose rings leave some space uncovered (rmpeer_claims_unknown_space)."""
         if "rmpeer_claims_unknown_space" not in self.known_bugs:
             return True
-        for u in self.universes:
+        for u, ring in peer.replica.rings.items():
             at = u.start
-            for _, lo, hi in peer.replica.rings[u].spans():
+            for _, lo, hi in ring.spans():
                 if lo != at:
                     return False
                 at = hi
@@ -996,19 +1116,21 @@ class Sim:
                 continue
             peer = self.live.get(p)
             if peer is not None:
-                views[p] = {u: peer.replica.rings[u].owned_by(p) for u in self.universes}
+                views[p] = {u: r.owned_by(p) for u, r in peer.replica.rings.items()}
             else:  # a crashed peer's disk does not change until it restarts
                 if p not in self.views_of_down:
                     down = self.durable[p].load(self.u, REUSE_DELAY)
-                    self.views_of_down[p] = {u: down.replica.rings[u].owned_by(p)
-                                             for u in self.universes}
+                    self.views_of_down[p] = {u: r.owned_by(p)
+                                             for u, r in down.replica.rings.items()}
                 views[p] = self.views_of_down[p]
         return views
 
     def check(self) -> None:
         views = self.owned_views()
-        for u in self.universes:
-            spans = sorted((lo, hi, p) for p, v in views.items() for lo, hi in v[u])
+        # Every universe: the ranges, those added online, and spare space (whose carved
+        # spans are owned by a marker, never a peer).
+        for u in sorted({u for v in views.values() for u in v}):
+            spans = sorted((lo, hi, p) for p, v in views.items() for lo, hi in v.get(u, ()))
             for (alo, ahi, a), (blo, bhi, b) in zip(spans, spans[1:]):
                 if blo < ahi:
                     raise Violation(f"I3 seed={self.seed}: {a} and {b} both own "
@@ -1029,6 +1151,7 @@ class Sim:
                     if not any(lo <= h.address < hi for lo, hi in views[p].get(h.universe, ())):
                         raise Violation(f"I4 seed={self.seed}: {p} holds {h.text} outside "
                                         "its space")
+        self._check_universes()
         if self.stats.ops % 50 == 0:
             self._check_counts()
         for (p, handle), address in self.acked.items():
@@ -1037,13 +1160,62 @@ class Sim:
                 raise Violation(f"I2 seed={self.seed}: acknowledged {p}/{handle} -> {address} "
                                 "is not in its database")
 
+    def _check_universes(self) -> None:
+        """I10: no address in two universes. The ranges and static universes every peer knows
+        (a crashed one: those on its disk) are, any two of them, equal or disjoint, and each
+        is of one kind everywhere; and each carve marker in a live peer's spare rings lies in
+        the universe it names, which that peer knows, of the marker's kind."""
+        kinds: dict[Cidr, tuple[str, str]] = {}  # universe -> (kind, a peer that knows it)
+        for p in self.names:
+            peer = self.live.get(p)
+            if peer is not None:
+                a = peer.allocator
+                known = [(u, a.kind(u)) for u in a.universes()]
+                self._check_markers(p, peer)
+            else:  # a disk keeps only which universes are static (the rest: ranges here)
+                d = self.durable[p]
+                known = [(u, "static" if u in d.static else "range") for u in d.universes
+                         if not is_spare(u)]
+            for u, kind in known:
+                seen = kinds.setdefault(u, (kind, p))
+                if seen[0] != kind:
+                    raise Violation(f"I10 seed={self.seed}: {u} is {seen[0]} on {seen[1]} and "
+                                    f"{kind} on {p}")
+        reach: dict[int, Cidr] = {}  # family -> the universe reaching furthest so far
+        for u in sorted(kinds):  # by family, then start (the wider first)
+            v = reach.get(u.family)
+            if v is not None and u.start < v.end:
+                raise Violation(f"I10 seed={self.seed}: universes {v} (known to {kinds[v][1]}) "
+                                f"and {u} (known to {kinds[u][1]}) overlap: addresses in two "
+                                "universes")
+            if v is None or u.end > v.end:
+                reach[u.family] = u
+
+    def _check_markers(self, p: str, peer: Peer) -> None:
+        for sp in SPARE:
+            ring = peer.replica.rings.get(sp)
+            if ring is None or self.marks_checked.get((p, sp)) == (id(ring), ring.writes):
+                continue  # unchanged since checked
+            self.marks_checked[(p, sp)] = (id(ring), ring.writes)
+            for e, lo, hi in ring.spans():
+                if not is_marker(e.owner):
+                    continue
+                carve = parse_marker(e.owner)
+                c, kind = carve.universe, carve.kind
+                if c not in peer.allocator.rings or not c.start <= lo < hi <= c.end or \
+                        kind != peer.allocator.kind(c):
+                    raise Violation(f"I10 seed={self.seed}: {p}'s spare ring carves "
+                                    f"{sp.addr(lo)}-{format_addr(sp.family, hi - 1)} as "
+                                    f"{e.owner!r}, which is not a {kind} universe of its own "
+                                    "holding that span")
+
     def _check_counts(self) -> None:
         """Counted free space against a scan of the allocator's own tables (what is held,
         quarantined, reserved), over each whole range and over a random window of it: never
         an enumeration of the range."""
         for p, peer in sorted(self.live.items()):
             a = peer.allocator
-            for u in self.universes:
+            for u in a.universes():
                 ring = a.rings[u]
                 lo, hi = u.start, u.end
                 if self.variety and self.rng.random() < 0.5:
@@ -1146,15 +1318,21 @@ class Sim:
             if self._restart_waiting():
                 self._remove_gone()
                 self._converge(max_rounds)
+        self._check_added()
         first = self.live[self.names[0]].replica
         ring = first.rings[self.u]
         self.stats.ring_entries, self.stats.segments = len(ring.entries), ring.segments()
-        for u in self.universes:
-            ring = first.rings[u]
-            covered = sorted(s for p in self.names for s in ring.owned_by(p))
+        for u, ring in first.rings.items():
+            # Spare space carved into a universe is the marker's (spare.py); the rest of it
+            # needs a live owner like any space: the next range added there asks it.
+            covered = [s for p in self.names for s in ring.owned_by(p)]
+            if is_spare(u):
+                covered += [(lo, hi) for e, lo, hi in ring.spans() if is_marker(e.owner)]
+            covered.sort()
             if not covered or covered[0][0] != u.start or covered[-1][1] != u.end or \
                     any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
-                owners = sorted({e.owner for e, _, _ in ring.spans()} - set(self.names))
+                owners = sorted({e.owner for e, _, _ in ring.spans()} - set(self.names)
+                                - {e.owner for e in ring.entries if is_marker(e.owner)})
                 holes = self._holes(ring)
                 if not owners and "left_peer_leaves_a_hole" in self.known_bugs and \
                         all(self._written_by_a_leaver(u, lo, hi) for lo, hi in holes):
@@ -1213,7 +1391,7 @@ class Sim:
             for p in sorted(self.live):
                 self._handle(p, self.live[p].tick(self.now))
             self._drain()
-            rings = {p: [peer.replica.rings[u].entries for u in self.universes]
+            rings = {p: {u: r.entries for u, r in peer.replica.rings.items()}
                      for p, peer in self.live.items()}
             if all(r == rings[self.names[0]] for r in rings.values()) and all(
                     not peer.waiting for peer in self.live.values()):
@@ -1224,7 +1402,8 @@ class Sim:
         """I5 for peers that left: in the newest of what every live peer knows (what their
         rings converge to), none of their space is theirs. (Converging before the rmpeers of
         the dead is not always possible: writes only grants carried wait for them.)"""
-        rings = {u: self._merged_ring(u) for u in self.universes}
+        rings = {u: self._merged_ring(u) for u in sorted({u for q in self.live.values()
+                                                          for u in q.replica.rings})}
         for p in self.departed:
             answer = self.leave_answers.get(p, "nothing")
             # Known bugs: its own writes, its Handover unacknowledged or lost with the disk of
@@ -1252,7 +1431,7 @@ class Sim:
     def _merged_ring(self, u: Cidr) -> Ring:
         newest: dict[int, Entry] = {}
         for peer in self.live.values():
-            for e in peer.replica.rings[u].entries:
+            for e in peer.replica.rings[u].entries if u in peer.replica.rings else ():
                 if e.start not in newest or e.version > newest[e.start].version:
                     newest[e.start] = e
         return Ring(u, list(newest.values()))
@@ -1275,8 +1454,8 @@ class Sim:
             runner = sorted(self.live)[attempt % len(self.live)]
             peer = self.live[runner]
             # The operator names every dead host any live one knows (errors name them).
-            known = set().union(*(q.members() | {e.owner for u in self.universes
-                                                 for e, _, _ in q.replica.rings[u].spans()}
+            known = set().union(*(q.members() | {e.owner for r in q.replica.rings.values()
+                                                 for e in r.entries if not is_marker(e.owner)}
                                   for q in self.live.values()))
             # And hosts that left and were stopped, where some peer still counts them (a
             # leave with nothing to hand over tells nobody): the errors name them too.
@@ -1292,33 +1471,56 @@ class Sim:
         raise Violation(f"I5 seed={self.seed}: rmpeer of {', '.join(self.gone)} never succeeded "
                         "after the heal")
 
+    def _check_added(self) -> None:
+        """I11: every range whose add was acknowledged (and not lost with the disks that held
+        it) is a range of every live member after the heal."""
+        for c, adder in sorted(self.acked_ranges.items()):
+            for p, peer in sorted(self.live.items()):
+                if c not in peer.allocator.universes() or c in peer.allocator.static:
+                    raise Violation(f"I11 seed={self.seed}: the add of range {c} on {adder} was "
+                                    f"acknowledged, yet after the heal {p} has no such range")
+
     def liveness(self) -> None:
-        """After healing, an allocation on any peer succeeds while the cluster has free space."""
+        """After healing, an allocation on any peer succeeds while the cluster has free space,
+        in each range, those added online too (I11); in a retired one it is refused, naming
+        that."""
         self.now += 60  # past every quarantine
-        for u in self.universes:
+        first = self.live[self.names[0]].allocator
+        for u in [*self.universes, *sorted(set(first.universes()) - set(self.universes))]:
+            if u in first.retired:
+                answer = self._allocate_now(self.names[0], u)
+                if answer is None or answer["ok"] or answer["error"]["code"] != "retired":
+                    raise Violation(f"liveness seed={self.seed}: allocate in retired range {u} "
+                                    f"answered {answer}")
+                continue
             free = sum(peer.allocator.free_count(u, *u.host_bounds(), self.now)
                        for peer in self.live.values())
             for p in sorted(self.live):
                 if free < 4 * len(self.live):
                     break
-                self.handles += 1
-                ref = ("live", self.handles)
-                req = m.Allocate(f"h{self.handles}") if u == self.u else \
-                    m.Allocate(f"h{self.handles}", u)
-                self.pending[ref] = (p, req)
-                self._handle(p, self.live[p].request(ref, req, self.now))
-                for _ in range(50):
-                    if ref not in self.pending:
-                        break
-                    self.now += TICK
-                    for q in sorted(self.live):
-                        self._handle(q, self.live[q].tick(self.now))
-                    self._drain()
-                if ref in self.pending or (p, req.handle) not in self.acked:
+                answer = self._allocate_now(p, u)
+                if answer is None or not answer["ok"]:
                     raise Violation(f"liveness seed={self.seed}: allocate in {u} on {p} failed "
                                     f"with {free} addresses free in the cluster: "
-                                    f"{'no answer' if ref in self.pending else self.last_reply}")
+                                    f"{answer or 'no answer'}")
                 free -= 1
+
+    def _allocate_now(self, p: str, u: Cidr) -> dict | None:
+        """An allocate in u on p, given 50 rounds to be answered: its answer, or None."""
+        self.handles += 1
+        ref = ("live", self.handles)
+        req = m.Allocate(f"h{self.handles}") if u == self.u else \
+            m.Allocate(f"h{self.handles}", u)
+        self.pending[ref] = (p, req)
+        self._handle(p, self.live[p].request(ref, req, self.now))
+        for _ in range(50):
+            if ref not in self.pending:
+                break
+            self.now += TICK
+            for q in sorted(self.live):
+                self._handle(q, self.live[q].tick(self.now))
+            self._drain()
+        return None if ref in self.pending else self.last_reply
 
     def run(self, ops: int) -> Stats:
         while self.stats.ops < ops:
