@@ -182,9 +182,11 @@ def _plan(peer, req, now: float) -> Plan | dict:
 def _spare(peer, family: int) -> Ring | dict:
     sp = peer.rings.get(spare_of(Cidr(family, 0, 0)))
     if sp is None or not sp.entries:
-        if not any(r.entries for r in peer.rings.values()) and \
-                (peer.reachable or peer._unreached()):
-            return sp  # a joiner that has heard no ring: asking will wait for one
+        if not any(r.entries for r in peer.rings.values()):
+            if peer.reachable or peer._unreached():
+                return sp  # a joiner that has heard no ring: asking will wait for one
+            return m.error("unreachable", f"{peer.me} has heard no ring yet and reaches no "
+                           "peer that could tell it who owns that space")
         return m.error("not_supported", (
             f"this cluster keeps no spare space for IPv{family} (its databases were made "
             "before ranges could be added online, schema 5): ranges, blocks, tenants and name "

@@ -988,6 +988,9 @@ class Peer:
             return m.error("no_range", f"{c} is not a range of this cluster (ranges: "
                            f"{', '.join(map(str, ranges))})")
         if c not in a.carves:
+            if not any(r.entries for u, r in self.rings.items() if is_spare(u)):
+                if not any(r.entries for r in self.rings.values()):
+                    return m.error("unreachable", f"{self.me} has heard no ring yet")
             return m.error("not_supported", f"{c} was made before ranges could be retired "
                            "online (schema 5): it has no marker to change")
         parent = self.rings[a.parent_of(c)]
