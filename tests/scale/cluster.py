@@ -3,6 +3,7 @@ hosts already running), and what /proc and `status` say about each."""
 from __future__ import annotations
 
 import os
+import http.client
 import random
 import re
 import signal
@@ -136,10 +137,17 @@ def each(hosts: list[Host], fn, what: str) -> list:
     """fn(host) for every host, a few at a time (a hundred sequential round trips to loaded
     daemons take minutes); the first failure is raised naming its host."""
     def one(h: Host):
-        try:
-            return fn(h)
-        except Exception as e:  # noqa: BLE001 - re-raised with the host's name
-            raise RuntimeError(f"{what} of {h.name} failed: {type(e).__name__}: {e}") from e
+        for attempt in range(3):
+            try:
+                return fn(h)
+            except (OSError, http.client.HTTPException) as e:
+                # A loaded daemon may close a slow scrape (its write deadline): try again,
+                # twice, before the run gives up naming the host.
+                if attempt == 2:
+                    raise RuntimeError(f"{what} of {h.name} failed 3 times: "
+                                       f"{type(e).__name__}: {e}") from e
+            except Exception as e:  # noqa: BLE001 - re-raised with the host's name
+                raise RuntimeError(f"{what} of {h.name} failed: {type(e).__name__}: {e}") from e
     with ThreadPoolExecutor(max_workers=min(16, len(hosts) or 1)) as pool:
         return list(pool.map(one, hosts))
 

@@ -239,7 +239,9 @@ def run(plan: Plan, log=print, keep: bool = False) -> dict:
         result["fill"] = {"seconds": time.monotonic() - t, "live": len(ledger.acked),
                           "needed_a_peer": donations(hosts) - d0,
                           **latency_summary(ledger.latency.get("fill", []))}
-        log(f"  filled to {len(ledger.acked)} containers in {result['fill']['seconds']:.1f}s")
+        log(f"  filled to {len(ledger.acked)} containers in {result['fill']['seconds']:.1f}s"
+            + "".join(f"; {n} {k}" for k, n in sorted(ledger.errors.items())
+                      if k.startswith("fill")))
         d0, before = donations(hosts), sample(hosts)
         # The client's own CPU: near 100% of a core would mean the latencies are its own.
         c0, t = time.process_time(), time.monotonic()
