@@ -83,6 +83,8 @@ from appliance.core.peer import Peer, Ready
 from appliance.core.ring import Entry, Ring
 from appliance.core.spare import SPARE, is_marker, is_spare, parse_marker
 
+from .carves import CARVE_SHARE, Carving
+
 UNIVERSE = cidr("10.0.0.0/22")     # small enough that peers run short and ask each other
 BIG_UNIVERSE = cidr("10.0.0.0/16")  # for 100 peers
 TICK = 0.1
@@ -261,9 +263,15 @@ class Stats:
     # Range adds and retires answered ok ("added", "already", "retired", "resumed") and
     # refused ("AddRange overlap", ...).
     ranges: Counter = field(default_factory=Counter)
+    # Tenant, block and name operations: "TenantCreate ok", "LeaseName exhausted", ...
+    carves: Counter = field(default_factory=Counter)
 
 
 class Sim:
+    def violation(self, name: str, text: str) -> Violation:
+        """A violation of invariant `name` (I13, ...) in this seed."""
+        return Violation(f"{name} seed={self.seed}: {text}")
+
     def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None,
                  bootstrap: str = "founder", universes: list[Cidr] | None = None,
                  variety: bool = False, spare: bool = True):
@@ -283,6 +291,7 @@ class Sim:
         self.added: set[Cidr] = set()
         self.acked_ranges: dict[Cidr, str] = {}
         self.marks_checked: dict[tuple[str, Cidr], tuple[int, int]] = {}
+        self.down_peers: dict[str, Peer] = {}  # crashed peers as loaded from their disks
         self.codec = n <= 20
         # Entrance requests with alternatives, windows and requested addresses, more requests
         # to peers in other standings, counts checked over windows too: for drawn seeds of up
@@ -345,6 +354,9 @@ class Sim:
         self.last_reply: dict = {}
         self.patience: Counter = Counter()  # requests each peer in another standing got
         self.known_bugs = set(KNOWN_BUGS)
+        # Tenants, blocks and name pools (issue #14): in some of the seeds that add ranges.
+        self.carving = Carving(self, seed)
+        self.stats.carves = self.carving.stats
         self._update_reachability()
 
     # -- the network ---------------------------------------------------------------------------
@@ -430,6 +442,8 @@ class Sim:
         self._check_gate_rows(p, ready)
         self._check_quarantine(p, ready)
         self._check_retired(p, ready)
+        if self.carving.on:
+            self.carving.check_ready(p, ready)
         point = self.rng.choice(CRASH_POINTS) if self.rng.random() < self.faults.crash else None
         if self.broken == "send_before_commit":
             for dst, msg in ready.messages:
@@ -475,8 +489,8 @@ class Sim:
                 # Taken again (a claim), gone with its space, or reserved (a gateway: it
                 # travels reserved, and is quarantined again when its last holder lets go).
                 freed.pop(r.address, None)
-            elif isinstance(r, m.AddUniverse):
-                self.added.add(cidr(r.cidr))
+            elif isinstance(r, m.AddUniverse) and r.kind == "range":
+                self.added.add(cidr(r.cidr))  # not block space, blocks, keys or pools
 
     def _check_quarantine(self, p: str, ready: Ready) -> None:
         """I9, on what p is about to commit and say."""
@@ -518,7 +532,7 @@ class Sim:
         for ref, reply in ready.replies:
             got = self.pending.get(ref)
             if got is None or not reply["ok"] or \
-                    not isinstance(got[1], (m.Allocate, m.TakeSets)):
+                    not isinstance(got[1], (m.Allocate, m.TakeSets, m.LeaseName)):
                 continue
             req = got[1]
             for i, text in enumerate(reply.get("addresses", [reply.get("address")])):
@@ -547,6 +561,8 @@ class Sim:
         # Requests in flight there are in doubt. An rmpeer among them may have removed its
         # targets (its commit came first): they count as removed from now on.
         doubt = {k for k, v in self.pending.items() if v[0] == p}
+        for k in sorted(doubt, key=str):
+            self.carving.in_doubt(self.pending[k][1])
         for t, ref in list(self.condemned.items()):
             if ref in doubt:
                 self._void(t)
@@ -595,6 +611,7 @@ class Sim:
     def _restart(self, p: str) -> None:
         self.stats.faults["restart"] += 1
         self.views_of_down.pop(p, None)
+        self.down_peers.pop(p, None)
         if p in self.void:
             return self._come_back_removed(p)
         # A wipe that would leave no copy of the ring anywhere is the end of the cluster, not a
@@ -699,6 +716,7 @@ class Sim:
         self.draining.pop(p, None)
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
         self._ranges_lost("void")
+        self.carving.lost("void")
 
     def _ranges_lost(self, why: str) -> None:
         """An acknowledged range add that no database which counts holds any more went with
@@ -733,6 +751,7 @@ class Sim:
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
         self.durable[new] = self.new_durable(new, cluster)
         self._ranges_lost("wipe")
+        self.carving.lost("wipe")
         self.max_clock[new] = (0, {})
         self.freed[new] = {}
         self._load(new)
@@ -747,6 +766,7 @@ class Sim:
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
         if "left_peer_silent" in self.known_bugs:  # its add, not gossiped before it left
             self._ranges_lost("known_bug_left_peer_silent")
+            self.carving.lost("known_bug_left_peer_silent")
 
     def _check_clock(self, p: str) -> None:
         peer = self.live.get(p)
@@ -794,6 +814,8 @@ class Sim:
             return self._submit(p, m.ReleaseUnlisted("", frozenset()))  # keep it empty
         if self.variety and self.rng.random() < RANGE_SHARE:
             return self._submit(p, self._range_request())
+        if self.carving.on and self.rng.random() < CARVE_SHARE:
+            return self._submit(*self.carving.request(p))
         release = 0.35 if self.fill is None else 0.0
         member = peer.standing == "member"
         # Peers in other standings get more of the entrances' requests (each must be refused
@@ -965,6 +987,8 @@ class Sim:
         elif isinstance(req, m.ReleaseUnlisted):
             handles = {h.split("/")[0] for (q, h) in self.acked if q == p
                        and h.startswith(req.prefix) and h.split("/")[0] not in req.keep}
+        elif isinstance(req, m.TenantDelete) and req.force:
+            return self.carving.releasing(p, req)
         elif isinstance(req, m.ReleaseIf):
             held = self.live[p].allocator.by_addr
             dead = {format_addr(f, a) for f, a, t in req.allocations
@@ -989,6 +1013,8 @@ class Sim:
                         del self.condemned[t]
         if isinstance(req, m.Leave):
             self._left(p, reply)
+        if self.carving.on:
+            self.carving.reply(p, req, reply)
         if not reply["ok"]:
             self.stats.refused[reply["error"]["code"]] += 1
             if isinstance(req, (m.AddRange, m.RetireRange)):
@@ -1004,7 +1030,7 @@ class Sim:
                 self.acked_ranges[req.cidr] = p
         elif isinstance(req, m.RetireRange):
             self.stats.ranges["retired" if req.retired else "resumed"] += 1
-        if isinstance(req, (m.Allocate, m.Claim, m.TakeSets)):
+        if isinstance(req, (m.Allocate, m.Claim, m.TakeSets, m.LeaseName, m.ClaimName)):
             got = reply["addresses"] if isinstance(req, m.TakeSets) else [reply["address"]]
             for i, text in enumerate(got):
                 address = text.split("/")[0]
@@ -1119,11 +1145,18 @@ class Sim:
                 views[p] = {u: r.owned_by(p) for u, r in peer.replica.rings.items()}
             else:  # a crashed peer's disk does not change until it restarts
                 if p not in self.views_of_down:
-                    down = self.durable[p].load(self.u, REUSE_DELAY)
+                    down = self._down_peer(p)
                     self.views_of_down[p] = {u: r.owned_by(p)
                                              for u, r in down.replica.rings.items()}
                 views[p] = self.views_of_down[p]
         return views
+
+    def _down_peer(self, p: str) -> Peer:
+        """A crashed peer as its disk would load it (which does not change until it
+        restarts)."""
+        if p not in self.down_peers:
+            self.down_peers[p] = self.durable[p].load(self.u, REUSE_DELAY)
+        return self.down_peers[p]
 
     def check(self) -> None:
         views = self.owned_views()
@@ -1152,6 +1185,8 @@ class Sim:
                         raise Violation(f"I4 seed={self.seed}: {p} holds {h.text} outside "
                                         "its space")
         self._check_universes()
+        if self.carving.on:
+            self.carving.check()
         if self.stats.ops % 50 == 0:
             self._check_counts()
         for (p, handle), address in self.acked.items():
@@ -1161,21 +1196,24 @@ class Sim:
                                 "is not in its database")
 
     def _check_universes(self) -> None:
-        """I10: no address in two universes. The ranges and static universes every peer knows
-        (a crashed one: those on its disk) are, any two of them, equal or disjoint, and each
-        is of one kind everywhere; and each carve marker in a live peer's spare rings lies in
-        the universe it names, which that peer knows, of the marker's kind."""
+        """I10: no address in two universes. The universes carved from spare space (ranges,
+        static, block space, tenants' keys, name pools) every peer knows (a crashed one: those
+        on its disk) are, any two of them, equal or disjoint, and each is of one kind
+        everywhere; each carve marker in a live peer's spare and block space rings lies in the
+        universe it names, which that peer knows, of the marker's kind. What is carved from
+        block space (blocks, leased blocks) nests in it: carves.Carving.check_view (I13)."""
         kinds: dict[Cidr, tuple[str, str]] = {}  # universe -> (kind, a peer that knows it)
         for p in self.names:
             peer = self.live.get(p)
             if peer is not None:
-                a = peer.allocator
-                known = [(u, a.kind(u)) for u in a.universes()]
                 self._check_markers(p, peer)
-            else:  # a disk keeps only which universes are static (the rest: ranges here)
-                d = self.durable[p]
-                known = [(u, "static" if u in d.static else "range") for u in d.universes
-                         if not is_spare(u)]
+            elif p in self.void:
+                continue
+            else:
+                peer = self._down_peer(p)
+            a = peer.allocator
+            known = [(u, k) for u in a.universes()
+                     if (k := a.kind(u)) not in ("block", "lease", "dissolved")]
             for u, kind in known:
                 seen = kinds.setdefault(u, (kind, p))
                 if seen[0] != kind:
@@ -1192,7 +1230,8 @@ class Sim:
                 reach[u.family] = u
 
     def _check_markers(self, p: str, peer: Peer) -> None:
-        for sp in SPARE:
+        a = peer.allocator
+        for sp in [*SPARE, *(u for u in a.universes() if a.kind(u) == "blocks")]:
             ring = peer.replica.rings.get(sp)
             if ring is None or self.marks_checked.get((p, sp)) == (id(ring), ring.writes):
                 continue  # unchanged since checked
@@ -1204,7 +1243,7 @@ class Sim:
                 c, kind = carve.universe, carve.kind
                 if c not in peer.allocator.rings or not c.start <= lo < hi <= c.end or \
                         kind != peer.allocator.kind(c):
-                    raise Violation(f"I10 seed={self.seed}: {p}'s spare ring carves "
+                    raise Violation(f"I10 seed={self.seed}: {p}'s ring of {sp} carves "
                                     f"{sp.addr(lo)}-{format_addr(sp.family, hi - 1)} as "
                                     f"{e.owner!r}, which is not a {kind} universe of its own "
                                     "holding that span")
@@ -1225,6 +1264,7 @@ class Sim:
                 blocked = {x.address for x in a.by_addr.values() if x.universe == u}
                 blocked |= {x for x, t in a.freed[u].items() if t + a.reuse_delay > self.now}
                 blocked |= {x for f, x in a.reserved if f == u.family}
+                blocked |= set(a._never(u))  # a block's network, gateway and broadcast
                 blocked = {x for x in blocked if lo <= x < hi and ring.owner_of(x) == p}
                 counted = a.free_count(u, lo, hi, self.now)
                 if counted != owned - len(blocked):
@@ -1319,6 +1359,8 @@ class Sim:
                 self._remove_gone()
                 self._converge(max_rounds)
         self._check_added()
+        if self.carving.on:
+            self.carving.check_after_heal()
         first = self.live[self.names[0]].replica
         ring = first.rings[self.u]
         self.stats.ring_entries, self.stats.segments = len(ring.entries), ring.segments()
@@ -1486,7 +1528,8 @@ class Sim:
         that."""
         self.now += 60  # past every quarantine
         first = self.live[self.names[0]].allocator
-        for u in [*self.universes, *sorted(set(first.universes()) - set(self.universes))]:
+        added = {u for u in first.universes() if first.kind(u) == "range"}
+        for u in [*self.universes, *sorted(added - set(self.universes))]:
             if u in first.retired:
                 answer = self._allocate_now(self.names[0], u)
                 if answer is None or answer["ok"] or answer["error"]["code"] != "retired":
