@@ -241,3 +241,20 @@ def test_a_host_that_joins_after_a_block_was_given_back_learns_the_rings():
     assert all(c.peers["p2"].rings[u].entries == c.peers["p0"].rings[u].entries
                for u in c.peers["p0"].rings)
     assert c.alarms == []
+
+
+def test_a_host_that_left_gives_no_leased_block_back():
+    # Giving a block back moves space: outside good standing the release answers the
+    # standing and neither writes nor asks for anything (found by the simulator, seed 186: a
+    # waiting seed asked the block's owner for it; a left host asked for it too).
+    c = Cluster(2, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.AddRange(cidr("10.64.0.0/23"), blocks=True))["ok"]
+    assert _ask(c, "p1", m.LeaseBlock("vpn", 28)) == m.ok(handle="vpn", block="10.64.0.0/28")
+    assert _ask(c, "p1", m.Leave())["ok"]
+    ring = dict(c.durable["p1"].ring)
+    ref = c.submit("p1", m.Release("vpn"))
+    assert c.replies[ref] == m.error("left", "p1 left the cluster") and c.inbox == []
+    c.settle()
+    assert c.durable["p1"].ring == ring and c.alarms == []
+    assert c.peers["p0"].allocator.lease_blocks == {"vpn": [cidr("10.64.0.0/28")]}

@@ -279,7 +279,15 @@ class Peer:
         """Serve w's request from this peer's space, or ask a peer for the space it lacks."""
         req = w.request
         need = None
-        if self.standing != "member" and isinstance(req, m.TAKES + (m.CanServe,)):
+        if isinstance(req, m.Release) and req.address is None and \
+                req.handle in self.allocator.lease_blocks:
+            # Its addresses here first (released in any standing), then its blocks, which it
+            # may have to gather whole: that moves space, a member's work only.
+            reply, rows = self.allocator.apply(req, now)
+            out.rows += rows
+            w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
+        if self.standing != "member" and \
+                isinstance(req, m.TAKES + (m.CanServe, m.ReleaseBlocks)):
             # Checked again at every retry: the standing may have changed while it waited.
             out.replies.append((w.ref, m.error(self.standing, self.note or
                                                f"{self.me} is {self.standing}")))
@@ -300,12 +308,6 @@ class Peer:
                 out.replies.append((w.ref, as_address))
                 return
             w.request = req = as_address
-        if isinstance(req, m.Release) and req.address is None and \
-                req.handle in self.allocator.lease_blocks:
-            # Its addresses here first, then its blocks, which it may have to gather whole.
-            reply, rows = self.allocator.apply(req, now)
-            out.rows += rows
-            w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
         if isinstance(req, m.LEASES):
             leases.attempt(self, w, now, out)
             return

@@ -63,7 +63,9 @@ class Carving:
         if not spaces and rng.random() < 0.7 or rng.random() < 0.03:
             return p, m.AddRange(rng.choice(self.pool), blocks=True)
         x = rng.random()
-        name = rng.choice(sorted(self.tenants))
+        # Mostly a tenant or pool this peer knows (else most requests are refused no_tenant).
+        known = sorted(t for t in a.tenant_blocks if t in self.tenants)
+        name = rng.choice(known if known and rng.random() < 0.7 else sorted(self.tenants))
         family, plen, most = self.tenants[name]
         if x < 0.12:
             if rng.random() < 0.1:
@@ -95,8 +97,9 @@ class Carving:
             handle = rng.choice(sorted(self.leases))
             q = self.leases[handle]
             return (q if q in sim.live and rng.random() < 0.7 else p), m.Release(handle)
-        pool = rng.choice(sorted(POOLS))
-        if x < 0.76:
+        known = sorted(c.name for c in a.carves.values() if c.state == "names")
+        pool = rng.choice(known if known and rng.random() < 0.8 else sorted(POOLS))
+        if x < 0.76 or not known and rng.random() < 0.5:
             pattern = POOLS[pool] if rng.random() < 0.9 else "n-{0..7}"
             return p, m.NamesCreate(pool, pattern)
         sim.handles += 1

@@ -19,6 +19,16 @@ holding it, an IPv6 /64, its /65s and a /120 inside, the seed's own universes an
 two shorter holding each; so concurrent and partitioned adds of overlapping ranges happen. A
 quarter of the allocations and claims go to a range added online, once there is one.
 
+Tenants, blocks and names (issue #14, tests/sim/carves.py): in 70% of those seeds, 5% of the
+client operations (on a random peer in any standing, partitioned or not) add block space
+(an IPv4 /24, its /25 or the /23 holding it, an IPv6 /60 or its /61: overlapping on purpose),
+create, grow and delete (with and without force) a few tenants (IPv4 /26 to /29 blocks, an
+IPv6 /62 or /64 one; limits 1 to 3; now and then other parameters, refused "exists"),
+allocate and claim for them (the gateway sometimes, refused; some claims without the tenant,
+refused), lease blocks and release them, create two name pools ("n-{0..15}" and
+"web-{000..999}") and lease and claim names. Tenant addresses and names are released like
+any address (the usual releases, GC, the sweeper).
+
 Standings: a peer may be waiting (seeds and quorum bootstrap), member, left (the simulated
 operator drains it with GC, waits out its quarantine and asks it to leave), stale (restarted
 from an older copy of its database: the first peer it hears from knows more of its writes, and
@@ -28,7 +38,8 @@ any other event reaches it; the core detects these standings only when it hears 
 and what it does before that (serve requests from the old copy) is outside what it claims.
 Peers in every standing keep getting client requests: takes (Allocate, Claim, TakeSets,
 CanServe, Leave, RemovePeer) must be refused at once with the standing as the code and write
-nothing; releases (Release, ReleaseIf, GC's ReleaseUnlisted) must pass. A left, stale or
+nothing; releases (Release, ReleaseIf, GC's ReleaseUnlisted) must pass (a Release of a handle
+holding leased blocks frees its addresses and is refused for the blocks). A left, stale or
 removed peer never writes an allocation or a ring entry of its own again ("gate"). The
 database of a stale or removed peer no longer counts (its allocations are void: the host must
 start afresh), so I1, I3 and I4 leave it out; after a while (PATIENCE requests), and at the
@@ -47,14 +58,29 @@ address that peer freed and when (from the rows it committed), and checks every 
 is committed: an allocate reply must not hand out an address the same peer freed less than
 REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a handover) may
 move space holding such an address. (A claim may take a quarantined address on purpose.)
-I10 no address in two universes: any two ranges or static universes known anywhere (live peers,
-and crashed ones' disks) are equal or disjoint, each of one kind everywhere, and every carve
-marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind
-(the simulator makes no tenants or blocks: a block inside its block space would count here);
+I10 no address in two universes: any two universes carved from spare space (ranges, static
+space, block space, tenants' keys, name pools) known anywhere (live peers, and crashed ones'
+disks) are equal or disjoint, each of one kind everywhere, and every carve marker in a live
+peer's spare and block space rings lies in a universe that peer has, of the marker's kind;
+what is carved from block space nests in it (I13), keys and pools lie in the registry;
 I11 every acknowledged range add (ok, not "already"), unless lost with every disk that held
 it, is a range of every live member after the heal, and liveness allocates in it (in a range
 retired when the rings converge, the allocate must be refused "retired"); I12 no allocate
 hands out an address of a range its peer knows is retired when it answers (claims may).
+I13 no two blocks overlap: a block (a tenant's or a leased one) acknowledged overlaps no other
+acknowledged and not given back (deleted, released, or lost with every disk that held it); in
+every live peer's view blocks and leased blocks are disjoint, each inside its block space.
+I14 every address where its request says: what a peer answers (before it commits) and what
+it holds: a tenant's address in one of that tenant's blocks and never its gateway (the
+block's first host address), a name in its pool, any other address in a range or static
+space, never in a block, a leased block, block space or a key.
+I15 every acknowledged tenant create, block (create, grow), block lease and pool create,
+unless deleted or released since or lost with every disk that held it, is there on every
+live member after the heal (like I11); a tenant deleted and not created again has neither
+key nor block. Names: I1 (no address held twice) and I2 (no acknowledged allocation lost)
+count names as the addresses they are; I9 covers name leases as allocates.
+I16 no tenant has more blocks than its limit: acknowledged ones, and in every live peer's
+view (which holds because only the key's owner adds blocks, partitioned or not).
 I3 covers spare rings too (a marker is no peer: no two peers own one spare address), I4 and
 I6 every universe a peer has, and I5 spare space as well: after the heal its every address
 has a live owner or is carved (a marker), since the next range added there must ask its owner.
@@ -885,6 +911,13 @@ class Sim:
                 raise Violation(f"gate seed={self.seed}: {kind} on {p}, {standing}, answered "
                                 f"{reply} and wrote {ready.rows[:3]} (the refusal must name "
                                 f"the standing)")
+        elif isinstance(req, m.Release) and req.address is None and \
+                req.handle in self.live[p].allocator.lease_blocks:
+            # Its addresses are released, but giving its blocks back moves space: refused.
+            if reply is None or reply["ok"] or reply["error"]["code"] != standing or \
+                    any(isinstance(r, m.RingWrite) for r in ready.rows):
+                raise Violation(f"gate seed={self.seed}: {kind} of leased blocks on {p}, "
+                                f"{standing}, answered {reply} and wrote {ready.rows[:3]}")
         elif isinstance(req, RELEASES):
             held = isinstance(req, m.Release) and req.address is None and \
                 req.handle in self.live[p].allocator.by_handle
