@@ -113,6 +113,15 @@ def test_ci_tier_small_clusters():
     # retired and resumed.
     assert online["added"] >= 100 and online["retired"] and online["resumed"], online
     assert online["AddRange overlap"] and online["AddRange unreachable"], online
+    # Tenants, blocks and names (#14): made, grown, deleted, used; refused at their limit, on
+    # the side of a partition without the owner, and for other parameters.
+    assert all(carves[f"{op} ok"] >= 3 for op in (
+        "AddRange blocks", "TenantCreate", "TenantGrow", "TenantDelete", "Allocate tenant",
+        "Claim tenant", "LeaseBlock", "Release lease", "NamesCreate", "LeaseName",
+        "ClaimName")), carves
+    assert carves["TenantCreate ok"] >= 30 and carves["LeaseName ok"] >= 50, carves
+    assert all(carves[k] for k in ("TenantGrow limit", "TenantCreate unreachable",
+                                   "TenantCreate exists", "NamesCreate exists")), carves
 
 def test_ci_tier_hundred_peers():
     results = run_many([(1000 + s, 100, 1000) for s in BIG_SEEDS])
@@ -245,10 +254,32 @@ def test_checker_catches_a_range_carved_without_owning_its_spare_space(monkeypat
                   "overlap: addresses in two universes")
 
 
+def lease_on_both_sides(sim):
+    """Block space added on p2; p0 and p1 cut off from each other (both reach p2), a block
+    leased on each."""
+    sim.carving.on = True
+    drive(sim, "p2", m.AddRange(cidr("10.250.0.0/24"), blocks=True))
+    sim._rounds(5)
+    sim.blocked = {("p0", "p1"), ("p1", "p0")}
+    sim._update_reachability()
+    for p in ("p0", "p1"):
+        drive(sim, p, m.LeaseBlock(f"vpn-{p}", 28))
+    sim._rounds(5)
+
+
+def test_a_block_asked_for_on_both_sides_of_a_partition_is_given_once():
+    """Both pick the same block of p2's space; p2 gives it whole to the first asker and
+    nothing to the second, which is refused naming why."""
+    sim = Sim(1, 3, Faults())
+    lease_on_both_sides(sim)
+    assert sim.carving.acked_blocks == {cidr("10.250.0.0/28"): ("lease", "vpn-p0", "p0")}
+    assert sim.carving.stats["LeaseBlock not_owned"] == 1
+
+
 def test_checker_catches_blocks_carved_without_owning_their_block_space(monkeypatch):
     """Leases and tenants' blocks carved from block space this host does not own (asking its
-    owner for nothing): hosts that have not heard of each other's carves cut overlapping
-    blocks, and both are acknowledged: I13."""
+    owner for nothing): two hosts that have not heard of each other's carve cut the same
+    block, and both are acknowledged: I13."""
     for kind in (m.LeaseBlock, m.TenantCreate, m.TenantGrow):
         def skip_block_space(peer, req, real=leases_mod.PLANS[kind]):
             plan = real(peer, req)
@@ -257,7 +288,9 @@ def test_checker_catches_blocks_carved_without_owning_their_block_space(monkeypa
             return plan
         monkeypatch.setitem(leases_mod.PLANS, kind, skip_block_space)
     carve_anything(monkeypatch)
-    assert_caught("I13", "blocks carved without owning their block space", "which overlaps")
+    with pytest.raises(Violation, match=r"^I13 seed=1: p1 acknowledged lease 10\.250\.0\.0/28 "
+                       r"for vpn-p1, which overlaps lease 10\.250\.0\.0/28 for vpn-p0"):
+        lease_on_both_sides(Sim(1, 3, Faults()))
 
 
 def test_checker_catches_a_tenant_allocate_that_ignores_the_tenant(monkeypatch):
