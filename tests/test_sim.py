@@ -741,3 +741,14 @@ def test_the_failure_detection_checker_catches_hasty_and_deaf_detectors(monkeypa
         m.setattr(PeerNet, "_silence", lambda self, peer: 1e9)
         with pytest.raises(LivenessViolation, match="still reaches"):
             LivenessSim(0, 5).run()
+
+
+@pytest.mark.xfail(strict=True, raises=Violation, reason=(
+    "core bug: a plain Claim (or an Allocate naming the pool's /96) takes an address of a name "
+    "pool, past its names too: n-999 of n-{0..3} (found by the simulator, seed 1, I14)"))
+def test_a_plain_claim_takes_no_name_of_a_pool():
+    sim = Sim(1, 2, Faults())
+    sim.carving.on = True
+    drive(sim, "p0", m.NamesCreate("small", "n-{0..3}"))
+    drive(sim, "p0", m.Claim("y", 6, spare_mod.key_of("names", "small").start + 1000))
+    assert sim.last_reply["error"]["code"] == "bad_address"
