@@ -34,7 +34,8 @@ from .removal import Removals
 from .ring import HINT_MAX, Ring, RingConflict, RingError
 from .rings import Rings, RingWriter
 from . import leases
-from .spare import DISSOLVED, STATES, is_marker, is_spare, key_of, marker, parse_marker
+from .spare import (DISSOLVED, REGISTRY, STATES, is_marker, is_spare, key_of, marker,
+                    parse_marker)
 
 FANOUT = 3    # peers each piece of news is pushed to
 # Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
@@ -278,7 +279,15 @@ class Peer:
         """Serve w's request from this peer's space, or ask a peer for the space it lacks."""
         req = w.request
         need = None
-        if self.standing != "member" and isinstance(req, m.TAKES + (m.CanServe,)):
+        if isinstance(req, m.Release) and req.address is None and \
+                req.handle in self.allocator.lease_blocks:
+            # Its addresses here first (released in any standing), then its blocks, which it
+            # may have to gather whole: that moves space, a member's work only.
+            reply, rows = self.allocator.apply(req, now)
+            out.rows += rows
+            w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
+        if self.standing != "member" and \
+                isinstance(req, m.TAKES + (m.CanServe, m.ReleaseBlocks)):
             # Checked again at every retry: the standing may have changed while it waited.
             out.replies.append((w.ref, m.error(self.standing, self.note or
                                                f"{self.me} is {self.standing}")))
@@ -299,12 +308,6 @@ class Peer:
                 out.replies.append((w.ref, as_address))
                 return
             w.request = req = as_address
-        if isinstance(req, m.Release) and req.address is None and \
-                req.handle in self.allocator.lease_blocks:
-            # Its addresses here first, then its blocks, which it may have to gather whole.
-            reply, rows = self.allocator.apply(req, now)
-            out.rows += rows
-            w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
         if isinstance(req, m.LEASES):
             leases.attempt(self, w, now, out)
             return
@@ -720,12 +723,19 @@ class Peer:
                 raise RingError(f"the marker at {u.addr(e.start)} of {u} lies outside "
                                 f"{c.universe}")
             marks.append((u, c))
+        # Given back: holds nothing, so a carve may overlap it (a block of another size).
+        dissolved = {u for u in self.rings if a.kind(u) == DISSOLVED} | \
+            {c.universe for _, c in marks if c.state == DISSOLVED}
         for _ in range(3):  # a block of block space declared in the same delta as the space
             for u, c in marks:
                 parent = a.kind(u) if u in self.rings else new.get(u)
                 if c.state == DISSOLVED:
                     if c.universe != u:
                         raise RingError(f"{u} holds a marker of {c.universe}")
+                    if u not in self.rings and u not in new:
+                        # Given back before this host heard of it (no marker in its parent
+                        # says what it was): known from now on, as every universe is.
+                        new[u] = "tenant" if REGISTRY.contains_cidr(u) else "block"
                     continue
                 if parent is None or c.universe in self.rings or c.universe in new:
                     continue
@@ -735,6 +745,7 @@ class Peer:
                                     f"{parent} {u}")
                 # Only its ancestors (its parent, and what holds that) may overlap it.
                 clash = next((x for x in [*self.rings, *new] if not is_spare(x)
+                              and x not in dissolved
                               and x != c.universe and x.overlaps(c.universe)
                               and not x.contains_cidr(u)), None)
                 if clash is not None:

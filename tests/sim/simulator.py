@@ -19,6 +19,16 @@ holding it, an IPv6 /64, its /65s and a /120 inside, the seed's own universes an
 two shorter holding each; so concurrent and partitioned adds of overlapping ranges happen. A
 quarter of the allocations and claims go to a range added online, once there is one.
 
+Tenants, blocks and names (issue #14, tests/sim/carves.py): in 70% of those seeds, 5% of the
+client operations (on a random peer in any standing, partitioned or not) add block space
+(an IPv4 /24, its /25 or the /23 holding it, an IPv6 /60 or its /61: overlapping on purpose),
+create, grow and delete (with and without force) a few tenants (IPv4 /26 to /29 blocks, an
+IPv6 /62 or /64 one; limits 1 to 3; now and then other parameters, refused "exists"),
+allocate and claim for them (the gateway sometimes, refused; some claims without the tenant,
+refused), lease blocks and release them, create two name pools ("n-{0..15}" and
+"web-{000..999}") and lease and claim names. Tenant addresses and names are released like
+any address (the usual releases, GC, the sweeper).
+
 Standings: a peer may be waiting (seeds and quorum bootstrap), member, left (the simulated
 operator drains it with GC, waits out its quarantine and asks it to leave), stale (restarted
 from an older copy of its database: the first peer it hears from knows more of its writes, and
@@ -28,7 +38,8 @@ any other event reaches it; the core detects these standings only when it hears 
 and what it does before that (serve requests from the old copy) is outside what it claims.
 Peers in every standing keep getting client requests: takes (Allocate, Claim, TakeSets,
 CanServe, Leave, RemovePeer) must be refused at once with the standing as the code and write
-nothing; releases (Release, ReleaseIf, GC's ReleaseUnlisted) must pass. A left, stale or
+nothing; releases (Release, ReleaseIf, GC's ReleaseUnlisted) must pass (a Release of a handle
+holding leased blocks frees its addresses and is refused for the blocks). A left, stale or
 removed peer never writes an allocation or a ring entry of its own again ("gate"). The
 database of a stale or removed peer no longer counts (its allocations are void: the host must
 start afresh), so I1, I3 and I4 leave it out; after a while (PATIENCE requests), and at the
@@ -47,14 +58,29 @@ address that peer freed and when (from the rows it committed), and checks every 
 is committed: an allocate reply must not hand out an address the same peer freed less than
 REUSE_DELAY ago, and no ring transfer the peer writes (a grant, a give-back, a handover) may
 move space holding such an address. (A claim may take a quarantined address on purpose.)
-I10 no address in two universes: any two ranges or static universes known anywhere (live peers,
-and crashed ones' disks) are equal or disjoint, each of one kind everywhere, and every carve
-marker in a live peer's spare rings lies in a universe that peer has, of the marker's kind
-(the simulator makes no tenants or blocks: a block inside its block space would count here);
+I10 no address in two universes: any two universes carved from spare space (ranges, static
+space, block space, tenants' keys, name pools) known anywhere (live peers, and crashed ones'
+disks) are equal or disjoint, each of one kind everywhere, and every carve marker in a live
+peer's spare and block space rings lies in a universe that peer has, of the marker's kind;
+what is carved from block space nests in it (I13), keys and pools lie in the registry;
 I11 every acknowledged range add (ok, not "already"), unless lost with every disk that held
 it, is a range of every live member after the heal, and liveness allocates in it (in a range
 retired when the rings converge, the allocate must be refused "retired"); I12 no allocate
 hands out an address of a range its peer knows is retired when it answers (claims may).
+I13 no two blocks overlap: a block (a tenant's or a leased one) acknowledged overlaps no other
+acknowledged and not given back (deleted, released, or lost with every disk that held it); in
+every live peer's view blocks and leased blocks are disjoint, each inside its block space.
+I14 every address where its request says: what a peer answers (before it commits) and what
+it holds: a tenant's address in one of that tenant's blocks and never its gateway (the
+block's first host address), a name in its pool, any other address in a range or static
+space, never in a block, a leased block, block space or a key.
+I15 every acknowledged tenant create, block (create, grow), block lease and pool create,
+unless deleted or released since or lost with every disk that held it, is there on every
+live member after the heal (like I11); a tenant deleted and not created again has neither
+key nor block. Names: I1 (no address held twice) and I2 (no acknowledged allocation lost)
+count names as the addresses they are; I9 covers name leases as allocates.
+I16 no tenant has more blocks than its limit: acknowledged ones, and in every live peer's
+view (which holds because only the key's owner adds blocks, partitioned or not).
 I3 covers spare rings too (a marker is no peer: no two peers own one spare address), I4 and
 I6 every universe a peer has, and I5 spare space as well: after the heal its every address
 has a live owner or is carved (a marker), since the next range added there must ask its owner.
@@ -82,6 +108,8 @@ from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 from appliance.core.ring import Entry, Ring
 from appliance.core.spare import SPARE, is_marker, is_spare, parse_marker
+
+from .carves import CARVE_SHARE, Carving
 
 UNIVERSE = cidr("10.0.0.0/22")     # small enough that peers run short and ask each other
 BIG_UNIVERSE = cidr("10.0.0.0/16")  # for 100 peers
@@ -261,9 +289,15 @@ class Stats:
     # Range adds and retires answered ok ("added", "already", "retired", "resumed") and
     # refused ("AddRange overlap", ...).
     ranges: Counter = field(default_factory=Counter)
+    # Tenant, block and name operations: "TenantCreate ok", "LeaseName exhausted", ...
+    carves: Counter = field(default_factory=Counter)
 
 
 class Sim:
+    def violation(self, name: str, text: str) -> Violation:
+        """A violation of invariant `name` (I13, ...) in this seed."""
+        return Violation(f"{name} seed={self.seed}: {text}")
+
     def __init__(self, seed: int, n: int, faults: Faults, broken: str | None = None,
                  bootstrap: str = "founder", universes: list[Cidr] | None = None,
                  variety: bool = False, spare: bool = True):
@@ -283,6 +317,7 @@ class Sim:
         self.added: set[Cidr] = set()
         self.acked_ranges: dict[Cidr, str] = {}
         self.marks_checked: dict[tuple[str, Cidr], tuple[int, int]] = {}
+        self.down_peers: dict[str, Peer] = {}  # crashed peers as loaded from their disks
         self.codec = n <= 20
         # Entrance requests with alternatives, windows and requested addresses, more requests
         # to peers in other standings, counts checked over windows too: for drawn seeds of up
@@ -345,6 +380,9 @@ class Sim:
         self.last_reply: dict = {}
         self.patience: Counter = Counter()  # requests each peer in another standing got
         self.known_bugs = set(KNOWN_BUGS)
+        # Tenants, blocks and name pools (issue #14): in some of the seeds that add ranges.
+        self.carving = Carving(self, seed)
+        self.stats.carves = self.carving.stats
         self._update_reachability()
 
     # -- the network ---------------------------------------------------------------------------
@@ -430,6 +468,8 @@ class Sim:
         self._check_gate_rows(p, ready)
         self._check_quarantine(p, ready)
         self._check_retired(p, ready)
+        if self.carving.on:
+            self.carving.check_ready(p, ready)
         point = self.rng.choice(CRASH_POINTS) if self.rng.random() < self.faults.crash else None
         if self.broken == "send_before_commit":
             for dst, msg in ready.messages:
@@ -475,8 +515,8 @@ class Sim:
                 # Taken again (a claim), gone with its space, or reserved (a gateway: it
                 # travels reserved, and is quarantined again when its last holder lets go).
                 freed.pop(r.address, None)
-            elif isinstance(r, m.AddUniverse):
-                self.added.add(cidr(r.cidr))
+            elif isinstance(r, m.AddUniverse) and r.kind == "range":
+                self.added.add(cidr(r.cidr))  # not block space, blocks, keys or pools
 
     def _check_quarantine(self, p: str, ready: Ready) -> None:
         """I9, on what p is about to commit and say."""
@@ -518,7 +558,7 @@ class Sim:
         for ref, reply in ready.replies:
             got = self.pending.get(ref)
             if got is None or not reply["ok"] or \
-                    not isinstance(got[1], (m.Allocate, m.TakeSets)):
+                    not isinstance(got[1], (m.Allocate, m.TakeSets, m.LeaseName)):
                 continue
             req = got[1]
             for i, text in enumerate(reply.get("addresses", [reply.get("address")])):
@@ -547,6 +587,8 @@ class Sim:
         # Requests in flight there are in doubt. An rmpeer among them may have removed its
         # targets (its commit came first): they count as removed from now on.
         doubt = {k for k, v in self.pending.items() if v[0] == p}
+        for k in sorted(doubt, key=str):
+            self.carving.in_doubt(self.pending[k][1])
         for t, ref in list(self.condemned.items()):
             if ref in doubt:
                 self._void(t)
@@ -595,6 +637,7 @@ class Sim:
     def _restart(self, p: str) -> None:
         self.stats.faults["restart"] += 1
         self.views_of_down.pop(p, None)
+        self.down_peers.pop(p, None)
         if p in self.void:
             return self._come_back_removed(p)
         # A wipe that would leave no copy of the ring anywhere is the end of the cluster, not a
@@ -699,6 +742,7 @@ class Sim:
         self.draining.pop(p, None)
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
         self._ranges_lost("void")
+        self.carving.lost("void")
 
     def _ranges_lost(self, why: str) -> None:
         """An acknowledged range add that no database which counts holds any more went with
@@ -733,6 +777,7 @@ class Sim:
         cluster = decided_cluster(self.cluster, votes[0]) if votes else self.cluster
         self.durable[new] = self.new_durable(new, cluster)
         self._ranges_lost("wipe")
+        self.carving.lost("wipe")
         self.max_clock[new] = (0, {})
         self.freed[new] = {}
         self._load(new)
@@ -747,6 +792,7 @@ class Sim:
         self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
         if "left_peer_silent" in self.known_bugs:  # its add, not gossiped before it left
             self._ranges_lost("known_bug_left_peer_silent")
+            self.carving.lost("known_bug_left_peer_silent")
 
     def _check_clock(self, p: str) -> None:
         peer = self.live.get(p)
@@ -794,6 +840,8 @@ class Sim:
             return self._submit(p, m.ReleaseUnlisted("", frozenset()))  # keep it empty
         if self.variety and self.rng.random() < RANGE_SHARE:
             return self._submit(p, self._range_request())
+        if self.carving.on and self.rng.random() < CARVE_SHARE:
+            return self._submit(*self.carving.request(p))
         release = 0.35 if self.fill is None else 0.0
         member = peer.standing == "member"
         # Peers in other standings get more of the entrances' requests (each must be refused
@@ -863,6 +911,13 @@ class Sim:
                 raise Violation(f"gate seed={self.seed}: {kind} on {p}, {standing}, answered "
                                 f"{reply} and wrote {ready.rows[:3]} (the refusal must name "
                                 f"the standing)")
+        elif isinstance(req, m.Release) and req.address is None and \
+                req.handle in self.live[p].allocator.lease_blocks:
+            # Its addresses are released, but giving its blocks back moves space: refused.
+            if reply is None or reply["ok"] or reply["error"]["code"] != standing or \
+                    any(isinstance(r, m.RingWrite) for r in ready.rows):
+                raise Violation(f"gate seed={self.seed}: {kind} of leased blocks on {p}, "
+                                f"{standing}, answered {reply} and wrote {ready.rows[:3]}")
         elif isinstance(req, RELEASES):
             held = isinstance(req, m.Release) and req.address is None and \
                 req.handle in self.live[p].allocator.by_handle
@@ -965,6 +1020,8 @@ class Sim:
         elif isinstance(req, m.ReleaseUnlisted):
             handles = {h.split("/")[0] for (q, h) in self.acked if q == p
                        and h.startswith(req.prefix) and h.split("/")[0] not in req.keep}
+        elif isinstance(req, m.TenantDelete) and req.force:
+            return self.carving.releasing(p, req)
         elif isinstance(req, m.ReleaseIf):
             held = self.live[p].allocator.by_addr
             dead = {format_addr(f, a) for f, a, t in req.allocations
@@ -989,6 +1046,8 @@ class Sim:
                         del self.condemned[t]
         if isinstance(req, m.Leave):
             self._left(p, reply)
+        if self.carving.on:
+            self.carving.reply(p, req, reply)
         if not reply["ok"]:
             self.stats.refused[reply["error"]["code"]] += 1
             if isinstance(req, (m.AddRange, m.RetireRange)):
@@ -1004,7 +1063,7 @@ class Sim:
                 self.acked_ranges[req.cidr] = p
         elif isinstance(req, m.RetireRange):
             self.stats.ranges["retired" if req.retired else "resumed"] += 1
-        if isinstance(req, (m.Allocate, m.Claim, m.TakeSets)):
+        if isinstance(req, (m.Allocate, m.Claim, m.TakeSets, m.LeaseName, m.ClaimName)):
             got = reply["addresses"] if isinstance(req, m.TakeSets) else [reply["address"]]
             for i, text in enumerate(got):
                 address = text.split("/")[0]
@@ -1119,11 +1178,18 @@ class Sim:
                 views[p] = {u: r.owned_by(p) for u, r in peer.replica.rings.items()}
             else:  # a crashed peer's disk does not change until it restarts
                 if p not in self.views_of_down:
-                    down = self.durable[p].load(self.u, REUSE_DELAY)
+                    down = self._down_peer(p)
                     self.views_of_down[p] = {u: r.owned_by(p)
                                              for u, r in down.replica.rings.items()}
                 views[p] = self.views_of_down[p]
         return views
+
+    def _down_peer(self, p: str) -> Peer:
+        """A crashed peer as its disk would load it (which does not change until it
+        restarts)."""
+        if p not in self.down_peers:
+            self.down_peers[p] = self.durable[p].load(self.u, REUSE_DELAY)
+        return self.down_peers[p]
 
     def check(self) -> None:
         views = self.owned_views()
@@ -1152,6 +1218,8 @@ class Sim:
                         raise Violation(f"I4 seed={self.seed}: {p} holds {h.text} outside "
                                         "its space")
         self._check_universes()
+        if self.carving.on:
+            self.carving.check()
         if self.stats.ops % 50 == 0:
             self._check_counts()
         for (p, handle), address in self.acked.items():
@@ -1161,21 +1229,24 @@ class Sim:
                                 "is not in its database")
 
     def _check_universes(self) -> None:
-        """I10: no address in two universes. The ranges and static universes every peer knows
-        (a crashed one: those on its disk) are, any two of them, equal or disjoint, and each
-        is of one kind everywhere; and each carve marker in a live peer's spare rings lies in
-        the universe it names, which that peer knows, of the marker's kind."""
+        """I10: no address in two universes. The universes carved from spare space (ranges,
+        static, block space, tenants' keys, name pools) every peer knows (a crashed one: those
+        on its disk) are, any two of them, equal or disjoint, and each is of one kind
+        everywhere; each carve marker in a live peer's spare and block space rings lies in the
+        universe it names, which that peer knows, of the marker's kind. What is carved from
+        block space (blocks, leased blocks) nests in it: carves.Carving.check_view (I13)."""
         kinds: dict[Cidr, tuple[str, str]] = {}  # universe -> (kind, a peer that knows it)
         for p in self.names:
             peer = self.live.get(p)
             if peer is not None:
-                a = peer.allocator
-                known = [(u, a.kind(u)) for u in a.universes()]
                 self._check_markers(p, peer)
-            else:  # a disk keeps only which universes are static (the rest: ranges here)
-                d = self.durable[p]
-                known = [(u, "static" if u in d.static else "range") for u in d.universes
-                         if not is_spare(u)]
+            elif p in self.void:
+                continue
+            else:
+                peer = self._down_peer(p)
+            a = peer.allocator
+            known = [(u, k) for u in a.universes()
+                     if (k := a.kind(u)) not in ("block", "lease", "dissolved")]
             for u, kind in known:
                 seen = kinds.setdefault(u, (kind, p))
                 if seen[0] != kind:
@@ -1192,7 +1263,8 @@ class Sim:
                 reach[u.family] = u
 
     def _check_markers(self, p: str, peer: Peer) -> None:
-        for sp in SPARE:
+        a = peer.allocator
+        for sp in [*SPARE, *(u for u in a.universes() if a.kind(u) == "blocks")]:
             ring = peer.replica.rings.get(sp)
             if ring is None or self.marks_checked.get((p, sp)) == (id(ring), ring.writes):
                 continue  # unchanged since checked
@@ -1204,7 +1276,7 @@ class Sim:
                 c, kind = carve.universe, carve.kind
                 if c not in peer.allocator.rings or not c.start <= lo < hi <= c.end or \
                         kind != peer.allocator.kind(c):
-                    raise Violation(f"I10 seed={self.seed}: {p}'s spare ring carves "
+                    raise Violation(f"I10 seed={self.seed}: {p}'s ring of {sp} carves "
                                     f"{sp.addr(lo)}-{format_addr(sp.family, hi - 1)} as "
                                     f"{e.owner!r}, which is not a {kind} universe of its own "
                                     "holding that span")
@@ -1225,6 +1297,7 @@ class Sim:
                 blocked = {x.address for x in a.by_addr.values() if x.universe == u}
                 blocked |= {x for x, t in a.freed[u].items() if t + a.reuse_delay > self.now}
                 blocked |= {x for f, x in a.reserved if f == u.family}
+                blocked |= set(a._never(u))  # a block's network, gateway and broadcast
                 blocked = {x for x in blocked if lo <= x < hi and ring.owner_of(x) == p}
                 counted = a.free_count(u, lo, hi, self.now)
                 if counted != owned - len(blocked):
@@ -1319,6 +1392,8 @@ class Sim:
                 self._remove_gone()
                 self._converge(max_rounds)
         self._check_added()
+        if self.carving.on:
+            self.carving.check_after_heal()
         first = self.live[self.names[0]].replica
         ring = first.rings[self.u]
         self.stats.ring_entries, self.stats.segments = len(ring.entries), ring.segments()
@@ -1486,7 +1561,8 @@ class Sim:
         that."""
         self.now += 60  # past every quarantine
         first = self.live[self.names[0]].allocator
-        for u in [*self.universes, *sorted(set(first.universes()) - set(self.universes))]:
+        added = {u for u in first.universes() if first.kind(u) == "range"}
+        for u in [*self.universes, *sorted(added - set(self.universes))]:
             if u in first.retired:
                 answer = self._allocate_now(self.names[0], u)
                 if answer is None or answer["ok"] or answer["error"]["code"] != "retired":
