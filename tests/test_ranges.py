@@ -258,3 +258,17 @@ def test_a_host_that_left_gives_no_leased_block_back():
     c.settle()
     assert c.durable["p1"].ring == ring and c.alarms == []
     assert c.peers["p0"].allocator.lease_blocks == {"vpn": [cidr("10.64.0.0/28")]}
+
+
+def test_an_allocate_naming_a_pool_takes_only_its_names():
+    c = Cluster(1, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.NamesCreate("small", "n-{0..2}"))["size"] == 3
+    from appliance.core.spare import key_of
+    pool = key_of("names", "small")
+    got = [_ask(c, "p0", m.Allocate(f"a{i}", pool)) for i in range(4)]
+    assert [r.get("name") for r in got[:3]] == ["n-0", "n-1", "n-2"]
+    assert got[3]["error"]["code"] == "exhausted"
+    r = _ask(c, "p0", m.Claim("b", 6, pool.start + 4))
+    assert r == m.error("bad_address", f"{pool.addr(pool.start + 4)} may not be claimed: it is "
+                        "not a name of name pool small (n-{0..2})")

@@ -743,10 +743,9 @@ def test_the_failure_detection_checker_catches_hasty_and_deaf_detectors(monkeypa
             LivenessSim(0, 5).run()
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason=(
-    "core bug: a plain Claim (or an Allocate naming the pool's /96) takes an address of a name "
-    "pool, past its names too: n-999 of n-{0..3} (found by the simulator, seed 1, I14)"))
 def test_a_plain_claim_takes_no_name_of_a_pool():
+    """Was a core bug: a plain Claim (or an Allocate naming the pool's /96) took an address of
+    a name pool past its names: n-999 of n-{0..3} (found by the simulator, seed 1, I14)."""
     sim = Sim(1, 2, Faults())
     sim.carving.on = True
     drive(sim, "p0", m.NamesCreate("small", "n-{0..3}"))

@@ -300,6 +300,9 @@ class Allocator:
         k = self.kind(u)
         if k == "block" and address == block_gateway(u):
             return f"it is the gateway of {self.kind_text(u)} {u}"
+        if k == "names" and address is not None and \
+                not u.start < address <= u.start + self.pools[u].size:
+            return f"it is not a name of {self.kind_text(u)} ({self.carves[u].args[1]})"
         if k in ("range", "static") or k == "names" and subnet == u or \
                 k == "block" and self.carves[u].name == tenant:
             return None
@@ -381,6 +384,8 @@ class Allocator:
             lo, hi = req.range if req.range is not None else (subnet.start, subnet.end - 1)
             if req.tenant is not None:
                 lo = max(lo, block_gateway(subnet) + 1)  # its first host address: the gateway
+            elif subnet in self.pools:  # only the pool's names: name i is start + 1 + i
+                lo, hi = max(lo, subnet.start + 1), min(hi, subnet.start + self.pools[subnet].size)
             found = self._find(subnet, lo, hi, now, req.tenant)
             if found is not None:
                 u, address = found
