@@ -238,8 +238,7 @@ class Allocator:
                 kinds[u] = carves[u].kind
             elif u in self.static:
                 kinds[u] = "static"
-            elif u in dissolved or self.rings[u].entries and all(
-                    is_marker(e.owner) for e in self.rings[u].entries):
+            elif u in dissolved:
                 kinds[u] = DISSOLVED
             else:
                 kinds[u] = "range"  # made before markers, or not heard of whole yet

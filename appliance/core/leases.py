@@ -18,8 +18,8 @@ from .names import Pattern
 from .peer_messages import SpaceDenied, SpaceGrant, SpaceRequest
 from .ring import Ring
 from .rings import Change
-from .spare import (DISSOLVED, REGISTRY, block_size, check_name, is_marker, is_spare, key_of,
-                    marker, parse_marker, spare_of)
+from .spare import (DISSOLVED, REGISTRY, SPARE, block_size, check_name, is_marker, is_spare,
+                    key_of, marker, parse_marker)
 
 MAX_ASKS = 16  # owners asked for one request: each grant brings the ring it needs up to date
 
@@ -39,7 +39,7 @@ def attempt(peer, w, now: float, out) -> None:
         blocks = set(a.tenant_blocks.get(req.name, ()))
         for h in [h for h in list(a.by_addr.values()) if h.universe in blocks]:
             out.rows += a.apply(m.Release(h.handle, (h.family, h.address)), now)[1]
-    plan = _plan(peer, req, now)
+    plan = PLANS[type(req)](peer, req)
     if isinstance(plan, dict):
         out.replies.append((w.ref, plan))
         return
@@ -175,12 +175,8 @@ def _what(req) -> str:
 
 # -- plans --------------------------------------------------------------------------------------
 
-def _plan(peer, req, now: float) -> Plan | dict:
-    return PLANS[type(req)](peer, req)
-
-
 def _spare(peer, family: int) -> Ring | dict:
-    sp = peer.rings.get(spare_of(Cidr(family, 0, 0)))
+    sp = peer.rings.get(SPARE[0 if family == 4 else 1])
     if sp is None or not sp.entries:
         if not any(r.entries for r in peer.rings.values()):
             if peer.reachable or peer._unreached():
@@ -328,12 +324,15 @@ def _release_blocks(peer, req: m.ReleaseBlocks) -> Plan | dict:
     return Plan([(c, c.start, c.end) for c in blocks], commit)
 
 
-def _tenant(peer, name: str) -> tuple[Cidr, object] | dict:
+def _tenant(peer, name: str, known: bool = False) -> tuple[Cidr, object] | dict:
+    """The tenant's key and its carve (None if not made; with `known`, an error instead)."""
     key = key_of("tenant", name)
     c = peer.allocator.carves.get(key)
     if c is not None and c.state == "tenant" and c.name != name:
         return m.error("conflict", f"tenant name {name!r} collides with tenant {c.name!r} in "
                        "ipamd's registry; choose another name")
+    if known and c is None:
+        return m.error("no_tenant", f"no tenant {name} is known to {peer.me}")
     return key, c
 
 
@@ -375,12 +374,10 @@ def _tenant_create(peer, req: m.TenantCreate) -> Plan | dict:
 
 
 def _tenant_grow(peer, req: m.TenantGrow) -> Plan | dict:
-    found = _tenant(peer, req.name)
+    found = _tenant(peer, req.name, known=True)
     if isinstance(found, dict):
         return found
     key, c = found
-    if c is None:
-        return m.error("no_tenant", f"no tenant {req.name} is known to {peer.me}")
     family, plen, most = int(c.args[1]), int(c.args[2]), int(c.args[3])
     blocks = peer.allocator.tenant_blocks.get(req.name, [])
     if len(blocks) >= most:
@@ -406,12 +403,10 @@ def _tenant_grow(peer, req: m.TenantGrow) -> Plan | dict:
 
 
 def _tenant_delete(peer, req: m.TenantDelete) -> Plan | dict:
-    found = _tenant(peer, req.name)
+    found = _tenant(peer, req.name, known=True)
     if isinstance(found, dict):
         return found
     key, c = found
-    if c is None:
-        return m.error("no_tenant", f"no tenant {req.name} is known to {peer.me}")
     blocks = list(peer.allocator.tenant_blocks.get(req.name, []))
 
     def commit(ch, stamp):

@@ -723,6 +723,8 @@ class Peer:
                 raise RingError(f"the marker at {u.addr(e.start)} of {u} lies outside "
                                 f"{c.universe}")
             marks.append((u, c))
+        if not marks:
+            return {}  # most deltas: nothing carved, nothing to look up per universe
         # Given back: holds nothing, so a carve may overlap it (a block of another size).
         dissolved = {u for u in self.rings if a.kind(u) == DISSOLVED} | \
             {c.universe for _, c in marks if c.state == DISSOLVED}
@@ -999,9 +1001,8 @@ class Peer:
             return m.error("no_range", f"{c} is not a range of this cluster (ranges: "
                            f"{', '.join(map(str, ranges))})")
         if c not in a.carves:
-            if not any(r.entries for u, r in self.rings.items() if is_spare(u)):
-                if not any(r.entries for r in self.rings.values()):
-                    return m.error("unreachable", f"{self.me} has heard no ring yet")
+            if not any(r.entries for r in self.rings.values()):
+                return m.error("unreachable", f"{self.me} has heard no ring yet")
             return m.error("not_supported", f"{c} was made before ranges could be retired "
                            "online (schema 5): it has no marker to change")
         parent = self.rings[a.parent_of(c)]
@@ -1018,8 +1019,7 @@ class Peer:
     def _tenant_full(self, tenant: str, asked: list[str]) -> dict:
         a = self.allocator
         blocks = a.tenant_blocks.get(tenant, [])
-        key = next((c for c in a.carves.values() if c.state == "tenant" and c.name == tenant),
-                   None)
+        key = a.carves.get(key_of("tenant", tenant))
         most = f"; it may have {key.args[3]} block(s)" if key else ""
         return m.error("tenant_full", (
             f"tenant {tenant} is full: no free address in its {len(blocks)} block(s) "

@@ -51,7 +51,6 @@ SPARE = (Cidr(4, 0, 0), Cidr(6, 0, 0))
 # may overlap it (AddRange refuses). Two names whose hashes collide: the second is refused.
 REGISTRY = Cidr(6, 0xfdff_ffff_ffff_ffff << 64, 64)
 MARK = "@"
-RETIRED = MARK + "retired "
 DISSOLVED = "dissolved"
 # marker state -> (the kind of universe it makes, the parent kinds it may be carved from,
 # how many words follow the CIDR)
@@ -128,10 +127,6 @@ def parse_marker(owner: str) -> Carve:
     return Carve(state, u, args)
 
 
-def spare_of(u: Cidr) -> Cidr:
-    return SPARE[0] if u.family == 4 else SPARE[1]
-
-
 def key_of(kind: str, name: str) -> Cidr:
     """The /96 of REGISTRY that a tenant's or a pool's name is carved at."""
     h = int.from_bytes(hashlib.blake2b(f"{kind}:{name}".encode(), digest_size=4).digest(), "big")
@@ -144,14 +139,6 @@ def check_name(what: str, name: str) -> str | None:
         return (f"{what} name {name!r} must be 1 to 63 characters of a-z, 0-9, '.', '_' and "
                 "'-', starting with a letter or digit")
     return None
-
-
-def aligned_blocks(lo: int, hi: int, size: int):
-    """Every block of `size` addresses aligned to its size inside [lo, hi), ascending."""
-    start = -(-lo // size) * size
-    while start + size <= hi:
-        yield start, start + size
-        start += size
 
 
 def block_size(family: int, prefix_len: int) -> int:

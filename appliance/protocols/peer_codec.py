@@ -13,10 +13,10 @@ import msgpack
 
 from ..core import peer_messages as wire
 from ..core.addr import AddrError, Cidr, exact_cidr
+from ..core.spare import MAX_OWNER  # an entry's owner: a peer id, or a carve marker
 from ..core.gossip import Delta
 from ..core.ring import Entry
 
-MAX_OWNER = 255    # an entry's owner: a peer id, or a carve marker (core/spare.py)
 MAX_NAME = 64       # peer ids and cluster ids are short hex; names bound what a peer must hold
 MAX_TEXT = 1024     # reasons
 MAX_ITEMS = 1 << 20  # entries or vector items in one message; the frame bound comes first
