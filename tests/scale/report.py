@@ -180,8 +180,9 @@ def scale_section(run: dict) -> list[str]:
         f"{p['rate']:g} starts and {p['rate']:g} stops per second per host for "
         f"{p['seconds']:g} s, then {p['replace']} hosts killed (-9) and removed with `rmpeer`, "
         f"then {p['replace']} new hosts joined. Load average before "
-        f"{run['load_before'][0]:.2f}, after {run['load_after'][0]:.2f} (other work shared "
-        "the machine).", "",
+        f"{run['load_before'][0]:.2f}, after {run['load_after'][0]:.2f}"
+        + (" (other work shared the machine)." if run['load_before'][0] > 2 else
+           " (the run's own load: the machine was otherwise idle)."), "",
         "![allocation latency](scale/latency.png)", "",
         "| phase | allocations | p50 ms | p95 ms | p99 ms | under 10 ms | needed a peer |",
         "|---|---|---|---|---|---|---|"]
