@@ -72,6 +72,12 @@ log = logging.getLogger("ipamd.peers")
 # fall silent too long, or at once when a peer may have become reachable; within these bounds.
 WATCH = (0.05, 1.0)
 CONNECT_TIMEOUT = 2.0
+# A handshake is two round trips between two live processes. On a loaded machine (a hundred
+# daemons on two cores) each side may wait hundreds of ms for the CPU, and a handshake cut at
+# 2 s was redialled, again and again, by every peer at once: thousands of timed-out
+# handshakes a minute kept the machine loaded (make scale N=100). A dead or cut-off peer fails
+# at the TCP connect instead (CONNECT_TIMEOUT), so failure detection does not wait on this.
+HANDSHAKE_TIMEOUT = 10.0
 BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
@@ -450,7 +456,7 @@ class PeerNet:
     async def _handshake(self, stream, outbound: bool) -> tuple[_Session, str, int]:
         framed = _Framed(stream)
         mine = os.urandom(16)
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
             hello = self._hello(mine)
             await framed.write(hello)
             heard = await framed.read(MAX_HELLO)
@@ -583,12 +589,23 @@ class PeerNet:
         """Books to the peers whose last one is out of date; now and then, an unchanged one
         to the peer that has had it longest."""
         refreshed = self.clock()
+        last: dict = {}
         while True:
             await trio.sleep(ADDRESS_BOOK_EVERY)
             now = self.clock()
             whole = self._book_entries(None)
+            if whole == last:
+                # Unchanged (the usual case): the same object, so the peers sent it already
+                # are told apart by identity, not by comparing a hundred entries per peer.
+                whole = last
+            last = whole
             for peer in list(self.out):
-                if peer in self.book_sent and self.book_sent[peer][0] != whole:
+                sent = self.book_sent.get(peer)
+                if sent is None or sent[0] is whole:
+                    continue
+                if sent[0] == whole:  # the same book: keep this object, compared by identity
+                    self.book_sent[peer] = (whole, sent[1])
+                else:
                     self._send_book(peer, whole, full=False)
             if now - refreshed >= BOOK_REFRESH_EVERY and self.book_sent:
                 refreshed = now

@@ -1,5 +1,6 @@
 """Delta gossip converges under drop, duplicate, reorder and delay; vectors only grow; a delta
 carries what changed, not the ring. Seeded: a failure prints its seed and replays exactly."""
+import ipaddress
 import random
 
 import pytest
@@ -244,3 +245,59 @@ def test_a_denial_brings_the_asker_news_of_where_the_space_went():
     assert dst == "c" and isinstance(grant, SpaceGrant)
     ((ref, reply),) = c.receive("b", grant, now).replies
     assert ref == "r" and reply["ok"] and reply["address"] == "10.0.64.0/16"  # in what b was given
+
+
+def _burst(n: int):
+    """a founds, b has heard the ring and owns nothing; n allocations arrive on b at once:
+    b asks a once, the others wait for that answer. Returns a, b, the request, the time."""
+    from appliance.core import messages as m
+    from appliance.core.peer import Peer
+    from appliance.core.peer_messages import SpaceRequest
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b = Peer("b", "c", [Ring(u)], u)
+    a.reachable, b.reachable = {"b"}, {"a"}
+    _, now = _deliver({"a": a, "b": b}, 0.0)
+    asks = [b.request(f"r{i}", m.Allocate(f"h{i}"), now).messages for i in range(n)]
+    assert [len(x) for x in asks] == [1] + [0] * (n - 1)  # one request for the burst
+    ((dst, ask),) = asks[0]
+    assert dst == "a" and isinstance(ask, SpaceRequest)
+    return a, b, ask, now
+
+
+def test_a_burst_lacking_space_asks_once_and_the_grant_serves_all():
+    from appliance.core.peer_messages import SpaceGrant
+    a, b, ask, now = _burst(4)
+    ((dst, grant),) = a.receive("b", ask, now).messages
+    assert dst == "b" and isinstance(grant, SpaceGrant)
+    out = b.receive("a", grant, now)
+    assert out.messages == []  # the space given serves all four
+    replies = dict(out.replies)
+    assert sorted(replies) == ["r0", "r1", "r2", "r3"] and all(r["ok"] for r in replies.values())
+    got = {int(ipaddress.ip_interface(r["address"]).ip) for r in replies.values()}
+    assert len(got) == 4 and {b.rings[UNIVERSES[0]].owner_of(x) for x in got} == {"b"}
+
+
+def test_a_burst_whose_request_goes_unanswered_times_out_together_naming_the_peer():
+    a, b, ask, now = _burst(3)  # a never answers
+    assert b.tick(now + 1.0).replies == []
+    out = b.tick(now + 2.0)
+    assert sorted(ref for ref, _ in out.replies) == ["r0", "r1", "r2"]
+    for _, r in out.replies:
+        assert r["error"]["code"] == "timeout"
+        assert r["error"]["message"] == "no answer within 2s from a"
+    assert out.messages == [] and b.waiting == {}  # nobody asks a again, nothing left waiting
+
+
+def test_a_burst_follows_its_request_to_the_next_peer_after_a_denial():
+    from appliance.core.peer_messages import SpaceDenied
+    a, b, ask, now = _burst(3)
+    out = b.receive("a", SpaceDenied("c", ask.req, "a has no free space to spare there"), now)
+    # Nobody else is reachable: all three get `exhausted` naming whom they asked, and no
+    # request goes to a again.
+    assert out.messages == []
+    assert sorted(ref for ref, _ in out.replies) == ["r0", "r1", "r2"]
+    for _, r in out.replies:
+        assert r["error"]["code"] == "exhausted" and "asked a for space in vain" in \
+            r["error"]["message"]
+    assert b.waiting == {}

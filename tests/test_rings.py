@@ -48,6 +48,30 @@ def test_an_entry_outside_the_universe_or_without_its_end(end, why):
         r.check_invariants()
 
 
+def test_an_entry_missing_from_its_writers_index():
+    # Gossip finds what a peer lacks through the index by writer (Ring.written_by): an entry
+    # left out of it would never be sent, and the rings would stay apart with equal vectors.
+    r = split_ring()
+    e = r.entries[1]
+    del r._by_writer[e.stamp[0]][e.start]
+    with pytest.raises(RingInvariant, match=r"^ring of 10\.0\.0\.0/24: the entries by writer "
+                       r"are not the entries$"):
+        r.check_invariants()
+    r._by_writer.setdefault("someone else", {})[e.start] = e
+    with pytest.raises(RingInvariant, match=rf"^ring of 10\.0\.0\.0/24: the entry at {e.start} "
+                       rf"is not filed under its writer {e.stamp[0]!r}"):
+        r.check_invariants()
+
+
+def test_written_by_follows_rewrites():
+    r = split_ring()
+    e = r.entries[0]
+    assert r.written_by(e.stamp[0]) and e in r.written_by(e.stamp[0])
+    (new,) = r.merge([Entry(e.start, e.end, e.owner, e.version + 1, 0, ("w", 9))])
+    assert r.written_by("w") == [new] and e not in r.written_by(e.stamp[0])
+    r.check_invariants()
+
+
 def test_a_sorted_view_that_is_not_the_entries():
     r = split_ring()
     r.entries  # cached

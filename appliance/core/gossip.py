@@ -63,10 +63,12 @@ class Replica:
         # Writers of whom we know more than they do: most answers find none, and skip the scan.
         lacking = {p: (their.get(p, 0), s) for p, s in self.vector.items()
                    if s > their.get(p, 0)}
-        entries = tuple((u, e) for u, ring in self.rings.items() for e in ring.entries
-                        if e.stamp[0] in lacking
-                        and lacking[e.stamp[0]][0] < e.stamp[1] <= lacking[e.stamp[0]][1]
-                        ) if lacking else ()
+        entries = []
+        for u, ring in self.rings.items() if lacking else ():
+            mine = [e for p, (lo, hi) in lacking.items() for e in ring.written_by(p)
+                    if lo < e.stamp[1] <= hi]
+            entries += [(u, e) for e in sorted(mine, key=lambda e: e.start)]
+        entries = tuple(entries)
         return Delta(tuple(sorted(self.vector.items())), entries, tuple(sorted(their.items())))
 
     def hello(self) -> Delta:

@@ -69,6 +69,10 @@ class _Waiting:
     asked: list[str]
     need: m.Allocate | m.Claim | None = None  # what we lack: space for it is asked of peers
     parked: bool = False  # nobody to ask yet, but peers we have not reached: wait for them
+    # Space asked of a peer for these bounds (u, lo, hi of each candidate universe): another
+    # request lacking space in the same bounds waits for that answer instead of asking too.
+    bounds: tuple | None = None
+    follows: int | None = None  # the request (id) whose answer this one waits for
 
 
 def _covers(theirs: Vector, ours: Vector) -> bool:
@@ -452,12 +456,15 @@ class Peer:
                     out.rows += self.allocator.reserve_remote(
                         (w.need.family, w.need.address), w.need.handle, sender)
                 self._attempt(w, now, out)
+                self._wake_followers(msg.req, w, now, out, granted=True)
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
             if w is not None and isinstance(w.request, m.LEASES):
                 out.replies.append((w.ref, leases.denied(w, sender, msg)))
             elif w is not None:
+                w.bounds = None  # asks anew (if at all) under a new id: followers re-join it
                 self._ask(w, out, m.error(msg.code, msg.reason))
+                self._wake_followers(msg.req, w, now, out, granted=False)
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
             self._gateway_released(sender, msg, now, out)
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
@@ -599,6 +606,8 @@ class Peer:
         if self.boot.pending is not None:
             return out  # nothing to do before the split
         for req, w in list(self.waiting.items()):
+            if self.waiting.get(req) is not w:
+                continue  # woken (and asked again under a new id) by a leader's timeout
             if now >= w.deadline:
                 del self.waiting[req]
                 if w.parked:
@@ -609,9 +618,11 @@ class Peer:
                     continue
                 if isinstance(w.need, m.ReserveGateway) and w.asked:
                     out.rows += self.allocator.maybe_reserved((w.need.family, w.need.address))
-                asked = ", ".join(w.asked) or "nobody"
+                lead = self.waiting.get(w.follows) if w.follows is not None else None
+                asked = ", ".join(w.asked or (lead.asked if lead else [])) or "nobody"
                 out.replies.append((w.ref, m.error("timeout", f"no answer within "
                                                    f"{self.request_timeout:g}s from {asked}")))
+                self._wake_followers(req, w, now, out, granted=False)
             elif w.parked and (self.reachable or not self._unreached()):
                 del self.waiting[req]  # someone to ask now (or no one left to wait for)
                 w.parked = False
@@ -854,12 +865,30 @@ class Peer:
             self._ask_owner(w, out, last_error, req.family, req.address,
                             isinstance(req, m.ReserveGateway))
             return
+        bounds = tuple(self._subnet_bounds(req))
+        lead = None if w.asked else next(
+            (r for r, x in self.waiting.items() if x.bounds == bounds and x.follows is None
+             and not x.parked and x.asked), None)
+        if lead is not None:
+            # One of ours already asks for space there (a burst of starts on a host with none
+            # left): wait for its answer, then try again, rather than ask as well. Every
+            # request asking at once made a donor's work grow with the burst, and on a loaded
+            # machine answers came too late (make scale N=100).
+            w.follows = lead
+            self.waiting[self.next_req] = w
+            return
+        offers = [(self._hint(peer, u, lo, hi), peer, u, lo, hi) for u, lo, hi in bounds
+                  for peer in sorted(self.reachable - set(w.asked))]
+        offers = [o for o in offers if o[0] > 0]
         best = None
-        for u, lo, hi in self._subnet_bounds(req):
-            for peer in sorted(self.reachable - set(w.asked)):
-                hint = self._hint(peer, u, lo, hi)
-                if hint > 0 and (best is None or hint > best[0]):
-                    best = (hint, peer, u, lo, hi)
+        if offers:
+            # Any peer with at least half the most free space: each host picks its own (by a
+            # hash of its id), so the hosts of a cluster that all lack space at once (a fill
+            # after a start) spread their questions instead of all asking the richest.
+            most = max(o[0] for o in offers)
+            rich = [o for o in offers if 2 * o[0] >= most]
+            pick = hashlib.blake2b(f"{self.me}/{len(w.asked)}".encode(), digest_size=4)
+            best = rich[int.from_bytes(pick.digest(), "big") % len(rich)]
         if best is None:
             # Knowing no entry at all (a newcomer that has not heard the ring yet), ask a
             # reachable peer anyway rather than fail: its answer or grant brings the ring.
@@ -888,8 +917,25 @@ class Peer:
             return
         _, peer, u, lo, hi = best
         w.asked.append(peer)
+        w.bounds = bounds
         self.waiting[self.next_req] = w
         out.messages.append((peer, SpaceRequest(self.cluster, self.next_req, u, lo, hi)))
+
+    def _wake_followers(self, req: int, leader: _Waiting, now: float, out: Ready,
+                        granted: bool) -> None:
+        """Request `req` was answered or gave up: those waiting for its answer try again (the
+        space may be here now). Unless it brought space, they skip the peers it asked."""
+        for r in sorted(r for r, x in self.waiting.items() if x.follows == req):
+            f = self.waiting.pop(r)
+            f.follows = None
+            if not granted:
+                f.asked = list(leader.asked)
+            if now >= f.deadline:  # its time is up too: no new round of asking
+                out.replies.append((f.ref, m.error("timeout", f"no answer within "
+                                    f"{self.request_timeout:g}s from "
+                                    f"{', '.join(leader.asked) or 'nobody'}")))
+                continue
+            self._attempt(f, now, out)
 
     def _ask_owner(self, w: _Waiting, out: Ready, last_error: dict, family: int, address: int,
                    gateway: bool) -> None:

@@ -62,9 +62,12 @@ class Ring:
     def __init__(self, universe: Cidr, entries: list[Entry] | None = None):
         self.universe = universe
         self._by_start: dict[int, Entry] = {}
+        # start -> entry, per writer (stamp[0]): gossip sends what a peer lacks of a few
+        # writers' news, and finds it here instead of scanning every entry of every ring.
+        self._by_writer: dict[str, dict[int, Entry]] = {}
         for e in entries or []:
             self.check_entry(e)
-            self._by_start[e.start] = e
+            self._index(e)
         self._sorted: list[Entry] | None = None
         self._spans: list[tuple[Entry, int, int]] | None = None
         self._starts: list[int] = []
@@ -107,6 +110,8 @@ class Ring:
         if len(es) != len(held):
             raise RingInvariant(f"{where}: the sorted entries are not the entries "
                                 f"({len(es)} listed, {len(held)} held)")
+        if sum(map(len, self._by_writer.values())) != len(held):
+            raise RingInvariant(f"{where}: the entries by writer are not the entries")
         last, prev = self.universe.start, None
         for i, (e, lo, hi) in enumerate(self.spans()):
             if e.end <= e.start:
@@ -125,6 +130,9 @@ class Ring:
             if es[i] is not e or self._starts[i] != e.start or \
                     prev is not None and prev >= e.start:
                 raise RingInvariant(f"{where}: the sorted entries are out of date at {e.start}")
+            if self._by_writer.get(e.stamp[0], {}).get(e.start) is not e:
+                raise RingInvariant(f"{where}: the entry at {e.start} is not filed under its "
+                                    f"writer {e.stamp[0]!r} (gossip would not send it)")
             try:
                 self.check_entry(e)
             except RingError as err:
@@ -317,8 +325,23 @@ class Ring:
             size[e.start] = size.get(e.start, 0) + hi - lo
         return size
 
-    def _put(self, e: Entry) -> Entry:
+    def _index(self, e: Entry) -> None:
+        old = self._by_start.get(e.start)
+        if old is not None:
+            mine = self._by_writer.get(old.stamp[0])
+            if mine is not None:
+                mine.pop(e.start, None)
+                if not mine:
+                    del self._by_writer[old.stamp[0]]
         self._by_start[e.start] = e
+        self._by_writer.setdefault(e.stamp[0], {})[e.start] = e
+
+    def written_by(self, writer: str) -> list[Entry]:
+        """The entries whose current version `writer` wrote."""
+        return list(self._by_writer.get(writer, {}).values())
+
+    def _put(self, e: Entry) -> Entry:
+        self._index(e)
         self.writes += 1
         self._sorted = self._spans = None
         return e

@@ -57,13 +57,16 @@ def main() -> int:
     ap.add_argument("--replace", type=int, default=0, help="hosts killed, then joined")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the hosts' data directories (printed) after the run")
     args = ap.parse_args()
     if args.hosts < 2:
         ap.error("--hosts must be at least 2 (one is killed and removed)")
     # A hook connection or two per host, and each daemon's stdout pipe: raise the soft limit.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    r = run(Plan(args.hosts, args.seconds, args.live, args.rate, args.replace, seed=args.seed))
+    r = run(Plan(args.hosts, args.seconds, args.live, args.rate, args.replace, seed=args.seed),
+            keep=args.keep)
     show(r)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

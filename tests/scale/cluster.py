@@ -31,7 +31,7 @@ class Host:
         secret = root / "secret"
         flags = ["--iprange", iprange, "--name", self.name, "--listen", "127.0.0.1:0",
                  "--secret-file", str(secret), "--metrics", "127.0.0.1:0",
-                 "--log-level", "error"]
+                 "--log-level", os.environ.get("SCALE_LOG_LEVEL", "error")]
         for p in peers:
             flags += ["--peer", p.addr]
         self.daemon = Daemon(directory, *flags)
@@ -158,14 +158,40 @@ def choose_peers(rng: random.Random, running: list[Host], fanout: int) -> list[H
     return rng.sample(alive, min(len(alive), rng.randint(1, fanout)))
 
 
-def converged(hosts: list[Host]) -> bool:
-    """Every host knows every other as a member, reaches it, and has the same ring."""
+def disagreement(hosts: list[Host]) -> str | None:
+    """None when every host knows every other as a member, reaches it, and has the same ring;
+    else what is not so yet, briefly (a wait that times out says it)."""
     ids = {h.id for h in hosts}
-    seen = set()
-    for h in hosts:
-        s = h.status()
-        if s["standing"] != "member" or not ids <= set(s["members"]) or \
-                not ids - {h.id} <= set(s["reachable"]):
-            return False
-        seen.add(s["ring_digest"])
-    return len(seen) == 1
+    apart, unreached, digests = [], [], {}
+    # Read a few at a time: one by one, a hundred loaded daemons took longer to read than the
+    # rings stayed still (quarantined addresses coming free change hints), so no reading
+    # could ever find them equal.
+    for h, s in zip(hosts, each(hosts, Host.status, "status")):
+        if s["standing"] != "member" or not ids <= set(s["members"]):
+            apart.append(f"{h.name} ({s['standing']}, {len(ids - set(s['members']))} unknown)")
+        missing = ids - {h.id} - set(s["reachable"])
+        if missing:
+            unreached.append(f"{h.name} reaches {len(ids) - 1 - len(missing)} of {len(ids) - 1}")
+        digests.setdefault(s["ring_digest"], []).append(h.name)
+    why = []
+    if apart:
+        why.append("not members or missing members: " + ", ".join(apart[:5]))
+    if unreached:
+        why.append(f"{len(unreached)} hosts do not reach all others: " + ", ".join(unreached[:5]))
+    if len(digests) > 1:
+        groups = sorted(digests.values(), key=len, reverse=True)
+        why.append(f"{len(digests)} different rings, the largest shared by {len(groups[0])}; "
+                   "apart: " + ", ".join(n for g in groups[1:] for n in g[:3]))
+    return "; ".join(why) or None
+
+
+def wait_agreed(hosts: list[Host], what: str, timeout: float, interval: float) -> float:
+    """Seconds until disagreement(hosts) is None; TimeoutError naming what still differed."""
+    t0 = time.monotonic()
+    while True:
+        why = disagreement(hosts)
+        if why is None:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}: {why}")
+        time.sleep(interval)

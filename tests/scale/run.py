@@ -14,13 +14,13 @@ import statistics
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import load
-from tests.daemon_proc import wait_until
 
-from .cluster import SECRET, Host, choose_peers, converged, each, stop_all
+from .cluster import SECRET, Host, choose_peers, each, stop_all, wait_agreed
 
 IPRANGE = "10.64.0.0/12"  # room for 100 hosts of hundreds of containers, and quarantine
 
@@ -34,6 +34,7 @@ class Plan:
     replace: int = 0     # hosts killed and removed, then hosts joined; 0: chosen from hosts
     idle: float = 5.0    # seconds of the idle CPU window
     fanout: int = 2      # a new host is given 1..fanout running hosts with --peer
+    wave: int = 10       # hosts booted at once at the start
     seed: int = 1
 
     def scaled(self) -> Plan:
@@ -42,7 +43,7 @@ class Plan:
         n = self.hosts
         return Plan(n, self.seconds, self.live or max(20, min(300, 6000 // n)),
                     self.rate or min(10.0, 200.0 / n), self.replace or max(1, min(10, n // 10)),
-                    self.idle, self.fanout, self.seed)
+                    self.idle, self.fanout, self.wave, self.seed)
 
 
 class Failed(Exception):
@@ -54,6 +55,12 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def poll(plan: Plan) -> float:
+    """Seconds between looks at whether the rings agree: each look reads every host's status,
+    which at a hundred hosts is itself a load on them."""
+    return min(1.0, max(0.2, plan.hosts / 100))
 
 
 def latency_summary(values: list[float]) -> dict:
@@ -92,14 +99,18 @@ def alive(hosts: list[Host]) -> list[Host]:
 
 def start_hosts(root: Path, hosts: list[Host], count: int, plan: Plan, rng: random.Random,
                 log) -> list[float]:
+    """The first host alone, then the others in waves of `plan.wave` booted at once, as an
+    operator brings up a rack: each given one or a few hosts that are already ready (never one
+    of its own wave, whose address it could not know yet)."""
     ready = []
-    for _ in range(count):
-        i = len(hosts)
-        h = Host(root, i, IPRANGE, choose_peers(rng, hosts, plan.fanout) if hosts else [])
-        hosts.append(h)
-        ready.append(h.start())
-        if (i + 1) % 10 == 0:
-            log(f"  {i + 1} hosts started")
+    while len(ready) < count:
+        wave = 1 if not hosts else min(plan.wave, count - len(ready))
+        new = [Host(root, len(hosts) + k, IPRANGE,
+                    choose_peers(rng, hosts, plan.fanout) if hosts else []) for k in range(wave)]
+        hosts.extend(new)
+        with ThreadPoolExecutor(max_workers=wave) as pool:
+            ready += list(pool.map(Host.start, new))
+        log(f"  {len(hosts)} hosts started")
     return ready
 
 
@@ -221,8 +232,8 @@ def run(plan: Plan, log=print, keep: bool = False) -> dict:
         t0 = time.monotonic()
         ready = start_hosts(root, hosts, plan.hosts, plan, rng, log)
         started = time.monotonic()
-        wait_until("every host to be a member, reach the others and share one ring",
-                   lambda: converged(hosts), timeout=120 + 3 * plan.hosts, interval=0.5)
+        wait_agreed(hosts, "every host to be a member, reach the others and share one ring",
+                    timeout=120 + 3 * plan.hosts, interval=0.5)
         result["start"] = {"ready_s_mean": statistics.fmean(ready), "ready_s_max": max(ready),
                            "all_started_s": started - t0,
                            "converged_after_last_s": time.monotonic() - started}
@@ -251,20 +262,16 @@ def run(plan: Plan, log=print, keep: bool = False) -> dict:
         result["churn"] = {**usage(before, after), "needed_a_peer": donations(hosts) - d0,
                            "late_starts": ledger.late, "client_cpu_pct": client,
                            **latency_summary(ledger.latency.get("churn", []))}
-        t = time.monotonic()
-        wait_until("rings to agree after the churn", lambda: converged(alive(hosts)),
-                   timeout=120, interval=0.2)
-        result["churn"]["settled_s"] = time.monotonic() - t
+        result["churn"]["settled_s"] = wait_agreed(alive(hosts), "rings to agree after the churn",
+                                                   120 + plan.hosts, poll(plan))
         log(f"  churned {plan.seconds:g}s ({len(ledger.latency.get('churn', []))} allocations); "
             f"rings agreed {result['churn']['settled_s']:.1f}s later")
         rss = each(hosts, Host.rss_mb, "RSS")
         result["rss_mb"] = {"mean": statistics.fmean(rss), "max": max(rss)}
         victims = rng.sample(hosts[1:], plan.replace)
         result["rmpeer"] = remove_killed(hosts, victims, log)
-        t = time.monotonic()
-        wait_until("rings to agree after rmpeer", lambda: converged(alive(hosts)),
-                   timeout=120, interval=0.2)
-        result["rmpeer"]["converged_s"] = time.monotonic() - t
+        result["rmpeer"]["converged_s"] = wait_agreed(alive(hosts), "rings to agree after rmpeer",
+                                                      120 + plan.hosts, poll(plan))
         log(f"  rings agreed {result['rmpeer']['converged_s']:.1f}s after the rmpeer")
         joins = [join_one(root, hosts, plan, rng, ledger) for _ in range(plan.replace)]
         result["join"] = {k: [j[k] for j in joins] for k in joins[0]}
@@ -282,5 +289,7 @@ def run(plan: Plan, log=print, keep: bool = False) -> dict:
         # Every daemon signalled before any is waited for, so an interrupt or a failure here
         # leaves none running.
         stop_all(hosts, signal.SIGKILL, timeout=30)
-        if not keep:
+        if keep:
+            log(f"  the hosts' data directories are kept in {root}")
+        else:
             shutil.rmtree(root, ignore_errors=True)
