@@ -204,6 +204,30 @@ def test_the_reply_encoder_writes_what_json_does(reply):
     assert hook.encode_reply(reply) == expect.encode()
 
 
+def _outcome(parse, line: bytes):
+    try:
+        return parse(line)
+    except HookError as e:
+        return (e.code, e.message)
+
+
+HANDLE_TEXT = st.text(max_size=260) | st.text(alphabet='a"\\\x00\x1f\x7f \u00e9\ud800',
+                                              max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["allocate", "release", "lookup", "claim"]), HANDLE_TEXT,
+       st.sampled_from(['', '"v":1,', '"v":2,']), st.sampled_from(["", " ", "\r"]),
+       st.booleans())
+def test_the_quick_parse_of_a_plain_line_is_the_full_parse(op, handle, v, tail, raw):
+    """Lines shaped as the quick path's pattern (or nearly): whatever it answers, the full
+    parse answers alike, a request or an error."""
+    text = json.dumps(handle, ensure_ascii=False)[1:-1] if raw else json.dumps(handle)[1:-1]
+    line = ('{' + v + '"op":"' + op + '","handle":"' + text + '"}' + tail).encode(
+        "utf-8", "surrogatepass")
+    assert _outcome(parse_request, line) == _outcome(hook._parse_json, line)
+
+
 def test_a_plain_allocate_and_one_with_every_field_parse_alike():
     assert parse_request(b'{"v":1,"op":"allocate","handle":"a"}') == m.Allocate("a")
     with pytest.raises(HookError, match="handle must be 1-255 printable"):

@@ -11,6 +11,7 @@ bytes it reads and takes requests out, in order.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ..core import messages as m
@@ -172,8 +173,28 @@ def _loads(line: bytes):
         return json.loads(line)
 
 
+# The usual line, as the CNI forwarder, the CLI and scripts write it: an op and a handle with
+# no escapes, nothing else. Matched, it needs no JSON decoding and no look at optional fields;
+# whatever the match lets through that the full parse would refuse (a handle not printable,
+# too long, not UTF-8) goes to the full parse, for its error.
+_PLAIN_LINE = re.compile(rb'\{(?:"v":1,)?"op":"(allocate|release|lookup)",'
+                         rb'"handle":"([^"\\\x00-\x1f]{1,255})"\}')
+_PLAIN_OPS = {b"allocate": m.Allocate, b"release": m.Release, b"lookup": m.Lookup}
+
+
 def parse_request(line: bytes) -> m.Request:
     """One line (without its newline) -> a request; HookError names what is wrong."""
+    if (plain := _PLAIN_LINE.fullmatch(line)) is not None:
+        try:
+            handle = plain[2].decode()
+        except UnicodeDecodeError:
+            return _parse_json(line)
+        if len(handle) <= MAX_HANDLE and handle.isprintable():
+            return _PLAIN_OPS[plain[1]](handle)
+    return _parse_json(line)
+
+
+def _parse_json(line: bytes) -> m.Request:
     if len(line) > MAX_LINE:
         raise HookError("too_large", f"request of {len(line)} bytes exceeds {MAX_LINE}")
     try:
