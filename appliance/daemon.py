@@ -177,7 +177,7 @@ class CoreLoop:
         allocation that needs space from a peer waits for the grant (or the timeout)."""
         w = _Waiter()
         try:
-            led = await self._submit(request, w)
+            led = await self._process(self._apply(request, w))
             if not (led and w.done):  # a leader has yielded already
                 await w.event.wait()
         finally:
@@ -195,9 +195,10 @@ class CoreLoop:
         request is applied (and committed, if this task led its batch; then the reply has
         been handed over): True if it yielded on the way. A CoreBug from the core itself is
         raised here, as submit does, and then is not called."""
-        return await self._submit(request, _Waiter(then))
+        return await self._process(self._apply(request, _Waiter(then)))
 
-    async def _submit(self, request, w: _Waiter) -> bool:
+    def _apply(self, request, w: _Waiter) -> Ready:
+        """The core's Ready for a request, whose reply w waits for."""
         ref = w.ref = next(self._refs)
         self.kicked.set()
         self._waiters[ref] = w
@@ -211,7 +212,7 @@ class CoreLoop:
                 break
         else:  # no reply yet: it waits for a peer (a donation)
             w.asked = time.monotonic()
-        return await self._process(ready)
+        return ready
 
     async def receive(self, sender: str, msg) -> None:
         self.kicked.set()

@@ -76,7 +76,16 @@ async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelSco
             await trio.lowlevel.checkpoint()  # a flood of bad lines must not hog the loop
             replies.put(encode_reply(event.reply()))
         elif type(event) in PLAIN:
-            await _submit(core, event, replies)
+            replies.pending = True
+            try:
+                yielded = await core.submit_then(event, replies.deliver)
+            except CoreBug as e:
+                replies.deliver(e)
+                yielded = False
+            if not (yielded or replies.pending):
+                # Answered at once (nothing to commit), as submit would: the loop needs the
+                # yield.
+                await trio.lowlevel.checkpoint()
         else:
             replies.put(await _answer(core, event))
         replies.answered = True
@@ -158,18 +167,6 @@ class _Replies:
         """Until the pending reply comes."""
         self._sent = trio.Event()
         await self._sent.wait()
-
-
-async def _submit(core: CoreLoop, request, replies: _Replies) -> None:
-    replies.pending = True
-    try:
-        yielded = await core.submit_then(request, replies.deliver)
-    except CoreBug as e:
-        replies.deliver(e)
-        yielded = False
-    if not (yielded or replies.pending):
-        # Answered at once (nothing to commit), as submit would: the loop needs the yield.
-        await trio.lowlevel.checkpoint()
 
 
 async def _receive(sock: socket.socket, idle: trio.CancelScope, wait: bool) -> bytes | None:
