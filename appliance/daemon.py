@@ -121,6 +121,7 @@ class CoreLoop:
         self.ever_reached: set[str] = set()
         self.dialling = False
         self.kicked = trio.Event()  # set by every event but ticks: the ticker goes fast again
+        self._shared = False  # the last batch held more than one event
 
     @property
     def allocator(self):
@@ -304,12 +305,16 @@ class CoreLoop:
 
     async def _lead(self, batch: _Batch) -> None:
         # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
-        # Twice: trio runs a pass's tasks in a random order, so after one yield this task
-        # runs before half of those the same poll woke, whose requests would then wait for
-        # a commit of their own. Measured under 8 clients: 5 requests a commit with one
-        # yield, 7 with two (a commit costs about what 6 requests' other work does).
+        # Twice while batches are shared: trio runs a pass's tasks in a random order, so
+        # after one yield this task runs before half of those the same poll woke, whose
+        # requests would then wait for a commit of their own. Measured under 8 clients: 5
+        # requests a commit with one yield, 8 with two (a commit costs about what 6
+        # requests' other work does). While each batch holds one event (one client), the
+        # second yield would only add latency.
         await trio.lowlevel.cancel_shielded_checkpoint()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._shared:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._shared = len(batch.after) > 1
         self._open = _Batch()
         failed = batch.failed
         if failed is None:
