@@ -1,11 +1,13 @@
 """The hook socket: each connection's lines (protocols/hook.py frames and parses them) become
-core requests through CoreLoop.submit, the one gate, and their replies go back in order, each
-only once what it changed is durable. Served by unixsock.serve_unix: 0660, capped."""
+core requests through CoreLoop.submit (or submit_then), the one gate, and their replies go
+back in order, each only once what it changed is durable. Served by unixsock.serve_unix:
+0660, capped."""
 from __future__ import annotations
 
 import functools
 import logging
 import socket
+import typing
 from pathlib import Path
 
 import trio
@@ -32,46 +34,154 @@ async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_I
 async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
     # The plain socket under the stream: trio's socket methods add a checkpoint to every send
     # and receive that did not block, two scheduler passes per request that the commit wait
-    # makes needless (every request waits there, or checkpoints below).
+    # makes needless (every request waits there, or checkpoints below). The nursery is for
+    # a reply the socket does not take at once (_Replies).
     sock = socket.socket(fileno=stream.socket.detach())
     sock.setblocking(False)
+    replies = None
     try:
         with trio.CancelScope(deadline=trio.current_time() + HOOK_IDLE) as idle:
-            await _serve_lines(sock, core, idle)
+            async with trio.open_nursery() as nursery:
+                replies = _Replies(sock, nursery)
+                await _serve_lines(sock, core, idle, replies)
     finally:
+        if replies is not None:
+            replies.gone = True  # a reply still to come has nowhere to go
         trio.lowlevel.notify_closing(sock)
         sock.close()
 
 
-async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelScope) -> None:
+async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelScope,
+                       replies: _Replies) -> None:
     conn = HookConnection()
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
-            data = await _receive(sock, idle)
+            # After a reply, or with one to come, the client is reading it: wait for more
+            # rather than try a read that would fail.
+            data = await _receive(sock, idle, replies.answered or replies.pending)
             if data is None:  # reset by the client
                 return
             conn.receive_data(data)
             continue
+        # One request at a time: the next (or the hang-up) once the last one's reply is out.
+        if replies.pending:
+            await replies.wait()
+        if not await replies.drained():
+            return
         if event is CLOSED:
             return
         if isinstance(event, HookError):
             log.info("event=bad_request code=%s message=%r", event.code, event.message)
             await trio.lowlevel.checkpoint()  # a flood of bad lines must not hog the loop
-            out = encode_reply(event.reply())
+            replies.put(encode_reply(event.reply()))
+        elif type(event) in PLAIN:
+            replies.pending = True
+            try:
+                yielded = await core.submit_then(event, replies.deliver)
+            except CoreBug as e:
+                replies.deliver(e)
+                yielded = False
+            if not (yielded or replies.pending):
+                # Answered at once (nothing to commit), as submit would: the loop needs the
+                # yield.
+                await trio.lowlevel.checkpoint()
         else:
-            out = await _answer(core, event)
-        if not await _send(sock, out):
+            replies.put(await _answer(core, event))
+        replies.answered = True
+
+
+# Requests whose reply is the core's, as it is: handed to the connection by whoever has it
+# (CoreLoop.submit_then). The others (status, range_add, CNI) add to it or check first.
+PLAIN = frozenset(typing.get_args(m.Request)) - {m.Status}
+
+
+class _Replies:
+    """What goes back on one connection, in order: at most one request is out at a time.
+    A reply is sent as soon as it is known, by whichever task has it; what the socket does not
+    take at once a task of the connection's nursery sends as the client reads, and the
+    connection reads no more requests meanwhile (drained)."""
+    __slots__ = ("sock", "nursery", "unsent", "pending", "answered", "gone", "_sent",
+                 "_flushed")
+
+    def __init__(self, sock: socket.socket, nursery: trio.Nursery):
+        self.sock, self.nursery = sock, nursery
+        self.unsent = bytearray()
+        self.pending = False  # a request is out: its reply is still to come
+        self.answered = False  # a reply has gone (or is going) out
+        self.gone = False  # the client is gone, or the connection is over
+        self._sent: trio.Event | None = None  # set when the pending reply comes
+        self._flushed: trio.Event | None = None  # set when _flush has sent all of unsent
+
+    def put(self, data: bytes) -> None:
+        """Send data, or have _flush send what the socket does not take; never waits or
+        raises."""
+        if self.gone:
             return
+        if not self.unsent:
+            try:
+                data = data[self.sock.send(data):]
+            except BlockingIOError:
+                pass
+            except OSError:  # the client hung up
+                self.gone = True
+                return
+            if not data:
+                return
+        self.unsent += data
+        if self._flushed is None:
+            self._flushed = trio.Event()
+            self.nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            while self.unsent and not self.gone:
+                await trio.lowlevel.wait_writable(self.sock)
+                try:
+                    del self.unsent[:self.sock.send(self.unsent)]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.gone = True
+        finally:
+            done, self._flushed = self._flushed, None
+            done.set()
+
+    async def drained(self) -> bool:
+        """Wait until all that was put has gone out; False if the client is gone."""
+        if self._flushed is not None:
+            await self._flushed.wait()
+        return not self.gone
+
+    def deliver(self, reply) -> None:
+        """CoreLoop.submit_then's `then`: the reply to the request that is out."""
+        if isinstance(reply, (CommitFailed, CoreBug)):
+            reply = error("internal", str(reply))
+        self.put(encode_reply(reply))
+        self.pending = False
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
+
+    async def wait(self) -> None:
+        """Until the pending reply comes."""
+        self._sent = trio.Event()
+        await self._sent.wait()
 
 
-async def _receive(sock: socket.socket, idle: trio.CancelScope) -> bytes | None:
+async def _receive(sock: socket.socket, idle: trio.CancelScope, wait: bool) -> bytes | None:
     """What the client sent (b"" once it closed), or None if it reset the connection.
+
+    `wait`: wait for the socket to be readable before the first try, as after a reply, which
+    a client reads before it sends more: trying at once would nearly always fail, a system
+    call and an exception for nothing. A client that pipelines loses a scheduler pass.
 
     A connection idle for HOOK_IDLE is closed (a slot for someone else) by the `idle` scope,
     whose deadline moves here at most once a second: moving it costs about what the rest of a
     receive does. So it is closed after HOOK_IDLE - 1 to HOOK_IDLE s of silence, or of a
     reply the client does not read."""
+    if wait:
+        await _wait_readable(sock, idle)
     while True:
         try:
             return sock.recv(65536)
@@ -79,25 +189,14 @@ async def _receive(sock: socket.socket, idle: trio.CancelScope) -> bytes | None:
             pass
         except OSError:
             return None
-        now = trio.current_time()
-        if idle.deadline < now + HOOK_IDLE - 1:
-            idle.deadline = now + HOOK_IDLE
-        await trio.lowlevel.wait_readable(sock)  # past the deadline, `idle` ends the connection
+        await _wait_readable(sock, idle)
 
 
-async def _send(sock: socket.socket, data: bytes) -> bool:
-    """All of data, waiting while the socket is full; False if the client is gone."""
-    view = memoryview(data)
-    while True:
-        try:
-            view = view[sock.send(view):]
-        except BlockingIOError:
-            pass
-        except OSError:
-            return False
-        if not view:
-            return True
-        await trio.lowlevel.wait_writable(sock)
+async def _wait_readable(sock: socket.socket, idle: trio.CancelScope) -> None:
+    now = trio.current_time()
+    if idle.deadline < now + HOOK_IDLE - 1:
+        idle.deadline = now + HOOK_IDLE
+    await trio.lowlevel.wait_readable(sock)  # past the deadline, `idle` ends the connection
 
 
 async def _answer(core: CoreLoop, request) -> bytes:

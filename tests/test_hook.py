@@ -8,9 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.core import messages as m
 from appliance.core.addr import cidr
+from appliance.protocols import hook
 from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
                                       RangeAdd, parse_request)
 
@@ -152,6 +155,87 @@ def test_parse_invalid(line, code, words):
     with pytest.raises(HookError) as e:
         parse_request(line)
     assert e.value.code == code and words in e.value.message
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4), max_leaves=20)
+
+
+def _loads_as_json(line: bytes):
+    try:
+        return ("ok", json.loads(line))
+    except (ValueError, RecursionError) as e:
+        return ("error", type(e), str(e))
+
+
+def _quick_loads(line: bytes):
+    try:
+        return ("ok", hook._loads(line))
+    except (ValueError, RecursionError) as e:
+        return ("error", type(e), str(e))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False).encode()),
+    # other encodings json.loads detects, a BOM, bytes that are not UTF-8, and junk
+    st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                     "utf-32-be"]).flatmap(lambda enc: JSON_VALUES.map(
+                         lambda v: json.dumps(v, ensure_ascii=False).encode(enc))),
+    st.binary(max_size=40),
+    st.text(max_size=20).map(lambda t: ('{"op":"' + t + '"}').encode("utf-8", "surrogatepass"))))
+def test_the_quick_decode_is_json_loads(line):
+    """Same value, or the same error text (the bad_request message quotes it)."""
+    ok = _loads_as_json(line)
+    got = _quick_loads(line)
+    if ok[0] == "ok" and got[0] == "ok":
+        assert json.dumps(got[1]) == json.dumps(ok[1])  # NaN-safe, order-keeping
+    else:
+        assert got == ok
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6))
+def test_the_reply_encoder_writes_what_json_does(reply):
+    expect = json.dumps(reply, separators=(",", ":")) + "\n"
+    assert hook.encode_reply(reply) == expect.encode()
+
+
+def _outcome(parse, line: bytes):
+    try:
+        return parse(line)
+    except HookError as e:
+        return (e.code, e.message)
+
+
+HANDLE_TEXT = st.text(max_size=260) | st.text(alphabet='a"\\\x00\x1f\x7f \u00e9\ud800',
+                                              max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["allocate", "release", "lookup", "claim"]), HANDLE_TEXT,
+       st.sampled_from(['', '"v":1,', '"v":2,']), st.sampled_from(["", " ", "\r"]),
+       st.booleans())
+def test_the_quick_parse_of_a_plain_line_is_the_full_parse(op, handle, v, tail, raw):
+    """Lines shaped as the quick path's pattern (or nearly): whatever it answers, the full
+    parse answers alike, a request or an error."""
+    text = json.dumps(handle, ensure_ascii=False)[1:-1] if raw else json.dumps(handle)[1:-1]
+    line = ('{' + v + '"op":"' + op + '","handle":"' + text + '"}' + tail).encode(
+        "utf-8", "surrogatepass")
+    assert _outcome(parse_request, line) == _outcome(hook._parse_json, line)
+
+
+def test_a_plain_allocate_and_one_with_every_field_parse_alike():
+    assert parse_request(b'{"v":1,"op":"allocate","handle":"a"}') == m.Allocate("a")
+    with pytest.raises(HookError, match="handle must be 1-255 printable"):
+        parse_request(b'{"op":"allocate","handle":""}')
+    with pytest.raises(HookError, match="missing field 'handle'"):
+        parse_request(b'{"op":"allocate"}')
+    assert parse_request(b'{"op":"allocate","handle":"a","subnet":null,"anchor":null}') == \
+        m.Allocate("a")
 
 
 def events(conn: HookConnection) -> list:

@@ -11,6 +11,7 @@ bytes it reads and takes requests out, in order.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ..core import messages as m
@@ -159,12 +160,45 @@ def _address(obj: dict, name: str, required: bool):
         raise _bad(f"{name}: {e}") from None
 
 
+_DECODE = json.JSONDecoder().decode
+
+
+def _loads(line: bytes):
+    """json.loads(line), cheaper for the usual line (plain UTF-8). Anything the quick way
+    refuses goes to json.loads, which gives its result or its exact error (a BOM, UTF-16 or
+    -32, a surrogate: none of them parses as UTF-8 JSON, so the quick way never differs)."""
+    try:
+        return _DECODE(line.decode())
+    except (ValueError, RecursionError):
+        return json.loads(line)
+
+
+# The usual line, as the CNI forwarder, the CLI and scripts write it: an op and a handle with
+# no escapes, nothing else. Matched, it needs no JSON decoding and no look at optional fields;
+# whatever the match lets through that the full parse would refuse (a handle not printable,
+# too long, not UTF-8) goes to the full parse, for its error.
+_PLAIN_LINE = re.compile(rb'\{(?:"v":1,)?"op":"(allocate|release|lookup)",'
+                         rb'"handle":"([^"\\\x00-\x1f]{1,255})"\}')
+_PLAIN_OPS = {b"allocate": m.Allocate, b"release": m.Release, b"lookup": m.Lookup}
+
+
 def parse_request(line: bytes) -> m.Request:
     """One line (without its newline) -> a request; HookError names what is wrong."""
+    if (plain := _PLAIN_LINE.fullmatch(line)) is not None:
+        try:
+            handle = plain[2].decode()
+        except UnicodeDecodeError:
+            return _parse_json(line)
+        if len(handle) <= MAX_HANDLE and handle.isprintable():
+            return _PLAIN_OPS[plain[1]](handle)
+    return _parse_json(line)
+
+
+def _parse_json(line: bytes) -> m.Request:
     if len(line) > MAX_LINE:
         raise HookError("too_large", f"request of {len(line)} bytes exceeds {MAX_LINE}")
     try:
-        obj = json.loads(line)
+        obj = _loads(line)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(f"not JSON: {e}") from None
     except RecursionError:
@@ -220,6 +254,8 @@ def parse_request(line: bytes) -> m.Request:
 
 
 def _allocate(obj: dict) -> m.Allocate:
+    if obj.keys() <= _PLAIN:  # the usual request: nothing but its handle to check
+        return m.Allocate(_handle(obj))
     subnet = _subnet(obj)
     rng = _field(obj, "range", list, False)
     if rng is not None:
@@ -236,6 +272,9 @@ def _allocate(obj: dict) -> m.Allocate:
         gateway = gateway[1]
     return m.Allocate(_handle(obj), subnet, _anchor(obj), rng, gateway,
                       _name(obj, "tenant", "tenant", False))
+
+
+_PLAIN = frozenset(("v", "op", "handle"))
 
 
 def _tenant_create(obj: dict) -> m.TenantCreate:
@@ -328,14 +367,25 @@ class HookConnection:
         return CLOSED
 
 
-# Made once: json.dumps with any option builds a new encoder on every call.
+# Made once: json.dumps with any option builds a new encoder on every call, and so does
+# JSONEncoder.encode (its C encoder); this C encoder is made once, with JSONEncoder's options
+# but no cycle check (a reply is a tree), so a reply's text is what JSONEncoder gives.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+if json.encoder.c_make_encoder is not None:
+    _C_ENCODE = json.encoder.c_make_encoder(
+        None, _ENCODE.__self__.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, True)
+
+    def _encode(reply: dict) -> str:
+        return "".join(_C_ENCODE(reply, 0))
+else:  # no _json module: the pure-Python encoder
+    _encode = _ENCODE
 
 
 def encode_reply(reply: dict) -> bytes:
-    return (_ENCODE(reply) + "\n").encode()
+    return (_encode(reply) + "\n").encode()
 
 
 def encode_cni_reply(output: bytes, exit_code: int) -> bytes:
     head = {"ok": True, "exit": exit_code, "length": len(output)}
-    return (_ENCODE(head) + "\n").encode() + output
+    return (_encode(head) + "\n").encode() + output
