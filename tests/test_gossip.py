@@ -301,3 +301,35 @@ def test_a_burst_follows_its_request_to_the_next_peer_after_a_denial():
         assert r["error"]["code"] == "exhausted" and "asked a for space in vain" in \
             r["error"]["message"]
     assert b.waiting == {}
+
+
+def test_after_a_denial_the_burst_follows_its_one_request_to_the_next_peer():
+    """b's burst asks a, which has given all its space to c since (b has not heard): a's
+    denial brings the news, b asks c once for all three, and c's grant serves them all."""
+    from appliance.core import messages as m
+    from appliance.core.peer import Peer
+    from appliance.core.peer_messages import SpaceGrant, SpaceRequest
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b, c = Peer("b", "c", [Ring(u)], u), Peer("c", "c", [Ring(u)], u)
+    a.reachable, b.reachable, c.reachable = {"b", "c"}, {"a", "c"}, {"a", "b"}
+    _, now = _deliver({"a": a, "b": b, "c": c}, 0.0)
+    with a.writer.change([]) as ch:  # a gives all of it to c; only c hears of it
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.end, "c", a.replica.next_stamp(),
+                                        free_hint=u.end - u.start))
+    c.receive("a", a._gossip_msg(a.delta_for("c")), now)
+    asks = [b.request(f"r{i}", m.Allocate(f"h{i}"), now).messages for i in range(3)]
+    assert [len(x) for x in asks] == [1, 0, 0]
+    ((dst, ask),) = asks[0]
+    assert dst == "a"
+    sent = [msg for _, msg in a.receive("b", ask, now).messages]
+    outs = [b.receive("a", msg, now) for msg in sent]
+    assert [o.replies for o in outs] == [[], []]
+    ((dst, ask),) = [x for o in outs for x in o.messages]  # one request, to c, for all three
+    assert dst == "c" and isinstance(ask, SpaceRequest)
+    ((dst, grant),) = c.receive("b", ask, now).messages
+    assert isinstance(grant, SpaceGrant)
+    out = b.receive("c", grant, now)
+    assert sorted(ref for ref, _ in out.replies) == ["r0", "r1", "r2"]
+    assert all(r["ok"] for _, r in out.replies) and out.messages == []
+    assert len({r["address"] for _, r in out.replies}) == 3 and b.waiting == {}

@@ -866,9 +866,9 @@ class Peer:
                             isinstance(req, m.ReserveGateway))
             return
         bounds = tuple(self._subnet_bounds(req))
-        lead = None if w.asked else next(
-            (r for r, x in self.waiting.items() if x.bounds == bounds and x.follows is None
-             and not x.parked and x.asked), None)
+        lead = next((r for r, x in self.waiting.items() if x.bounds == bounds
+                     and x.follows is None and not x.parked and x.asked
+                     and set(w.asked) <= set(x.asked)), None)
         if lead is not None:
             # One of ours already asks for space there (a burst of starts on a host with none
             # left): wait for its answer, then try again, rather than ask as well. Every

@@ -100,10 +100,11 @@ def sim_cost(cases: list[dict], path: Path, size: str) -> list[str]:
         f"({at_1000 / 3600:,.1f} h), " + ("so the matrix stops at 100 peers" if size == "full"
         else f"and the `quick` matrix stops at {n2} peers (`full` goes to 100)") + f". At {n2} peers each "
         f"peer sent {per_round:.1f} messages a round on average ({big['messages']:,} in all). "
-        "The time is the core's own work (profiled before protocol 4's digest probes cut the "
-        "idle gossip: `Peer.receive`/`Peer.tick`, gossip `delta_for` and ring merges), not the "
-        "harness: what was the harness' largest cost, encoding every message to count its "
-        "bytes, is done on a sample.", "", "![simulator cost](scale/sim_cost.png)", ""]
+        "The time is the core's own work, not the harness: what was the harness' largest "
+        "cost, encoding every message to count its bytes, is done on a sample. Every delta "
+        "carries two version vectors of every peer, so each message grows with the cluster, "
+        "and the bytes per ring change in the table grow faster than the peers do.", "",
+        "![simulator cost](scale/sim_cost.png)", ""]
 
 
 def findings(cases: list[dict]) -> list[str]:
