@@ -58,7 +58,8 @@ from . import peer as pr
 CHECK_EVERY = 2.0
 HOOK_TIMEOUT = 20.0      # a reply later than this is a hang (peer waits are 2 s at most)
 DOCKER_TIMEOUT = 20.0
-CLOSE_WITHIN = 5.0       # a refused handshake must be closed by then (the daemon's bound: 2 s)
+CLOSE_WITHIN = 5.0       # a refused handshake must be closed by then (the daemon's bound: 2 s,
+                         # ACCEPTED_HANDSHAKE_TIMEOUT)
 AUTH_CLOSE_WITHIN = 3.0  # a refused frame at once: before the daemon's 4 s for a silent peer
 WATCH_MOST = 40          # refused peer connections watched at once
 MAX_KEPT = 60
