@@ -465,11 +465,10 @@ class Peer:
                 w.bounds = None
                 self._ask(w, out, m.error(msg.code, msg.reason))
                 # Asking the next peer (under a new id): those waiting for it wait on.
-                again = next((r for r, x in self.waiting.items() if x is w), None)
-                if again is not None and not w.parked:
+                if self.waiting.get(self.next_req) is w and not w.parked:
                     for x in self.waiting.values():
                         if x.follows == msg.req:
-                            x.follows = again
+                            x.follows = self.next_req
                 else:
                     self._wake_followers(msg.req, w, now, out, granted=False)
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
@@ -626,9 +625,8 @@ class Peer:
                 if isinstance(w.need, m.ReserveGateway) and w.asked:
                     out.rows += self.allocator.maybe_reserved((w.need.family, w.need.address))
                 lead = self.waiting.get(w.follows) if w.follows is not None else None
-                asked = ", ".join(w.asked or (lead.asked if lead else [])) or "nobody"
-                out.replies.append((w.ref, m.error("timeout", f"no answer within "
-                                                   f"{self.request_timeout:g}s from {asked}")))
+                out.replies.append((w.ref, self._no_answer(w.asked or
+                                                           (lead.asked if lead else []))))
                 self._wake_followers(req, w, now, out, granted=False)
             elif w.parked and (self.reachable or not self._unreached()):
                 del self.waiting[req]  # someone to ask now (or no one left to wait for)
@@ -938,11 +936,13 @@ class Peer:
             if not granted:
                 f.asked = list(leader.asked)
             if now >= f.deadline:  # its time is up too: no new round of asking
-                out.replies.append((f.ref, m.error("timeout", f"no answer within "
-                                    f"{self.request_timeout:g}s from "
-                                    f"{', '.join(leader.asked) or 'nobody'}")))
+                out.replies.append((f.ref, self._no_answer(leader.asked)))
                 continue
             self._attempt(f, now, out)
+
+    def _no_answer(self, asked: list[str]) -> dict:
+        return m.error("timeout", f"no answer within {self.request_timeout:g}s from "
+                       f"{', '.join(asked) or 'nobody'}")
 
     def _ask_owner(self, w: _Waiting, out: Ready, last_error: dict, family: int, address: int,
                    gateway: bool) -> None:
