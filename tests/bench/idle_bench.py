@@ -5,8 +5,9 @@ every daemon reaches every other and all rings match, the cluster is left idle f
 seconds, measured without touching it (the daemons are read before and after only):
 
 - CPU per daemon: utime + stime from /proc/PID/stat over the window, as % of one core;
-- peer bytes/s per daemon: status's peer_bytes_sent (whole frames, all kinds) over the window;
-  TCP/IP headers and ACKs are not in it;
+- peer bytes/s per daemon: status's peer_bytes_sent (whole frames, all kinds) over the window,
+  also by frame kind (core messages, keepalives, address books); TCP/IP headers and ACKs are
+  not in it;
 - join: from launching the last daemon until every daemon reaches all and all rings match;
 - change: one claim on the last daemon of an address the first owns (a block moves); the time
   until every daemon's ring shows the last daemon owning more than before.
@@ -90,7 +91,8 @@ def run(n: int, idle: float, settle: float, pool: ThreadPoolExecutor) -> dict:
 
             load0 = os.getloadavg()
             cpu0 = [cpu_seconds(d) for d in ds]
-            sent0 = [peer_bytes(s) for s in pool.map(status, ds)]
+            ss0 = list(pool.map(status, ds))
+            sent0 = [peer_bytes(s) for s in ss0]
             w0 = time.monotonic()
             time.sleep(idle)
             w = time.monotonic() - w0
@@ -99,10 +101,11 @@ def run(n: int, idle: float, settle: float, pool: ThreadPoolExecutor) -> dict:
             load1 = os.getloadavg()
             cpu = [100 * (b - a) / w for a, b in zip(cpu0, cpu1)]
             rate = [(peer_bytes(s) - a) / w for s, a in zip(ss, sent0)]
-            kinds = {}
-            for s in ss:
+            kinds = {}  # bytes per second per daemon in the window, by frame kind
+            for s0, s in zip(ss0, ss):
+                b0 = s0.get("peer_bytes_sent", {})
                 for k, v in s.get("peer_bytes_sent", {}).items():
-                    kinds[k] = kinds.get(k, 0) + v
+                    kinds[k] = kinds.get(k, 0) + (v - b0.get(k, 0)) / w / len(ds)
 
             last = ds[-1]
 
@@ -148,10 +151,8 @@ def main() -> None:
             rate = f"{statistics.median(r['rate']):.0f} [{max(r['rate']):.0f}]"
             print(f"{n:>7} {cpu:>21} {rate:>24} {r['join']:>7.2f} {r['change']:>8.2f} "
                   f"{r['load'][0]:>8.2f}-{r['load'][1]:.2f}", flush=True)
-            total = sum(r["kinds"].values()) or 1
-            print(f"{'':>7} bytes since start by kind: " + ", ".join(
-                f"{k} {100 * v / total:.0f}%" for k, v in sorted(r["kinds"].items())),
-                flush=True)
+            print(f"{'':>7} in the window, B/s per daemon by kind (mean): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(r["kinds"].items())), flush=True)
 
 
 if __name__ == "__main__":
