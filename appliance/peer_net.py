@@ -581,7 +581,7 @@ class PeerNet:
                 got = await recv.receive()
             # Sent outside the keepalive's deadline: a send cancelled there would have used
             # its frame's counter (or written half of it), and the peer would hang up on the
-            # next frame as out of sequence.
+            # next frame, tagged with a counter one past the one it expects.
             if got is not None:
                 await session.send(*got)
                 continue

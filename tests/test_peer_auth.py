@@ -1,6 +1,6 @@
 """The peer handshake and frames, in process over memory streams: both sides prove the
 secret, a wrong secret or a replayed proof fails, and a replayed, reordered or altered frame
-ends the connection."""
+ends the connection (its counter is implicit: such a frame fails authentication)."""
 import hashlib
 from dataclasses import dataclass, field
 
@@ -11,9 +11,11 @@ import trio.testing
 from appliance.core.addr import cidr
 from appliance.peer_net import PeerNet, _Framed, _Session
 from appliance.protocols.peer_book import Entry, decode_book
-from appliance.protocols.peer_frames import ADDRESSES, CORE, ProtocolError, mac
+from appliance.protocols.peer_frames import (ADDRESSES, CORE, HEAD, PROTOCOL, TAG_SIZE,
+                                            ProtocolError, Sealer, mac, tag)
 
 SECRET = b"a-cluster-secret-of-some-length"
+AUTH_FAILED = "frame failed authentication (forged, corrupted, replayed or out of order)"
 
 
 @dataclass
@@ -183,17 +185,54 @@ async def test_replayed_reordered_or_altered_frames_end_the_connection():
             await out.write(f)
         return rx
 
-    rx = await feed(frames[0], frames[0])
+    rx = await feed(frames[0], frames[0])  # replayed
     assert await rx.receive() == (CORE, b"one")
-    with pytest.raises(ProtocolError, match="out of sequence"):
+    with pytest.raises(ProtocolError) as e:
         await rx.receive()
-    rx = await feed(frames[1])
-    with pytest.raises(ProtocolError, match="out of sequence"):
+    assert str(e.value) == AUTH_FAILED
+    rx = await feed(frames[1])  # reordered (or the first dropped)
+    with pytest.raises(ProtocolError) as e:
         await rx.receive()
-    altered = frames[0][:10] + bytes([frames[0][10] ^ 1]) + frames[0][11:]
-    rx = await feed(altered)
-    with pytest.raises(ProtocolError, match="failed authentication"):
-        await rx.receive()
+    assert str(e.value) == AUTH_FAILED
+    for i in (0, 1, 3, len(frames[0]) - 1):  # version, kind, payload, tag
+        altered = frames[0][:i] + bytes([frames[0][i] ^ 1]) + frames[0][i + 1:]
+        rx = await feed(altered)
+        with pytest.raises(ProtocolError) as e:
+            await rx.receive()
+        assert str(e.value) == AUTH_FAILED
+
+
+def test_the_counter_is_implicit_not_on_the_wire():
+    """Protocol 6: a frame is version, kind, payload and a 16-byte tag; its counter is only in
+    the tag, so a frame tagged for counter n passes only where n is the one expected."""
+    tx = Sealer(b"k1" * 16, b"k2" * 16)
+    first, second = tx.seal(CORE, b"same"), tx.seal(CORE, b"same")
+    assert first[:-TAG_SIZE] == second[:-TAG_SIZE] == bytes([PROTOCOL, CORE]) + b"same"
+    assert len(first) == HEAD.size + len(b"same") + TAG_SIZE == 22
+    assert first[-TAG_SIZE:] != second[-TAG_SIZE:]  # the counters differ, in the tag alone
+    assert second[-TAG_SIZE:] == tag(b"k1" * 16, 2, first[:HEAD.size], b"same")
+
+    ahead = Sealer(b"k2" * 16, b"k1" * 16)
+    ahead.received = 2  # expects 3: the frame of counter 2 is a replay
+    with pytest.raises(ProtocolError) as e:
+        ahead.unseal(second)
+    assert str(e.value) == AUTH_FAILED
+    assert ahead.received == 2
+    due = Sealer(b"k2" * 16, b"k1" * 16)
+    due.received = 1  # expects 2
+    assert due.unseal(second) == (CORE, b"same")
+    assert due.received == 2
+
+
+def test_an_authenticated_frame_of_another_version_is_refused():
+    head = HEAD.pack(PROTOCOL - 1, CORE)
+    rx = Sealer(b"k2" * 16, b"k1" * 16)
+    with pytest.raises(ProtocolError) as e:
+        rx.unseal(head + b"x" + tag(b"k1" * 16, 1, head, b"x"))
+    assert str(e.value) == f"frame of protocol version {PROTOCOL - 1}, expected {PROTOCOL}"
+    assert rx.received == 0
+    with pytest.raises(ProtocolError, match="^frame too short to be authenticated$"):
+        rx.unseal(bytes(HEAD.size + TAG_SIZE - 1))
 
 
 async def test_oversized_frame_is_refused_before_it_is_read():

@@ -6,23 +6,33 @@ import trio
 
 from appliance.peer_net import PeerNet
 from appliance.protocols import peer_liveness as liveness
-from appliance.protocols.peer_frames import KEEPALIVE_FRAME, ProtocolError
+from appliance.protocols.peer_frames import KEEPALIVE_FRAME, ProtocolError, Sealer, frame
 
 from .test_peer_auth import SECRET, FakeCore
 
 
 def test_keepalive_bytes_stay_flat_and_detection_grows_only_past_the_budget():
-    for peers in (2, 10, 18):  # small clusters: as before (0.5 s, gone after 2 s)
+    for peers in (2, 10, 21):  # small clusters: as before (0.5 s, gone after 2 s)
         assert liveness.interval(peers - 1) == 0.5
         assert liveness.dead_after(liveness.interval(peers - 1)) == 2.0
-    for peers in (19, 40, 100, 200):
+    assert liveness.dead_after(liveness.interval(27)) == 2.0  # 28 peers: 0.648 s, still 2 s
+    assert liveness.dead_after(liveness.interval(28)) == pytest.approx(2.016)
+    for peers in (22, 40, 100, 200):
         every = liveness.interval(peers - 1)
         assert (peers - 1) * liveness.FRAME_BYTES / every == pytest.approx(liveness.BUDGET)
-    assert liveness.dead_after(liveness.interval(39)) == pytest.approx(3.30, abs=0.01)
-    assert liveness.dead_after(liveness.interval(99)) == pytest.approx(8.39, abs=0.01)
+    assert liveness.interval(39) == pytest.approx(0.936)
+    assert liveness.dead_after(liveness.interval(39)) == pytest.approx(2.808)
+    assert liveness.interval(99) == pytest.approx(2.376)
+    assert liveness.dead_after(liveness.interval(99)) == pytest.approx(7.128)
     # A cluster that grows at once: each interval at most twice the one announced before.
     assert liveness.interval(99, last=0.5) == 1.0
     assert liveness.interval(10_000) == liveness.INTERVAL_MAX
+
+
+def test_a_keepalive_on_the_wire_is_frame_bytes():
+    sealer = Sealer(b"k1" * 16, b"k2" * 16)
+    assert len(frame(sealer.seal(KEEPALIVE_FRAME, liveness.encode(2.0)))) \
+        == liveness.FRAME_BYTES == 24
 
 
 def test_keepalives_go_on_a_grid_of_wall_time():
@@ -89,7 +99,8 @@ async def test_a_slow_send_is_never_cut_by_the_keepalive_deadline(monkeypatch):
     """PeerNet._sender: a queued frame whose send is still under way when the keepalive's
     deadline passes is sent whole. It was sent inside that deadline's scope, so the send was
     cancelled after its frame had taken a counter: the peer then hung up on the next frame
-    ("frame 13 out of sequence (expected 12)"), and a request in flight got no answer."""
+    (then "frame 13 out of sequence (expected 12)"; since protocol 6, whose counter is
+    implicit, "frame failed authentication (...)"), and a request in flight got no answer."""
     monkeypatch.setattr(liveness, "until_next", lambda wall, every: 0.02)
 
     class Session:

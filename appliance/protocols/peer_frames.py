@@ -5,9 +5,12 @@ A connection opens with a HELLO each way (magic, protocol version, cluster and b
 peer id, ranges, a fresh nonce, the port it listens on), then a PROOF each way: HMAC-SHA256
 under the cluster secret over the prover's id, both nonces and both hellos (the dialler's
 first). A proof includes the other side's fresh nonce, so an old one cannot be replayed.
-Every later frame is version (1 byte) | counter (8) | kind (1) | payload | HMAC of all that
-under a key derived from the secret and both nonces, and the counter must be exactly one more
-than the last: a replayed, reordered or forged frame is a ProtocolError. peer_net.py moves
+Every later frame is version (1 byte) | kind (1) | payload | tag: HMAC-SHA256, truncated to
+16 bytes, under a key derived from the secret and both nonces, of the frame's counter (8
+bytes), version, kind and payload. The counter is not sent: as TLS's sequence numbers, it is
+implicit, each side counting the frames of the connection, so the receiver checks the tag with
+the counter it expects (one more than the last) and a replayed, reordered, dropped or forged
+frame fails it: a ProtocolError. peer_net.py moves
 these bytes over TCP; what is in a CORE frame is peer_codec.py's, an ADDRESSES frame
 peer_book.py's.
 """
@@ -23,14 +26,18 @@ import msgpack
 MAGIC = "ipamd-peer"
 # 2: SpaceRequest.gateway, SpaceDenied.code; 3: GatewayRelease(d); 4: Gossip.digest (probes
 # carry a vector's digest, not the vector); 5: SpaceRequest.exact, carve markers as owners
-# (up to 255 characters)
-PROTOCOL = 5
+# (up to 255 characters); 6: the frame counter implicit (not sent), the frame's tag HMAC-SHA256
+# truncated to 16 bytes (a keepalive 24 bytes, not 48)
+PROTOCOL = 6
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 MAX_PROOF = 64
 LENGTH = struct.Struct(">I")
-HEAD = struct.Struct(">BQB")  # protocol version, counter, kind; then payload and MAC
-MAC_SIZE = 32
+HEAD = struct.Struct(">BB")  # protocol version, kind; then payload and tag
+COUNTER = struct.Struct(">Q")  # tagged, never sent
+# 128 bits: RFC 2104 and 4868 allow HMAC-SHA256 truncated to half its length; the handshake's
+# proofs and keys stay whole.
+TAG_SIZE = 16
 CORE, KEEPALIVE_FRAME, ADDRESSES = 0, 1, 2
 KIND_NAMES = {CORE: "messages", KEEPALIVE_FRAME: "keepalives", ADDRESSES: "addresses"}
 
@@ -45,6 +52,11 @@ class SelfConnection(ProtocolError):
 
 def mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
+
+
+def tag(key: bytes, counter: int, head: bytes, payload: bytes) -> bytes:
+    """The tag of a frame: its implicit counter, head and payload under a session key."""
+    return mac(key, COUNTER.pack(counter), head, payload)[:TAG_SIZE]
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -88,22 +100,21 @@ class Sealer:
 
     def seal(self, kind: int, payload: bytes) -> bytes:
         self.sent += 1
-        head = HEAD.pack(PROTOCOL, self.sent, kind)
-        return head + payload + mac(self.send_key, head, payload)
+        head = HEAD.pack(PROTOCOL, kind)
+        return head + payload + tag(self.send_key, self.sent, head, payload)
 
     def unseal(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) < HEAD.size + MAC_SIZE:
+        if len(data) < HEAD.size + TAG_SIZE:
             raise ProtocolError("frame too short to be authenticated")
-        head, payload, tag = data[:HEAD.size], data[HEAD.size:-MAC_SIZE], data[-MAC_SIZE:]
-        if not hmac.compare_digest(tag, mac(self.recv_key, head, payload)):
-            raise ProtocolError("frame failed authentication (forged or corrupted)")
-        version, counter, kind = HEAD.unpack(head)
+        head, payload, got = data[:HEAD.size], data[HEAD.size:-TAG_SIZE], data[-TAG_SIZE:]
+        # Tagged with the counter we expect: a frame sent under any other fails here.
+        if not hmac.compare_digest(got, tag(self.recv_key, self.received + 1, head, payload)):
+            raise ProtocolError("frame failed authentication (forged, corrupted, replayed or "
+                                "out of order)")
+        version, kind = HEAD.unpack(head)
         if version != PROTOCOL:  # authenticated, so a peer's bug, not noise on the wire
             raise ProtocolError(f"frame of protocol version {version}, expected {PROTOCOL}")
-        if counter != self.received + 1:
-            raise ProtocolError(f"frame {counter} out of sequence (expected "
-                                f"{self.received + 1}): replayed or reordered")
-        self.received = counter
+        self.received += 1
         return kind, payload
 
 

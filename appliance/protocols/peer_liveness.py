@@ -10,10 +10,11 @@ less than DEAD_AFTER_MIN.
 The interval grows with the number of connections so that an idle daemon's keepalive bytes
 stay near BUDGET bytes a second however large the cluster: on a full mesh, each peer must be
 heard from at least once per interval, so cost = (peers - 1) x frame / interval, and
-detection time = SILENCES x interval is the price of a flat cost. Up to 18 peers the interval
-is INTERVAL_MIN (detection within DEAD_AFTER_MIN, as before); at 40 peers it is
-39 x 48 B / BUDGET = 1.10 s (detection within 3.3 s), at 100 peers 2.80 s (8.4 s). The rest of
-an idle daemon's 2 KB/s goes to probes (core/peer.py) and the rare whole address book.
+detection time = SILENCES x interval is the price of a flat cost. Up to 21 peers the interval
+is INTERVAL_MIN (below BUDGET: 20 x 24 B / 0.5 s = 960 B/s), and detection stays within
+DEAD_AFTER_MIN up to 28 peers; at 40 peers the interval is 39 x 24 B / BUDGET = 0.94 s
+(detection within 2.8 s), at 100 peers 2.38 s (7.1 s). The rest of an idle daemon's 2 KB/s
+goes to probes (core/peer.py) and the rare whole address book.
 
 Keepalives go on a grid of wall time (until_next): an idle daemon wakes once an interval to
 send all its keepalives, not once per peer; what costs CPU at idle is wake-ups, not bytes.
@@ -30,8 +31,8 @@ INTERVAL_MIN = 0.5      # seconds: small clusters keep the old keepalive rate
 INTERVAL_MAX = 10.0
 DEAD_AFTER_MIN = 2.0    # seconds of silence that mean gone, at least
 SILENCES = 3            # intervals of silence that mean gone
-BUDGET = 1700.0         # keepalive bytes a second an idle daemon aims at, whatever its peers
-FRAME_BYTES = 48        # a keepalive on the wire: length, head, 2-byte payload, MAC
+BUDGET = 1000.0         # keepalive bytes a second an idle daemon aims at, whatever its peers
+FRAME_BYTES = 24        # a keepalive on the wire: length 4, head 2, payload 2, tag 16
 _PAYLOAD = struct.Struct(">H")
 
 

@@ -13,8 +13,8 @@ cluster secret, a Docker plugin socket each) are fed, in a random mix drawn from
   daemon within a few seconds;
 - peer port with the secret (the real handshake, then authenticated frames): core messages
   of every kind, well formed or mutated, address books good and bad, absurd numbers, and
-  broken frames (bad MAC, replayed or skipped counter, wrong version, unknown kind, short,
-  oversized). A frame the codec refuses must end the connection; one it accepts must not.
+  broken frames (bad tag, tagged with a replayed or skipped counter, wrong version, unknown
+  kind, short, oversized). A frame the codec refuses must end the connection; one it accepts must not.
   See tests/fuzz/peer.py for the lies this insider never tells.
 
 Checked during the run (every CHECK_EVERY seconds) and at the end: both daemons running,
@@ -585,8 +585,8 @@ class Soak:
                 i = rng.randrange(4, len(good))
                 good[i] ^= 1 << rng.randrange(8)
                 data = bytes(good)
-            elif broken == "replay":
-                data = s.sealed(pr.KEEPALIVE_FRAME, b"", counter=s.sent)  # the last again
+            elif broken == "replay":  # the counter is not sent: tagged with the last one's
+                data = s.sealed(pr.KEEPALIVE_FRAME, b"", counter=s.sent)
             elif broken == "skip":
                 data = s.sealed(pr.KEEPALIVE_FRAME, b"", counter=(s.sent + rng.choice(
                     [2, 2**32, 2**64 - 1])) % 2**64)
@@ -596,7 +596,8 @@ class Soak:
             elif broken == "kind":
                 data = s.sealed(rng.randint(3, 255), payload)
             elif broken == "short":
-                data = pr.frame(rng.randbytes(rng.randint(0, 41)))
+                shortest = pr.HEAD.size + pr.TAG_SIZE  # an authenticated frame's least
+                data = pr.frame(rng.randbytes(rng.randint(0, shortest - 1)))
             elif broken == "huge":
                 data = rng.choice([b"\xff\xff\xff\xff", b"\x01\x00\x00\x01"])
             else:

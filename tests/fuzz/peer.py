@@ -25,7 +25,7 @@ import msgpack
 from appliance.protocols import peer_codec
 from appliance.core.addr import AddrError, parse_cidr, parse_hostport
 from appliance.protocols.peer_frames import (ADDRESSES, CORE, HEAD, KEEPALIVE_FRAME, MAGIC,
-                                            MAX_FRAME, PROTOCOL, mac)
+                                            MAX_FRAME, PROTOCOL, TAG_SIZE, mac, tag)
 
 from . import garble
 
@@ -110,12 +110,14 @@ class Session:
 
     def sealed(self, kind: int, payload: bytes, counter: int | None = None,
                version: int = PROTOCOL) -> bytes:
-        """One frame as the daemon expects it (or with the counter or version given)."""
+        """One frame as the daemon expects it, or tagged with the counter given (not sent: a
+        counter other than the next is a replayed, reordered or skipped frame) or of the
+        version given."""
         if counter is None:
             self.sent += 1
             counter = self.sent
-        head = HEAD.pack(version, counter, kind)
-        return frame(head + payload + mac(self.send_key, head, payload))
+        head = HEAD.pack(version, kind)
+        return frame(head + payload + tag(self.send_key, counter, head, payload))
 
     def send_raw(self, data: bytes, what: str = "", payload: bytes = b"") -> None:
         self.sent_at.append(time.monotonic())
