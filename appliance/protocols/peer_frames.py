@@ -10,9 +10,8 @@ Every later frame is version (1 byte) | kind (1) | payload | tag: HMAC-SHA256, t
 bytes), version, kind and payload. The counter is not sent: as TLS's sequence numbers, it is
 implicit, each side counting the frames of the connection, so the receiver checks the tag with
 the counter it expects (one more than the last) and a replayed, reordered, dropped or forged
-frame fails it: a ProtocolError. peer_net.py moves
-these bytes over TCP; what is in a CORE frame is peer_codec.py's, an ADDRESSES frame
-peer_book.py's.
+frame fails it: a ProtocolError. peer_net.py moves these bytes over TCP; what is in a CORE
+frame is peer_codec.py's, an ADDRESSES frame peer_book.py's.
 """
 from __future__ import annotations
 
