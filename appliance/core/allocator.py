@@ -154,15 +154,17 @@ class Allocator:
     def _mark_used(self, u: Cidr, address: int, rows: list[Row]):
         """Mark address used and not freed (its span rows into rows); return what undoes that
         in memory."""
-        was_used = address in self.used[u]
+        used = self.used[u]
+        was_used = address in used
         changes: dict = {}
         undo_freed = self.freed[u].take(address, changes)
-        rows += self._span_rows(u, changes)
-        self.used[u].add(address)
+        if changes:
+            rows += self._span_rows(u, changes)
+        used.add(address)
 
         def undo():
             if not was_used:
-                self.used[u].discard(address)
+                used.discard(address)
             if undo_freed is not None:
                 undo_freed()
         return undo
@@ -180,8 +182,10 @@ class Allocator:
         rows.append(FreeAddress(text, str(u), now))
         fl.expire(now)
         changes: dict = {}
-        rows += [ForgetFreed(format_addr(u.family, a)) for a in fl.fold(changes)]
-        rows += self._span_rows(u, changes)
+        folded = fl.fold(changes)
+        if folded:  # only once more than KEEP_FREED are remembered one by one
+            rows += [ForgetFreed(format_addr(u.family, a)) for a in folded]
+            rows += self._span_rows(u, changes)
 
     def universe_of(self, key: tuple[int, int]) -> Cidr | None:
         """The innermost universe holding key (a block rather than its block space); spare
@@ -248,11 +252,15 @@ class Allocator:
     def view(self, h: Held) -> dict:
         """An allocation as replies show it: a tenant's names its tenant, a pool's its name."""
         v = h.view()
-        if h.universe in self.pools:
+        # One lookup: a range's universe has a carve too, so every allocation looks.
+        c = self.carves.get(h.universe)
+        if c is None:
+            return v
+        if c.state == "names":  # exactly the carves that have a pool (carves_changed)
             v["name"] = self.pools[h.universe].name(h.address - h.universe.start - 1)
-            v["pool"] = self.carves[h.universe].name
-        elif h.universe in self.carves and self.carves[h.universe].state == "block":
-            v["tenant"] = self.carves[h.universe].name
+            v["pool"] = c.name
+        elif c.state == "block":
+            v["tenant"] = c.name
             v["gateway"] = format_addr(h.family, block_gateway(h.universe))
         return v
 
@@ -363,10 +371,11 @@ class Allocator:
                 subnets = [req.subnet]
         else:
             subnets = [req.subnet or self.default_subnet]
-        held = self.by_handle.get(req.handle, {})
-        for subnet in subnets:
-            if subnet in held:
-                return ok(**self.view(held[subnet])), []
+        held = self.by_handle.get(req.handle)
+        if held:
+            for subnet in subnets:
+                if subnet in held:
+                    return ok(**self.view(held[subnet])), []
         if req.tenant is None:
             bad = self._bad_subnet(subnets[0])
             if bad is not None:
@@ -410,7 +419,7 @@ class Allocator:
     def _bad_subnet(self, subnet: Cidr) -> dict | None:
         """A request's subnet is the default one or lies inside a range: anything else (a
         /0, a subnet straddling a range) would hand out or record addresses no range gives."""
-        if subnet == self.default_subnet or any(u.contains_cidr(subnet)
+        if subnet is self.default_subnet or subnet == self.default_subnet or any(u.contains_cidr(subnet)
                                                 for u in self.universes()):
             return None
         return error("bad_subnet", f"subnet {subnet} is neither the default subnet "
@@ -917,7 +926,9 @@ class Allocator:
         self.by_handle.setdefault(held.handle, {})[held.subnet] = held
         if held.universe is not None:
             insort(self.held_sorted[held.universe], held.address)
-        self.in_use[(held.universe, held.subnet)] += 1
+        # get and set, not Counter's +=: each lookup hashes both blocks of the key
+        key = (held.universe, held.subnet)
+        self.in_use[key] = self.in_use.get(key, 0) + 1
 
     def _unhold(self, held: Held) -> None:
         """Forget held in by_addr and the counts (by_handle is the caller's)."""
@@ -926,8 +937,10 @@ class Allocator:
             hs = self.held_sorted[held.universe]
             del hs[bisect_left(hs, held.address)]
         key = (held.universe, held.subnet)
-        self.in_use[key] -= 1
-        if not self.in_use[key]:
+        n = self.in_use[key] - 1
+        if n:
+            self.in_use[key] = n
+        else:
             del self.in_use[key]
 
     # -- status --------------------------------------------------------------------------------
