@@ -67,7 +67,9 @@ async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelSco
         # One request at a time: the next (or the hang-up) once the last one's reply is out.
         if replies.pending:
             await replies.wait()
-        if not await replies.drained():
+        # Nearly every reply went out whole: then there is nothing to wait for, and no
+        # coroutine is made to find that out (drained is True unless these hold).
+        if (replies.unsent or replies.gone) and not await replies.drained():
             return
         if event is CLOSED:
             return
