@@ -119,7 +119,7 @@ def give_exact(peer, sender: str, msg: SpaceRequest, now: float, out) -> None:
         ch.wrote(u, ring.transfer(peer.me, msg.lo, msg.hi, sender, peer.replica.next_stamp(),
                                   free_hint=msg.hi - msg.lo if peer.allocator.allocatable(u)
                                   else 0))
-    out.messages.append((sender, SpaceGrant(peer.cluster, msg.req, peer.delta_for(sender))))
+    out.messages.append((sender, SpaceGrant(peer.cluster, msg.req, peer.grant_delta(sender))))
 
 
 def _busy(peer, u: Cidr, lo: int, hi: int, now: float) -> str:

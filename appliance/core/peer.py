@@ -787,6 +787,15 @@ class Peer:
         self.sent[peer] = dict(self.replica.vector)
         return delta
 
+    def grant_delta(self, peer: str) -> Delta:
+        """A grant's delta: made against the vector the peer last told us (its vector only
+        grows), not against what we think we sent it since, so the peer can merge it whole. A
+        grant merged in part could carry a parent's rewrite of a given-back block without the
+        block's own @dissolved entry, and the peer would take the block for a range."""
+        delta = self.replica.delta_for(self.known.get(peer, {}))
+        self.sent[peer] = dict(self.replica.vector)
+        return delta
+
     def _refresh_hints(self, now: float, out: Ready, exact: Cidr | None = None) -> None:
         """Tell others how much is free in our entries, when it changed enough to matter
         (in universe `exact`: whenever it changed at all)."""
@@ -1005,7 +1014,7 @@ class Peer:
             # Durable here before the (empty) grant says it is reserved.
             out.rows += rows
             out.messages.append((sender, SpaceGrant(self.cluster, msg.req,
-                                                    self.delta_for(sender))))
+                                                    self.grant_delta(sender))))
             return
         if msg.address is not None:
             block = a.block_holding(u, msg.address, now, sender)
@@ -1041,7 +1050,7 @@ class Peer:
         # Our entries split by the transfer still carry hints of their old size: correct them
         # now, so no peer counts on space that just left (status would show over 100% free).
         self._refresh_hints(now, out, exact=u)
-        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.delta_for(sender))))
+        out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.grant_delta(sender))))
 
 
     # -- carved space (spare.py, leases.py) ------------------------------------------------------
