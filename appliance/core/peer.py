@@ -788,10 +788,13 @@ class Peer:
         return delta
 
     def grant_delta(self, peer: str) -> Delta:
-        """A grant's delta: made against the vector the peer last told us (its vector only
-        grows), not against what we think we sent it since, so the peer can merge it whole. A
-        grant merged in part could carry a parent's rewrite of a given-back block without the
-        block's own @dissolved entry, and the peer would take the block for a range."""
+        """The delta of a grant or a handover (space given): made against the vector the peer
+        last told us (its vector only grows), not against what we think we sent it since, so
+        the peer can merge it whole. Given space merged in part could carry a parent's rewrite
+        of a given-back block without the block's own @dissolved entry (the peer took the block
+        for a range), or miss the entry a leaver kept when it split its space for a grant still
+        on its way (a hole no ring covers, once the grant arrives after the leaver's Handover
+        and is refused)."""
         delta = self.replica.delta_for(self.known.get(peer, {}))
         self.sent[peer] = dict(self.replica.vector)
         return delta

@@ -162,7 +162,7 @@ class Removals:
         self.leaving[peer.next_req] = _Leaving(ref, now + peer.request_timeout, set(by_peer),
                                                handed)
         for to in sorted(by_peer):
-            out.messages.append((to, Handover(peer.cluster, peer.next_req, peer.delta_for(to),
+            out.messages.append((to, Handover(peer.cluster, peer.next_req, peer.grant_delta(to),
                                               tuple(gateways.get(to, ())))))
 
     # -- rmpeer --------------------------------------------------------------------------------

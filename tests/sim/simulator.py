@@ -146,18 +146,7 @@ ADDED_SHARE = 0.25  # of allocations and claims, once ranges were added: in one 
 # waits for all of them again, also for those it already knows have left or were removed,
 # whose word never comes: it stays "waiting" for good. The simulated operator starts it
 # afresh (a new id) at the heal.
-# "left_peer_leaves_a_hole": a grant that splits the granter's entry writes the part it keeps
-# as a new entry of its own, which only its own gossip passes on (a receiver that merged the
-# grant partially cannot: its vector does not cover it). If the granter then leaves
-# (left_peer_silent) before that gossip, and the receivers that hold the entry leave too, or
-# its next grant of that part reaches its receiver after the leave's Handover (which marks
-# the granter removed, so the grant is refused: the leave still answers ok), the shortened
-# entry before it spreads and the part itself has no entry in any ring: a hole no peer
-# owns. No rmpeer reclaims it: the granter owns nothing anywhere, so rmpeer of it answers
-# "already removed", and only a removal round claims gaps. (Found by the scale matrix,
-# node churn: high; tests/test_sim.py reproduces it.)
-KNOWN_BUGS = {"left_peer_silent", "given_to_non_member", "rmpeer_claims_unknown_space",
-              "left_peer_leaves_a_hole"}
+KNOWN_BUGS = {"left_peer_silent", "given_to_non_member", "rmpeer_claims_unknown_space"}
 # What the gate must refuse outside good standing, and what it must let pass (fixed here, so
 # that a test that plants a wrong gate in messages.TAKES does not change the checker's mind).
 TAKES = (*m.TAKES, m.CanServe)
@@ -1409,10 +1398,6 @@ class Sim:
                 owners = sorted({e.owner for e, _, _ in ring.spans()} - set(self.names)
                                 - {e.owner for e in ring.entries if is_marker(e.owner)})
                 holes = self._holes(ring)
-                if not owners and "left_peer_leaves_a_hole" in self.known_bugs and \
-                        all(self._written_by_a_leaver(u, lo, hi) for lo, hi in holes):
-                    self.stats.faults["known_bug_left_peer_leaves_a_hole"] += len(holes)
-                    continue
                 raise Violation(f"I5 seed={self.seed}: some space of {u} has no live owner"
                                 f" (owners: {', '.join(owners)}; no entry for "
                                 + ", ".join(f"{u.addr(lo)}-{format_addr(u.family, hi - 1)}"
@@ -1427,19 +1412,6 @@ class Sim:
                 holes.append((at, lo))
             at = max(at, hi)
         return holes
-
-    def _written_by_a_leaver(self, u: Cidr, lo: int, hi: int) -> bool:
-        """left_peer_leaves_a_hole: every address of [lo, hi), which no live ring has an entry
-        for, lies in an entry a peer that left wrote, in the database of one that left."""
-        spans = sorted((parse_addr(r.start)[1], parse_addr(r.last)[1] + 1)
-                       for p in self.departed for r in self.durable[p].ring.values()
-                       if r.universe == str(u) and r.stamp_peer in self.departed)
-        at = lo
-        for a, b in spans:
-            if a > at:
-                break
-            at = max(at, b)
-        return at >= hi
 
     def _restart_waiting(self) -> bool:
         """After the heal every peer is a member, or is a seed stuck waiting for seeds it
