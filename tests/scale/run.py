@@ -32,7 +32,9 @@ class Plan:
     live: int = 0        # containers per host before the churn; 0: chosen from hosts
     rate: float = 0.0    # starts (and stops) per second per host; 0: chosen from hosts
     replace: int = 0     # hosts killed and removed, then hosts joined; 0: chosen from hosts
-    idle: float = 5.0    # seconds of the idle CPU window
+    # Seconds of the idle window: many keepalive intervals (2.4 s at 100 hosts), or its bytes
+    # depend on how many of their grid points it happens to span (2 or 3 in 5 s).
+    idle: float = 20.0
     fanout: int = 2      # a new host is given 1..fanout running hosts with --peer
     wave: int = 10       # hosts booted at once at the start
     seed: int = 1
