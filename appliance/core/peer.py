@@ -462,15 +462,9 @@ class Peer:
             if w is not None and isinstance(w.request, m.LEASES):
                 out.replies.append((w.ref, leases.denied(w, sender, msg)))
             elif w is not None:
-                w.bounds = None
+                w.bounds = None  # asks anew (if at all) under a new id: followers re-join it
                 self._ask(w, out, m.error(msg.code, msg.reason))
-                # Asking the next peer (under a new id): those waiting for it wait on.
-                if self.waiting.get(self.next_req) is w and not w.parked:
-                    for x in self.waiting.values():
-                        if x.follows == msg.req:
-                            x.follows = self.next_req
-                else:
-                    self._wake_followers(msg.req, w, now, out, granted=False)
+                self._wake_followers(msg.req, w, now, out, granted=False)
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
             self._gateway_released(sender, msg, now, out)
         elif isinstance(msg, (Handover, HandoverAck, RemovePrepare, RemoveAck, RemoveNack,
@@ -883,9 +877,11 @@ class Peer:
                             isinstance(req, m.ReserveGateway))
             return
         bounds = tuple(self._subnet_bounds(req))
-        lead = None if w.asked else next(
-            (r for r, x in self.waiting.items() if x.bounds == bounds and x.follows is None
-             and not x.parked and x.asked), None)
+        # A lead that already asked every peer this one asked (so after a denial, those that
+        # waited for it follow it again to the next peer).
+        lead = next((r for r, x in self.waiting.items() if x.bounds == bounds
+                     and x.follows is None and not x.parked and x.asked
+                     and set(w.asked) <= set(x.asked)), None)
         if lead is not None:
             # One of ours already asks for space there (a burst of starts on a host with none
             # left): wait for its answer, then try again, rather than ask as well. Every
