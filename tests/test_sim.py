@@ -272,11 +272,38 @@ def lease_on_both_sides(sim):
 
 def test_a_block_asked_for_on_both_sides_of_a_partition_is_given_once():
     """Both pick the same block of p2's space; p2 gives it whole to the first asker and
-    nothing to the second, which is refused naming why."""
+    nothing to the second (not_owned), but first sends it what it lacks: the second plans
+    again, sees that block leased, and asks p2 for the next one (leases.denied)."""
     sim = Sim(1, 3, Faults())
     lease_on_both_sides(sim)
+    assert sim.carving.acked_blocks == {cidr("10.250.0.0/28"): ("lease", "vpn-p0", "p0"),
+                                        cidr("10.250.0.16/28"): ("lease", "vpn-p1", "p1")}
+    assert sim.carving.stats["LeaseBlock ok"] == 2 and \
+        sim.carving.stats["LeaseBlock not_owned"] == 0, sim.carving.stats
+
+
+def test_a_block_denied_without_its_news_is_refused_naming_why():
+    """As above, but the news p2 sends with its denial is lost: p1's view still names p2 as
+    the owner of the block it asked for, so it does not ask again (no loop on a stale view)
+    and its client is told why."""
+    sim = Sim(1, 3, Faults())
+    sim.carving.on = True
+    drive(sim, "p2", m.AddRange(cidr("10.250.0.0/24"), blocks=True))
+    sim._rounds(5)
+    sim.blocked = {("p0", "p1"), ("p1", "p0")}
+    sim._update_reachability()
+    replies, real_send, real_reply = [], sim._send, sim._client_reply
+    sim._send = lambda src, dst, msg: None if (src, dst) == ("p2", "p1") and \
+        isinstance(msg, wire.Gossip) and msg.delta.entries else real_send(src, dst, msg)
+    sim._client_reply = lambda p, ref, reply: (replies.append((p, reply)),
+                                               real_reply(p, ref, reply))
+    for p in ("p0", "p1"):
+        drive(sim, p, m.LeaseBlock(f"vpn-{p}", 28))
+    sim._rounds(5)
     assert sim.carving.acked_blocks == {cidr("10.250.0.0/28"): ("lease", "vpn-p0", "p0")}
-    assert sim.carving.stats["LeaseBlock not_owned"] == 1
+    assert [r for p, r in replies if p == "p1"] == [{"ok": False, "error": {
+        "code": "not_owned", "message": "handle 'vpn-p1': p2 gave nothing: p2 does not own "
+        "all of 10.250.0.0-10.250.0.15"}}]
 
 
 def test_checker_catches_blocks_carved_without_owning_their_block_space(monkeypatch):

@@ -5,7 +5,8 @@ a request waits in the peer's `waiting` like an allocate that asked for space.
 Each request is planned afresh at every attempt (after each grant): a plan is the spans this
 host must own whole, and the change to make once it does. The host asks the owner of the first
 part it lacks for exactly that part (SpaceRequest exact=True); the owner gives all of it, or
-nothing and says why (`give_exact`). Then one change writes the markers and the new rings.
+nothing and says why (`give_exact`); if it no longer owns the part, it first sends the news the
+asker lacks, which plans again (`denied`). Then one change writes the markers and the new rings.
 """
 from __future__ import annotations
 
@@ -88,15 +89,36 @@ def _ask(peer, w, u: Cidr, lack: tuple[str | None, int, int], out) -> None:
     else:
         peer.next_req += 1
         w.asked.append(owner)
+        w.exact = (u, lo, hi)
         peer.waiting[peer.next_req] = w
         out.messages.append((owner, SpaceRequest(peer.cluster, peer.next_req, u, lo, hi,
                                                  exact=True)))
 
 
-def denied(w, sender: str, msg: SpaceDenied) -> dict:
-    # Its owner moved it on before our view caught up, or holds something there: no retry
-    # here (no loop on a stale view); the error says which.
-    return m.error(msg.code, f"{_what(w.request)}: {sender} gave nothing: {msg.reason}")
+def denied(peer, w, sender: str, msg: SpaceDenied, now: float, out) -> None:
+    """The owner asked gave nothing. If it no longer owns the part (it moved on before our
+    view caught up) and its news, sent just before the denial, shows the part elsewhere now,
+    or the request no longer needs it (a tenant at its limit), the request is planned again;
+    each new ask is for another part or of another owner, at most MAX_ASKS in all. Otherwise (in use there, or
+    our view still names the sender) the client is told why: no loop on a stale view."""
+    if msg.code == "not_owned" and not _asks_again(peer, w, sender):
+        peer._attempt(w, now, out)
+        return
+    out.replies.append((w.ref, m.error(msg.code, f"{_what(w.request)}: {sender} gave "
+                                       f"nothing: {msg.reason}")))
+
+
+def _asks_again(peer, w, sender: str) -> bool:
+    """Whether planning w's request again would first ask `sender` for the part it was just
+    asked for."""
+    plan = PLANS[type(w.request)](peer, w.request)
+    if isinstance(plan, dict):
+        return False
+    for u, lo, hi in plan.needs:
+        lack = first_lacking(peer.rings[u], peer.me, lo, hi)
+        if lack is not None:
+            return lack[0] == sender and (u, lack[1], lack[2]) == w.exact
+    return False
 
 
 def give_exact(peer, sender: str, msg: SpaceRequest, now: float, out) -> None:
@@ -113,6 +135,13 @@ def give_exact(peer, sender: str, msg: SpaceRequest, now: float, out) -> None:
     elif not is_spare(u) and (busy := _busy(peer, u, msg.lo, msg.hi, now)):
         why, code = busy, "in_use"
     if why is not None:
+        if code == "not_owned":
+            # Its view is behind ours: what it lacks first (the same connection, so before
+            # the denial), against the vector it told us so it merges whole; it then asks
+            # the owner it learns of (denied) instead of refusing its client.
+            delta = peer.grant_delta(sender)
+            if delta.entries:
+                out.messages.append((sender, peer._gossip_msg(delta)))
         out.messages.append((sender, SpaceDenied(peer.cluster, msg.req, why, code)))
         return
     with peer.writer.change(out.rows) as ch:

@@ -73,6 +73,7 @@ class _Waiting:
     # request lacking space in the same bounds waits for that answer instead of asking too.
     bounds: tuple | None = None
     follows: int | None = None  # the request (id) whose answer this one waits for
+    exact: tuple | None = None  # (u, lo, hi): the part a carve (leases.py) last asked for
 
 
 def _covers(theirs: Vector, ours: Vector) -> bool:
@@ -460,7 +461,7 @@ class Peer:
         elif isinstance(msg, SpaceDenied):
             w = self._answered(sender, msg.req)
             if w is not None and isinstance(w.request, m.LEASES):
-                out.replies.append((w.ref, leases.denied(w, sender, msg)))
+                leases.denied(self, w, sender, msg, now, out)
             elif w is not None:
                 w.bounds = None  # asks anew (if at all) under a new id: followers re-join it
                 self._ask(w, out, m.error(msg.code, msg.reason))
