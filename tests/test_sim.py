@@ -257,14 +257,15 @@ def test_checker_catches_a_range_carved_without_owning_its_spare_space(monkeypat
                   "overlap: addresses in two universes")
 
 
-def lease_on_both_sides(sim):
-    """Block space added on p2; p0 and p1 cut off from each other (both reach p2), a block
-    leased on each."""
+def lease_on_both_sides(sim, meanwhile=lambda: None):
+    """Block space added on p2; p0 and p1 cut off from each other (both reach p2), then
+    `meanwhile`, then a block leased on each."""
     sim.carving.on = True
     drive(sim, "p2", m.AddRange(cidr("10.250.0.0/24"), blocks=True))
     sim._rounds(5)
     sim.blocked = {("p0", "p1"), ("p1", "p0")}
     sim._update_reachability()
+    meanwhile()
     for p in ("p0", "p1"):
         drive(sim, p, m.LeaseBlock(f"vpn-{p}", 28))
     sim._rounds(5)
@@ -287,19 +288,14 @@ def test_a_block_denied_without_its_news_is_refused_naming_why():
     the owner of the block it asked for, so it does not ask again (no loop on a stale view)
     and its client is told why."""
     sim = Sim(1, 3, Faults())
-    sim.carving.on = True
-    drive(sim, "p2", m.AddRange(cidr("10.250.0.0/24"), blocks=True))
-    sim._rounds(5)
-    sim.blocked = {("p0", "p1"), ("p1", "p0")}
-    sim._update_reachability()
     replies, real_send, real_reply = [], sim._send, sim._client_reply
-    sim._send = lambda src, dst, msg: None if (src, dst) == ("p2", "p1") and \
-        isinstance(msg, wire.Gossip) and msg.delta.entries else real_send(src, dst, msg)
+
+    def lose_news():
+        sim._send = lambda src, dst, msg: None if (src, dst) == ("p2", "p1") and \
+            isinstance(msg, wire.Gossip) and msg.delta.entries else real_send(src, dst, msg)
     sim._client_reply = lambda p, ref, reply: (replies.append((p, reply)),
                                                real_reply(p, ref, reply))
-    for p in ("p0", "p1"):
-        drive(sim, p, m.LeaseBlock(f"vpn-{p}", 28))
-    sim._rounds(5)
+    lease_on_both_sides(sim, lose_news)
     assert sim.carving.acked_blocks == {cidr("10.250.0.0/28"): ("lease", "vpn-p0", "p0")}
     assert [r for p, r in replies if p == "p1"] == [{"ok": False, "error": {
         "code": "not_owned", "message": "handle 'vpn-p1': p2 gave nothing: p2 does not own "

@@ -419,8 +419,8 @@ class Allocator:
     def _bad_subnet(self, subnet: Cidr) -> dict | None:
         """A request's subnet is the default one or lies inside a range: anything else (a
         /0, a subnet straddling a range) would hand out or record addresses no range gives."""
-        if subnet is self.default_subnet or subnet == self.default_subnet or \
-                any(u.contains_cidr(subnet) for u in self.universes()):
+        if subnet == self.default_subnet or any(u.contains_cidr(subnet)
+                                                for u in self.universes()):
             return None
         return error("bad_subnet", f"subnet {subnet} is neither the default subnet "
                      f"{self.default_subnet} nor inside an allocation range "

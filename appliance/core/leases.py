@@ -99,8 +99,9 @@ def denied(peer, w, sender: str, msg: SpaceDenied, now: float, out) -> None:
     """The owner asked gave nothing. If it no longer owns the part (it moved on before our
     view caught up) and its news, sent just before the denial, shows the part elsewhere now,
     or the request no longer needs it (a tenant at its limit), the request is planned again;
-    each new ask is for another part or of another owner, at most MAX_ASKS in all. Otherwise (in use there, or
-    our view still names the sender) the client is told why: no loop on a stale view."""
+    each new ask is for another part or of another owner, at most MAX_ASKS in all. Otherwise
+    (in use there, or our view still names the sender) the client is told why: no loop on a
+    stale view."""
     if msg.code == "not_owned" and not _asks_again(peer, w, sender):
         peer._attempt(w, now, out)
         return

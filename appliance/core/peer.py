@@ -778,9 +778,7 @@ class Peer:
 
     def delta_for(self, peer: str) -> Delta:
         """What we know that the peer lacks, as far as we know what it has."""
-        delta = self.replica.delta_for(self.sent.get(peer, self.known.get(peer, {})))
-        self.sent[peer] = dict(self.replica.vector)
-        return delta
+        return self._delta_against(peer, self.sent.get(peer, self.known.get(peer, {})))
 
     def grant_delta(self, peer: str) -> Delta:
         """The delta of a grant or a handover (space given): made against the vector the peer
@@ -790,7 +788,10 @@ class Peer:
         for a range), or miss the entry a leaver kept when it split its space for a grant still
         on its way (a hole no ring covers, once the grant arrives after the leaver's Handover
         and is refused)."""
-        delta = self.replica.delta_for(self.known.get(peer, {}))
+        return self._delta_against(peer, self.known.get(peer, {}))
+
+    def _delta_against(self, peer: str, base: Vector) -> Delta:
+        delta = self.replica.delta_for(base)
         self.sent[peer] = dict(self.replica.vector)
         return delta
 

@@ -1389,9 +1389,7 @@ class Sim:
         for u, ring in first.rings.items():
             # Space carved out of a universe (spare space for ranges, a tenant's block, a name
             # pool) is its marker's, and the carve's own ring is checked in its turn; the rest
-            # needs a live owner like any space: the next range or block there asks it. (Until
-            # left_peer_leaves_a_hole was fixed, its tolerance, true of no hole at all, let
-            # marker spans outside spare space pass; now they are counted here.)
+            # needs a live owner like any space: the next range or block there asks it.
             covered = [s for p in self.names for s in ring.owned_by(p)]
             covered += [(lo, hi) for e, lo, hi in ring.spans() if is_marker(e.owner)]
             covered.sort()
