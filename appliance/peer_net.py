@@ -565,7 +565,10 @@ class PeerNet:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
             elif kind == ADDRESSES:
-                if session.peer not in self.core.removed():  # its word counts no more
+                if session.peer in self.core.removed():
+                    # Its word counts no more, but garbage still ends the connection.
+                    peer_book.decode_book(payload)
+                else:
                     self._learn(payload, session.peer)
             elif kind != KEEPALIVE_FRAME:
                 raise ProtocolError(f"unknown frame kind {kind}")

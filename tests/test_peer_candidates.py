@@ -166,6 +166,22 @@ async def test_a_removed_peers_address_books_are_ignored():
         assert n.addresses == learned
 
 
+async def test_a_removed_peers_garbage_book_still_ends_the_connection():
+    """Ignored unread, a bad book from a peer counted removed kept its connection open: the
+    fuzzer saw one whose Handover, sent a moment later on a new connection, was read first."""
+    n = PeerNet(Core(), SECRET, None)
+    n.core.peer.removed["evil"] = "evil"
+    left, right = trio.testing.memory_stream_pair()
+    tx = _Session(_Framed(left), b"k1" * 16, b"k2" * 16, "me")
+    rx = _Session(_Framed(right), b"k2" * 16, b"k1" * 16, "evil")
+    await tx.send(ADDRESSES, b"\x81\xa1p\xa2\xd6\x00")  # {"p": a string not UTF-8}
+    await left.aclose()  # ignored unread, the reader would end on this instead
+    with pytest.raises(ProtocolError, match="^bad address book: 'utf-8' codec can't decode "
+                       "byte 0xd6 in position 0: invalid continuation byte$"):
+        await n._reader(rx, inbound=False)
+    assert n.addresses == {}
+
+
 async def test_an_expired_candidate_is_no_longer_dialled():
     refuser = closed_ports(1)
     addr = f"127.0.0.1:{refuser[0].getsockname()[1]}"

@@ -143,7 +143,6 @@ class Soak:
         self.watching: list[tuple[socket.socket, float, float, str, bytes]] = []
         self.next_keep = 0
         self.auth_failures = 0
-        self.handed_over: set[str] = set()           # fuzzer ids that have said they left
         self.nodes: list[Node] = []
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -558,12 +557,6 @@ class Soak:
                                                              self.nodes[1].port])
             verdict, why = pr.predict_book(payload)
             data, kind = s.sealed(pr.ADDRESSES, payload), f"book_{verdict}"
-            if verdict != "ok" and s.me in self.handed_over:
-                # A daemon ignores the books of a peer it counts as removed (one that handed
-                # its space over: it left) without reading them, and the other daemon learns
-                # of the removal a little later: whether this one ends the connection cannot
-                # be told, so it is sent, and the session ended without a verdict.
-                verdict, kind = "unjudged", f"book_{verdict}_of_a_removed_peer"
         elif r < 0.87:
             # Protocol 4: a keepalive says its interval in 2 bytes (an empty one is taken too);
             # any other payload is the sender's bug and ends the connection.
@@ -603,7 +596,7 @@ class Soak:
             else:
                 data = pr.frame(b"")
         self.report.counts[f"peer_auth.{kind}"] += 1
-        if verdict == "bug" or kind == "book_bug_of_a_removed_peer":
+        if verdict == "bug":
             self.finding("peer", f"local decode of a {kind} payload raised "
                          f"{type(why).__name__}: {why}", payload,
                          key=f"decode {type(why).__name__}: {why}")
@@ -615,15 +608,9 @@ class Soak:
             self.report.counts["peer_auth.send_failed"] += 1
             return
         if verdict == "ok":
-            if kind == "core_ok_Handover":
-                self.handed_over.add(s.me)  # it left: counted as removed from now on
             if rng.random() < 0.05:  # an honest goodbye now and then
                 node.session = None
                 s.close()
-            return
-        if verdict == "unjudged":
-            node.session = None
-            s.close()
             return
         # Refused: the daemon must hang up on us.
         node.session = None
