@@ -60,8 +60,8 @@ def add_commands(sub, client, cidr_arg, anchor_flags) -> None:
                          "address is in use or in quarantine there, naming it)", tenants)
     c.add_argument("name", metavar="NAME")
     c.add_argument("--force", action="store_true",
-                   help="first release what this host holds in its blocks (run it again once "
-                        "their quarantine, --reuse-delay, is over)")
+                   help="first release what this host holds in its blocks, once, when asked (run "
+                        "it again once their quarantine, --reuse-delay, is over)")
 
     c = client("lease-block", "lease HANDLE a whole block of block space (`ipamd release "
                               "HANDLE` gives it back)")

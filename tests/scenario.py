@@ -60,6 +60,7 @@ class Cluster:
         self.blocked: set[tuple[str, str]] = set()
         self.inbox: list[tuple[str, str, object]] = []
         self.replies: dict[object, dict] = {}
+        self.asked = 0  # requests submitted: each its own ref (two may wait at once)
         self.alarms: list[str] = []
         self.seeds, self.quorum = seeds, quorum
         for name in (up or self.names):
@@ -128,7 +129,8 @@ class Cluster:
         return "; ".join(parts)
 
     def submit(self, p: str, req) -> object:
-        ref = ("req", len(self.replies), self.now, p)
+        self.asked += 1
+        ref = ("req", self.asked, p)
         self.handle(p, self.peers[p].request(ref, req, self.now))
         return ref
 

@@ -10,7 +10,7 @@ asker lacks, which plans again (`denied`). Then one change writes the markers an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from . import messages as m
@@ -40,6 +40,9 @@ def attempt(peer, w, now: float, out) -> None:
         blocks = set(a.tenant_blocks.get(req.name, ()))
         for h in [h for h in list(a.by_addr.values()) if h.universe in blocks]:
             out.rows += a.apply(m.Release(h.handle, (h.family, h.address)), now)[1]
+        # Once, when asked: an address allocated there while the delete waits for a peer was
+        # acknowledged to its client, so it is not taken back (the delete finds it in use).
+        w.request = req = replace(req, force=False)
     plan = PLANS[type(req)](peer, req)
     if isinstance(plan, dict):
         out.replies.append((w.ref, plan))
