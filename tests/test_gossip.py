@@ -7,6 +7,7 @@ import pytest
 
 from appliance.core.addr import cidr
 from appliance.core.gossip import Delta, Replica
+from appliance.core.peer_messages import Gossip
 from appliance.core.ring import Ring
 
 UNIVERSES = [cidr("10.0.0.0/16"), cidr("fd00::/112")]
@@ -158,6 +159,53 @@ def test_a_probe_is_a_digest_answered_only_when_the_vectors_differ():
     assert b.replica.digest(b.removed) == a.replica.digest(a.removed)
     b.removals.removed["y"] = "b"
     assert b.replica.digest(b.removed) != a.replica.digest(a.removed)
+
+
+def _deltas(ready) -> list[tuple[str, bool, bool]]:
+    """(to, has entries, marked answer) of each delta or hello sent (probes left out)."""
+    return [(dst, bool(msg.delta.entries), msg.answer) for dst, msg in ready.messages
+            if not msg.digest]
+
+
+def test_news_is_answered_once_and_the_answer_is_not_answered():
+    """Push and answer, then silence: both carry news, but the answer is marked, so two busy
+    peers do not reply to each other every tick for as long as news flows."""
+    u = UNIVERSES[0]
+    a, b, peers, now = _pair()
+    with a.writer.change([]) as ch:  # b owns a little, so it has news of its own to tell
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 64, "b", a.replica.next_stamp()))
+    _, now = _deliver(peers, now)
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start + 64, u.start + 80, "b",
+                                        a.replica.next_stamp()))
+    push = a.tick(now)
+    assert _deltas(push) == [("b", True, False)]
+    assert b.receive("a", push.messages[0][1], now).messages == []
+    with b.writer.change([]) as ch:  # b's own news before its tick
+        ch.wrote(u, b.rings[u].transfer("b", u.start, u.start + 16, "a", b.replica.next_stamp()))
+    answer = b.tick(now + 0.1)
+    replies = [msg for dst, msg in answer.messages if not msg.digest]
+    assert _deltas(answer) == [("a", True, True)]  # its news rides on the answer, marked
+    assert a.receive("b", replies[0], now + 0.1).messages == []
+    assert b.rings[u].entries == a.rings[u].entries
+    assert _deltas(a.tick(now + 0.2)) == []  # merged; nothing owed, nothing b lacks
+    _, now = _deliver(peers, now + 0.3)
+    # A hello (b probed, vectors differ) is answered with a delta that is not marked: its
+    # reply brings the prober what it lacks, and that reply is marked.
+    b.pushed = dict(b.replica.vector)
+    with b.writer.change([]) as ch:
+        ch.wrote(u, b.rings[u].transfer("b", u.start + 16, u.start + 32, "a",
+                                        b.replica.next_stamp()))
+    b.pushed = dict(b.replica.vector)  # its rumour lost: only a probe finds it
+    probe = Gossip("c", Delta((), ()), digest=b.replica.digest(b.removed))
+    ((_, hello),) = a.receive("b", probe, now).messages
+    assert hello.delta.base is None and not hello.answer
+    assert b.receive("a", hello, now).messages == []
+    delta = b.tick(now + 0.1)
+    assert _deltas(delta) == [("a", True, False)]
+    a.receive("b", [msg for _, msg in delta.messages if not msg.digest][0], now + 0.1)
+    assert _deltas(a.tick(now + 0.2)) == [("b", False, True)]  # a's vector, and no more
+    assert b.rings[u].entries == a.rings[u].entries
 
 
 def test_an_idle_pair_sends_only_probes():

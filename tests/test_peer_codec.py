@@ -70,12 +70,16 @@ def test_ipv6_addresses_beyond_64_bits():
     (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, False]),
      "SpaceRequest needs 8 fields"),
     (msgpack.packb(["SpaceDenied", "c", 1, "why", "x" * 33]), "code must be a string"),
-    (msgpack.packb(["Gossip", "c", [[["a", 1], ["a", 2]], [], None], False, [], b""]),
+    (msgpack.packb(["Gossip", "c", [[["a", 1], ["a", 2]], [], None], False, [], b"", False]),
      "names a peer twice"),
-    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], "digest"]), "digest must be"),
-    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], b"x" * 65]), "digest must be"),
-    # A Gossip of protocol 3 (no digest): refused by name, never read with a field missing.
-    (msgpack.packb(["Gossip", "c", [[], [], None], False, []]), "Gossip needs 5 fields"),
+    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], "digest", False]), "digest must be"),
+    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], b"x" * 65, False]),
+     "digest must be"),
+    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], b"", 1]), "answer must be a boolean"),
+    # A Gossip of protocol 3 (no digest) or 6 (no answer): refused by name, never read with a
+    # field missing.
+    (msgpack.packb(["Gossip", "c", [[], [], None], False, []]), "Gossip needs 6 fields"),
+    (msgpack.packb(["Gossip", "c", [[], [], None], False, [], b""]), "Gossip needs 6 fields"),
     (msgpack.packb({"a": 1}), "message must be a list"),
     (msgpack.packb([["Gossip"], "c"]), "unknown message kind"),
 ])

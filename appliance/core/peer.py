@@ -103,6 +103,7 @@ class Peer:
         self.asking: set[str] = set()  # peers asked for their vector; the answer resets `sent`
         self.pushed: Vector = {}       # our vector when we last pushed news
         self.heard: set[str] = set()   # peers heard from since the last tick: answer them next
+        self.greeted: set[str] = set()  # of those, ones that sent a hello: our delta wants a reply
         self.ticks = 0
         self.probes = 0               # probes sent: the rotation's place
         self.news_until = -1.0        # probing every tick until then (AFTER_NEWS)
@@ -565,7 +566,8 @@ class Peer:
         self.removals.learn_removed(self, msg.removed, out)
         self._check_vector(sender, theirs, out)
         self.known[sender] = theirs
-        self.heard.add(sender)
+        if not msg.answer:
+            self.heard.add(sender)
         if msg.nack or sender in self.asking:
             self.sent[sender] = dict(theirs)  # what it has, not what we assumed
             self.asking.discard(sender)
@@ -578,11 +580,17 @@ class Peer:
             # Made against more than we have (a message before it was lost): merge nothing
             # and say so, with what we do have, so the next delta is whole.
             out.messages.append((sender, self._gossip_msg(self.replica.hello(), True)))
-        elif msg.delta.entries or msg.delta.base is None:
-            self.owe_ack.add(sender)  # it sent news, or asked for our vector
+        elif msg.answer:
+            pass  # a reply to ours: what it lacked, it has; what we lacked, we merged
+        elif msg.delta.base is None:
+            self.owe_ack.add(sender)  # it asked for our vector: a delta, and its reply
+            self.greeted.add(sender)
+        elif msg.delta.entries:
+            self.owe_ack.add(sender)  # it sent news: our vector, and what it lacks
 
-    def _gossip_msg(self, delta: Delta, nack: bool = False) -> Gossip:
-        return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())))
+    def _gossip_msg(self, delta: Delta, nack: bool = False, answer: bool = False) -> Gossip:
+        return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())),
+                      answer=answer)
 
     def idle(self) -> bool:
         """Nothing a tick soon would do: no news to push nor gossip to answer, no request
@@ -654,7 +662,11 @@ class Peer:
             for p in sorted(self.boot.confirming & self.reachable - targets):
                 out.messages.append((p, self._gossip_msg(self.replica.hello())))
                 self.asking.add(p)
+        # A delta to a peer that just sent us one is its answer (not answered in turn), but
+        # not to one that sent a hello: our delta tells it our vector, its reply what we lack.
+        answering = (self.owe_ack | self.heard) - self.greeted
         self.heard.clear()
+        self.greeted.clear()
         if peers:
             # Each peer starts its rotation at its own place: peers that tick in step would
             # otherwise all push to, and probe, the same few peers.
@@ -681,7 +693,7 @@ class Peer:
                 continue
             delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
-                out.messages.append((peer, self._gossip_msg(delta)))
+                out.messages.append((peer, self._gossip_msg(delta, answer=peer in answering)))
                 self.sent[peer] = dict(self.replica.vector)
         self.owe_ack.clear()
         return out

@@ -23,6 +23,10 @@ class Gossip:
     # A probe: only the digest of the sender's vector and removals (the delta empty). The
     # receiver answers only when its own digest differs, with its whole vector (a hello).
     digest: bytes = b""
+    # A reply to a delta (news pushed, or our answer to a hello): merged, never answered. Only
+    # deltas without it are answered, once: else two busy peers, each with news for the other,
+    # would talk every tick for ever, and each peer to ever more of the others.
+    answer: bool = False
 
 
 @dataclass(frozen=True)

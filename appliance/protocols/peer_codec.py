@@ -186,7 +186,7 @@ def _field(cls, name: str, v):
         if not isinstance(v, bytes) or len(v) > 64:
             raise CodecError("digest must be at most 64 bytes")
         return v
-    if name in ("nack", "gateway", "exact"):
+    if name in ("nack", "gateway", "exact", "answer"):
         if not isinstance(v, bool):
             raise CodecError(f"{name} must be a boolean")
         return v
