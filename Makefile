@@ -69,7 +69,8 @@ scale: $(STAMP)
 
 ## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions up to
 ## 1,000 peers), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
-## last `make scale`): make report [MATRIX=quick|full] [REPLOT=1 to re-plot the last matrix]
+## last `make scale`): make report [MATRIX=quick|full|huge] [REPLOT=1 to re-plot the last matrix]
+## (huge: full and 1,000 peers, about an hour more)
 MATRIX ?= full
 REPLOT ?=
 report: $(STAMP)

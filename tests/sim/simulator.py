@@ -157,6 +157,44 @@ class Violation(AssertionError):
     pass
 
 
+class Acked(dict):
+    """(peer, handle) -> address acknowledged, indexed by address too: checking each answer
+    against every acknowledged address was quadratic, the most of a thousand-peer run."""
+
+    def __init__(self):
+        super().__init__()
+        self._by_address: dict[str, set[tuple[str, str]]] = {}
+
+    def holders(self, address: str) -> set[tuple[str, str]]:
+        return self._by_address.get(address, set())
+
+    def __setitem__(self, key, address) -> None:
+        if key in self:
+            del self[key]
+        super().__setitem__(key, address)
+        self._by_address.setdefault(address, set()).add(key)
+
+    def __delitem__(self, key) -> None:
+        address = super().pop(key)
+        keys = self._by_address[address]
+        keys.discard(key)
+        if not keys:
+            del self._by_address[address]
+
+    def pop(self, key, *default):
+        if key not in self:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        address = self[key]
+        del self[key]
+        return address
+
+    def drop_peer(self, p: str) -> None:
+        for key in [k for k in self if k[0] == p]:
+            del self[key]
+
+
 def random_v6(rng: random.Random) -> Cidr:
     """An IPv6 range from /32 to /128: tiny ones (a /128 is one address), small ones where
     peers run short, huge ones (2^64 addresses and more); a fifth at the top of the address
@@ -341,7 +379,7 @@ class Sim:
         self.due: list[tuple[float, int, str, str, object]] = []    # delivered in any order
         self.views_of_down: dict[str, dict[Cidr, list[tuple[int, int]]]] = {}
         self.msg_seq = 0
-        self.acked: dict[tuple[str, str], str] = {}  # (peer, handle) -> address
+        self.acked = Acked()  # (peer, handle) -> address
         self.pending: dict[int, tuple[str, object]] = {}
         self.handles = 0
         self.stats = Stats(universes=" ".join(map(str, self.universes)))
@@ -729,7 +767,7 @@ class Sim:
         self.void.add(p)
         self.condemned.pop(p, None)
         self.draining.pop(p, None)
-        self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        self.acked.drop_peer(p)
         self._ranges_lost("void")
         self.carving.lost("void")
 
@@ -756,7 +794,7 @@ class Sim:
         new = f"{p.split('w')[0]}w{self.wipes}"
         self.names.append(new)
         # What its clients were told went with the disk: that loss is the fault itself.
-        self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        self.acked.drop_peer(p)
         # It joins as a newcomer (--peer), whatever its first flags were: with --quorum it
         # would be one voter more than the vote was sized for, and newcomers cut off from the
         # decided peers could then form a second majority (README: at most N hosts vote).
@@ -778,7 +816,7 @@ class Sim:
         self.live.pop(p, None)
         self.standing.pop(p, None)
         self.departed.append(p)
-        self.acked = {k: v for k, v in self.acked.items() if k[0] != p}
+        self.acked.drop_peer(p)
         if "left_peer_silent" in self.known_bugs:  # its add, not gossiped before it left
             self._ranges_lost("known_bug_left_peer_silent")
             self.carving.lost("known_bug_left_peer_silent")
@@ -1057,10 +1095,9 @@ class Sim:
             for i, text in enumerate(got):
                 address = text.split("/")[0]
                 key = req.handle if i == 0 else f"{req.handle}/{i}"
-                for (q, h), a in self.acked.items():
-                    if a == address and (q, h) != (p, key):
-                        raise Violation(f"I1 seed={self.seed}: {address} acknowledged to {p}/"
-                                        f"{key} while {q}/{h} holds it")
+                for q, h in self.acked.holders(address) - {(p, key)}:
+                    raise Violation(f"I1 seed={self.seed}: {address} acknowledged to {p}/"
+                                    f"{key} while {q}/{h} holds it")
                 self.acked[(p, key)] = address
         if isinstance(req, m.ReleaseIf) and any(
                 (f, a) in self.live[p].allocator.by_addr for f, a, _ in req.allocations
