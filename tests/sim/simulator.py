@@ -142,10 +142,6 @@ ADDED_SHARE = 0.25  # of allocations and claims, once ranges were added: in one 
 # peers that never heard the ring (joiners cut off from the founder, whom none of them knows)
 # it claims space a live peer owns: two owners (I3). The simulated operator runs rmpeer only
 # on peers whose rings cover every range.
-# "seed_waits_for_removed_seed": a seed that restarts while still waiting for the other seeds
-# waits for all of them again, also for those it already knows have left or were removed,
-# whose word never comes: it stays "waiting" for good. The simulated operator starts it
-# afresh (a new id) at the heal.
 KNOWN_BUGS = {"left_peer_silent", "given_to_non_member", "rmpeer_claims_unknown_space"}
 # What the gate must refuse outside good standing, and what it must let pass (fixed here, so
 # that a test that plants a wrong gate in messages.TAKES does not change the checker's mind).
@@ -1414,9 +1410,7 @@ class Sim:
         self.stats.rounds_to_converge = self._converge(max_rounds)
         if any(peer.standing != "member" for peer in self.live.values()):
             self._rounds(30, lambda: all(q.standing == "member" for q in self.live.values()))
-            if self._restart_waiting():
-                self._remove_gone()
-                self._converge(max_rounds)
+            self._check_members()
         self._check_added()
         if self.carving.on:
             self.carving.check_after_heal()
@@ -1450,23 +1444,12 @@ class Sim:
             at = max(at, hi)
         return holes
 
-    def _restart_waiting(self) -> bool:
-        """After the heal every peer is a member, or is a seed stuck waiting for seeds it
-        knows have left or were removed (seed_waits_for_removed_seed: started afresh)."""
-        restarted = False
+    def _check_members(self) -> None:
+        """After the heal every live peer is a member."""
         for p, peer in sorted(self.live.items()):
-            if peer.standing == "member":
-                continue
-            if peer.standing == "waiting" and peer.confirming and \
-                    peer.confirming <= set(peer.removed) and \
-                    "seed_waits_for_removed_seed" in self.known_bugs:
-                self.stats.faults["known_bug_seed_waits_for_removed_seed"] += 1
-                self._wiped(p)
-                restarted = True
-            else:
+            if peer.standing != "member":
                 raise Violation(f"liveness seed={self.seed}: {p} is still {peer.standing} "
                                 f"after the heal: {peer.note}")
-        return restarted
 
     def _converge(self, max_rounds: int) -> int:
         """Rounds of ticks and deliveries until every ring is the same everywhere (I6)."""
