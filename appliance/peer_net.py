@@ -184,6 +184,7 @@ class _Session(Sealer):
         super().__init__(send_key, recv_key)
         self.framed, self.peer = framed, peer
         self.counts = counts if counts is not None else {}  # frame kind -> bytes sent
+        self.vectors = peer_codec.Vectors()  # of the deltas on it (one way: ours or theirs)
 
     async def send(self, kind: int, payload: bytes) -> None:
         sealed = self.seal(kind, payload)
@@ -257,16 +258,20 @@ class PeerNet:
         if q is None:
             return  # not connected: the core treats it as lost, as any message may be
         try:
-            frame = peer_codec.encode(msg)
-        except Exception as e:  # a bug in what the core made: lose this message, not the daemon
-            self.unsendable += 1
-            log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r", dst,
-                      type(msg).__name__, str(e))
-            return
-        try:
-            q.send_nowait((CORE, frame))
+            # Encoded by the connection's sender as it goes out: a delta's vectors go as
+            # changes since the last one on that connection (peer_codec.Vectors).
+            q.send_nowait((CORE, msg))
         except trio.WouldBlock:
             log.info("event=dropped peer=%s reason=queue_full", dst)
+
+    def _encoded(self, session: _Session, msg) -> bytes | None:
+        try:
+            return peer_codec.encode(msg, session.vectors)
+        except Exception as e:  # a bug in what the core made: lose this message, not the daemon
+            self.unsendable += 1
+            log.error("event=dropped peer=%s reason=encode_failed kind=%s error=%r",
+                      session.peer, type(msg).__name__, str(e))
+            return None
 
     def traffic(self) -> dict:
         """Bytes sent to peers since start, by frame kind (frames whole, headers and MACs)."""
@@ -560,7 +565,7 @@ class PeerNet:
                 self.frame_heard(peer, kind, payload)
             if kind == CORE:
                 try:
-                    msg = peer_codec.decode(payload)
+                    msg = peer_codec.decode(payload, session.vectors)
                 except peer_codec.CodecError as e:
                     raise ProtocolError(f"bad message from {session.peer}: {e}") from None
                 await self.core.receive(session.peer, msg)
@@ -586,7 +591,11 @@ class PeerNet:
             # its frame's counter (or written half of it), and the peer would hang up on the
             # next frame, tagged with a counter one past the one it expects.
             if got is not None:
-                await session.send(*got)
+                kind, payload = got
+                if kind == CORE:
+                    payload = self._encoded(session, payload)
+                if payload is not None:
+                    await session.send(kind, payload)
                 continue
             every = liveness.interval(len(self.out), every)
             await session.send(KEEPALIVE_FRAME, liveness.encode(every))

@@ -33,6 +33,62 @@ def test_every_simulated_message_round_trips(seed, monkeypatch):
     assert {"Gossip", "SpaceRequest", "SpaceGrant"} <= set(seen), seen
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_simulated_message_round_trips_on_its_connection(seed, monkeypatch):
+    """Each pair's messages in order through one Vectors at each end, as a connection carries
+    them: every delta read back with the vectors it was sent with."""
+    ends: dict = {}
+    real = Sim._send
+
+    def send(self, src, dst, msg):
+        ours, theirs = ends.setdefault((src, dst), (peer_codec.Vectors(), peer_codec.Vectors()))
+        again = decode(encode(msg, ours), theirs)
+        if isinstance(getattr(msg, "delta", None), Delta):
+            d, e = msg.delta, again.delta
+            assert (dict(e.vector), e.entries) == (dict(d.vector), d.entries)
+            assert (e.base is None, dict(e.base or ())) == (d.base is None, dict(d.base or ()))
+        else:
+            assert again == msg, (msg, again)
+        real(self, src, dst, msg)
+
+    monkeypatch.setattr(Sim, "_send", send)
+    Sim.for_seed(seed).run(300)
+    assert ends
+
+
+def test_a_connection_carries_vectors_as_their_changes():
+    ours, theirs = peer_codec.Vectors(), peer_codec.Vectors()
+    vector = tuple((f"p{i:02}", 10 + i) for i in range(100))
+    first = wire.Gossip("c", Delta(vector, (), vector))
+    whole = encode(first, ours)
+    assert decode(whole, theirs) == first and len(whole) > 1200  # 2 x 100 x (name, seq)
+    moved = (*vector[:7], ("p07", 99), *vector[8:], ("new", 1))
+    base = vector[1:]  # p00 dropped from what it assumes we have
+    second = encode(wire.Gossip("c", Delta(moved, (), base), answer=True), ours)
+    assert msgpack.unpackb(second)[2] == [[[["p07", 99], ["new", 1]], []], [], [[], ["p00"]]]
+    got = decode(second, theirs)
+    assert dict(got.delta.vector) == dict(moved) and dict(got.delta.base) == dict(base)
+    assert len(second) < 100
+    hello = decode(encode(wire.Gossip("c", Delta(moved, (), None)), ours), theirs)
+    assert hello.delta.base is None and theirs.base == dict(base)  # a hello keeps the base
+    probe = wire.Gossip("c", Delta((), ()), digest=b"12345678")
+    raw = encode(probe, ours)
+    assert msgpack.unpackb(raw)[2] is None and len(raw) < 30
+    assert decode(raw, theirs) == probe and theirs.vector == dict(moved)  # left as they were
+    # Decoded alone (no connection), the same bytes name changes against nothing.
+    with pytest.raises(CodecError, match="base drops 'p00', a peer not in the last one"):
+        decode(second)
+
+
+def test_a_message_that_fails_to_encode_leaves_the_connection_s_vectors_as_they_were():
+    ours = peer_codec.Vectors()
+    encode(wire.Gossip("c", Delta((("a", 1),), (), (("a", 1),))), ours)
+    bad = wire.Gossip("c", Delta((("a", 2),), (), (("a", 2),)), removed=((object(), "x"),))
+    with pytest.raises(TypeError):
+        encode(bad, ours)
+    assert (ours.vector, ours.base) == ({"a": 1}, {"a": 1})
+
+
 def test_ipv6_addresses_beyond_64_bits():
     e = Entry(V6.start, V6.end, "p1", 3, 2**63 - 1, ("p1", 9))
     msg = wire.SpaceGrant("c", 1, Delta((("p1", 9),), ((V6, e),), ()))
@@ -70,12 +126,21 @@ def test_ipv6_addresses_beyond_64_bits():
     (msgpack.packb(["SpaceRequest", "c", 1, "10.0.0.0/24", b"\x01", b"\x02", None, False]),
      "SpaceRequest needs 8 fields"),
     (msgpack.packb(["SpaceDenied", "c", 1, "why", "x" * 33]), "code must be a string"),
-    (msgpack.packb(["Gossip", "c", [[["a", 1], ["a", 2]], [], None], False, [], b"", False]),
-     "names a peer twice"),
-    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], "digest", False]), "digest must be"),
-    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], b"x" * 65, False]),
+    (msgpack.packb(["Gossip", "c", [[[["a", 1], ["a", 2]], []], [], None], False, [], b"",
+                    False]), "names a peer twice"),
+    (msgpack.packb(["Gossip", "c", [[[], []], [], [[], []]], False, [], "digest", False]),
      "digest must be"),
-    (msgpack.packb(["Gossip", "c", [[], [], []], False, [], b"", 1]), "answer must be a boolean"),
+    (msgpack.packb(["Gossip", "c", [[[], []], [], [[], []]], False, [], b"x" * 65, False]),
+     "digest must be"),
+    (msgpack.packb(["Gossip", "c", [[[], []], [], [[], []]], False, [], b"", 1]),
+     "answer must be a boolean"),
+    # Vectors are changes since the last delta on the connection: none before the first.
+    (msgpack.packb(["Gossip", "c", [[[], ["a"]], [], None], False, [], b"", False]),
+     "vector drops 'a', a peer not in the last one"),
+    (msgpack.packb(["Gossip", "c", [[["a", 1]], [], None], False, [], b"", False]),
+     "vector must be a list of 2"),
+    (msgpack.packb(["Gossip", "c", [[[], []], [], [[["a", -1]], []]], False, [], b"", False]),
+     "base must be an integer"),
     # A Gossip of protocol 3 (no digest) or 6 (no answer): refused by name, never read with a
     # field missing.
     (msgpack.packb(["Gossip", "c", [[], [], None], False, []]), "Gossip needs 6 fields"),

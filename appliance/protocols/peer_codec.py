@@ -40,17 +40,75 @@ def _big(n: int) -> bytes:
     return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
 
 
-def _enc(v):
+EMPTY = Delta((), ())
+
+
+class Vectors:
+    """One connection's vectors, at each end: the vector and base of the last delta on it. A
+    delta's two vectors (every peer's seq, so a hundred peers' worth in each message) go as
+    what changed since: peers whose seq changed or is new, and peers dropped. A connection
+    carries its frames whole and in order or ends (the frame counter is in every tag), so
+    both ends stay in step, and a new connection starts again from nothing: its first delta
+    carries its vectors whole. Without one (encode and decode of a single message) every
+    delta carries them whole."""
+
+    def __init__(self):
+        self.vector: dict[str, int] = {}
+        self.base: dict[str, int] = {}
+
+    def pack(self, d: Delta) -> list | None:
+        if d == EMPTY:
+            return None  # a probe's: it leaves the connection's vectors as they were
+        vector = _changes(self.vector, d.vector)
+        self.vector = dict(d.vector)
+        base = None
+        if d.base is not None:  # a hello has none, and leaves the last one as it was
+            base = _changes(self.base, d.base)
+            self.base = dict(d.base)
+        return [vector, [[str(u), _entry(e)] for u, e in d.entries], base]
+
+    def unpack(self, v) -> Delta:
+        if v is None:
+            return EMPTY
+        vec, entries, base = _list(v, "delta", 3)
+        self.vector = _applied(self.vector, vec, "vector")
+        if base is not None:
+            self.base = _applied(self.base, base, "base")
+        return Delta(tuple(self.vector.items()), _entries(entries),
+                     None if base is None else tuple(self.base.items()))
+
+
+def _changes(old: dict, new: tuple) -> list:
+    """[(peer, seq) that differ from old or are new, peers of old not in new]."""
+    changed = [(p, s) for p, s in new if old.get(p) != s]
+    if len(new) - len(changed) == len(old):
+        return [changed, []]  # every peer of old is still there: the usual case
+    names = {p for p, _ in new}
+    return [changed, [p for p in old if p not in names]]
+
+
+def _applied(old: dict, v, what: str) -> dict:
+    changed, dropped = _list(v, what, 2)
+    out = dict(old)
+    for p in _list(dropped, what):
+        if type(p) is not str or out.pop(p, None) is None:
+            raise CodecError(f"{what} drops {p!r}, a peer not in the last one")
+    for p, s in _vector(changed, what):
+        out[p] = s
+    if len(out) > MAX_ITEMS:
+        raise CodecError(f"{what} names more than {MAX_ITEMS} peers")
+    return out
+
+
+def _enc(v, vectors: Vectors):
     if isinstance(v, Delta):
-        # Vectors are tuples of (peer, seq): msgpack packs them as they are, in C (a hundred
-        # peers' vector, twice in every delta, was most of the cost of an empty one).
-        return [v.vector, [[str(u), _entry(e)] for u, e in v.entries], v.base]
+        return vectors.pack(v)
     if isinstance(v, Cidr):
         return str(v)
     if isinstance(v, Entry):
         return _entry(v)
     if isinstance(v, tuple):
-        return [_enc(x) for x in v]
+        return [_enc(x, vectors) for x in v]
     return v
 
 
@@ -58,8 +116,20 @@ def _entry(e: Entry) -> list:
     return [_big(e.start), _big(e.end), e.owner, e.version, e.free_hint, e.stamp[0], e.stamp[1]]
 
 
-def encode(msg) -> bytes:
-    fields = [_enc(getattr(msg, f.name)) for f in dataclasses.fields(msg)]
+def encode(msg, vectors: Vectors | None = None) -> bytes:
+    """A message's bytes; its deltas' vectors as changes since the last on `vectors`' connection
+    (whole without one)."""
+    vectors = vectors if vectors is not None else Vectors()
+    kept = (vectors.vector, vectors.base)  # replaced, never changed in place: kept as they were
+    try:
+        return _encode(msg, vectors)
+    except BaseException:
+        vectors.vector, vectors.base = kept  # nothing was sent: the peer has the old ones
+        raise
+
+
+def _encode(msg, vectors: Vectors) -> bytes:
+    fields = [_enc(getattr(msg, f.name), vectors) for f in dataclasses.fields(msg)]
     if isinstance(msg, wire.SpaceRequest):
         fields[3], fields[4] = _big(msg.lo), _big(msg.hi)
         fields[5] = None if msg.address is None else _big(msg.address)
@@ -132,18 +202,16 @@ def _vector(v, what: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _delta(v) -> Delta:
-    vec, entries, base = _list(v, "delta", 3)
+def _entries(v) -> tuple:
     out = []
-    for item in _list(entries, "entries"):
+    for item in _list(v, "entries"):
         u, e = _list(item, "entry", 2)
         s, end, owner, version, hint, sp, sq = _list(e, "entry", 7)
         out.append((_cidr(u), Entry(_addr(s, "start"), _addr(end, "end"),
                                     _text(owner, "owner", MAX_OWNER),
                                     _int(version, "version", 1), _int(hint, "free hint"),
                                     (_text(sp, "stamp", empty=True), _int(sq, "stamp")))))
-    return Delta(_vector(vec, "vector"), tuple(out),
-                 None if base is None else _vector(base, "base"))
+    return tuple(out)
 
 
 def _names(v, what: str) -> tuple[str, ...]:
@@ -155,7 +223,11 @@ def _ballot(v) -> tuple[int, str]:
     return (_int(r, "ballot round"), _text(p, "ballot proposer"))
 
 
-def decode(data: bytes):
+def decode(data: bytes, vectors: Vectors | None = None):
+    """The message in data; its deltas' vectors applied as changes to those last read on
+    `vectors`' connection (whole without one). CodecError: the connection must end, as its
+    vectors may be half changed."""
+    vectors = vectors if vectors is not None else Vectors()
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # untrusted bytes: whatever the unpacker trips on is a refusal
@@ -168,16 +240,16 @@ def decode(data: bytes):
     if len(items) - 1 != len(names):
         raise CodecError(f"{cls.__name__} needs {len(names)} fields, got {len(items) - 1}")
     raw = dict(zip(names, items[1:]))
-    return cls(**{name: _field(cls, name, v) for name, v in raw.items()})
+    return cls(**{name: _field(cls, name, v, vectors) for name, v in raw.items()})
 
 
-def _field(cls, name: str, v):
+def _field(cls, name: str, v, vectors: Vectors):
     if name == "cluster":
         return _text(v, "cluster")
     if name in ("req",):
         return _int(v, name)
     if name == "delta":
-        return _delta(v)
+        return vectors.unpack(v)
     if name == "code":
         return _text(v, name, 32)
     if name in ("reason", "removed_by"):
@@ -209,7 +281,7 @@ def _field(cls, name: str, v):
     if name == "vector":
         return _vector(v, "vector")
     if name == "writes":
-        return _delta([[], v, None]).entries
+        return _entries(v)
     if name in ("ballot", "promised"):
         return _ballot(v)
     if name == "accepted":

@@ -27,8 +27,9 @@ MAGIC = "ipamd-peer"
 # carry a vector's digest, not the vector); 5: SpaceRequest.exact, carve markers as owners
 # (up to 255 characters); 6: the frame counter implicit (not sent), the frame's tag HMAC-SHA256
 # truncated to 16 bytes (a keepalive 24 bytes, not 48); 7: Gossip.answer (replies are not
-# answered: conversations end)
-PROTOCOL = 7
+# answered: conversations end); 8: a delta's vectors as changes since the last delta on the
+# connection (peer_codec.Vectors), a probe's empty delta as nil
+PROTOCOL = 8
 MAX_FRAME = 16 << 20     # a full ring of many peers fits; a length beyond this is garbage
 MAX_HELLO = 4096
 MAX_PROOF = 64

@@ -585,7 +585,7 @@ class Soak:
                     [2, 2**32, 2**64 - 1])) % 2**64)
             elif broken == "version":
                 data = s.sealed(pr.KEEPALIVE_FRAME, b"", version=rng.choice(
-                    [v for v in (0, 1, 2, 3, 4, 5, 6, 255) if v != pr.PROTOCOL]))
+                    [v for v in (0, 1, 2, 3, 4, 5, 6, 7, 255) if v != pr.PROTOCOL]))
             elif broken == "kind":
                 data = s.sealed(rng.randint(3, 255), payload)
             elif broken == "short":

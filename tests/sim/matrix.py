@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from appliance.protocols import peer_codec
+from appliance.core.gossip import Delta
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
 
@@ -151,6 +152,10 @@ class MatrixSim(Sim):
         self.sample = min(1.0, 10 / case.peers)
         self.sampler = random.Random(case.seed)
         self.sampled = [0, 0]  # messages encoded, their bytes
+        # Each pair's connection as the daemons have it: deltas carry their vectors as
+        # changes since the last delta on it (peer_codec.Vectors). Kept for every message,
+        # sampled or not, so a sampled one is measured against what went before it.
+        self.vectors: dict[tuple[str, str], peer_codec.Vectors] = {}
 
     @property
     def peer_bytes(self) -> int:
@@ -158,11 +163,21 @@ class MatrixSim(Sim):
         return round(size * self.result.messages / encoded) if encoded else 0
 
     def _send(self, src, dst, msg) -> None:
+        vectors = self.vectors.setdefault((src, dst), peer_codec.Vectors())
         if self.sample >= 1 or self.sampler.random() < self.sample:
             self.sampled[0] += 1
-            self.sampled[1] += len(peer_codec.encode(msg))
+            self.sampled[1] += len(peer_codec.encode(msg, vectors))
+        elif isinstance(getattr(msg, "delta", None), Delta):  # as encoding it would leave them
+            vectors.vector = dict(msg.delta.vector)
+            if msg.delta.base is not None:
+                vectors.base = dict(msg.delta.base)
         self.result.messages += 1
         super()._send(src, dst, msg)
+
+    def _crash(self, p, point) -> None:
+        for pair in [pair for pair in self.vectors if p in pair]:
+            del self.vectors[pair]  # its connections end: the next ones start afresh
+        super()._crash(p, point)
 
     def _commit(self, p, rows) -> None:
         self.result.ring_changes += sum(1 for r in rows if isinstance(r, m.RingWrite)
