@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+from appliance.protocols.peer_frames import PROTOCOL  # noqa: E402
+
 from .run import first_allocations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,22 +90,27 @@ def sim_cost(cases: list[dict], path: Path, size: str) -> list[str]:
     plt.close(fig)
     (n1, w1), (n2, w2) = pts[-2], pts[-1]
     k = math.log(w2 / w1) / math.log(n2 / n1) if w1 > 0 and w2 > 0 and n2 > n1 else float("nan")
-    at_1000 = w2 * (1000 / n2) ** k
     big = rows[-1]
     rounds = 10 * (big["case"]["seconds"] + 7)  # the same span as the wall time above
     per_round = big["messages"] / (big["case"]["peers"] * rounds)
+    if n2 >= 1000:
+        reach = (f"; the `{size}` matrix measured 1,000 peers ({big['wall_s'] / 60:,.0f} minutes "
+                 "for its case)")
+    else:
+        at_1000 = w2 * (1000 / n2) ** k
+        reach = (f"; at that rate one simulated second of 1,000 peers would take about "
+                 f"{at_1000:,.0f} s ({at_1000 / 3600:,.1f} h), and the `{size}` matrix stops at "
+                 f"{n2} peers (`huge` adds 1,000)")
     return [
         "## How far the simulator goes", "",
         "Wall time per simulated second: " + ", ".join(f"{n} peers {w:.2g} s" for n, w in pts)
-        + f". Between {n1} and {n2} peers it grows as peers^{k:.1f}; at that rate one "
-        f"simulated second of 1,000 peers would take about {at_1000:,.0f} s "
-        f"({at_1000 / 3600:,.1f} h), " + ("so the matrix stops at 100 peers" if size == "full"
-        else f"and the `quick` matrix stops at {n2} peers (`full` goes to 100)") + f". At {n2} peers each "
+        + f". Between {n1} and {n2} peers it grows as peers^{k:.1f}{reach}. At {n2} peers each "
         f"peer sent {per_round:.1f} messages a round on average ({big['messages']:,} in all). "
         "The time is the core's own work, not the harness: what was the harness' largest "
-        "cost, encoding every message to count its bytes, is done on a sample. Every delta "
-        "carries two version vectors of every peer, so each message grows with the cluster, "
-        "and the bytes per ring change in the table grow faster than the peers do.", "",
+        "cost, encoding every message to count its bytes, is done on a sample. A delta's "
+        "version vectors go as their changes since the last delta on the connection, but a "
+        "push still carries what the receiver may lack by what it last told the sender, so "
+        "the bytes per ring change in the table still grow faster than the peers do.", "",
         "![simulator cost](scale/sim_cost.png)", ""]
 
 
@@ -161,6 +168,8 @@ def table(cases: list[dict]) -> list[str]:
         refused = sum(c["refused"].values())
         codes = ", ".join(f"{k} {v}" for k, v in sorted(c["refused"].items()))
         sampled = "" if c["bytes_sampled"] >= 1 else f" (sampled {c['bytes_sampled']:.2g})"
+        if c.get("protocol") != PROTOCOL:  # run before the last change of the encoding
+            sampled += f" (protocol {c.get('protocol', '?')})"
         out.append(
             f"| {c['case']['name']} | {c['case']['peers']} ({c['final_peers']}) | "
             f"{c['universe']} | {c['allocations']} | {refused} ({c['refused_with_space']})"

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from appliance.protocols import peer_codec
+from appliance.protocols.peer_frames import PROTOCOL
 from appliance.core.gossip import Delta
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
@@ -126,6 +127,7 @@ class Result:
     left: int = 0
     crashes: int = 0
     known_bugs: dict = field(default_factory=dict)  # core bugs the checks tolerated, by name
+    protocol: int = PROTOCOL  # the peer protocol whose encoding the bytes are counted in
 
     def summary(self) -> dict:
         w = sorted(self.wait_rounds)
