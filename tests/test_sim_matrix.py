@@ -51,3 +51,26 @@ def test_the_matrix_covers_every_dimension_of_the_requirements():
     assert dims == {"node count", "addresses per node", "distribution", "churn",
                     "utilisation", "membership", "node churn", "node failures"}
     assert max(c.utilisation for c in matrix("full")) > 0.8
+
+
+def test_a_sample_of_messages_is_counted_against_each_connection_s_vectors(monkeypatch):
+    """Past 10 peers only a sample is encoded; the rest must leave each pair's vectors as
+    encoding them would (peer_codec.Vectors), or a sampled delta would be counted against the
+    wrong ones."""
+    from appliance.protocols import peer_codec
+    from tests.sim import matrix as mx
+    shadow: dict = {}
+    real = mx.MatrixSim._send
+
+    def send(self, src, dst, msg):
+        self.sample = 0.3
+        peer_codec.encode(msg, shadow.setdefault((src, dst), peer_codec.Vectors()))
+        real(self, src, dst, msg)
+        kept = self.vectors.get((src, dst))
+        if kept is not None:
+            mine = shadow[(src, dst)]
+            assert (kept.vector, kept.base) == (mine.vector, mine.base), type(msg).__name__
+
+    monkeypatch.setattr(mx.MatrixSim, "_send", send)
+    r = run(seconds=2.0)
+    assert r.bytes_sampled == 0.3 and r.peer_bytes > 0  # a sample was encoded, and counted

@@ -169,8 +169,8 @@ class MatrixSim(Sim):
         if self.sample >= 1 or self.sampler.random() < self.sample:
             self.sampled[0] += 1
             self.sampled[1] += len(peer_codec.encode(msg, vectors))
-        elif isinstance(getattr(msg, "delta", None), Delta):  # as encoding it would leave them
-            vectors.vector = dict(msg.delta.vector)
+        elif isinstance(getattr(msg, "delta", None), Delta) and msg.delta != peer_codec.EMPTY:
+            vectors.vector = dict(msg.delta.vector)  # as encoding it would leave them
             if msg.delta.base is not None:
                 vectors.base = dict(msg.delta.base)
         self.result.messages += 1
