@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from appliance.core import messages as m
 from appliance.core.addr import cidr
 from appliance.protocols import hook
+from appliance.store import CHECKPOINT_PAGES
 from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
                                       RangeAdd, parse_request)
 
@@ -436,6 +437,10 @@ def test_restart_keeps_allocations_and_identity(tmp_path):
     d.stop()
 
 
+def _frames(wal) -> int:
+    return max(0, wal.stat().st_size - 32) // (4096 + 24)  # header, then page-sized frames
+
+
 def test_the_wal_stays_bounded_under_steady_allocations(tmp_path):
     """Checkpoints run beside the commits (daemon._Checkpoints): under steady load the WAL is
     still copied out and started over, rather than growing by every commit's pages."""
@@ -445,14 +450,23 @@ def test_the_wal_stays_bounded_under_steady_allocations(tmp_path):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(d.socket))
             f = s.makefile("rb")
+            wal = d.db.with_name("ipamd.db-wal")
             for i in range(10_000):
                 s.sendall(b'{"op":"allocate","handle":"w%d"}\n' % i)
                 assert b'"ok":true' in f.readline()
-        # One allocation per commit writes 3 pages: unchecked, the WAL would hold 30,000. It is
-        # copied each 1,000; the margin is for a copy slowed by a busy disk.
-        frames = (d.db.with_name("ipamd.db-wal").stat().st_size - 32) // (4096 + 24)
-        assert frames < 15_000
-        assert d.call({"op": "status"})["allocations"] == 10_000
+            # One allocation per commit writes 3 pages: unchecked, the WAL would hold 30,000.
+            # How far it grew depends on how soon the copy thread ran (a busy machine
+            # starves it), so only: it was started over at least once.
+            assert _frames(wal) < 30_000
+            # And under more of the same load it is copied out and started over again,
+            # truncated to the limit (journal_size_limit: CHECKPOINT_PAGES pages).
+            more = 0
+            while _frames(wal) > CHECKPOINT_PAGES and more < 20_000:
+                s.sendall(b'{"op":"allocate","handle":"x%d"}\n' % more)
+                assert b'"ok":true' in f.readline()
+                more += 1
+            assert _frames(wal) <= CHECKPOINT_PAGES, more
+        assert d.call({"op": "status"})["allocations"] == 10_000 + more
     finally:
         d.stop()
 
