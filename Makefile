@@ -70,7 +70,7 @@ scale: $(STAMP)
 ## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions up to
 ## 1,000 peers), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
 ## last `make scale`): make report [MATRIX=quick|full|huge] [REPLOT=1 to re-plot the last matrix]
-## (huge: full and 1,000 peers, about an hour more)
+## (huge: full and 1,000 peers, which does not finish yet: past 22 GB of memory in its heal)
 MATRIX ?= full
 REPLOT ?=
 report: $(STAMP)
