@@ -169,10 +169,8 @@ class MatrixSim(Sim):
         if self.sample >= 1 or self.sampler.random() < self.sample:
             self.sampled[0] += 1
             self.sampled[1] += len(peer_codec.encode(msg, vectors))
-        elif isinstance(getattr(msg, "delta", None), Delta) and msg.delta != peer_codec.EMPTY:
-            vectors.vector = dict(msg.delta.vector)  # as encoding it would leave them
-            if msg.delta.base is not None:
-                vectors.base = dict(msg.delta.base)
+        elif isinstance(getattr(msg, "delta", None), Delta):
+            vectors.follow(msg.delta)  # as encoding it would leave them
         self.result.messages += 1
         super()._send(src, dst, msg)
 
@@ -373,9 +371,7 @@ class Driver:
             for _ in range(target * (i + 1) // fill_rounds - target * i // fill_rounds):
                 self.allocate()
             self.round()
-            if case.peers >= 500:  # a long run says how far it got
-                print(f"  {case.name}: fill {i + 1}/{fill_rounds} rounds, "
-                      f"{time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+            self.progress("fill", i, fill_rounds, t0)
         for _ in range(2 * ROUNDS_PER_S):
             self.round()
         sim.check()
@@ -410,9 +406,7 @@ class Driver:
             self.round()
             if i % (10 * ROUNDS_PER_S) == 0:
                 sim.check()
-            if case.peers >= 500:
-                print(f"  {case.name}: churn {i + 1}/{rounds} rounds, "
-                      f"{time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+            self.progress("churn", i, rounds, t0)
         # Let leaves finish, then heal: every peer back, rings equal.
         for _ in range(200):
             if not self.leaving:
@@ -436,6 +430,11 @@ class Driver:
         r.final_peers, r.universe = len(sim.live), str(sim.u)
         r.wall_s = time.monotonic() - t0
         return r
+
+    def progress(self, phase: str, i: int, rounds: int, t0: float) -> None:
+        if self.case.peers >= 500:  # a long run says how far it got
+            print(f"  {self.case.name}: {phase} {i + 1}/{rounds} rounds, "
+                  f"{time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
 
     def membership(self, i: int, rounds: int, frac: float, base: list[str]) -> None:
         """gradual: grow by half the peers over the first half, shrink back over the second;
