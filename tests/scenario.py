@@ -21,6 +21,7 @@ Commands (peers are p0, p1, ...):
   status PEER                     its standing and what it waits for
   partition A B | C D             a network split; `heal` ends it
   block A B                       what A sends B is lost (one way); `heal` ends it
+  unblock A B                     A reaches B again (nothing is resent; no settling)
   tick N                          N rounds of ticks and deliveries
   stranger PEER                   a peer of another cluster talks to PEER
   range add|retire|unretire PEER CIDR
@@ -287,6 +288,10 @@ def run_command(state: dict, line: str) -> str:
         return "ok"
     if cmd == "block":  # one way: what A sends B is lost
         c.blocked.add((args[0], args[1]))
+        c._links()
+        return "ok"
+    if cmd == "unblock":
+        c.blocked.discard((args[0], args[1]))
         c._links()
         return "ok"
     if cmd == "heal":

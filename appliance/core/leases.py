@@ -140,13 +140,9 @@ def give_exact(peer, sender: str, msg: SpaceRequest, now: float, out) -> None:
         why, code = busy, "in_use"
     if why is not None:
         if code == "not_owned":
-            # Its view is behind ours: what it lacks first (the same connection, so before
-            # the denial), against the vector it told us so it merges whole; it then asks
-            # the owner it learns of (denied) instead of refusing its client.
-            delta = peer.grant_delta(sender)
-            if delta.entries:
-                out.messages.append((sender, peer._gossip_msg(delta)))
-        out.messages.append((sender, SpaceDenied(peer.cluster, msg.req, why, code)))
+            peer.deny_not_owned(sender, msg.req, why, out)  # (denied: asks the owner it learns)
+        else:
+            out.messages.append((sender, SpaceDenied(peer.cluster, msg.req, why, code)))
         return
     with peer.writer.change(out.rows) as ch:
         ch.wrote(u, ring.transfer(peer.me, msg.lo, msg.hi, sender, peer.replica.next_stamp(),

@@ -1015,8 +1015,8 @@ class Peer:
             return
         if msg.gateway:
             if msg.address is None or self.rings[u].owner_of(msg.address) != self.me:
-                out.messages.append((sender, SpaceDenied(self.cluster, msg.req,
-                                     f"{self.me} does not own that gateway", "not_owned")))
+                self.deny_not_owned(sender, msg.req, f"{self.me} does not own that gateway",
+                                    out)
                 return
             err, rows = a.reserve_owned((u.family, msg.address), sender)
             if err is not None:
@@ -1033,11 +1033,11 @@ class Peer:
             block = a.block_holding(u, msg.address, now, sender)
             if block is None:
                 if self.rings[u].owner_of(msg.address) != self.me:
-                    code, why = "not_owned", (f"{format_addr(u.family, msg.address)} is not "
-                                              f"owned by {self.me}")
+                    self.deny_not_owned(sender, msg.req, f"{format_addr(u.family, msg.address)}"
+                                        f" is not owned by {self.me}", out)
                 else:
                     code, why = a.why_not_free(u, msg.address, now)
-                out.messages.append((sender, SpaceDenied(self.cluster, msg.req, why, code)))
+                    out.messages.append((sender, SpaceDenied(self.cluster, msg.req, why, code)))
                 return
         else:
             # At most half of what is free there, but the last free address too: allocation
@@ -1065,6 +1065,17 @@ class Peer:
         self._refresh_hints(now, out, exact=u)
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.grant_delta(sender))))
 
+
+    def deny_not_owned(self, sender: str, req: int, why: str, out: Ready) -> None:
+        """The asker named us the owner of what it asked for, and we are not (any more): its
+        view is behind ours. What it lacks goes first (the same connection, so before the
+        denial), against the vector it told us so it merges whole: it then asks the owner it
+        learns of instead of refusing its client (a claim of a name held elsewhere got
+        not_owned instead of in_use, naming the holder)."""
+        delta = self.grant_delta(sender)
+        if delta.entries:
+            out.messages.append((sender, self._gossip_msg(delta)))
+        out.messages.append((sender, SpaceDenied(self.cluster, req, why, "not_owned")))
 
     # -- carved space (spare.py, leases.py) ------------------------------------------------------
 
