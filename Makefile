@@ -68,9 +68,9 @@ scale: $(STAMP)
 	$(BIN)/python -m tests.scale --hosts $(N) --seconds $(SECONDS) --json docs/scale/scale-run.json
 
 ## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions up to
-## 1,000 peers), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
+## 100 peers, 200 with huge), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
 ## last `make scale`): make report [MATRIX=quick|full|huge] [REPLOT=1 to re-plot the last matrix]
-## (huge: full and 1,000 peers, which does not finish yet: past 22 GB of memory in its heal)
+## (huge: full and 200 peers; 1,000 do not fit in memory yet, the report says why)
 MATRIX ?= full
 REPLOT ?=
 report: $(STAMP)

@@ -21,6 +21,8 @@ def test_baseline_fills_to_its_utilisation_and_counts_what_it_sent():
     assert r.messages > 0 and r.peer_bytes > 0 and r.ring_changes > 0
     assert r.final_peers == 6 and r.joined == r.left == r.crashes == 0
     assert r.change_rounds > 0 and r.change_bytes > 0  # the probe claim reached every ring
+    # Six peers that all talked: each keeps two vectors of six peers for each of five others.
+    assert r.vector_items == 2 * 6 * 5 * 6, r.vector_items
 
 
 @pytest.mark.parametrize("kw, joined, left", [
@@ -53,24 +55,37 @@ def test_the_matrix_covers_every_dimension_of_the_requirements():
     assert max(c.utilisation for c in matrix("full")) > 0.8
 
 
-def test_a_sample_of_messages_is_counted_against_each_connection_s_vectors(monkeypatch):
-    """Past 10 peers only a sample is encoded; the rest must leave each pair's vectors as
-    encoding them would (peer_codec.Vectors), or a sampled delta would be counted against the
-    wrong ones."""
+def test_a_sample_of_pairs_is_counted_message_by_message_against_its_vectors(monkeypatch):
+    """Past 10 peers only a sample of the pairs is measured (peer_codec.Vectors for each pair
+    is a billion items at 1,000 peers): every message on a sampled pair is encoded, in order,
+    against that pair's own vectors, so its bytes are exactly what the daemons' codec sends;
+    an unsampled pair keeps no vectors at all; the estimate scales the sampled bytes per
+    message up to every message."""
     from appliance.protocols import peer_codec
     from tests.sim import matrix as mx
-    shadow: dict = {}
+    shadow: dict = {}  # every pair's connection, encoded in full alongside
+    exact = {}  # bytes per pair, encoding every message
+    counted = {}  # messages per pair
     real = mx.MatrixSim._send
 
     def send(self, src, dst, msg):
         self.sample = 0.3
-        peer_codec.encode(msg, shadow.setdefault((src, dst), peer_codec.Vectors()))
+        pair = (src, dst)
+        if pair not in self.vectors:
+            shadow[pair] = peer_codec.Vectors()  # a new connection: both start afresh
+        exact[pair] = exact.get(pair, 0) + len(peer_codec.encode(msg, shadow[pair]))
+        counted[pair] = counted.get(pair, 0) + 1
         real(self, src, dst, msg)
-        kept = self.vectors.get((src, dst))
+        kept = self.vectors[pair]
+        assert (kept is not None) == self.sampled_pair(src, dst)
         if kept is not None:
-            mine = shadow[(src, dst)]
+            mine = shadow[pair]
             assert (kept.vector, kept.base) == (mine.vector, mine.base), type(msg).__name__
 
     monkeypatch.setattr(mx.MatrixSim, "_send", send)
-    r = run(seconds=2.0)
-    assert r.bytes_sampled == 0.3 and r.peer_bytes > 0  # a sample was encoded, and counted
+    d = Driver(replace(SMALL, seconds=2.0))
+    r = d.run()  # (sampled_pair is a hash of the pair: asking it again gives the same answer)
+    sampled = [pair for pair in exact if d.sim.sampled_pair(*pair)]
+    assert 0 < len(sampled) < len(exact), (len(sampled), len(exact))
+    assert d.sim.sampled == [sum(counted[p] for p in sampled), sum(exact[p] for p in sampled)]
+    assert r.bytes_sampled == 0.3 and r.peer_bytes > 0
