@@ -281,8 +281,9 @@ class Peer:
         self._attempt(_Waiting(ref, req, now + self.request_timeout, []), now, out)
         return out
 
-    def _attempt(self, w: _Waiting, now: float, out: Ready) -> None:
-        """Serve w's request from this peer's space, or ask a peer for the space it lacks."""
+    def _attempt(self, w: _Waiting, now: float, out: Ready, denied: dict | None = None) -> None:
+        """Serve w's request from this peer's space, or ask a peer for the space it lacks.
+        `denied`: the last peer's refusal, which the client is told if nobody else can help."""
         req = w.request
         need = None
         if isinstance(req, m.Release) and req.address is None and \
@@ -332,7 +333,7 @@ class Peer:
             return
         if need != w.need:  # another set of a TakeSets: its own round of peers
             w.need, w.asked = need, []
-        self._ask(w, out, reply)
+        self._ask(w, out, denied or reply)
 
     def _can_serve(self, req: m.CanServe, now: float) -> dict:
         """Could each set be served now, here or by a reachable peer (CNI STATUS)?"""
@@ -465,7 +466,10 @@ class Peer:
                 leases.denied(self, w, sender, msg, now, out)
             elif w is not None:
                 w.bounds = None  # asks anew (if at all) under a new id: followers re-join it
-                self._ask(w, out, m.error(msg.code, msg.reason))
+                # Here first, as its followers do: space may have come meanwhile (a grant to
+                # another request of ours). Asking the next peer straight away refused
+                # clients while this peer had thousands of free addresses (scale matrix).
+                self._attempt(w, now, out, m.error(msg.code, msg.reason))
                 self._wake_followers(msg.req, w, now, out, granted=False)
         elif isinstance(msg, (GatewayRelease, GatewayReleased)):
             self._gateway_released(sender, msg, now, out)

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 from appliance.protocols.peer_frames import PROTOCOL  # noqa: E402
+from tests.sim.simulator import REUSE_DELAY  # noqa: E402
 
 from .run import first_allocations  # noqa: E402
 
@@ -134,6 +135,23 @@ def _vector_memory(rows: list[dict]) -> list[str]:
         "against what each partner last said, which is the next step.", ""]
 
 
+def _range_size(c: dict) -> int:
+    return 2 ** (32 - int(c["universe"].split("/")[1]))
+
+
+def _full_by_quarantine(c: dict) -> str:
+    """Why a case's range is full though only part of it is in use: the addresses its churn
+    frees stay in quarantine for the simulator's reuse delay."""
+    case = c["case"]
+    held = case["churn"] * REUSE_DELAY  # of the live addresses, in quarantine at any time
+    if case["utilisation"] * (1 + held) < 0.95:
+        return ""
+    return (f": its churn replaces {100 * case['churn']:g}% of the live addresses a second and "
+            f"each freed one stays in quarantine {REUSE_DELAY:g} s, so {100 * held:g}% as many "
+            f"again are quarantined and, with {100 * case['utilisation']:g}% in use, the range "
+            "is full but for the few addresses leaving quarantine at each moment")
+
+
 def findings(cases: list[dict]) -> list[str]:
     """What the figures say, case by case, where a requirement is at stake."""
     out = ["## What the figures say", ""]
@@ -143,7 +161,10 @@ def findings(cases: list[dict]) -> list[str]:
                    "says they should succeed): " + "; ".join(
                        f"{c['case']['name']} {c['refused_with_space']} of "
                        f"{c['allocations'] + sum(c['refused'].values())} "
-                       f"({', '.join(f'{k} {v}' for k, v in sorted(c['refused'].items()))})"
+                       f"({', '.join(f'{k} {v}' for k, v in sorted(c['refused'].items()))}"
+                       + (f"; at most {c['most_free_at_refusal']:,} of the range's "
+                          f"{_range_size(c):,} addresses free then" if "most_free_at_refusal"
+                          in c else "") + ")" + _full_by_quarantine(c)
                        for c in refused) + ".")
     else:
         out.append("- No allocation was refused while the cluster had free space.")

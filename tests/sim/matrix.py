@@ -113,6 +113,7 @@ class Result:
     allocations: int = 0
     refused: Counter = field(default_factory=Counter)
     refused_with_space: int = 0
+    most_free_at_refusal: int = 0  # the most free addresses the cluster had at a refusal
     needed_peer: int = 0
     wait_rounds: list = field(default_factory=list)  # of those that needed a peer
     ring_changes: int = 0
@@ -212,8 +213,11 @@ class MatrixSim(Sim):
                 self.result.allocations += 1
             else:
                 self.result.refused[reply["error"]["code"]] += 1
-                if self.cluster_free() > 0:
+                free = self.cluster_free()
+                if free > 0:
                     self.result.refused_with_space += 1
+                    self.result.most_free_at_refusal = max(self.result.most_free_at_refusal,
+                                                           free)
         super()._client_reply(p, ref, reply)
 
     def cluster_free(self) -> int:
