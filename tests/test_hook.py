@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from appliance.core import messages as m
 from appliance.core.addr import cidr
 from appliance.protocols import hook
-from appliance.store import CHECKPOINT_PAGES
 from appliance.protocols.hook import (CLOSED, MAX_LINE, NEED_DATA, HookConnection, HookError,
                                       RangeAdd, parse_request)
+from appliance.store import CHECKPOINT_PAGES
 
 from .daemon_proc import Daemon
 

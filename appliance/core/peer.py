@@ -1069,7 +1069,6 @@ class Peer:
         self._refresh_hints(now, out, exact=u)
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.grant_delta(sender))))
 
-
     def deny_not_owned(self, sender: str, req: int, why: str, out: Ready) -> None:
         """The asker named us the owner of what it asked for, and we are not (any more): its
         view is behind ours. What it lacks goes first (the same connection, so before the

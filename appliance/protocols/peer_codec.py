@@ -58,21 +58,15 @@ class Vectors:
 
     def pack(self, d: Delta) -> list | None:
         if d == EMPTY:
-            return None  # a probe's
+            return None  # a probe's: it leaves the connection's vectors as they were
         vector = _changes(self.vector, d.vector)
-        base = None if d.base is None else _changes(self.base, d.base)
-        self.follow(d)
-        return [vector, [[str(u), _entry(e)] for u, e in d.entries], base]
-
-    def follow(self, d: Delta) -> None:
-        """What sending d leaves: its vectors are the last on the connection. A probe's empty
-        delta leaves them as they were, and a hello (no base) the base. Replaced, never
-        changed in place (encode keeps the old ones, to put back if it fails)."""
-        if d == EMPTY:
-            return
+        # Replaced, never changed in place: encode keeps the old ones, to put back if it fails.
         self.vector = dict(d.vector)
-        if d.base is not None:
+        base = None
+        if d.base is not None:  # a hello has none, and leaves the last one as it was
+            base = _changes(self.base, d.base)
             self.base = dict(d.base)
+        return [vector, [[str(u), _entry(e)] for u, e in d.entries], base]
 
     def unpack(self, v) -> Delta:
         if v is None:

@@ -40,7 +40,6 @@ from pathlib import Path
 
 from appliance.protocols import peer_codec
 from appliance.protocols.peer_frames import PROTOCOL
-from appliance.core.gossip import Delta
 from appliance.core import messages as m
 from appliance.core.addr import Cidr
 
