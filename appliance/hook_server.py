@@ -214,6 +214,8 @@ async def _answer(core: CoreLoop, request) -> bytes:
         if isinstance(request, m.Status) and reply["ok"]:
             reply["swept"] = core.sweeper.swept
             reply["conflicts"] = core.conflicts
+            if core.checkpoints is not None:
+                reply["wal"] = core.checkpoints.view()
             names = {}
             if core.net is not None:
                 reply["peer_bytes_sent"] = core.net.traffic()

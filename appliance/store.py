@@ -162,6 +162,7 @@ class Store:
         self.durability = durability
         self.conn: apsw.Connection | None = None
         self._checkpointer: apsw.Connection | None = None  # checkpoint()'s own connection
+        self.wal_pages = 0  # pages in the WAL after the last commit (checkpoint_elsewhere)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -494,8 +495,10 @@ class Store:
         checkpoint_finish(). SQLite's own checkpoint runs inside the commit that crosses 1000
         pages, fsyncs included: measured under the hook benchmark, three quarters of all commit
         time, all of it on the event loop. What a commit makes durable is the same either way
-        (a checkpoint only copies committed pages from the WAL into the database file)."""
+        (a checkpoint only copies committed pages from the WAL into the database file).
+        wal_pages is the WAL's length after the last commit, for the caller's backpressure."""
         def hook(_conn, _db, in_wal):
+            self.wal_pages = in_wal
             if in_wal >= pages:
                 due()
             return apsw.SQLITE_OK
@@ -516,7 +519,8 @@ class Store:
         """After checkpoint_copy, with no commit running: copy what commits added meanwhile
         (a few pages, often none). The WAL is then wholly in the database file, and the next
         commit writes it from its start; without this step, under steady commits no copy
-        would ever catch up, and the WAL would grow without end."""
+        would ever catch up, and the WAL would grow without end. Returns (pages in the WAL,
+        pages copied): fewer copied means a reader's open transaction holds the WAL."""
         return self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
 
     def close(self) -> None:

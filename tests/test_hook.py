@@ -466,7 +466,12 @@ def test_the_wal_stays_bounded_under_steady_allocations(tmp_path):
                 assert b'"ok":true' in f.readline()
                 more += 1
             assert _frames(wal) <= CHECKPOINT_PAGES, more
-        assert d.call({"op": "status"})["allocations"] == 10_000 + more
+            st = d.call({"op": "status"})
+        assert st["allocations"] == 10_000 + more
+        # Nothing holds the WAL. Whether a batch waited for a copy (past 6,000 pages) depends
+        # on how much CPU the copy's thread got: tests/test_wal_backpressure.py says when.
+        assert st["wal"]["pinned"] is False and st["wal"]["waits"] >= 0
+        assert 0 < st["wal"]["pages"] <= _frames(wal)
     finally:
         d.stop()
 
