@@ -381,3 +381,63 @@ def test_after_a_denial_the_burst_follows_its_one_request_to_the_next_peer():
     assert sorted(ref for ref, _ in out.replies) == ["r0", "r1", "r2"]
     assert all(r["ok"] for _, r in out.replies) and out.messages == []
     assert len({r["address"] for _, r in out.replies}) == 3 and b.waiting == {}
+
+
+def test_frozen_is_one_dict_while_the_vector_stays_and_never_changes():
+    r = Replica("a", [Ring(u) for u in UNIVERSES])
+    first = r.frozen()
+    assert first == {} and r.frozen() is first
+    r.next_stamp()
+    second = r.frozen()
+    assert second == {"a": 1} and second is not first and first == {}
+    assert r.frozen() is second  # no change, no copy
+    r.vector["b"] = 4  # as receive, bootstrap and removal change it: in place
+    assert r.frozen() == {"a": 1, "b": 4} and second == {"a": 1}
+
+
+def test_partners_vectors_are_held_once_and_never_changed_in_place():
+    """Once peers have what we have, known and sent hold our one frozen vector for all of
+    them, not a copy each (peers^2 items on every peer). A vector held for one partner is
+    never raised in place: another partner's, or our own frozen one, would change with it."""
+    from appliance.core.peer import Peer
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    b, c = Peer("b", "c", [Ring(u)], u), Peer("c", "c", [Ring(u)], u)
+    peers = {"a": a, "b": b, "c": c}
+    for name, peer in peers.items():
+        peer.reachable = set(peers) - {name}
+
+    def held_once(peer):
+        # What each partner was sent is ours; what it told us is ours too unless it spoke
+        # last before it had it (a peer that has nothing to say stays silent).
+        frozen = peer.replica.frozen()
+        assert len(peer.sent) == len(peer.known) == 2
+        assert all(v is frozen for v in peer.sent.values()), peer.sent
+        assert all(v is frozen or v != frozen for v in peer.known.values()), peer.known
+
+    _, now = _deliver(peers, 0.0)
+    for peer in peers.values():
+        assert peer.replica.frozen() == a.replica.vector
+        held_once(peer)
+    # News from a, then from a and b at once, crossing: every vector held before keeps what
+    # it said.
+    before = [(v, dict(v)) for peer in peers.values()
+              for v in (*peer.known.values(), *peer.sent.values())]
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 64, "b", a.replica.next_stamp()))
+    _, now = _deliver(peers, now)
+    for peer in peers.values():
+        held_once(peer)
+    before += [(v, dict(v)) for peer in peers.values()
+               for v in (*peer.known.values(), *peer.sent.values())]
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start + 64, u.start + 80, "c",
+                                        a.replica.next_stamp()))
+    with b.writer.change([]) as ch:
+        ch.wrote(u, b.rings[u].transfer("b", u.start, u.start + 16, "c", b.replica.next_stamp()))
+    _deliver(peers, now)
+    assert all(v == copy for v, copy in before)
+    assert a.rings[u].entries == b.rings[u].entries == c.rings[u].entries
+    for peer in peers.values():
+        assert peer.replica.frozen() == a.replica.vector
+        held_once(peer)

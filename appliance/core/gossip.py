@@ -46,6 +46,15 @@ class Replica:
         self.rings = rings if isinstance(rings, Rings) else Rings(rings)  # read and merged
         self.vector: Vector = dict(vector or {})
         self.seq = max(seq, self.vector.get(me, 0))
+        self._frozen: Vector = {}
+
+    def frozen(self) -> Vector:
+        """The vector now, as a dict nobody changes: the same object while the vector stays
+        the same. What partners have, or are assumed to have, is mostly this vector: kept as a
+        copy per partner it is peers^2 items on every peer."""
+        if self._frozen != self.vector:
+            self._frozen = dict(self.vector)
+        return self._frozen
 
     def next_stamp(self) -> tuple[str, int]:
         """The stamp of this peer's next write. The caller persists seq with the write before

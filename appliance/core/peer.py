@@ -569,17 +569,21 @@ class Peer:
         theirs = dict(msg.delta.vector)
         self.removals.learn_removed(self, msg.removed, out)
         self._check_vector(sender, theirs, out)
+        # The vectors in known and sent are never changed in place, so one dict can stand for
+        # many partners: ours (Replica.frozen), once they have all we have.
+        theirs = self._held_once(theirs)
         self.known[sender] = theirs
         if not msg.answer:
             self.heard.add(sender)
-        if msg.nack or sender in self.asking:
-            self.sent[sender] = dict(theirs)  # what it has, not what we assumed
+        sent = self.sent.get(sender)
+        if msg.nack or sender in self.asking or sent is None:
+            self.sent[sender] = theirs  # what it has, not what we assumed
             self.asking.discard(sender)
         else:
             # An answer that crossed our message in flight must not lower what we sent.
-            sent = self.sent.setdefault(sender, {})
-            for p, v in theirs.items():
-                sent[p] = max(sent.get(p, 0), v)
+            raised = {p: v for p, v in theirs.items() if v > sent.get(p, 0)}
+            if raised:
+                self.sent[sender] = self._held_once({**sent, **raised})
         if incomplete:
             # Made against more than we have (a message before it was lost): merge nothing
             # and say so, with what we do have, so the next delta is whole.
@@ -591,6 +595,11 @@ class Peer:
             self.greeted.add(sender)
         elif msg.delta.entries:
             self.owe_ack.add(sender)  # it sent news: our vector, and what it lacks
+
+    def _held_once(self, vector: Vector) -> Vector:
+        """Our own frozen vector if it is equal: held once for every partner so known."""
+        frozen = self.replica.frozen()
+        return frozen if vector == frozen else vector
 
     def _gossip_msg(self, delta: Delta, nack: bool = False, answer: bool = False) -> Gossip:
         return Gossip(self.cluster, delta, nack, tuple(sorted(self.removed.items())),
@@ -677,7 +686,7 @@ class Peer:
             rank = bisect_left(peers, self.me)
             if self.replica.vector != self.pushed:
                 # The next FANOUT peers in rotation that may lack it: not the ones that sent it.
-                self.pushed = dict(self.replica.vector)
+                self.pushed = self.replica.frozen()
                 self.news_until = now + AFTER_NEWS
                 start = rank + self.ticks * FANOUT
                 lacking = [q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
@@ -698,7 +707,7 @@ class Peer:
             delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
                 out.messages.append((peer, self._gossip_msg(delta, answer=peer in answering)))
-                self.sent[peer] = dict(self.replica.vector)
+                self.sent[peer] = self.replica.frozen()
         self.owe_ack.clear()
         return out
 
@@ -808,7 +817,7 @@ class Peer:
 
     def _delta_against(self, peer: str, base: Vector) -> Delta:
         delta = self.replica.delta_for(base)
-        self.sent[peer] = dict(self.replica.vector)
+        self.sent[peer] = self.replica.frozen()
         return delta
 
     def _refresh_hints(self, now: float, out: Ready, exact: Cidr | None = None) -> None:

@@ -123,16 +123,20 @@ def _vector_memory(rows: list[dict]) -> list[str]:
         "What stops the simulator short of 1,000 peers is memory, not time. Each peer keeps, "
         "for every partner it has exchanged gossip with, the last version vector that partner "
         "told it and the last it sent that partner (`Peer.known`, `Peer.sent`), and a vector "
-        "names every peer; in a busy cluster every peer soon talks with every other, so each "
-        "holds about 2 x peers^2 items and the simulator, holding all of them, 2 x peers^3. "
-        "Items held at the end of each case: " + ", ".join(
+        "names every peer; in a busy cluster every peer soon talks with every other. Vectors "
+        "equal to the peer's own are held once for all partners (`Replica.frozen`): what it "
+        "sent is nearly always that, and a converged cluster keeps nothing else. What partners "
+        "told it last is not: each spoke at its own moment, so most are distinct, and a peer "
+        "still holds up to peers^2 items, the simulator peers^3. Items held at the end of each "
+        "case (each dict once): " + ", ".join(
             f"{n} peers {v:,}" for n, v in pts) + f" (between {n1} and {n2} peers: "
-        f"peers^{k:.1f}). At 1,000 peers that is about {2 * 1000 ** 3 / 1e9:,.0f} billion "
-        "items, far past this machine's 23 GB: a run of 1,000 peers (at a36016f) got through "
-        "its fill, settling and churn in 81 minutes, then grew past 22 GB in its heal and was "
-        "stopped. A real daemon holds only its own share, 2 x hosts^2 items (2 million at "
-        "1,000 hosts, 20,000 at 100); bounding it needs a gossip whose pushes are not made "
-        "against what each partner last said, which is the next step.", ""]
+        f"peers^{k:.1f}). At 1,000 peers that is about {1000 ** 3 / 1e9:,.0f} billion "
+        "items, far past this machine's 23 GB: a run of 1,000 peers (at a36016f, when every "
+        "vector was a copy) got through its fill, settling and churn in 81 minutes, then grew "
+        "past 22 GB in its heal and was stopped. A real daemon holds only its own share, at "
+        "most 2 x hosts^2 items (2 million at 1,000 hosts, 20,000 at 100); bounding it needs a "
+        "gossip whose pushes are not made against what each partner last said, which is the "
+        "next step.", ""]
 
 
 def _range_size(c: dict) -> int:

@@ -130,8 +130,9 @@ class Result:
     crashes: int = 0
     known_bugs: dict = field(default_factory=dict)  # core bugs the checks tolerated, by name
     # Items of the version vectors the peers keep per partner at the end (Peer.known and
-    # Peer.sent: the last vector each partner told, and the last sent it): what bounds the
-    # node count the simulator can reach, as it grows with peers^3.
+    # Peer.sent: the last vector each partner told, and the last sent it), each dict once
+    # (vector_items): what bounds the node count the simulator can reach, as it grows with
+    # peers^3.
     vector_items: int = 0
     protocol: int = PROTOCOL  # the peer protocol whose encoding the bytes are counted in
 
@@ -144,6 +145,13 @@ class Result:
         d["wait_rounds_p50"] = w[len(w) // 2] if w else 0
         d["wait_rounds_p95"] = w[min(len(w) - 1, int(0.95 * len(w)))] if w else 0
         return d
+
+
+def vector_items(peer) -> int:
+    """The items of the vectors a peer keeps of its partners (known, sent), each dict once:
+    partners that have what it has share one (Replica.frozen)."""
+    kept = {id(v): v for held in (peer.known, peer.sent) for v in held.values()}
+    return sum(len(v) for v in kept.values())
 
 
 class MatrixSim(Sim):
@@ -445,8 +453,7 @@ class Driver:
         ring = sim.live[sim.names[0]].replica.rings[sim.u]
         r.ring_entries, r.ring_runs = len(ring.entries), ring.segments()
         r.peer_bytes, r.bytes_sampled = sim.peer_bytes, sim.sample
-        r.vector_items = sum(len(v) for q in sim.live.values() for kept in (q.known, q.sent)
-                             for v in kept.values())
+        r.vector_items = sum(vector_items(q) for q in sim.live.values())
         r.bytes_per_change = r.peer_bytes / max(1, r.ring_changes)
         self.one_change()
         r.final_peers, r.universe = len(sim.live), str(sim.u)
