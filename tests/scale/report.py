@@ -125,8 +125,9 @@ def _vector_memory(rows: list[dict]) -> list[str]:
         "told it and the last it sent that partner (`Peer.known`, `Peer.sent`), and a vector "
         "names every peer; in a busy cluster every peer soon talks with every other. Vectors "
         "equal to the peer's own are held once for all partners (`Replica.frozen`): what it "
-        "sent is nearly always that, and a converged cluster keeps nothing else. What partners "
-        "told it last is not: each spoke at its own moment, so most are distinct, and a peer "
+        "sent is its own vector of that moment, one dict for every partner it sent to then, "
+        "and a converged cluster keeps nothing else. What partners told it last is not shared: "
+        "each spoke at its own moment, so most are distinct, and a peer "
         "still holds up to peers^2 items, the simulator peers^3. Items held at the end of each "
         "case (each dict once): " + ", ".join(
             f"{n} peers {v:,}" for n, v in pts) + f" (between {n1} and {n2} peers: "
