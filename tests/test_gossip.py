@@ -441,3 +441,26 @@ def test_partners_vectors_are_held_once_and_never_changed_in_place():
     for peer in peers.values():
         assert peer.replica.frozen() == a.replica.vector
         held_once(peer)
+
+
+def test_a_probe_in_step_leaves_its_sender_known_as_our_own_vector():
+    """Equal digests mean equal vectors: what the prober told us before, and what we assumed
+    it has, become our frozen vector (one dict for all such partners). A probe out of step
+    changes neither: it is answered with a hello."""
+    u = UNIVERSES[0]
+    a, b, peers, now = _pair()
+    stale = {}
+    b.known["a"], b.sent["a"] = stale, stale  # as if a spoke last before it had anything
+    a_vector = dict(a.replica.vector)
+    probe = Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed))
+    assert b.receive("a", probe, now).messages == []
+    assert b.known["a"] is b.sent["a"] is b.replica.frozen() and b.known["a"] == a_vector
+    assert stale == {}
+    # Out of step (b missed a write of a's): a hello, and nothing assumed.
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 16, "b", a.replica.next_stamp()))
+    b.known["a"] = b.sent["a"] = stale
+    probe = Gossip("c", Delta((), ()), digest=a.replica.digest(a.removed))
+    ((dst, hello),) = b.receive("a", probe, now).messages
+    assert dst == "a" and hello.delta.base is None
+    assert b.known["a"] is stale and b.sent["a"] is stale

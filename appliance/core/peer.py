@@ -562,6 +562,11 @@ class Peer:
             if msg.digest != self.replica.digest(self.removed):
                 out.messages.append((sender, self._gossip_msg(self.replica.hello())))
                 self.asking.add(sender)
+            elif sender in self.known:
+                # In step: its vector is ours (the digest is of both), so what it told us
+                # last and what we assumed it has are both our own, held once. Its vector
+                # only grows: ours remains a vector it covers, as grants need.
+                self.known[sender] = self.sent[sender] = self.replica.frozen()
             return
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
         if msg.delta.entries and not incomplete:
