@@ -126,7 +126,8 @@ def _vector_memory(rows: list[dict]) -> list[str]:
         "names every peer; in a busy cluster every peer soon talks with every other. Vectors "
         "equal to the peer's own are held once for all partners (`Replica.frozen`): what it "
         "sent is its own vector of that moment, one dict for every partner it sent to then, "
-        "and a converged cluster keeps nothing else. What partners told it last is not shared: "
+        "and a probe whose digest equals its own makes both that (the vectors are equal), so a "
+        "converged cluster keeps nothing else. What partners told it last is not shared: "
         "each spoke at its own moment, so most are distinct, and a peer "
         "still holds up to peers^2 items, the simulator peers^3. Items held at the end of each "
         "case (each dict once): " + ", ".join(
