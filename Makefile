@@ -43,6 +43,7 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.peer_bench
 	$(BIN)/python -m tests.bench.scrape_bench
 	$(BIN)/python -m tests.bench.history_bench
+	$(BIN)/python -m tests.bench.wal_bench
 
 ## What an idle daemon costs as the cluster grows: make bench-idle [N="10 20 40"] [IDLE=15]
 N ?= 10 20 40
