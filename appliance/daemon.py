@@ -513,8 +513,8 @@ class _Checkpoints:
     end before it commits, up to `limit` seconds: requests arriving meanwhile join that batch,
     and the event loop, idle, leaves the thread the CPU. Not while a reader's open transaction
     holds the WAL (an sqlite shell left in one): no copy can start it over then, so waiting
-    would only stall allocations; that is logged once, and the WAL grows until the reader
-    ends."""
+    would only stall allocations; that is logged (once each time it is found so held), and the
+    WAL grows until the reader ends."""
 
     def __init__(self, store: Store, pages: int = CHECKPOINT_PAGES,
                  hard: int = CHECKPOINT_PAGES * 3 // 2, limit: float = 1.0):

@@ -27,6 +27,13 @@ PAGE = 4096
 def run(tmp: Path, seconds: float, busy: int) -> dict:
     d = Daemon(tmp, "--iprange", "10.64.0.0/12", "--reuse-delay", "30")
     d.start()
+    try:
+        return _loaded(d, seconds, busy)
+    finally:
+        d.stop()
+
+
+def _loaded(d: Daemon, seconds: float, busy: int) -> dict:
     hogs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(busy)]
     wal = Path(f"{d.db}-wal")
     sizes: list[int] = []
@@ -51,7 +58,6 @@ def run(tmp: Path, seconds: float, busy: int) -> dict:
             h.kill()
             h.wait()
     status = d.call({"op": "status"})
-    d.stop()
     return {"req_s": rounds * CLIENTS * PAIRS_PER_CLIENT * 2 / elapsed,
             "max_mb": max(sizes) / 1e6,
             "over": sum(s > CHECKPOINT_PAGES * PAGE for s in sizes) / len(sizes),
