@@ -542,7 +542,13 @@ class _Checkpoints:
             await self.due.wait()
             self.copying = trio.Event()
             try:
-                await trio.to_thread.run_sync(self.store.checkpoint_copy)
+                try:
+                    await trio.to_thread.run_sync(self.store.checkpoint_copy)
+                except RuntimeError as e:  # no thread to be had (resources exhausted)
+                    # On the loop, then: requests wait for it, but the WAL stays bounded and
+                    # the daemon serves on (an exception here would end it).
+                    log.warning("event=checkpoint_inline reason=%r", str(e))
+                    self.store.checkpoint_copy()
                 wal, copied = self.store.checkpoint_finish()
             except apsw.Error as e:  # the WAL only grows until the next one succeeds
                 log.warning("event=checkpoint_failed error=%r", str(e))

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from appliance.core import messages as m
+from appliance import daemon as daemon_mod
 from appliance.daemon import _Checkpoints
 from tests.test_gate import core_loop, held_in_db
 
@@ -148,4 +149,38 @@ async def test_a_reader_holding_the_wal_is_logged_once_and_stalls_nothing(
         assert not cp.pinned
         assert (await core.submit(m.Allocate("after")))["ok"]
         assert core.store.wal_pages < PAGES
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_no_thread_to_be_had_the_copy_runs_on_the_loop(tmp_path, monkeypatch, caplog):
+    """Threads exhausted (a process limit): the checkpoint is done on the event loop rather
+    than ending the daemon, and the WAL still starts over."""
+    core, cp = await checkpointed(tmp_path, limit=60)
+
+    async def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(daemon_mod.trio.to_thread, "run_sync", no_thread)
+    caplog.set_level(logging.WARNING, logger="ipamd")
+    finished, finish = trio.Event(), core.store.checkpoint_finish
+    results = []
+
+    def finish_then_tell():
+        results.append(finish())
+        finished.set()
+        return results[-1]
+
+    core.store.checkpoint_finish = finish_then_tell
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cp.run)
+        await fill(core, lambda: core.store.wal_pages >= PAGES)  # due
+        await finished.wait()
+        (wal, copied), = results
+        assert wal == copied > 0 and not cp.pinned and cp.copying is None
+        inline = [r.getMessage() for r in caplog.records if "event=checkpoint_inline" in
+                  r.getMessage()]
+        assert inline == ["event=checkpoint_inline reason=\"can't start new thread\""], inline
+        address = next_address(core)
+        assert (await core.submit(m.Allocate("after")))["address"] == f"{address}/24"
+        assert core.store.wal_pages < PAGES  # started over
         nursery.cancel_scope.cancel()
