@@ -10,7 +10,7 @@ import logging
 import h11
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .core.spare import is_spare
@@ -64,8 +64,9 @@ class Metrics:
                 counts = a.free_counts(u, spans, self.core.clock())
                 free += [((u, sub), n) for sub, n in zip(part, counts)]
                 await trio.sleep(0)
+        cp = self.core.checkpoints
         return {"in_use": in_use, "free": free, "owned": owned, "retired": retired,
-                "reachable": reachable,
+                "reachable": reachable, "wal": None if cp is None else cp.view(),
                 "unreachable": others - reachable, "pending": pending, **_carved(a, in_use)}
 
     async def body(self) -> bytes:
@@ -127,7 +128,22 @@ class _Scrape:
                                    "(`ipamd lease-block`), cluster-wide as this host knows them")
         leased.add_metric([], s["leased_blocks"])
         yield leased
+        if s["wal"] is not None:  # the daemon's checkpoints (daemon._Checkpoints)
+            wal = s["wal"]
+            yield _one(GaugeMetricFamily("ipamd_wal_pages", "pages in the database's WAL after "
+                                         "the last commit"), wal["pages"])
+            yield _one(CounterMetricFamily("ipamd_wal_waits", "commits that waited for a "
+                                           "checkpoint, the WAL being past its bound"),
+                       wal["waits"])
+            yield _one(GaugeMetricFamily("ipamd_wal_pinned", "1 if the last checkpoint found a "
+                                         "reader's open transaction keeping the WAL from being "
+                                         "started over"), int(wal["pinned"]))
         yield from self.metrics.registry.collect()
+
+
+def _one(family, value):
+    family.add_metric([], value)
+    return family
 
 
 def _carved(a, in_use) -> dict:

@@ -75,3 +75,18 @@ async def test_ranges_added_online_and_retired_are_shown_and_spare_space_is_not(
     assert gauge(body, "ipamd_addresses_owned", universe="10.99.0.0/24") == 254
     assert "/0" not in body.decode()  # the spare universes 0.0.0.0/0 and ::/0
     core.store.close()
+
+
+async def test_the_wal_is_shown_as_the_checkpoints_see_it(tmp_path):
+    from appliance.daemon import _Checkpoints
+    core = core_loop(tmp_path)
+    assert b"ipamd_wal" not in await Metrics(core).body()  # no checkpoints run: nothing shown
+    cp = core.checkpoints = _Checkpoints(core.store)
+    await core.submit(m.Allocate("a"))
+    cp.waits, cp.pinned = 3, True  # as after three waits and a reader found holding it
+    body = await Metrics(core).body()
+    assert core.store.wal_pages > 0
+    assert gauge(body, "ipamd_wal_pages") == core.store.wal_pages
+    assert gauge(body, "ipamd_wal_waits_total") == 3
+    assert gauge(body, "ipamd_wal_pinned") == 1
+    core.store.close()

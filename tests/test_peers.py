@@ -180,6 +180,8 @@ def test_prometheus_metrics_show_use_peers_and_donations(tmp_path):
     assert 'ipamd_peers{state="reachable"} 1.0' in text
     assert "ipamd_donation_seconds_count 1.0" in text
     assert "ipamd_pending_requests 0.0" in text and "ipamd_ring_conflicts_total 0.0" in text
+    assert "ipamd_wal_pinned 0.0" in text and "ipamd_wal_waits_total 0.0" in text
+    assert float(re.search(r"^ipamd_wal_pages (\S+)$", text, re.M).group(1)) > 0
     owned = float(re.search(r'ipamd_addresses_owned\{universe="[^"]+"\} (\S+)', text).group(1))
     free = float(re.search(r'ipamd_addresses_free\{subnet="[^"]+",universe="[^"]+"\} (\S+)',
                            text).group(1))
