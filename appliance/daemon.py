@@ -315,9 +315,9 @@ class CoreLoop:
         await trio.lowlevel.cancel_shielded_checkpoint()
         if self._shared:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self.checkpoints.must_wait():
             with trio.CancelScope(shield=True):
-                await self.checkpoints.throttle()  # the batch stays open: more may join it
+                await self.checkpoints.wait()  # the batch stays open: more may join it
         self._shared = len(batch.after) > 1
         self._open = _Batch()
         failed = batch.failed
@@ -529,10 +529,14 @@ class _Checkpoints:
         """For status: the WAL's pages, the batches that waited for a copy, a reader's hold."""
         return {"pages": self.store.wal_pages, "waits": self.waits, "pinned": self.pinned}
 
-    async def throttle(self) -> None:
-        """Before a commit: wait for the copy under way if the WAL is past `hard`."""
-        if self.copying is None or self.pinned or self.store.wal_pages < self.hard:
-            return
+    def must_wait(self) -> bool:
+        """Before a commit: is the WAL past `hard` with a copy under way? Asked first, so
+        the batches that need not wait (nearly all) pay for no scope and no coroutine."""
+        return self.copying is not None and not self.pinned and \
+            self.store.wal_pages >= self.hard
+
+    async def wait(self) -> None:
+        """For the copy under way to end, at most `limit` seconds."""
         self.waits += 1
         with trio.move_on_after(self.limit):
             await self.copying.wait()

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+from appliance.core.addr import cidr  # noqa: E402
 from appliance.protocols.peer_frames import PROTOCOL  # noqa: E402
 from tests.sim.simulator import REUSE_DELAY  # noqa: E402
 
@@ -141,10 +142,6 @@ def _vector_memory(rows: list[dict]) -> list[str]:
         "next step.", ""]
 
 
-def _range_size(c: dict) -> int:
-    return 2 ** (32 - int(c["universe"].split("/")[1]))
-
-
 def _full_by_quarantine(c: dict) -> str:
     """Why a case's range is full though only part of it is in use: the addresses its churn
     frees stay in quarantine for the simulator's reuse delay."""
@@ -169,8 +166,8 @@ def findings(cases: list[dict]) -> list[str]:
                        f"{c['allocations'] + sum(c['refused'].values())} "
                        f"({', '.join(f'{k} {v}' for k, v in sorted(c['refused'].items()))}"
                        + (f"; at most {c['most_free_at_refusal']:,} of the range's "
-                          f"{_range_size(c):,} addresses free then" if "most_free_at_refusal"
-                          in c else "") + ")" + _full_by_quarantine(c)
+                          f"{cidr(c['universe']).size:,} addresses free then"
+                          if "most_free_at_refusal" in c else "") + ")" + _full_by_quarantine(c)
                        for c in refused) + ".")
     else:
         out.append("- No allocation was refused while the cluster had free space.")
