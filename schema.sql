@@ -1,4 +1,4 @@
--- ipamd database, schema version 5 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 6 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -67,6 +67,11 @@ CREATE TABLE peers (
 ) STRICT;
 
 -- Addresses held now. universe is NULL for a static address outside every range.
+-- One b-tree, keyed by address: a commit writes the pages its addresses fall in, and
+-- addresses handed out together are neighbours. No index on handle: handles are random
+-- (container ids), so such an index cost a page of its own per request in every commit.
+-- The core keeps each handle's addresses; opening the database refuses a handle holding two
+-- addresses in one subnet (Store.open).
 CREATE TABLE allocations (
     address      TEXT PRIMARY KEY,
     universe     TEXT REFERENCES universes (cidr),
@@ -74,8 +79,7 @@ CREATE TABLE allocations (
     handle       TEXT NOT NULL,
     anchor       TEXT,
     allocated_at REAL NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX allocations_handle ON allocations (handle, subnet);
+) STRICT, WITHOUT ROWID;
 
 -- Addresses given back: reused least-recently-freed first once their quarantine is over. The
 -- quarantined and the most recently freed after them (4096 per range) have a row each; the

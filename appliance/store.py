@@ -25,7 +25,7 @@ from .core.spare import SPARE
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -119,6 +119,29 @@ MIGRATIONS: dict[int, str] = {
         SELECT cidr AS block, CASE state WHEN 'block' THEN 'tenant' ELSE 'handle' END AS leased_to,
                args AS name FROM carved WHERE state IN ('block', 'lease');
     """,
+    # 6: allocations in one b-tree keyed by address (without a rowid), and no index on
+    # handle: a commit writes about half the pages (schema.sql says why). The view that reads
+    # the table is made again: SQLite will not rename a table over a view's reference.
+    5: """
+    DROP VIEW IF EXISTS held;
+    DROP INDEX IF EXISTS allocations_handle;
+    CREATE TABLE allocations_6 (
+        address      TEXT PRIMARY KEY,
+        universe     TEXT REFERENCES universes (cidr),
+        subnet       TEXT NOT NULL,
+        handle       TEXT NOT NULL,
+        anchor       TEXT,
+        allocated_at REAL NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO allocations_6 SELECT address, universe, subnet, handle, anchor, allocated_at
+        FROM allocations;
+    DROP TABLE allocations;
+    ALTER TABLE allocations_6 RENAME TO allocations;
+    CREATE VIEW held AS
+        SELECT handle, address || '/' || substr(subnet, instr(subnet, '/') + 1) AS address,
+               subnet, anchor, datetime(allocated_at, 'unixepoch') AS allocated
+        FROM allocations ORDER BY handle;
+    """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
 # WAL pages (4 KiB each) that make a checkpoint due. SQLite's default is 1000; each checkpoint
@@ -199,6 +222,7 @@ class Store:
             else:
                 if version < SCHEMA_VERSION:
                     self._migrate(conn, version, migrations)
+                self._check_handles(conn)
                 loaded = self._meta(conn, universes, static)
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS[self.durability]}")
             # A WAL that grew while a checkpoint was copying is cut back to this once it starts
@@ -235,6 +259,19 @@ class Store:
             raise StoreError(f"{self.path} is corrupt: {'; '.join(problems[:5])}; refusing to "
                              "start. Restore a backup, or remove it and rejoin as a new peer.")
         return version
+
+    def _check_handles(self, conn: apsw.Connection) -> None:
+        """A handle holds at most one address in a subnet. The core keeps that; the schema
+        no longer does (no index on handle: schema.sql), so a database edited by hand or
+        from elsewhere is checked here, before the core would load half of such a pair."""
+        twice = conn.execute("SELECT handle, subnet, group_concat(address, ' ') FROM "
+                             "allocations GROUP BY handle, subnet HAVING count(*) > 1 "
+                             "LIMIT 3").fetchall()
+        if twice:
+            listed = "; ".join(f"handle {h!r} holds {a} in {s}" for h, s, a in twice)
+            raise StoreError(f"{self.path} is inconsistent: {listed} (one address per handle "
+                             "and subnet); refusing to start. Release the extra rows with "
+                             "sqlite3, or restore a backup.")
 
     def _create(self, conn: apsw.Connection, ranges: list[Cidr], static: list[Cidr],
                 nickname: str, mode: str, bootstrap_meta: dict[str, str]) -> Loaded:

@@ -38,9 +38,26 @@ def make_db(path, allocations=0):
     return loaded
 
 
+def as_version_5(c):
+    """The table version 6 changed, as version 5 had it: allocations with a rowid and a
+    unique index on (handle, subnet), the view held over it."""
+    c.execute("DROP VIEW held; "
+              "CREATE TABLE a5 (address TEXT PRIMARY KEY, universe TEXT REFERENCES universes "
+              "(cidr), subnet TEXT NOT NULL, handle TEXT NOT NULL, anchor TEXT, "
+              "allocated_at REAL NOT NULL) STRICT; "
+              "INSERT INTO a5 SELECT * FROM allocations; DROP TABLE allocations; "
+              "ALTER TABLE a5 RENAME TO allocations; "
+              "CREATE UNIQUE INDEX allocations_handle ON allocations (handle, subnet); "
+              "CREATE VIEW held AS SELECT handle, address || '/' || substr(subnet, "
+              "instr(subnet, '/') + 1) AS address, subnet, anchor, datetime(allocated_at, "
+              "'unixepoch') AS allocated FROM allocations ORDER BY handle; "
+              "PRAGMA user_version = 5")
+
+
 def as_version_4(c):
     """The tables version 5 changed, as version 4 had them: universes of kind 'range' or
     'static' only (its CHECK word for word), no spare universes, nor their ring rows."""
+    as_version_5(c)
     c.execute("DELETE FROM ring WHERE universe IN (SELECT cidr FROM universes "
               "WHERE kind = 'spare'); "
               "CREATE TABLE u4 (cidr TEXT PRIMARY KEY, "
@@ -276,7 +293,7 @@ def test_version_4_database_migrates_to_ranges_online(tmp_path):
     s = Store(path)
     again = s.open(RANGE, "t")
     c = s.conn
-    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 5
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == store_mod.SCHEMA_VERSION
     assert c.execute("SELECT cidr, family, kind, added FROM universes ORDER BY rowid"
                      ).fetchall() == [("10.32.0.0/12", 4, "range", 0),
                                       ("10.0.0.0/13", 4, "static", 0),
@@ -292,6 +309,67 @@ def test_version_4_database_migrates_to_ranges_online(tmp_path):
         RANGE, [cidr("10.0.0.0/13")], list(SPARE), [*RANGE, cidr("10.0.0.0/13")])
     peer = s.load_peer(again, RANGE[0], 30)
     assert sorted(peer.allocator.by_handle) == ["h0", "h2"]
+    s.close()
+
+
+def test_version_5_database_migrates_to_allocations_by_address(tmp_path):
+    # Every kind of allocation row (IPv4 and IPv6, anchored, one handle in two subnets):
+    # kept as it was, now in one b-tree keyed by address, without the handle index; the
+    # view for people reads it as before.
+    path = tmp_path / "ipamd.db"
+    s = Store(path)
+    v6 = cidr("fd00::/64")
+    loaded = s.open([*RANGE, v6], "t")
+    a = s.load_peer(loaded, RANGE[0], 30).allocator
+    for i in range(4):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
+    s.commit(a.apply(Allocate("h1", v6), 1005.0)[1])
+    s.commit(a.apply(Release("h2"), 1010.0)[1])
+    s.close()
+    c = apsw.Connection(str(path))
+    as_version_5(c)
+    before = c.execute("SELECT * FROM allocations ORDER BY address").fetchall()
+    held = c.execute("SELECT * FROM held").fetchall()
+    c.close()
+    assert len(before) == 4 and len(held) == 4
+    s = Store(path)
+    again = s.open(None, "t")
+    c = s.conn
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 6
+    assert c.execute("SELECT * FROM allocations ORDER BY address").fetchall() == before
+    assert c.execute("SELECT * FROM held").fetchall() == held
+    assert "WITHOUT ROWID" in c.execute(
+        "SELECT sql FROM sqlite_schema WHERE name = 'allocations'").fetchall()[0][0]
+    assert c.execute("SELECT name FROM sqlite_schema WHERE type = 'index' AND "
+                     "tbl_name = 'allocations'").fetchall() == []  # the table is its key
+    assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    peer = s.load_peer(again, RANGE[0], 30)
+    assert {h: sorted(map(str, by)) for h, by in peer.allocator.by_handle.items()} == {
+        "h0": ["10.32.0.0/12"], "h1": ["10.32.0.0/12", "fd00::/64"], "h3": ["10.32.0.0/12"]}
+    s.close()
+
+
+def test_handle_holding_two_addresses_in_a_subnet_refused(tmp_path):
+    # Nothing in the schema stops it any more; opening does, and names the rows.
+    path = tmp_path / "ipamd.db"
+    make_db(path, allocations=2)
+    c = apsw.Connection(str(path))
+    c.execute("UPDATE allocations SET handle = 'h0' WHERE handle = 'h1'")
+    addresses = sorted(r[0] for r in c.execute("SELECT address FROM allocations"))
+    c.close()
+    assert len(addresses) == 2
+    refuses(path, r"inconsistent: handle 'h0' holds (%s|%s) in 10\.32\.0\.0/12 \(one address "
+            r"per handle and subnet\); refusing to start" % (
+                " ".join(addresses).replace(".", r"\."),
+                " ".join(reversed(addresses)).replace(".", r"\.")), None)
+    # One handle in two subnets is fine: it is one address per subnet.
+    c = apsw.Connection(str(path))
+    c.execute("UPDATE allocations SET subnet = '10.32.1.0/24' WHERE address = ?",
+              (addresses[1],))
+    c.close()
+    s = Store(path)
+    assert sorted(s.load_peer(s.open(None, "t"), RANGE[0], 30).allocator.by_handle["h0"]) \
+        == sorted([cidr("10.32.0.0/12"), cidr("10.32.1.0/24")])
     s.close()
 
 
