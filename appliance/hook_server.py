@@ -17,6 +17,7 @@ from .core import messages as m
 from .core.messages import error
 from .daemon import CommitFailed, CoreBug, CoreLoop
 from .protocols import cni
+from .read_hub import ReadHub
 from .protocols.hook import (CLOSED, NEED_DATA, CniRequest, HookConnection, HookError,
                              RangeAdd, encode_cni_reply, encode_reply)
 from .unixsock import serve_unix
@@ -27,39 +28,47 @@ HOOK_IDLE = 300.0  # seconds a hook connection may sit idle before it is closed
 
 async def serve_hooks(path: Path, core: CoreLoop, task_status=trio.TASK_STATUS_IGNORED,
                       cap: int = 512) -> None:
-    await serve_unix(path, lambda stream: _serve_connection(stream, core), "hook", cap, 256,
-                     task_status=task_status)
+    hub = ReadHub()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await serve_unix(path, lambda stream: _serve_connection(stream, core, hub), "hook",
+                         cap, 256, task_status=task_status)
+        nursery.cancel_scope.cancel()
 
 
-async def _serve_connection(stream: trio.SocketStream, core: CoreLoop) -> None:
+async def _serve_connection(stream: trio.SocketStream, core: CoreLoop, hub: ReadHub) -> None:
     # The plain socket under the stream: trio's socket methods add a checkpoint to every send
     # and receive that did not block, two scheduler passes per request that the commit wait
     # makes needless (every request waits there, or checkpoints below). The nursery is for
     # a reply the socket does not take at once (_Replies).
+    # Waits for requests go through the hub (read_hub.py): one registration per connection,
+    # not one per request.
     sock = socket.socket(fileno=stream.socket.detach())
     sock.setblocking(False)
     replies = None
+    hub.add(sock)
     try:
         with trio.CancelScope(deadline=trio.current_time() + HOOK_IDLE) as idle:
             async with trio.open_nursery() as nursery:
                 replies = _Replies(sock, nursery)
-                await _serve_lines(sock, core, idle, replies)
+                await _serve_lines(sock, core, idle, replies, hub)
     finally:
         if replies is not None:
             replies.gone = True  # a reply still to come has nowhere to go
+        hub.remove(sock)
         trio.lowlevel.notify_closing(sock)
         sock.close()
 
 
 async def _serve_lines(sock: socket.socket, core: CoreLoop, idle: trio.CancelScope,
-                       replies: _Replies) -> None:
+                       replies: _Replies, hub: ReadHub) -> None:
     conn = HookConnection()
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
             # After a reply, or with one to come, the client is reading it: wait for more
             # rather than try a read that would fail.
-            data = await _receive(sock, idle, replies.answered or replies.pending)
+            data = await _receive(sock, idle, replies.answered or replies.pending, hub)
             if data is None:  # reset by the client
                 return
             conn.receive_data(data)
@@ -171,7 +180,11 @@ class _Replies:
         await self._sent.wait()
 
 
-async def _receive(sock: socket.socket, idle: trio.CancelScope, wait: bool) -> bytes | None:
+RECEIVE = 65536
+
+
+async def _receive(sock: socket.socket, idle: trio.CancelScope, wait: bool,
+                   hub: ReadHub) -> bytes | None:
     """What the client sent (b"" once it closed), or None if it reset the connection.
 
     `wait`: wait for the socket to be readable before the first try, as after a reply, which
@@ -183,22 +196,28 @@ async def _receive(sock: socket.socket, idle: trio.CancelScope, wait: bool) -> b
     receive does. So it is closed after HOOK_IDLE - 1 to HOOK_IDLE s of silence, or of a
     reply the client does not read."""
     if wait:
-        await _wait_readable(sock, idle)
+        await _wait_readable(sock, idle, hub)
     while True:
         try:
-            return sock.recv(65536)
+            data = sock.recv(RECEIVE)
         except BlockingIOError:
-            pass
+            hub.empty(sock)
         except OSError:
             return None
-        await _wait_readable(sock, idle)
+        else:
+            if len(data) < RECEIVE:
+                hub.empty(sock)  # all there was: what comes next makes an event
+            else:
+                hub.more(sock)
+            return data
+        await _wait_readable(sock, idle, hub)
 
 
-async def _wait_readable(sock: socket.socket, idle: trio.CancelScope) -> None:
+async def _wait_readable(sock: socket.socket, idle: trio.CancelScope, hub: ReadHub) -> None:
     now = trio.current_time()
     if idle.deadline < now + HOOK_IDLE - 1:
         idle.deadline = now + HOOK_IDLE
-    await trio.lowlevel.wait_readable(sock)  # past the deadline, `idle` ends the connection
+    await hub.wait_readable(sock)  # past the deadline, `idle` ends the connection
 
 
 async def _answer(core: CoreLoop, request) -> bytes:

@@ -366,6 +366,33 @@ def test_pipelined_requests_answered_in_order_and_bad_ones_do_not_close(daemon):
     assert replies[2]["addresses"][0]["address"] == replies[0]["address"]
 
 
+def test_pipelined_requests_beyond_one_read_all_answered_in_order(daemon):
+    """More requests at once than one read takes (64 KiB): the rest, already there, makes no
+    new readiness event (read_hub: edge-triggered), and must still be read and answered."""
+    n = 4000
+    lines = b"".join(b'{"op":"lookup","handle":"pipe-%05d"}\n' % i for i in range(n))
+    assert len(lines) > 2 * 65536
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket))
+        s.settimeout(20)  # a server waiting for an event that never comes: fail, not hang
+        failed = []
+
+        def send():
+            try:
+                s.sendall(lines)
+            except OSError as e:  # fails the test below
+                failed.append(e)
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(send)
+            f = s.makefile("rb")
+            replies = [json.loads(f.readline()) for _ in range(n)]
+            sent.result(timeout=60)
+    assert failed == []
+    assert [r["error"]["message"] for r in replies] == [
+        f"no address is held by handle 'pipe-{i:05d}'" for i in range(n)]
+    assert daemon.call({"op": "status"})["ok"]
+
+
 def test_oversized_line_is_refused_then_daemon_serves(daemon):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(daemon.socket))
