@@ -76,6 +76,9 @@ class _Waiting:
     exact: tuple | None = None  # (u, lo, hi): the part a carve (leases.py) last asked for
 
 
+_MEMBERS_ONLY = m.TAKES + (m.CanServe, m.ReleaseBlocks)
+
+
 def _covers(theirs: Vector, ours: Vector) -> bool:
     return all(theirs.get(p, 0) >= s for p, s in ours.items())
 
@@ -265,6 +268,19 @@ class Peer:
         standing; giving addresses back is allowed in every standing (it never gives anyone
         an address, and a container that is gone must not keep one)."""
         out = Ready()
+        kind = type(req)
+        if kind is m.Allocate and self.standing == "member" or kind is m.Release and not (
+                req.address is None and req.handle in self.allocator.lease_blocks):
+            # Nearly every request: served as _attempt would (the same checks, the same
+            # order), with the _Waiting made only if it must wait for a peer's space.
+            reply, rows = self.allocator.apply(req, now)
+            out.rows += rows
+            need = None if reply["ok"] else self.allocator.need_for(req, reply)
+            if need is None:
+                out.replies.append((ref, reply))
+            else:
+                self._ask(_Waiting(ref, req, now + self.request_timeout, [], need), out, reply)
+            return out
         if isinstance(req, m.Status):
             out.replies.append((ref, m.ok(**self.status(now))))
             return out
@@ -293,8 +309,7 @@ class Peer:
             reply, rows = self.allocator.apply(req, now)
             out.rows += rows
             w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
-        if self.standing != "member" and \
-                isinstance(req, m.TAKES + (m.CanServe, m.ReleaseBlocks)):
+        if self.standing != "member" and isinstance(req, _MEMBERS_ONLY):
             # Checked again at every retry: the standing may have changed while it waited.
             out.replies.append((w.ref, m.error(self.standing, self.note or
                                                f"{self.me} is {self.standing}")))
