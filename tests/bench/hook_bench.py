@@ -7,6 +7,7 @@ clients, and a bare apsw WAL commit of one row.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import socket
@@ -34,13 +35,21 @@ def _connect(path: str) -> tuple[socket.socket, object]:
     return s, s.makefile("rb")
 
 
-def _pairs(path: str, tag: str, n: int, latencies: bool, ops=("allocate", "release")):
-    """n allocate+release pairs (or n allocations); per-request latencies in us if asked."""
+def _handles(tag: str, n: int) -> list[bytes]:
+    """Handles as container engines make them: 64 hex digits, in no order (Docker's and
+    CRI's container ids). Made before the clock starts."""
+    return [hashlib.sha256(b"%s-%d" % (tag.encode(), i)).hexdigest().encode()
+            for i in range(n)]
+
+
+def _pairs(path: str, handles: list[bytes], latencies: bool, ops=("allocate", "release")):
+    """An allocate+release pair (or an allocation) for each handle; per-request latencies in
+    us if asked."""
     s, f = _connect(path)
     lat = []
-    for i in range(n):
+    for handle in handles:
         for op in ops:
-            msg = b'{"op":"%s","handle":"%s-%d"}\n' % (op.encode(), tag.encode(), i)
+            msg = b'{"op":"%s","handle":"%s"}\n' % (op.encode(), handle)
             t0 = time.perf_counter_ns()
             s.sendall(msg)
             reply = f.readline()
@@ -54,15 +63,16 @@ def _pairs(path: str, tag: str, n: int, latencies: bool, ops=("allocate", "relea
 
 def _worker(args):
     path, tag, n, start, ops = args
+    handles = _handles(tag, n)
     start.wait()
     t0 = time.perf_counter()
-    _pairs(path, tag, n, False, ops)
+    _pairs(path, handles, False, ops)
     return time.perf_counter() - t0
 
 
 def one_client(path: str) -> dict:
-    _pairs(path, "warm", 200, False)
-    lat = sorted(_pairs(path, "one", ONE_CLIENT_PAIRS, True))
+    _pairs(path, _handles("warm", 200), False)
+    lat = sorted(_pairs(path, _handles("one", ONE_CLIENT_PAIRS), True))
     q = statistics.quantiles(lat, n=100)
     return {"p50": q[49], "p95": q[94], "p99": q[98]}
 
