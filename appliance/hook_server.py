@@ -46,8 +46,8 @@ async def _serve_connection(stream: trio.SocketStream, core: CoreLoop, hub: Read
     sock = socket.socket(fileno=stream.socket.detach())
     sock.setblocking(False)
     replies = None
-    hub.add(sock)
     try:
+        hub.add(sock)
         with trio.CancelScope(deadline=trio.current_time() + HOOK_IDLE) as idle:
             async with trio.open_nursery() as nursery:
                 replies = _Replies(sock, nursery)

@@ -7,9 +7,16 @@ once, edge-triggered, in an epoll of the hub's own, and trio waits on that one d
 one wake of the hub serves every socket that became readable since, whatever their number.
 
 Edge-triggered means an event says "something arrived", once. So a socket is "ready" from
-its event until a receive finds nothing (BlockingIOError): the user calls `empty(sock)`
-then, or `more(sock)` when a receive filled its whole buffer (more may wait unread, and no
-event will come for it).
+its event until a receive finds nothing (BlockingIOError) or takes less than its buffer: the
+user calls `empty(sock)` then, or `more(sock)` when a receive filled its whole buffer (more
+may wait unread, and no event will come for it). An end (the peer's half-close, a hang-up or
+an error) stays ready for good, whatever empty() says: a unix socket gives the data before
+it first and the end only to the next receive, and the event for both may be one.
+
+A short receive does not mean an empty socket for a client that passes descriptors or
+out-of-band data (the kernel stops a receive there): that client's next request then waits
+for its next write, or the connection's idle deadline. Only that client is delayed; the hook
+protocol has neither.
 """
 from __future__ import annotations
 
@@ -19,25 +26,30 @@ import socket
 import trio
 
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET  # HUP and ERR always come
+_ENDS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class ReadHub:
-    __slots__ = ("_ep", "_parked", "_ready", "_closed")
+    __slots__ = ("_ep", "_parked", "_ready", "_ended", "_closed")
 
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._parked: dict[int, trio.lowlevel.Task] = {}  # fd: the task waiting for it
         self._ready: set[int] = set()  # fds with an event since their last empty()
+        self._ended: set[int] = set()  # fds whose peer half-closed or hung up: ready for good
         self._closed = False
 
     def add(self, sock: socket.socket) -> None:
         """From now on wait_readable(sock) may be used; remove(sock) before closing it."""
+        if self._closed:
+            return  # shutting down: waits fall back to trio's own
         # Data already there makes an event at once: registration reports the state.
         self._ep.register(sock.fileno(), _EVENTS)
 
     def remove(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         self._ready.discard(fd)
+        self._ended.discard(fd)  # the number may come back, for another connection
         task = self._parked.pop(fd, None)
         if task is not None:  # its socket is going: let it find that out
             trio.lowlevel.reschedule(task)
@@ -60,7 +72,7 @@ class ReadHub:
         """Until sock has had an event since its last empty(): at once if it has (a
         checkpoint all the same). Cancellable."""
         fd = sock.fileno()
-        if fd in self._ready:
+        if fd in self._ready or fd in self._ended:
             await trio.lowlevel.checkpoint()
             return
         if self._closed:  # the hub is gone (shutting down): trio's own wait, as before
@@ -82,7 +94,9 @@ class ReadHub:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._ep)
-                for fd, _ in self._ep.poll(0):
+                for fd, events in self._ep.poll(0):
+                    if events & _ENDS:
+                        self._ended.add(fd)
                     task = self._parked.pop(fd, None)
                     if task is None:
                         self._ready.add(fd)

@@ -84,6 +84,27 @@ async def test_a_core_bug_fails_its_batch_and_memory_is_rebuilt_from_the_databas
     core.store.close()
 
 
+async def test_a_second_address_for_a_handle_in_a_subnet_is_a_core_bug(tmp_path, monkeypatch):
+    # The schema has no index on handle (a page per request in every commit), so the core's
+    # own check is what stops a buggy path from giving a handle two addresses in a subnet:
+    # the request fails as a core bug, nothing is written, and the daemon serves on.
+    from appliance.core.allocator import Held
+    core = core_loop(tmp_path)
+    assert (await core.submit(m.Allocate("keep")))["address"] == "198.18.0.1/24"
+
+    def allocate_without_looking(self, req, now):  # skips "already holds one here"
+        return self._take(Held(4, RANGE.start + 7, RANGE, RANGE, req.handle, None, now))
+    monkeypatch.setattr(Allocator, "_allocate", allocate_without_looking)
+    with pytest.raises(CoreBug, match="handle 'keep' would hold a second address in "
+                                      "198.18.0.0/24"):
+        await core.submit(m.Allocate("keep"))
+    assert held_in_memory(core) == held_in_db(core) == {"198.18.0.1": "keep"}
+    monkeypatch.undo()
+    ok = await core.submit(m.Allocate("next"))
+    assert ok["ok"] and ok["address"] == "198.18.0.2/24", ok
+    core.store.close()
+
+
 async def test_releases_pass_the_gate_in_every_standing_takes_do_not(tmp_path):
     core = core_loop(tmp_path)
     await core.submit(m.Allocate("a"))

@@ -393,6 +393,24 @@ def test_pipelined_requests_beyond_one_read_all_answered_in_order(daemon):
     assert daemon.call({"op": "status"})["ok"]
 
 
+def test_a_client_that_half_closes_gets_its_reply_then_the_end(daemon):
+    """A client that sends its last request, shuts its side and reads to the end (`nc -N`,
+    `socat -`): the reply, then the server's close at once, not after the idle deadline (the
+    request and the end come as one readiness event; read_hub keeps the end)."""
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(daemon.socket))
+            s.settimeout(20)  # HOOK_IDLE is 300 s: a missed end fails here
+            s.sendall(b'{"op":"lookup","handle":"half-1"}\n')
+            f = s.makefile("rb")
+            assert json.loads(f.readline())["error"]["code"] == "not_found"
+            s.sendall(b'{"op":"lookup","handle":"half-2"}\n')
+            s.shutdown(socket.SHUT_WR)
+            assert json.loads(f.readline())["error"]["message"] == \
+                "no address is held by handle 'half-2'"
+            assert f.read() == b""
+
+
 def test_oversized_line_is_refused_then_daemon_serves(daemon):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(daemon.socket))

@@ -86,6 +86,39 @@ async def test_a_receive_that_filled_its_buffer_leaves_the_socket_ready(pair, au
         assert len(a.recv(5000)) == 2000
 
 
+async def test_a_half_close_after_data_stays_ready_after_empty(pair, autojump_clock):
+    # The data and the end come as one event; the receive that takes the data is short, and
+    # the end is only seen by the next receive: the socket must stay ready for it.
+    a, b = pair
+    async with serving(a) as (hub, nursery):
+        b.sendall(b"last request\n")
+        b.shutdown(socket.SHUT_WR)
+        with trio.fail_after(5):
+            await hub.wait_readable(a)
+        assert a.recv(65536) == b"last request\n"
+        hub.empty(a)
+        with trio.fail_after(5):
+            await hub.wait_readable(a)  # at once
+        assert a.recv(65536) == b""
+
+
+async def test_a_socket_added_once_the_hub_has_ended_still_waits(pair, autojump_clock):
+    # A connection accepted while shutting down: its add must not fail (the epoll is gone).
+    a, b = pair
+    hub = ReadHub()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await idle()
+        nursery.cancel_scope.cancel()
+    hub.add(a)
+    b.sendall(b"r")
+    with trio.fail_after(5):
+        await hub.wait_readable(a)
+    assert a.recv(10) == b"r"
+    hub.remove(a)
+    trio.lowlevel.notify_closing(a)
+
+
 async def test_an_event_while_nobody_waits_is_kept_for_the_next_wait(pair, autojump_clock):
     a, b = pair
     async with serving(a) as (hub, nursery):

@@ -922,8 +922,13 @@ class Allocator:
         key = (held.family, held.address)
         if key in self.by_addr:
             raise AssertionError(f"{_fmt(key)} held twice")  # the store's primary key forbids it
+        mine = self.by_handle.setdefault(held.handle, {})
+        if held.subnet in mine:
+            # Allocate and claim answer first; the schema has no index on handle to refuse it.
+            raise AssertionError(f"handle {held.handle!r} would hold a second address in "
+                                 f"{held.subnet}")
         self.by_addr[key] = held
-        self.by_handle.setdefault(held.handle, {})[held.subnet] = held
+        mine[held.subnet] = held
         if held.universe is not None:
             insort(self.held_sorted[held.universe], held.address)
         # get and set, not Counter's +=: each lookup hashes both blocks of the key
