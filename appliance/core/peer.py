@@ -76,9 +76,6 @@ class _Waiting:
     exact: tuple | None = None  # (u, lo, hi): the part a carve (leases.py) last asked for
 
 
-_MEMBERS_ONLY = m.TAKES + (m.CanServe, m.ReleaseBlocks)
-
-
 def _covers(theirs: Vector, ours: Vector) -> bool:
     return all(theirs.get(p, 0) >= s for p, s in ours.items())
 
@@ -269,10 +266,12 @@ class Peer:
         an address, and a container that is gone must not keep one)."""
         out = Ready()
         kind = type(req)
-        if kind is m.Allocate and self.standing == "member" or kind is m.Release and not (
-                req.address is None and req.handle in self.allocator.lease_blocks):
+        if (kind is m.Allocate or kind is m.Release and not (
+                req.address is None and req.handle in self.allocator.lease_blocks)) and \
+                (self.standing == "member" or kind not in m.TAKES):
             # Nearly every request: served as _attempt would (the same checks, the same
-            # order), with the _Waiting made only if it must wait for a peer's space.
+            # order, the gate's m.TAKES read at each call as there), with the _Waiting made
+            # only if it must wait for a peer's space.
             reply, rows = self.allocator.apply(req, now)
             out.rows += rows
             need = None if reply["ok"] else self.allocator.need_for(req, reply)
@@ -309,7 +308,8 @@ class Peer:
             reply, rows = self.allocator.apply(req, now)
             out.rows += rows
             w.request = req = m.ReleaseBlocks(req.handle, tuple(reply["released"]))
-        if self.standing != "member" and isinstance(req, _MEMBERS_ONLY):
+        if self.standing != "member" and \
+                isinstance(req, m.TAKES + (m.CanServe, m.ReleaseBlocks)):
             # Checked again at every retry: the standing may have changed while it waited.
             out.replies.append((w.ref, m.error(self.standing, self.note or
                                                f"{self.me} is {self.standing}")))
