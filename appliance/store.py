@@ -263,12 +263,23 @@ class Store:
     def _check_handles(self, conn: apsw.Connection) -> None:
         """A handle holds at most one address in a subnet. The core keeps that; the schema
         no longer does (no index on handle: schema.sql), so a database edited by hand or
-        from elsewhere is checked here, before the core would load half of such a pair."""
-        twice = conn.execute("SELECT handle, subnet, group_concat(address, ' ') FROM "
-                             "allocations GROUP BY handle, subnet HAVING count(*) > 1 "
-                             "LIMIT 3").fetchall()
+        from elsewhere is checked here, before the core would refuse to load such a pair.
+        Subnets are compared as blocks, as the core does: text the daemon did not write
+        ('10.32.0.5/12', 'FD00::/64') names the same subnet as its canonical form."""
+        blocks: dict[str, object] = {}  # subnet text -> block: each distinct text parsed once
+        held: dict[tuple, list[str]] = {}
+        for handle, subnet, address in conn.execute(
+                "SELECT handle, subnet, address FROM allocations ORDER BY address"):
+            block = blocks.get(subnet)
+            if block is None:
+                try:
+                    block = blocks[subnet] = cidr(subnet)
+                except ValueError:
+                    block = blocks[subnet] = subnet
+            held.setdefault((handle, block), []).append(address)
+        twice = [(h, b, a) for (h, b), a in held.items() if len(a) > 1][:3]
         if twice:
-            listed = "; ".join(f"handle {h!r} holds {a} in {s}" for h, s, a in twice)
+            listed = "; ".join(f"handle {h!r} holds {' '.join(a)} in {b}" for h, b, a in twice)
             raise StoreError(f"{self.path} is inconsistent: {listed} (one address per handle "
                              "and subnet); refusing to start. Release the extra rows with "
                              "sqlite3, or restore a backup.")
