@@ -130,20 +130,14 @@ class _Scrape:
         yield leased
         if s["wal"] is not None:  # the daemon's checkpoints (daemon._Checkpoints)
             wal = s["wal"]
-            yield _one(GaugeMetricFamily("ipamd_wal_pages", "pages in the database's WAL after "
-                                         "the last commit"), wal["pages"])
-            yield _one(CounterMetricFamily("ipamd_wal_waits", "commits that waited for a "
-                                           "checkpoint, the WAL being past its bound"),
-                       wal["waits"])
-            yield _one(GaugeMetricFamily("ipamd_wal_pinned", "1 if the last checkpoint found a "
-                                         "reader's open transaction keeping the WAL from being "
-                                         "started over"), int(wal["pinned"]))
+            yield GaugeMetricFamily("ipamd_wal_pages", "pages in the database's WAL after the "
+                                    "last commit", value=wal["pages"])
+            yield CounterMetricFamily("ipamd_wal_waits", "commits that waited for a checkpoint, "
+                                      "the WAL being past its bound", value=wal["waits"])
+            yield GaugeMetricFamily("ipamd_wal_pinned", "1 if the last checkpoint found a "
+                                    "reader's open transaction keeping the WAL from being "
+                                    "started over", value=int(wal["pinned"]))
         yield from self.metrics.registry.collect()
-
-
-def _one(family, value):
-    family.add_metric([], value)
-    return family
 
 
 def _carved(a, in_use) -> dict:

@@ -265,21 +265,6 @@ class Peer:
         standing; giving addresses back is allowed in every standing (it never gives anyone
         an address, and a container that is gone must not keep one)."""
         out = Ready()
-        kind = type(req)
-        if (kind is m.Allocate or kind is m.Release and not (
-                req.address is None and req.handle in self.allocator.lease_blocks)) and \
-                (self.standing == "member" or kind not in m.TAKES):
-            # Nearly every request: served as _attempt would (the same checks, the same
-            # order, the gate's m.TAKES read at each call as there), with the _Waiting made
-            # only if it must wait for a peer's space.
-            reply, rows = self.allocator.apply(req, now)
-            out.rows += rows
-            need = None if reply["ok"] else self.allocator.need_for(req, reply)
-            if need is None:
-                out.replies.append((ref, reply))
-            else:
-                self._ask(_Waiting(ref, req, now + self.request_timeout, [], need), out, reply)
-            return out
         if isinstance(req, m.Status):
             out.replies.append((ref, m.ok(**self.status(now))))
             return out
