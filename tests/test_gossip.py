@@ -464,3 +464,39 @@ def test_a_probe_in_step_leaves_its_sender_known_as_our_own_vector():
     ((dst, hello),) = b.receive("a", probe, now).messages
     assert dst == "a" and hello.delta.base is None
     assert b.known["a"] is stale and b.sent["a"] is stale
+
+
+def test_a_peer_keeps_its_last_partners_vectors_and_asks_the_others_first(monkeypatch):
+    """Peer._remember: known and sent hold at most PARTNERS partners, the ones last heard
+    from or sent to (kept for all, they were hosts^2 items on every host). News for a
+    partner forgotten starts with a hello, asking its vector as of a peer never heard, not a
+    delta against nothing (everything); every ring still ends the same."""
+    from appliance.core import peer as peer_module
+    from appliance.core.peer import Peer
+    monkeypatch.setattr(peer_module, "PARTNERS", 2)
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    peers = {"a": a, **{n: Peer(n, "c", [Ring(u)], u) for n in "bcde"}}
+    for name, peer in peers.items():
+        peer.reachable = set(peers) - {name}
+
+    def bounded():
+        for peer in peers.values():
+            assert len(peer.known) <= 2 and len(peer.sent) <= 2, (peer.me, peer.known)
+        assert all(q.rings[u].entries == a.rings[u].entries for q in peers.values())
+
+    _, now = _deliver(peers, 0.0)
+    bounded()
+    with a.writer.change([]) as ch:
+        ch.wrote(u, a.rings[u].transfer("a", u.start, u.start + 64, "b", a.replica.next_stamp()))
+    remembered = set(a.known)
+    pushed = [(dst, msg) for dst, msg in a.tick(now).messages if not msg.digest]
+    assert len(pushed) == 3  # FANOUT
+    asked = {dst for dst, msg in pushed if msg.delta.base is None}
+    assert asked == {dst for dst, _ in pushed} - remembered and asked, remembered
+    assert all(msg.delta.entries for dst, msg in pushed if dst in remembered)
+    for dst, msg in pushed:
+        peers[dst].receive("a", msg, now)
+    _deliver(peers, now)
+    bounded()
+    assert peers["e"].rings[u].owned_by("b") == [(u.start, u.start + 64)]

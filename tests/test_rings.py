@@ -1,6 +1,8 @@
 """The one way rings change (core/rings.py): a broken ring is a bug of this host, raised as
 RingInvariant naming what broke, before any row of the change is given."""
 import dataclasses
+import random
+import re
 
 import pytest
 
@@ -93,6 +95,64 @@ def test_two_owners_of_one_address():
                        "has two owners$"):
         r.check_invariants()
 
+
+
+def test_the_sorted_view_and_spans_kept_up_to_date_equal_a_rebuild():
+    """Ring._put brings the sorted entries, their starts and the spans up to date instead of
+    rebuilding them: after every operation they equal a ring built afresh from the entries
+    held, and lists got before the change are as they were (callers keep them)."""
+    rng, owners = random.Random(5), ["a", "b", "c"]
+    r = Ring.single_owner(U, "a")
+    r.check_invariants()
+    r.spans()
+    done = 0
+    for seq in range(1, 400):
+        me = rng.choice(owners)
+        owned = [(lo, hi) for lo, hi in r.owned_by(me) if hi - lo >= 2]
+        if not owned:
+            continue
+        lo, hi = rng.choice(owned)
+        a = rng.randrange(lo, hi - 1)
+        b = rng.randrange(a + 1, hi + 1)
+        entries, spans = r.entries, r.spans()
+        kept = (list(entries), list(spans))
+        r.transfer(me, a, b, rng.choice([o for o in owners if o != me]), (me, seq))
+        assert (entries, spans) == kept
+        fresh = Ring(U, list(r._by_start.values()))
+        assert (r.entries, r._starts, r.spans()) == (fresh.entries, fresh._starts, fresh.spans())
+        r.check_changed()
+        done += 1
+    assert done > 300 and len(r.entries) > 100
+    r.check_invariants()
+
+
+def test_a_change_is_checked_where_it_was_put():
+    r = split_ring()
+    r.check_invariants()
+    r._put(Entry(S + 128, S + 999, "a", 5))
+    why = f"ring of 10.0.0.0/24: ring entry [{S + 128}, {S + 999}) lies outside 10.0.0.0/24"
+    with pytest.raises(RingInvariant, match=f"^{re.escape(why)}$"):
+        r.check_changed()
+
+
+def test_a_put_is_checked_with_its_neighbours():
+    """An entry put inside another changes that one's span too: it is checked as well."""
+    r = split_ring()
+    r.check_invariants()
+    r._put(Entry(S + 100, S + 128, "c", 1, 0, ("b", 2)))
+    b = r.spans()[1][0]
+    r._spans[1] = (b, S + 64, S + 133)  # kept wrong by the put
+    why = f"the entry [{S + 64}, {S + 128}) is said to cover [{S + 64}, {S + 133})"
+    with pytest.raises(RingInvariant, match=f"^ring of 10\\.0\\.0\\.0/24: {re.escape(why)}$"):
+        r.check_changed()
+
+def test_a_ring_never_checked_is_checked_whole():
+    r = split_ring()  # made, never checked: what changed since is not known
+    r._by_start[S + 10] = r._by_start.pop(S + 64)
+    r._sorted = r._spans = None
+    with pytest.raises(RingInvariant, match=rf"^ring of 10\.0\.0\.0/24: the entry at {S + 64} "
+                       rf"is filed under {S + 10}$"):
+        r.check_changed()
 
 def founder() -> Peer:
     peer, _ = Peer.founder("a", "c", [U], U)

@@ -126,6 +126,17 @@ def test_ci_tier_small_clusters():
     assert all(carves[k] for k in ("TenantGrow limit", "TenantCreate unreachable",
                                    "TenantCreate exists", "NamesCreate exists")), carves
 
+def test_ci_tier_small_clusters_keeping_two_partners(monkeypatch):
+    """Peers that keep the vectors of only 2 partners (Peer._remember; PARTNERS is 32, so the
+    small tier forgets none): forgetting, and the hellos it brings, under the small tier's
+    faults, on seeds of their own."""
+    monkeypatch.setattr(peer_mod, "PARTNERS", 2)
+    results = run_many([(s, None, 1000) for s in range(3000, 3060)])
+    bad = [(seed, v) for seed, v, _ in results if v]
+    assert not bad, f"violations (replay with PARTNERS=2): {bad[:5]}"
+    summarise(results, "3-7 peers keeping 2 partners")
+
+
 def test_ci_tier_hundred_peers():
     results = run_many([(1000 + s, 100, 1000) for s in BIG_SEEDS])
     bad = [(seed, v) for seed, v, _ in results if v]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import islice
 
 from . import messages as m
 from .addr import Cidr, format_addr
@@ -38,6 +39,9 @@ from .spare import (DISSOLVED, REGISTRY, STATES, is_marker, is_spare, key_of, ma
                     parse_marker)
 
 FANOUT = 3    # peers each piece of news is pushed to
+# Partners whose vectors a peer keeps (Peer._remember): beyond this many, the least recently
+# heard from or sent to is forgotten. A cluster of up to this many hosts forgets none.
+PARTNERS = 32
 # Ticks between probes of the next peer in rotation (anti-entropy): a digest of our vector,
 # answered only when the other's differs. News is pushed as rumours; probes only repair.
 PROBE = 10
@@ -566,7 +570,8 @@ class Peer:
                 # In step: its vector is ours (the digest is of both), so what it told us
                 # last and what we assumed it has are both our own, held once. Its vector
                 # only grows: ours remains a vector it covers, as grants need.
-                self.known[sender] = self.sent[sender] = self.replica.frozen()
+                self._remember(self.known, sender, self.replica.frozen())
+                self._remember(self.sent, sender, self.replica.frozen())
             return
         incomplete = bool(msg.delta.entries) and not self.replica.complete_for_me(msg.delta)
         if msg.delta.entries and not incomplete:
@@ -577,18 +582,18 @@ class Peer:
         # The vectors in known and sent are never changed in place, so one dict can stand for
         # many partners: ours (Replica.frozen), once they have all we have.
         theirs = self._held_once(theirs)
-        self.known[sender] = theirs
+        self._remember(self.known, sender, theirs)
         if not msg.answer:
             self.heard.add(sender)
         sent = self.sent.get(sender)
         if msg.nack or sender in self.asking or sent is None:
-            self.sent[sender] = theirs  # what it has, not what we assumed
+            self._remember(self.sent, sender, theirs)  # what it has, not what we assumed
             self.asking.discard(sender)
         else:
             # An answer that crossed our message in flight must not lower what we sent.
             raised = {p: v for p, v in theirs.items() if v > sent.get(p, 0)}
             if raised:
-                self.sent[sender] = self._held_once({**sent, **raised})
+                self._remember(self.sent, sender, self._held_once({**sent, **raised}))
         if incomplete:
             # Made against more than we have (a message before it was lost): merge nothing
             # and say so, with what we do have, so the next delta is whole.
@@ -694,9 +699,11 @@ class Peer:
                 self.pushed = self.replica.frozen()
                 self.news_until = now + AFTER_NEWS
                 start = rank + self.ticks * FANOUT
-                lacking = [q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
-                           if not _covers(self.sent.get(q, {}), self.pushed)]
-                targets.update(lacking[:FANOUT])
+                # Lazily: the first few in rotation usually lack it, and testing all of them
+                # was a walk of every partner's vector, for each push.
+                lacking = (q for q in (peers[(start + i) % len(peers)] for i in range(len(peers)))
+                           if not _covers(self.sent.get(q, {}), self.pushed))
+                targets.update(islice(lacking, FANOUT))
             probe = peers[(rank + self.probes) % len(peers)]
             if (self.ticks % PROBE == 0 or now < self.news_until) and probe not in targets:
                 self.probes += 1
@@ -712,7 +719,7 @@ class Peer:
             delta = self.replica.delta_for(self.sent.get(peer, self.known[peer]))
             if delta.entries or peer in self.owe_ack:
                 out.messages.append((peer, self._gossip_msg(delta, answer=peer in answering)))
-                self.sent[peer] = self.replica.frozen()
+                self._remember(self.sent, peer, self.replica.frozen())
         self.owe_ack.clear()
         return out
 
@@ -822,8 +829,21 @@ class Peer:
 
     def _delta_against(self, peer: str, base: Vector) -> Delta:
         delta = self.replica.delta_for(base)
-        self.sent[peer] = self.replica.frozen()
+        self._remember(self.sent, peer, self.replica.frozen())
         return delta
+
+    def _remember(self, table: dict[str, Vector], peer: str, vector: Vector) -> None:
+        """Keep a partner's vector in known (what it told) or sent (what we assume it has),
+        for the PARTNERS partners heard from or sent to last: each vector names every peer,
+        and kept for every partner they were hosts^2 items on each host. A partner forgotten
+        is as one never heard: asked for its vector before a push, sent everything in a
+        grant. Only bytes depend on these vectors, never what is merged."""
+        table.pop(peer, None)
+        table[peer] = vector
+        if len(table) > PARTNERS:
+            oldest = next(iter(table))
+            self.known.pop(oldest, None)
+            self.sent.pop(oldest, None)
 
     def _refresh_hints(self, now: float, out: Ready, exact: Cidr | None = None) -> None:
         """Tell others how much is free in our entries, when it changed enough to matter

@@ -16,7 +16,7 @@ not correctness; `segments()` counts the boundaries that matter.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, replace
 
 from .addr import Cidr
@@ -71,6 +71,7 @@ class Ring:
         self._sorted: list[Entry] | None = None
         self._spans: list[tuple[Entry, int, int]] | None = None
         self._starts: list[int] = []
+        self._dirty: set[int] | None = None  # starts put since the last check; None: never checked
         self.writes = 0  # entries put since made: RingWriter skips checking a ring it knows
 
     @classmethod
@@ -104,40 +105,67 @@ class Ring:
         """Raise RingInvariant unless this copy keeps the rules: the sorted view holds exactly
         the entries, ascending, each filed under its own start; each carries an end past its
         start inside the universe (check_entry); and what each covers here is disjoint from
-        the next: one owner per address. One pass, no sort: it runs on every change."""
-        where = f"ring of {self.universe}"
-        held, es = self._by_start, self.entries
+        the next: one owner per address. One pass, no sort."""
+        self._dirty = set()
+        self._check_counts()
+        for i in range(len(self.spans())):
+            self._check_at(i)
+
+    def check_changed(self) -> None:
+        """check_invariants, after it once ran, for what was put since: each entry put and
+        its neighbours (whose spans it can change; the rest are the same objects at the same
+        places). It runs on every change: a walk of every entry there was most of a busy
+        peer's time at a few hundred peers (each peer merges every change)."""
+        dirty, self._dirty = self._dirty, set()
+        if dirty is None:
+            return self.check_invariants()
+        self._check_counts()
+        starts, n, at = self._starts, len(self.spans()), set()
+        for s in dirty:
+            i = bisect_left(starts, s)
+            if i >= n or starts[i] != s:
+                raise RingInvariant(f"ring of {self.universe}: the sorted entries are out of "
+                                    f"date at {s}")
+            at.update(j for j in (i - 1, i, i + 1) if 0 <= j < n)
+        for i in sorted(at):
+            self._check_at(i)
+
+    def _check_counts(self) -> None:
+        where, held, es = f"ring of {self.universe}", self._by_start, self.entries
         if len(es) != len(held):
             raise RingInvariant(f"{where}: the sorted entries are not the entries "
                                 f"({len(es)} listed, {len(held)} held)")
         if sum(map(len, self._by_writer.values())) != len(held):
             raise RingInvariant(f"{where}: the entries by writer are not the entries")
-        last, prev = self.universe.start, None
-        for i, (e, lo, hi) in enumerate(self.spans()):
-            if e.end <= e.start:
-                raise RingInvariant(f"{where}: the entry at {e.start} ends at {e.end}, not "
-                                    "past its start")
-            if lo != e.start or not lo < hi <= e.end:
-                raise RingInvariant(f"{where}: the entry [{e.start}, {e.end}) is said to cover "
-                                    f"[{lo}, {hi})")
-            if lo < last:
-                raise RingInvariant(f"{where}: [{lo}, {last}) has two owners")
-            if held.get(e.start) is not e:
-                key = next((k for k, v in held.items() if v is e), None)
-                if key is not None:
-                    raise RingInvariant(f"{where}: the entry at {e.start} is filed under {key}")
-                raise RingInvariant(f"{where}: the entry at {e.start} is not held")
-            if es[i] is not e or self._starts[i] != e.start or \
-                    prev is not None and prev >= e.start:
-                raise RingInvariant(f"{where}: the sorted entries are out of date at {e.start}")
-            if self._by_writer.get(e.stamp[0], {}).get(e.start) is not e:
-                raise RingInvariant(f"{where}: the entry at {e.start} is not filed under its "
-                                    f"writer {e.stamp[0]!r} (gossip would not send it)")
-            try:
-                self.check_entry(e)
-            except RingError as err:
-                raise RingInvariant(f"{where}: {err}") from None
-            last, prev = hi, e.start
+
+    def _check_at(self, i: int) -> None:
+        where, held, es, spans = f"ring of {self.universe}", self._by_start, self.entries, \
+            self.spans()
+        e, lo, hi = spans[i]
+        last, prev = (spans[i - 1][2], es[i - 1].start) if i else (self.universe.start, None)
+        if e.end <= e.start:
+            raise RingInvariant(f"{where}: the entry at {e.start} ends at {e.end}, not "
+                                "past its start")
+        if lo != e.start or not lo < hi <= e.end:
+            raise RingInvariant(f"{where}: the entry [{e.start}, {e.end}) is said to cover "
+                                f"[{lo}, {hi})")
+        if lo < last:
+            raise RingInvariant(f"{where}: [{lo}, {last}) has two owners")
+        if held.get(e.start) is not e:
+            key = next((k for k, v in held.items() if v is e), None)
+            if key is not None:
+                raise RingInvariant(f"{where}: the entry at {e.start} is filed under {key}")
+            raise RingInvariant(f"{where}: the entry at {e.start} is not held")
+        if es[i] is not e or self._starts[i] != e.start or \
+                prev is not None and prev >= e.start:
+            raise RingInvariant(f"{where}: the sorted entries are out of date at {e.start}")
+        if self._by_writer.get(e.stamp[0], {}).get(e.start) is not e:
+            raise RingInvariant(f"{where}: the entry at {e.start} is not filed under its "
+                                f"writer {e.stamp[0]!r} (gossip would not send it)")
+        try:
+            self.check_entry(e)
+        except RingError as err:
+            raise RingInvariant(f"{where}: {err}") from None
 
     @property
     def entries(self) -> list[Entry]:
@@ -343,7 +371,31 @@ class Ring:
     def _put(self, e: Entry) -> Entry:
         self._index(e)
         self.writes += 1
-        self._sorted = self._spans = None
+        if self._dirty is not None:
+            self._dirty.add(e.start)
+        es = self._sorted
+        if es is None:
+            return e
+        # The sorted view and the spans are brought up to date, not rebuilt (a sort and a
+        # walk of every entry, for each change a peer merges). Copied, not changed in place:
+        # lists callers got before stay what they were.
+        i, es, spans = bisect_left(self._starts, e.start), es[:], self._spans
+        spans = spans[:] if spans is not None else None
+        if i < len(es) and es[i].start == e.start:
+            es[i] = e
+        else:
+            es.insert(i, e)
+            self._starts = self._starts[:]
+            self._starts.insert(i, e.start)
+            if spans is not None:
+                spans.insert(i, None)
+        self._sorted = es
+        if spans is not None:
+            for j in (i - 1, i):
+                if j >= 0:
+                    spans[j] = (es[j], es[j].start, min(es[j].end, es[j + 1].start)
+                                if j + 1 < len(es) else es[j].end)
+            self._spans = spans
         return e
 
     # -- merging -------------------------------------------------------------------------------
