@@ -69,9 +69,9 @@ scale: $(STAMP)
 	$(BIN)/python -m tests.scale --hosts $(N) --seconds $(SECONDS) --json docs/scale/scale-run.json
 
 ## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions up to
-## 100 peers, 200 with huge), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
+## 100 peers, 200 and 1,000 with huge), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
 ## last `make scale`): make report [MATRIX=quick|full|huge] [REPLOT=1 to re-plot the last matrix]
-## (huge: full and 200 peers; 1,000 do not fit in memory yet, the report says why)
+## (huge: full, and 200 and 1,000 peers: about half an hour)
 MATRIX ?= full
 REPLOT ?=
 report: $(STAMP)

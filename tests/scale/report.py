@@ -95,51 +95,43 @@ def sim_cost(cases: list[dict], path: Path, size: str) -> list[str]:
     big = rows[-1]
     rounds = 10 * (big["case"]["seconds"] + 7)  # the same span as the wall time above
     per_round = big["messages"] / (big["case"]["peers"] * rounds)
-    at_1000 = w2 * (1000 / n2) ** k
-    reach = (f"; at that rate one simulated second of 1,000 peers would take about "
-             f"{at_1000:,.0f} s ({at_1000 / 3600:,.1f} h), and the `{size}` matrix stops at "
-             f"{n2} peers" + ("" if size == "huge" else " (`huge` adds 200)"))
+    reach = "" if n2 >= 1000 else (
+        f"; at that rate one simulated second of 1,000 peers would take about "
+        f"{w2 * (1000 / n2) ** k:,.0f} s (`make report MATRIX=huge` runs 200 and 1,000)")
     return [
         "## How far the simulator goes", "",
         "Wall time per simulated second: " + ", ".join(f"{n} peers {w:.2g} s" for n, w in pts)
-        + f". Between {n1} and {n2} peers it grows as peers^{k:.1f}{reach}. At {n2} peers each "
-        f"peer sent {per_round:.1f} messages a round on average ({big['messages']:,} in all). "
-        "The time is the core's own work, not the harness: what was the harness' largest "
-        "cost, encoding every message to count its bytes (and keeping every connection's vectors "
-        "for that), is done on a sample of the pairs. A delta's "
-        "version vectors go as their changes since the last delta on the connection, but a "
-        "push still carries what the receiver may lack by what it last told the sender, so "
-        "the bytes per ring change in the table still grow faster than the peers do.", "",
+        + f". Between {n1} and {n2} peers it grows as peers^{k:.1f}{reach}. At {n2:,} peers "
+        f"each peer sent {per_round:.1f} messages a round on average ({big['messages']:,} in "
+        "all). The time is the core's own work, not the harness: what was the harness' "
+        "largest cost, encoding every message to count its bytes (and keeping every "
+        "connection's vectors for that), is done on a sample of the pairs. Each peer merges "
+        "every ring change, and a change costs it the entries it changes (Ring keeps its "
+        "sorted view and spans up to date, and checks what was put and its neighbours), not a "
+        "walk of the ring. A delta's version vectors go as their changes since the last delta "
+        "on the connection, but a push still carries what the receiver may lack by what it "
+        "last told the sender, so the bytes per ring change in the table still grow faster "
+        "than the peers do.", "",
         "![simulator cost](scale/sim_cost.png)", ""] + _vector_memory(rows)
 
 
 def _vector_memory(rows: list[dict]) -> list[str]:
-    """What keeps 1,000 peers out of reach: the version vectors each peer keeps per partner."""
+    """What the version vectors kept per partner cost: they bounded the simulator once."""
     pts = [(c["case"]["peers"], c["vector_items"]) for c in rows if c.get("vector_items")]
     if len(pts) < 2:
         return []
-    (n1, v1), (n2, v2) = pts[-2], pts[-1]
-    k = math.log(v2 / v1) / math.log(n2 / n1)
     return [
-        "What stops the simulator short of 1,000 peers is memory, not time. Each peer keeps, "
-        "for every partner it has exchanged gossip with, the last version vector that partner "
-        "told it and the last it sent that partner (`Peer.known`, `Peer.sent`), and a vector "
-        "names every peer; in a busy cluster every peer soon talks with every other. Vectors "
-        "equal to the peer's own are held once for all partners (`Replica.frozen`): what it "
-        "sent is its own vector of that moment, one dict for every partner it sent to then, "
-        "and a probe whose digest equals its own makes both that (the vectors are equal), so a "
-        "converged cluster keeps nothing else. What partners told it last is not shared: "
-        "each spoke at its own moment, so most are distinct, and a peer "
-        "still holds up to peers^2 items, the simulator peers^3. Items held at the end of each "
-        "case (each dict once): " + ", ".join(
-            f"{n} peers {v:,}" for n, v in pts) + f" (between {n1} and {n2} peers: "
-        f"peers^{k:.1f}). At 1,000 peers that is about {1000 ** 3 / 1e9:,.0f} billion "
-        "items, far past this machine's 23 GB: a run of 1,000 peers (at a36016f, when every "
-        "vector was a copy) got through its fill, settling and churn in 81 minutes, then grew "
-        "past 22 GB in its heal and was stopped. A real daemon holds only its own share, at "
-        "most 2 x hosts^2 items (2 million at 1,000 hosts, 20,000 at 100); bounding it needs a "
-        "gossip whose pushes are not made against what each partner last said, which is the "
-        "next step.", ""]
+        "Memory no longer stops the simulator. Each peer keeps, for the partners it gossips "
+        "with, the last version vector each told it and the one it assumes each has "
+        "(`Peer.known`, `Peer.sent`), and a vector names every peer. Kept for every partner, "
+        "that was up to 2 x peers^2 items on a peer and peers^3 in the simulator (8.3 million "
+        "items at 200 peers; a run of 1,000 peers grew past 22 GB and was stopped). Now a peer "
+        "keeps them for the 32 partners it last heard from or sent to (`PARTNERS`): at most "
+        "64 x peers items, 64,000 at 1,000 hosts, and one vector stands for every partner "
+        "known to have all the peer has (`Replica.frozen`). A partner forgotten is treated as "
+        "one never heard: news for it starts with a hello, so the delta that follows is made "
+        "against what it really has. Items held at the end of each case (each dict once): "
+        + ", ".join(f"{n:,} peers {v:,}" for n, v in pts) + ".", ""]
 
 
 def _full_by_quarantine(c: dict) -> str:
