@@ -481,8 +481,8 @@ def test_a_peer_keeps_its_last_partners_vectors_and_asks_the_others_first(monkey
         peer.reachable = set(peers) - {name}
 
     def bounded():
-        for peer in peers.values():
-            assert len(peer.known) <= 2 and len(peer.sent) <= 2, (peer.me, peer.known)
+        for peer in peers.values():  # two partners in all, not two in each table
+            assert len(set(peer.known) | set(peer.sent)) <= 2, (peer.me, peer.known, peer.sent)
         assert all(q.rings[u].entries == a.rings[u].entries for q in peers.values())
 
     _, now = _deliver(peers, 0.0)

@@ -146,6 +146,52 @@ def test_a_put_is_checked_with_its_neighbours():
     with pytest.raises(RingInvariant, match=f"^ring of 10\\.0\\.0\\.0/24: {re.escape(why)}$"):
         r.check_changed()
 
+
+def test_a_put_is_checked_with_the_entry_after_it():
+    """An entry put may reach past the next one's start: what it is said to cover there is
+    the next entry's, and checking the next entry finds it."""
+    r = split_ring()
+    r.check_invariants()
+    c = r._put(Entry(S + 100, S + 200, "c", 1, 0, ("c", 1)))  # its span ends at S + 128
+    i = r._starts.index(S + 100)
+    r._spans[i] = (c, S + 100, S + 140)  # kept wrong by the put
+    with pytest.raises(RingInvariant, match=rf"^ring of 10\.0\.0\.0/24: \[{S + 128}, "
+                       rf"{S + 140}\) has two owners$"):
+        r.check_changed()
+
+
+def test_a_failed_check_fails_again():
+    """What a check found stays to be found: a caller that carried on would not pass the
+    next check."""
+    r = split_ring()
+    r.check_invariants()
+    r._put(Entry(S + 128, S + 999, "a", 5))
+    for _ in range(2):
+        with pytest.raises(RingInvariant, match="lies outside"):
+            r.check_changed()
+    fresh = split_ring()
+    fresh._put(Entry(S + 128, S + 999, "a", 5))  # never checked: checked whole, twice
+    for _ in range(2):
+        with pytest.raises(RingInvariant, match="lies outside"):
+            fresh.check_changed()
+
+
+def test_many_entries_merged_at_once_leave_views_equal_to_a_rebuild():
+    """A full state merged into a ring whose views are built: past KEPT puts they are
+    dropped and rebuilt once, not brought up to date for each."""
+    from appliance.core.ring import KEPT
+    source = Ring.single_owner(cidr("10.0.0.0/16"), "a")
+    for k in range(1, 3 * KEPT):
+        lo = source.universe.start + 64 * k
+        source.transfer("a", lo, lo + 32, "b", ("a", k))
+    r = Ring(source.universe)
+    r.check_invariants()  # views built, empty
+    changed = r.merge(source.entries)
+    assert len(changed) > 2 * KEPT
+    fresh = Ring(source.universe, list(source.entries))
+    assert (r.entries, r._starts, r.spans()) == (fresh.entries, fresh._starts, fresh.spans())
+    r.check_changed()
+
 def test_a_ring_never_checked_is_checked_whole():
     r = split_ring()  # made, never checked: what changed since is not known
     r._by_start[S + 10] = r._by_start.pop(S + 64)

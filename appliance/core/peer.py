@@ -103,6 +103,7 @@ class Peer:
         self.reachable: set[str] = set()
         self.known: dict[str, Vector] = {}  # what each peer told us it has
         self.sent: dict[str, Vector] = {}   # what we assume it has, counting what we sent
+        self._partners: dict[str, None] = {}  # those of both, least recently touched first
         self.owe_ack: set[str] = set()      # peers that sent us news and await our vector
         self.asking: set[str] = set()  # peers asked for their vector; the answer resets `sent`
         self.pushed: Vector = {}       # our vector when we last pushed news
@@ -838,10 +839,12 @@ class Peer:
         and kept for every partner they were hosts^2 items on each host. A partner forgotten
         is as one never heard: asked for its vector before a push, sent everything in a
         grant. Only bytes depend on these vectors, never what is merged."""
-        table.pop(peer, None)
         table[peer] = vector
-        if len(table) > PARTNERS:
-            oldest = next(iter(table))
+        self._partners.pop(peer, None)  # one order for both tables: the last touched last
+        self._partners[peer] = None
+        if len(self._partners) > PARTNERS:
+            oldest = next(iter(self._partners))
+            del self._partners[oldest]
             self.known.pop(oldest, None)
             self.sent.pop(oldest, None)
 

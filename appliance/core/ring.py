@@ -26,6 +26,7 @@ from .spare import is_marker, marker, parse_marker
 # saturates here rather than overflowing.
 HINT_MAX = 2**63 - 1
 GAP_VERSION = 2**32  # see claim_gaps
+KEPT = 64  # puts the sorted view is brought up to date for before it is rebuilt instead (_put)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Ring:
         self._spans: list[tuple[Entry, int, int]] | None = None
         self._starts: list[int] = []
         self._dirty: set[int] | None = None  # starts put since the last check; None: never checked
+        self._kept = 0  # puts the views were brought up to date for since they were built
         self.writes = 0  # entries put since made: RingWriter skips checking a ring it knows
 
     @classmethod
@@ -106,21 +108,22 @@ class Ring:
         the entries, ascending, each filed under its own start; each carries an end past its
         start inside the universe (check_entry); and what each covers here is disjoint from
         the next: one owner per address. One pass, no sort."""
-        self._dirty = set()
         self._check_counts()
         for i in range(len(self.spans())):
             self._check_at(i)
+        self._dirty = set()  # only once it passed: a failed check fails again
 
     def check_changed(self) -> None:
         """check_invariants, after it once ran, for what was put since: each entry put and
         its neighbours (whose spans it can change; the rest are the same objects at the same
         places). It runs on every change: a walk of every entry there was most of a busy
         peer's time at a few hundred peers (each peer merges every change)."""
-        dirty, self._dirty = self._dirty, set()
+        dirty = self._dirty
         if dirty is None:
             return self.check_invariants()
         self._check_counts()
-        starts, n, at = self._starts, len(self.spans()), set()
+        n = len(self.spans())  # first: it brings _starts up to date if the views were dropped
+        starts, at = self._starts, set()
         for s in dirty:
             i = bisect_left(starts, s)
             if i >= n or starts[i] != s:
@@ -129,6 +132,7 @@ class Ring:
             at.update(j for j in (i - 1, i, i + 1) if 0 <= j < n)
         for i in sorted(at):
             self._check_at(i)
+        self._dirty = set()
 
     def _check_counts(self) -> None:
         where, held, es = f"ring of {self.universe}", self._by_start, self.entries
@@ -172,6 +176,7 @@ class Ring:
         if self._sorted is None:
             self._sorted = sorted(self._by_start.values(), key=lambda e: e.start)
             self._starts = [e.start for e in self._sorted]
+            self._kept = 0
         return self._sorted
 
     def get(self, start: int) -> Entry | None:
@@ -375,6 +380,13 @@ class Ring:
             self._dirty.add(e.start)
         es = self._sorted
         if es is None:
+            return e
+        self._kept += 1
+        if self._kept > KEPT:
+            # Many puts with the views unread since they were built (a full state merged, a
+            # removed peer's space reclaimed): one rebuild when next read costs less than
+            # bringing copies of them up to date for each.
+            self._sorted = self._spans = None
             return e
         # The sorted view and the spans are brought up to date, not rebuilt (a sort and a
         # walk of every entry, for each change a peer merges). Copied, not changed in place:
