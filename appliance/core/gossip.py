@@ -89,8 +89,12 @@ class Replica:
                      self._items if their is frozen else tuple(their.items()))
 
     def hello(self) -> Delta:
+        return Delta(self.vector_items(), (), None)
+
+    def vector_items(self) -> tuple[tuple[str, int], ...]:
+        """The vector as deltas carry it: made once per vector (with frozen), not per delta."""
         self.frozen()
-        return Delta(self._items, (), None)
+        return self._items
 
     def digest(self, removed) -> bytes:
         """A short hash of the vector and the removed peers' ids (not who removed them: two

@@ -948,10 +948,11 @@ class Peer:
             w.follows = lead
             self.waiting[self.next_req] = w
             return
-        offers = [(free.get(peer, 0), peer, u, lo, hi) for u, lo, hi in bounds
-                  for free in (self._hints(u, lo, hi),)
-                  for peer in sorted(self.reachable - set(w.asked))]
-        offers = [o for o in offers if o[0] > 0]
+        offers = []
+        for u, lo, hi in bounds:
+            free = self._hints(u, lo, hi)
+            offers += [(free[peer], peer, u, lo, hi) for peer in
+                       sorted(self.reachable - set(w.asked)) if free.get(peer, 0) > 0]
         best = None
         if offers:
             # Any peer with at least half the most free space: each host picks its own (by a

@@ -73,7 +73,7 @@ def by_peers(cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def sim_cost(cases: list[dict], path: Path, size: str) -> list[str]:
+def sim_cost(cases: list[dict], path: Path) -> list[str]:
     """How far the simulator goes: wall seconds per simulated second against peers, the
     exponent between the two largest node counts, and what 1,000 peers would take."""
     rows = sorted((c for c in cases if c["case"]["dimension"] == "node count"),
@@ -319,7 +319,7 @@ def main() -> int:
                       "of each in tests/test_sim.py): " + ", ".join(
                           f"`{k}` ({n})" for k, n in c["known_bugs"].items()) + ".", ""]
     lines += findings(cases)
-    lines += sim_cost(cases, OUT / "sim_cost.png", matrix["size"])
+    lines += sim_cost(cases, OUT / "sim_cost.png")
     for key, (title, meaning) in METRICS.items():
         lines += [f"### {title[0].upper() + title[1:]}", "", f"({meaning})", "",
                   f"![{title}](scale/{key}.png)", ""]
