@@ -54,6 +54,16 @@ def test_the_matrix_covers_every_dimension_of_the_requirements():
     assert dims == {"node count", "addresses per node", "distribution", "churn",
                     "utilisation", "membership", "node churn", "node failures"}
     assert max(c.utilisation for c in matrix("full")) > 0.8
+    # Each dimension at the requirements' size too, every level of it, and node count on to
+    # 1,000 peers with --size huge.
+    for size in ("full", "huge"):
+        cases = matrix(size)
+        for dim in dims - {"node count"}:
+            mine = [c for c in cases if c.dimension == dim]
+            at = {n: sorted(c.level for c in mine if c.peers == n) for n in {c.peers for c in mine}}
+            assert set(at) == {20, 100} and at[20] == at[100], (size, dim, at)
+    assert max(c.peers for c in matrix("huge")) == 1000
+    assert max(c.peers for c in matrix("quick")) == 50
 
 
 def test_a_sample_of_pairs_is_counted_message_by_message_against_its_vectors(monkeypatch):

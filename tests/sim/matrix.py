@@ -6,7 +6,8 @@ One baseline (20 peers, 50 live addresses per peer at 50% of the range, even loa
 churn, a static membership, no failures), and each dimension varied from it in turn over the
 levels of the requirements (node count up to 100 peers, 200 and 1,000 with --size huge;
 addresses per node, distribution,
-churn, utilisation up to 90%, membership static / gradual / spiky, node churn, node failures).
+churn, utilisation up to 90%, membership static / gradual / spiky, node churn, node failures),
+each of those at 20 peers and again at 100 (not with --size quick).
 Each case fills the range to its utilisation, then churns for a fixed simulated time, heals
 and measures:
 
@@ -101,7 +102,19 @@ def matrix(size: str) -> list[Case]:
     for dim, lv in levels.items():
         for level, kw in lv:
             out.append(replace(base, name=f"{dim}: {level}", dimension=dim, level=level, **kw))
+    if size != "quick":
+        # Every other dimension again at the requirements' size, 100 peers, for as long as
+        # node count's "high" (5 simulated seconds: about 20 s each here).
+        for dim, lv in levels.items():
+            if dim == "node count":
+                continue
+            for level, kw in lv:
+                out.append(replace(base, name=f"{dim}: {level}, {WIDE} peers", dimension=dim,
+                                   level=level, **{"seconds": 5.0, **kw, "peers": WIDE}))
     return out
+
+
+WIDE = 100  # the peers every dimension also runs at (the requirements' "up to 100 hosts")
 
 
 @dataclass
