@@ -500,3 +500,69 @@ def test_a_peer_keeps_its_last_partners_vectors_and_asks_the_others_first(monkey
     _deliver(peers, now)
     bounded()
     assert peers["e"].rings[u].owned_by("b") == [(u.start, u.start + 64)]
+
+
+def _cold_start(askers: int, owned_by_asker: int = 0):
+    """a founds a /16 (a range) and reaches `askers` peers, each of which asks it for space at
+    once, as every host does at a cluster's cold start; p1 may own some already. Returns a,
+    the universe, and each asker's answer: how many addresses it was given, or "denied"."""
+    from appliance.core.peer import Peer
+    from appliance.core.peer_messages import SpaceDenied, SpaceGrant, SpaceRequest
+    u = UNIVERSES[0]
+    a, _ = Peer.founder("a", "c", [u], u)
+    names = [f"p{i}" for i in range(1, askers + 1)]
+    a.reachable = set(names)
+    if owned_by_asker:
+        with a.writer.change([]) as ch:
+            ch.wrote(u, a.rings[u].transfer("a", u.end - owned_by_asker, u.end, "p1",
+                                            a.replica.next_stamp()))
+    def owned(name: str) -> int:
+        return sum(hi - lo for lo, hi in a.rings[u].owned_by(name))
+
+    answers = {}
+    for i, name in enumerate(names):
+        before = owned(name)
+        out = a.receive(name, SpaceRequest("c", i, u, u.start, u.end), 0.0)
+        kinds = [type(msg) for dst, msg in out.messages if dst == name]
+        if SpaceGrant in kinds:
+            answers[name] = owned(name) - before
+        else:
+            assert kinds[-1] is SpaceDenied
+            answers[name] = "denied"
+    return a, u, answers
+
+
+def test_a_cold_start_gives_every_asker_a_fair_share_at_once():
+    """Halving its space for each asker, a founder ran out after log2(its space) of them, and
+    the other hosts chased stale hints from donor to donor until their allocations timed out
+    (the scale matrix at 400 and 1,000 peers). A grant of a range is at most its size over
+    the peers the donor reaches and itself: all 50 askers get space from the first answer."""
+    a, u, answers = _cold_start(50)
+    share = u.size // 51  # 1,285
+    assert len(answers) == 50 and all(share // 2 < n <= share for n in answers.values()), answers
+    assert sum(hi - lo for lo, hi in a.rings[u].owned_by("a")) == u.size - sum(answers.values())
+
+
+def test_a_small_cluster_still_halves_and_a_busy_host_still_doubles():
+    # One peer reached: its fair share is half, as before.
+    _, u, answers = _cold_start(1)
+    assert answers == {"p1": u.size // 2}
+    # A host that already owns 8,192 (more than its fair share of 1,285) may get as much
+    # again: a busy host's space doubles with each grant, as it did.
+    _, u, answers = _cold_start(50, owned_by_asker=8192)
+    assert answers["p1"] == 8192
+
+
+def test_a_tenants_block_is_still_given_by_halves_not_by_fair_shares():
+    """Only a range is shared by every host; a tenant's block by the few that run its
+    containers, so its owner still gives what halving gives (64 addresses of the /24 here),
+    not the block over the eight peers it reaches (32)."""
+    from tests.scenario import run_command
+    state: dict = {}
+    for line in ["cluster peers=8 range=10.0.0.0/24", "range add p1 10.64.0.0/16 blocks",
+                 "tenant create p2 acme plen=24 max=2"]:
+        run_command(state, line)
+    assert run_command(state, "allocate p0 web-1 tenant=acme") == "10.64.0.64/24 (tenant acme)"
+    block = cidr("10.64.0.0/24")
+    owned = state["cluster"].peers["p0"].rings[block].owned_by("p0")
+    assert [hi - lo for lo, hi in owned] == [64]

@@ -1089,7 +1089,8 @@ class Peer:
             # At most half of what is free there, but the last free address too: allocation
             # must succeed while free space exists anywhere (the asker has none).
             free = a.free_count(u, msg.lo, msg.hi, now)
-            block = a.donatable(u, msg.lo, msg.hi, now, max(1, free // 2), sender) \
+            block = a.donatable(u, msg.lo, msg.hi, now,
+                                max(1, min(free // 2, self._share(u, sender))), sender) \
                 if free >= 1 else None
             if block is None:
                 # The asker counted on space of ours that has left: it went, by our own
@@ -1110,6 +1111,19 @@ class Peer:
         # now, so no peer counts on space that just left (status would show over 100% free).
         self._refresh_hints(now, out, exact=u)
         out.messages.append((sender, SpaceGrant(self.cluster, msg.req, self.grant_delta(sender))))
+
+    def _share(self, u: Cidr, asker: str) -> int:
+        """The most a grant of a range gives: a fair share of it (its size over this peer and
+        those it reaches), or as much as the asker owns there already, if more. Halving alone
+        let a donor serve only log2(its space) askers before it had none: at a cold start
+        every other host chased hints gone stale from donor to donor, and allocations timed
+        out while most of the range was free (the scale matrix's fill: 117 at 400 peers,
+        2,336 at 1,000). A busy host still doubles its space with each grant. Other carves (tenants'
+        blocks, name pools) are shared by a few hosts, not all: halving, as before."""
+        if self.allocator.kind(u) != "range":
+            return u.size
+        owned = sum(hi - lo for lo, hi in self.rings[u].owned_by(asker))
+        return max(u.size // (len(self.reachable) + 1), owned)
 
     def deny_not_owned(self, sender: str, req: int, why: str, out: Ready) -> None:
         """The asker named us the owner of what it asked for, and we are not (any more): its
