@@ -1,5 +1,6 @@
 """`make bench`: the hook socket, restart time and memory. Prints tables; asserts nothing.
-`--hook-only`: only the hook socket table (echo baseline and --durability process) and ratio.
+`--hook-only`: only the hook socket table (echo baseline and --durability process) and ratio,
+with the servers' CPU per request and ipamd's own work per request (breakdown()).
 
 Every figure is measured 3 times and shown as median [min-max], the spread being the machine's
 noise in this run. Baselines measured in the same run: a trio echo server driven by the same
@@ -20,9 +21,13 @@ from pathlib import Path
 
 import apsw
 
+from appliance.core.addr import cidr
+from appliance.protocols.hook import encode_reply, parse_request
+from appliance.store import Store
 from tests.daemon_proc import PYTHON_IPAMD, ROOT, Daemon, _readline
 
 RUNS = 3
+RANGE = cidr("10.64.0.0/12")  # the daemons' --iprange, and the breakdown's
 ONE_CLIENT_PAIRS = 3000
 CLIENTS = 8
 PAIRS_PER_CLIENT = 1500
@@ -90,11 +95,53 @@ def _clients(path: str, tag: str, ops: tuple[str, ...]) -> float:
         return time.perf_counter() - t0
 
 
-def many_clients(path: str) -> dict:
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def many_clients(path: str, pid: int) -> dict:
+    """Throughput, and the server's CPU per request while it serves the pairs (what bounds
+    its throughput when it runs near a whole core)."""
     n = CLIENTS * PAIRS_PER_CLIENT
     only = _clients(path, "a", ("allocate",))
+    user0, sys0 = _cpu_s(pid)
     pairs = _clients(path, "m", ("allocate", "release"))
-    return {"alloc_per_s": n / only, "pair_req_per_s": 2 * n / pairs}
+    user1, sys1 = _cpu_s(pid)
+    return {"alloc_per_s": n / only, "pair_req_per_s": 2 * n / pairs,
+            "user_us": (user1 - user0) / (2 * n) * 1e6, "sys_us": (sys1 - sys0) / (2 * n) * 1e6}
+
+
+def breakdown(tmp: Path, pairs: int = 5000, runs: int = 5) -> dict:
+    """The daemon's own work per request, in this process with no sockets, in us (the best
+    of `runs`, as the noise only ever adds): parsing the line, the core (Peer.request), the
+    reply's encoding, and the commit in batches of 7 (about what 8 clients make)."""
+    handles = _handles("b", pairs)
+    lines = [b'{"op":"%s","handle":"%s"}' % (op, h) for h in handles
+             for op in (b"allocate", b"release")]
+    best: dict[str, float] = {}
+    for run in range(runs):
+        store = Store(tmp / f"breakdown-{run}.db")
+        loaded = store.open([RANGE], "bench")
+        peer = store.load_peer(loaded, RANGE, 30.0)
+        t0 = time.perf_counter()
+        requests = [parse_request(line) for line in lines]
+        t1 = time.perf_counter()
+        readies = [peer.request(i, r, 1000.0) for i, r in enumerate(requests)]
+        t2 = time.perf_counter()
+        for ready in readies:
+            encode_reply(ready.replies[0][1])
+        t3 = time.perf_counter()
+        for i in range(0, len(readies), 7):
+            store.commit([row for ready in readies[i:i + 7] for row in ready.rows])
+        t4 = time.perf_counter()
+        store.close()
+        for key, t in (("parse", t1 - t0), ("core", t2 - t1), ("encode", t3 - t2),
+                       ("commit", t4 - t3)):
+            best[key] = min(best.get(key, t), t)
+    return {k: v / len(lines) * 1e6 for k, v in best.items()}
 
 
 def echo_baseline(tmp: Path) -> dict:
@@ -104,7 +151,7 @@ def echo_baseline(tmp: Path) -> dict:
                              path], stdout=subprocess.PIPE, cwd=ROOT)
     assert _readline(proc.stdout, 30) == "ready"
     try:
-        return {**one_client(path), **many_clients(path)}
+        return {**one_client(path), **many_clients(path, proc.pid)}
     finally:
         proc.kill()
         proc.wait()
@@ -126,10 +173,10 @@ def commit_baseline(tmp: Path, synchronous: str) -> float:
 
 
 def ipamd_hook(tmp: Path, durability: str) -> dict:
-    d = Daemon(tmp, "--iprange", "10.64.0.0/12", "--durability", durability)
+    d = Daemon(tmp, "--iprange", str(RANGE), "--durability", durability)
     d.start()
     try:
-        return {**one_client(str(d.socket)), **many_clients(str(d.socket))}
+        return {**one_client(str(d.socket)), **many_clients(str(d.socket), d.proc.pid)}
     finally:
         d.stop()
 
@@ -213,6 +260,14 @@ def main() -> None:
             [(f"ipamd --durability {d}", results[d]) for d in ran], cols)
         for d in ran:
             print(f"ipamd --durability {d}: {ratio_line(results['echo'], results[d])}")
+        print("\nServer CPU per request under the 8-client pairs (user + system, us):")
+        for name, rs in [("trio echo server", results["echo"])] + \
+                [(f"ipamd --durability {d}", results[d]) for d in ran]:
+            print(f"  {name:<28} {statistics.median(r['user_us'] for r in rs):5.1f} + "
+                  f"{statistics.median(r['sys_us'] for r in rs):5.1f}")
+        cost = breakdown(tmp)
+        print("ipamd's own work per request, in process with no sockets (us, best of 5): " +
+              ", ".join(f"{k} {v:.1f}" for k, v in cost.items()))
         if hook_only:
             print(f"\nload average after: {os.getloadavg()[0]:.2f}")
             return
