@@ -71,7 +71,7 @@ scale: $(STAMP)
 ## The scale matrix in the simulator (tests/sim/matrix.py: the requirements' dimensions at 20
 ## and 100 peers, node count up to 100, 200 and 1,000 with huge), then docs/scale-report.md with its plots in docs/scale/ (and the figures of the
 ## last `make scale`): make report [MATRIX=quick|full|huge] [REPLOT=1 to re-plot the last matrix]
-## (huge: full, and 200 and 1,000 peers: about an hour, nearly all of it the 1,000)
+## (huge: full, and 200 and 1,000 peers: about 35 minutes, nearly all of it the 1,000)
 MATRIX ?= full
 REPLOT ?=
 report: $(STAMP)

@@ -95,7 +95,7 @@ def matrix(size: str) -> list[Case]:
     }
     if size == "quick":
         levels["node count"] = levels["node count"][:3]
-    if size == "huge":  # about an hour on 2 cores, nearly all of it the 1,000 peers
+    if size == "huge":  # about 35 minutes on 2 cores, nearly all of it the 1,000 peers
         levels["node count"] += [("very high", dict(peers=200, seconds=2.0)),
                                  ("highest", dict(peers=1000, seconds=2.0))]
     out = []
@@ -538,7 +538,7 @@ def run_case(case: Case) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.sim.matrix")
     ap.add_argument("--size", choices=("quick", "full", "huge"), default="full",
-                    help="huge: full, and 200 and 1,000 peers (about an hour)")
+                    help="huge: full, and 200 and 1,000 peers (about 35 minutes)")
     ap.add_argument("--only", help="run the cases whose name contains this")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
