@@ -502,13 +502,13 @@ def test_a_peer_keeps_its_last_partners_vectors_and_asks_the_others_first(monkey
     assert peers["e"].rings[u].owned_by("b") == [(u.start, u.start + 64)]
 
 
-def _cold_start(askers: int, owned_by_asker: int = 0):
-    """a founds a /16 (a range) and reaches `askers` peers, each of which asks it for space at
-    once, as every host does at a cluster's cold start; p1 may own some already. Returns a,
-    the universe, and each asker's answer: how many addresses it was given, or "denied"."""
+def _cold_start(askers: int, owned_by_asker: int = 0, u=UNIVERSES[0]):
+    """a founds u (a range; a /16 unless told) and reaches `askers` peers, each of which asks
+    it for space at once, as every host does at a cluster's cold start; p1 may own some
+    already. Returns a, the universe, and each asker's answer: how many addresses it was
+    given, or "denied"."""
     from appliance.core.peer import Peer
     from appliance.core.peer_messages import SpaceDenied, SpaceGrant, SpaceRequest
-    u = UNIVERSES[0]
     a, _ = Peer.founder("a", "c", [u], u)
     names = [f"p{i}" for i in range(1, askers + 1)]
     a.reachable = set(names)
@@ -536,11 +536,11 @@ def test_a_cold_start_gives_every_asker_a_fair_share_at_once():
     """Halving its space for each asker, a founder ran out after log2(its space) of them, and
     the other hosts chased stale hints from donor to donor until their allocations timed out
     (the scale matrix at 400 and 1,000 peers). A grant of a range is at most its size over
-    the peers the donor reaches and itself: all 50 askers get space from the first answer."""
-    a, u, answers = _cold_start(50)
-    share = u.size // 51  # 1,285
-    assert len(answers) == 50 and all(share // 2 < n <= share for n in answers.values()), answers
-    assert sum(hi - lo for lo, hi in a.rings[u].owned_by("a")) == u.size - sum(answers.values())
+    the peers the donor reaches and itself: all 64 askers get space from the first answer,
+    each the largest aligned block within 65,536 // 65 = 1,008 addresses."""
+    a, u, answers = _cold_start(64)
+    assert answers == {f"p{i}": 512 for i in range(1, 65)}
+    assert sum(hi - lo for lo, hi in a.rings[u].owned_by("a")) == u.size - 64 * 512
 
 
 def test_a_small_cluster_still_halves_and_a_busy_host_still_doubles():
@@ -551,12 +551,25 @@ def test_a_small_cluster_still_halves_and_a_busy_host_still_doubles():
     # again: a busy host's space doubles with each grant, as it did.
     _, u, answers = _cold_start(50, owned_by_asker=8192)
     assert answers["p1"] == 8192
+    # And never more than half of what the donor has free (16,384 here).
+    _, u, answers = _cold_start(50, owned_by_asker=49152)
+    assert answers["p1"] == 8192
+
+
+def test_a_range_smaller_than_its_hosts_goes_an_address_a_grant_while_any_is_free():
+    """A /24 among 300 hosts: its fair share is no address at all, yet a donor with free space
+    gives (allocation must succeed while space is free): one address each, down to the last,
+    then denials. The ring space given holds the network and broadcast addresses too."""
+    _, u, answers = _cold_start(300, u=cidr("10.9.0.0/24"))
+    given = [n for n in answers.values() if n != "denied"]
+    assert given == [1] * len(given) and sum(given) == 256, given
+    assert list(answers.values())[len(given):] == ["denied"] * (300 - len(given))
 
 
 def test_a_tenants_block_is_still_given_by_halves_not_by_fair_shares():
     """Only a range is shared by every host; a tenant's block by the few that run its
     containers, so its owner still gives what halving gives (64 addresses of the /24 here),
-    not the block over the eight peers it reaches (32)."""
+    not the block over the seven peers it reaches and itself (32)."""
     from tests.scenario import run_command
     state: dict = {}
     for line in ["cluster peers=8 range=10.0.0.0/24", "range add p1 10.64.0.0/16 blocks",
