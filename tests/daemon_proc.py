@@ -13,6 +13,7 @@ from pathlib import Path
 from appliance.client import Client
 
 PYTHON_IPAMD = [sys.executable, "-m", "appliance"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,3 +143,9 @@ def _readline(pipe, timeout: float) -> str:
         buf += chunk
     sel.close()
     return buf.decode(errors="replace").strip()
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU seconds so far (/proc/PID/stat: utime, stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK

@@ -24,7 +24,7 @@ import apsw
 from appliance.core.addr import cidr
 from appliance.protocols.hook import encode_reply, parse_request
 from appliance.store import Store
-from tests.daemon_proc import PYTHON_IPAMD, ROOT, Daemon, _readline
+from tests.daemon_proc import PYTHON_IPAMD, ROOT, Daemon, _readline, cpu_times
 
 RUNS = 3
 RANGE = cidr("10.64.0.0/12")  # the daemons' --iprange, and the breakdown's
@@ -95,21 +95,14 @@ def _clients(path: str, tag: str, ops: tuple[str, ...]) -> float:
         return time.perf_counter() - t0
 
 
-def _cpu_s(pid: int) -> tuple[float, float]:
-    """The process's user and system CPU seconds so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def many_clients(path: str, pid: int) -> dict:
     """Throughput, and the server's CPU per request while it serves the pairs (what bounds
     its throughput when it runs near a whole core)."""
     n = CLIENTS * PAIRS_PER_CLIENT
     only = _clients(path, "a", ("allocate",))
-    user0, sys0 = _cpu_s(pid)
+    user0, sys0 = cpu_times(pid)
     pairs = _clients(path, "m", ("allocate", "release"))
-    user1, sys1 = _cpu_s(pid)
+    user1, sys1 = cpu_times(pid)
     return {"alloc_per_s": n / only, "pair_req_per_s": 2 * n / pairs,
             "user_us": (user1 - user0) / (2 * n) * 1e6, "sys_us": (sys1 - sys0) / (2 * n) * 1e6}
 

@@ -26,11 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import Daemon, cpu_times
 
 SECRET = "bench-secret-0123456789abcdef"
 RANGE = "10.80.0.0/16"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def launch(tmp: Path, name: str, *flags: str) -> Daemon:
@@ -51,8 +50,7 @@ def status(d: Daemon) -> dict:
 
 
 def cpu_seconds(d: Daemon) -> float:
-    fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(cpu_times(d.proc.pid))
 
 
 def peer_bytes(s: dict) -> int:

@@ -14,10 +14,9 @@ from pathlib import Path
 import apsw
 
 from appliance.client import Client
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import Daemon, cpu_times
 
 SECRET = "scale-test-secret-0123456789abcdef"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CALL_TIMEOUT = 30.0  # seconds a status call or a metrics scrape may take
 METRICS_CACHE = 1.05  # seconds a metrics scrape is served again (plus a margin)
 
@@ -70,8 +69,7 @@ class Host:
         return r
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return sum(cpu_times(self.pid))
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
