@@ -101,7 +101,9 @@ class CoreLoop:
     then commits the batch
     in one transaction, and only then sends the batch's messages and replies (DESIGN rules 1
     and 2: nothing leaves before its commit). A Ready with no rows still waits for a batch
-    under way: what it says may rest on rows not yet durable. The commit runs on the event
+    under way: what it says may rest on rows not yet durable. A caller that applies several
+    events before it waits (the hook socket's hub) uses apply_nowait and lead instead, and
+    yields (or not) itself. The commit runs on the event
     loop: measured here, trio's thread hand-off costs several times the 35 us a WAL commit
     takes.
     """
@@ -121,7 +123,7 @@ class CoreLoop:
         self.ever_reached: set[str] = set()
         self.dialling = False
         self.kicked = trio.Event()  # set by every event but ticks: the ticker goes fast again
-        self._shared = False  # the last batch held more than one event
+        self.shared = False  # the last batch held more than one event
         self.checkpoints: _Checkpoints | None = None  # the WAL's, when run() runs them
 
     @property
@@ -198,6 +200,27 @@ class CoreLoop:
         been handed over): True if it yielded on the way. A CoreBug from the core itself is
         raised here, as submit does, and then is not called."""
         return await self._process(self._apply(request, _Waiter(then)))
+
+    def apply_nowait(self, request, then) -> _Batch | None:
+        """As submit_then, for a caller that cannot wait: the request is applied and joins
+        the open batch. Returns that batch if this request opened it: the caller must then
+        commit it with lead() before it next waits for anything (nothing is sent before)."""
+        ready = self._apply(request, _Waiter(then))
+        batch = self._open
+        opened = bool(ready.rows) and not batch.rows
+        if ready.rows:
+            batch.rows.extend(ready.rows)
+        if batch.rows:
+            batch.after.append(ready)
+        else:
+            self._deliver(ready)
+        return batch if opened else None
+
+    async def lead(self, batch: _Batch) -> None:
+        """Commit a batch apply_nowait opened, with what joined it, and send what waits for
+        it. It does not yield first (as a task that submits does): its caller applied all
+        that was ready already."""
+        await self._lead(batch, gather=False)
 
     def _apply(self, request, w: _Waiter) -> Ready:
         """The core's Ready for a request, whose reply w waits for."""
@@ -304,7 +327,8 @@ class CoreLoop:
             self._deliver(ready)
         return False
 
-    async def _lead(self, batch: _Batch) -> None:
+    async def _lead(self, batch: _Batch, gather: bool = True) -> None:
+        # gather: yield first, so every task that is ready now can apply its event and join.
         # Shielded: a leader cancelled here (shutdown) must still commit or fail its followers.
         # Twice while batches are shared: trio runs a pass's tasks in a random order, so
         # after one yield this task runs before half of those the same poll woke, whose
@@ -312,13 +336,14 @@ class CoreLoop:
         # requests a commit with one yield, 8 with two (a commit costs about what 6
         # requests' other work does). While each batch holds one event (one client), the
         # second yield would only add latency.
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        if self._shared:
+        if gather:
             await trio.lowlevel.cancel_shielded_checkpoint()
+            if self.shared:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         if self.checkpoints is not None and self.checkpoints.must_wait():
             with trio.CancelScope(shield=True):
                 await self.checkpoints.wait()  # the batch stays open: more may join it
-        self._shared = len(batch.after) > 1
+        self.shared = len(batch.after) > 1
         self._open = _Batch()
         failed = batch.failed
         if failed is None:

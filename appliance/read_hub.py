@@ -13,6 +13,14 @@ may wait unread, and no event will come for it). An end (the peer's half-close, 
 an error) stays ready for good, whatever empty() says: a unix socket gives the data before
 it first and the end only to the next receive, and the event for both may be one.
 
+A socket may have a handler (add(sock, on_event)): the hub calls it, in its own task, when
+the socket has an event while its task waits in wait_readable. It returns True if it dealt
+with the event itself (it read the socket, and called empty() or more() as a receive does):
+the task stays asleep. So a connection whose requests the handler can serve costs no task
+switch per request (the hook socket's plain requests, hook_server.py). After each batch of
+events the hub awaits `after()`, if given: what the handlers started is finished there (the
+hook server commits what they applied, in one transaction).
+
 A short receive does not mean an empty socket for a client that passes descriptors or
 out-of-band data (the kernel stops a receive there): that client's next request then waits
 for its next write, or the connection's idle deadline. Only that client is delayed; the hook
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import select
 import socket
+import typing
 
 import trio
 
@@ -30,24 +39,30 @@ _ENDS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class ReadHub:
-    __slots__ = ("_ep", "_parked", "_ready", "_ended", "_closed")
+    __slots__ = ("_ep", "_parked", "_ready", "_ended", "_closed", "_handlers", "_after")
 
-    def __init__(self) -> None:
+    def __init__(self, after=None) -> None:
         self._ep = select.epoll()
+        self._handlers: dict[int, typing.Callable[[], bool]] = {}  # fd: its on_event
+        self._after = after
         self._parked: dict[int, trio.lowlevel.Task] = {}  # fd: the task waiting for it
         self._ready: set[int] = set()  # fds with an event since their last empty()
         self._ended: set[int] = set()  # fds whose peer half-closed or hung up: ready for good
         self._closed = False
 
-    def add(self, sock: socket.socket) -> None:
-        """From now on wait_readable(sock) may be used; remove(sock) before closing it."""
+    def add(self, sock: socket.socket, on_event=None) -> None:
+        """From now on wait_readable(sock) may be used; remove(sock) before closing it.
+        on_event: see the module's docstring."""
         if self._closed:
             return  # shutting down: waits fall back to trio's own
         # Data already there makes an event at once: registration reports the state.
         self._ep.register(sock.fileno(), _EVENTS)
+        if on_event is not None:
+            self._handlers[sock.fileno()] = on_event
 
     def remove(self, sock: socket.socket) -> None:
         fd = sock.fileno()
+        self._handlers.pop(fd, None)
         self._ready.discard(fd)
         self._ended.discard(fd)  # the number may come back, for another connection
         task = self._parked.pop(fd, None)
@@ -94,14 +109,9 @@ class ReadHub:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._ep)
-                for fd, events in self._ep.poll(0):
-                    if events & _ENDS:
-                        self._ended.add(fd)
-                    task = self._parked.pop(fd, None)
-                    if task is None:
-                        self._ready.add(fd)
-                    else:
-                        trio.lowlevel.reschedule(task)
+                self.dispatch()
+                if self._after is not None:
+                    await self._after()
         finally:
             self._closed = True
             for task in self._parked.values():
@@ -109,3 +119,18 @@ class ReadHub:
             self._parked.clear()
             trio.lowlevel.notify_closing(self._ep)
             self._ep.close()
+
+    def dispatch(self) -> None:
+        """Take the events there are now, without waiting: each to its socket's handler, or
+        its waiting task. run() does this at every wake; `after` may too, to take what came
+        while it yielded."""
+        for fd, events in self._ep.poll(0):
+            if events & _ENDS:
+                self._ended.add(fd)  # the task's to see: no handler is called
+            elif fd in self._parked and fd in self._handlers and self._handlers[fd]():
+                continue
+            task = self._parked.pop(fd, None)
+            if task is None:
+                self._ready.add(fd)
+            else:
+                trio.lowlevel.reschedule(task)

@@ -241,3 +241,66 @@ async def test_one_wake_of_the_hub_serves_many_sockets(autojump_clock):
         for a, b in pairs:
             a.close()
             b.close()
+
+
+async def test_a_handler_serves_an_event_while_the_task_sleeps_on(pair, autojump_clock):
+    """add(sock, on_event): called in the hub's task only while sock's task waits; True keeps
+    that task asleep, False wakes it; after() is awaited after each batch of events."""
+    a, b = pair
+    calls, log, afters = [], [], []
+    answers = [True, False]
+
+    def on_event():
+        calls.append(a.recv(10))  # the handler reads, and says so as a receive would
+        hub.empty(a)
+        return answers[len(calls) - 1]
+
+    async def after():
+        afters.append(len(calls))
+
+    hub = ReadHub(after=after)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        hub.add(a, on_event)
+        hub.empty(a)
+        b.sendall(b"early")  # no task waits: the handler is not called, the socket is ready
+        await idle()
+        assert calls == [] and afters == [0]
+        assert a.recv(10) == b"early"
+        hub.empty(a)
+        done = trio.Event()
+        nursery.start_soon(_wait_then, hub, a, log, "woken", done)
+        await idle()
+        b.sendall(b"one")
+        await idle()
+        assert calls == [b"one"] and log == [] and afters == [0, 1]  # served; still asleep
+        b.sendall(b"two")
+        with trio.fail_after(5):
+            await done.wait()
+        assert calls == [b"one", b"two"] and log == ["woken"] and afters == [0, 1, 2]
+        hub.remove(a)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_end_goes_to_the_task_never_to_the_handler(pair, autojump_clock):
+    a, b = pair
+    calls, log = [], []
+
+    def on_event():
+        calls.append(1)
+        return True
+
+    hub = ReadHub()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        hub.add(a, on_event)
+        hub.empty(a)
+        done = trio.Event()
+        nursery.start_soon(_wait_then, hub, a, log, "woken", done)
+        await idle()
+        b.shutdown(socket.SHUT_WR)  # a handler returning True would leave the task asleep
+        with trio.fail_after(5):
+            await done.wait()
+        assert log == ["woken"] and calls == [] and a.recv(10) == b""
+        hub.remove(a)
+        nursery.cancel_scope.cancel()

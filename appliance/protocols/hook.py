@@ -340,14 +340,29 @@ class HookConnection:
     def __init__(self):
         self._buf = bytearray()
         self._eof = self._over = False
+        self._back = None  # an event put back: next_event gives it first
+        self.fed = 0  # receive_data calls: who waits to receive sees another fed it
+
+    @property
+    def idle(self) -> bool:
+        """Nothing received is waiting to be read as an event (and no end)."""
+        return not self._buf and self._back is None and not self._eof and not self._over
+
+    def put_back(self, event) -> None:
+        """An event taken by next_event and not handled: next_event gives it again."""
+        self._back = event
 
     def receive_data(self, data: bytes) -> None:
+        self.fed += 1
         if data:
             self._buf += data
         else:
             self._eof = True
 
     def next_event(self):
+        if self._back is not None:
+            event, self._back = self._back, None
+            return event
         while not self._over:
             nl = self._buf.find(b"\n")
             if nl < 0 or nl > MAX_LINE:
