@@ -448,7 +448,6 @@ async def run(config: Config, ready=print) -> None:
         if loaded.note:
             log.warning("event=no_static_space reason=%r", loaded.note)
         _check_subnet(config.subnet, loaded.ranges + loaded.static)
-        store.set_nickname(loaded.peer_id, config.name)
         known = store.peer_addresses()
         known.pop(loaded.peer_id, None)
         networked = bool(config.peers or config.listen or config.init_peers or known)
@@ -457,7 +456,8 @@ async def run(config: Config, ready=print) -> None:
                         "cluster secret (--secret-file or IPAMD_SECRET) to reach them with")
             networked = False
         outbox, drained = trio.open_memory_channel(OUTBOX) if networked else (None, None)
-        core = CoreLoop(store, loaded, config, outbox=outbox)
+        core = CoreLoop(store, loaded, config, outbox=outbox)  # refuses what it cannot load
+        store.set_nickname(loaded.peer_id, config.name)  # a write: only once it loads
         core.sweeper = Sweeper(core, config.sweep_interval)
         checkpoints = core.checkpoints = _Checkpoints(store)
         async with trio.open_nursery() as nursery:

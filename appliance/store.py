@@ -405,6 +405,14 @@ class Store:
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
             a.load_freed(by_text[universe], _address_value(address), freed_at)
+        both = a.held_and_free()
+        if both:
+            listed = "; ".join(f"{h.text} is held by handle {h.handle!r} and is in {where}"
+                               for h, where in both)
+            raise StoreError(f"{self.path} is inconsistent: {listed} (an address held is "
+                             "never free); refusing to start: it would be handed out again. "
+                             "Delete the freed row (or span) or the allocation with sqlite3, "
+                             "or restore a backup.")
         return peer
 
     def candidates(self, now: float) -> dict[str, float]:

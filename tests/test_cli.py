@@ -413,3 +413,21 @@ def test_tenants_blocks_and_names_on_one_daemon(tmp_path):
         assert r.stdout == "n2|fdff:ffff:ffff:ffff:3198:ff88:0:1/96\nw1|10.64.0.2/24\n", r
     finally:
         d.stop()
+
+
+def test_launch_refuses_an_address_both_held_and_freed_and_writes_nothing(tmp_path):
+    d = Daemon(tmp_path, "--iprange", "10.9.0.0/24")
+    d.start()
+    assert d.call({"op": "allocate", "handle": "kept"})["address"] == "10.9.0.1/24"
+    d.stop()
+    c = apsw.Connection(str(d.db))
+    c.execute("INSERT INTO freed VALUES ('10.9.0.1', '10.9.0.0/24', 1.0)")
+    c.close()
+    files = {p: p.read_bytes() for p in d.db.parent.iterdir() if p.name.startswith("ipamd.db")}
+    # Another nickname: a start that went on would write it.
+    r = ipamd("launch", "--data-dir", str(d.db.parent), "--socket", str(tmp_path / "s2"),
+              "--name", "renamed")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "is inconsistent: 10.9.0.1 is held by handle 'kept' and is in table freed" in r.stderr
+    assert {p: p.read_bytes() for p in d.db.parent.iterdir()
+            if p.name.startswith("ipamd.db")} == files

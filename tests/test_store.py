@@ -481,3 +481,36 @@ def test_a_wal_that_grew_is_cut_back_once_it_starts_over(tmp_path, monkeypatch):
     s.commit(a.apply(Allocate("next"), 3000.0)[1])
     assert wal.stat().st_size <= 200 * 4096 + 10 * (4096 + 24), wal.stat().st_size
     s.close()
+
+
+@pytest.mark.parametrize("sql, where", [
+    ("INSERT INTO freed VALUES ('10.32.0.2', '10.32.0.0/12', 900.0)", "table freed"),
+    ("INSERT INTO freed_spans VALUES ('10.32.0.4', '10.32.0.9', '10.32.0.0/12'), "
+     "('10.32.0.2', '10.32.0.2', '10.32.0.0/12')",
+     r"a span of table freed_spans \(10\.32\.0\.2-10\.32\.0\.2\)"),
+])
+def test_an_address_both_held_and_freed_is_refused(tmp_path, sql, where):
+    """A database edited by hand: an address held and free at once would be handed out
+    again (before, the core caught it only at that reuse, as a bug, every time). Loading
+    refuses, names it, and changes nothing; without the row it loads."""
+    path = tmp_path / "ipamd.db"
+    make_db(path, allocations=3)
+    c = apsw.Connection(str(path))
+    c.execute(sql)
+    c.close()
+    before = file_digest(path)
+    s = Store(path)
+    loaded = s.open(None, "t")
+    with pytest.raises(StoreError, match=rf"inconsistent: 10\.32\.0\.2 is held by handle 'h1' "
+                       rf"and is in {where} \(an address held is never free\); refusing to "
+                       "start"):
+        s.load_peer(loaded, RANGE[0], 30)
+    s.close()
+    assert file_digest(path) == before
+    c = apsw.Connection(str(path))
+    c.execute("DELETE FROM freed; DELETE FROM freed_spans")
+    c.close()
+    s = Store(path)
+    assert sorted(s.load_peer(s.open(None, "t"), RANGE[0], 30).allocator.by_handle) == \
+        ["h0", "h1", "h2"]
+    s.close()
