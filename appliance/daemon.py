@@ -205,16 +205,7 @@ class CoreLoop:
         """As submit_then, for a caller that cannot wait: the request is applied and joins
         the open batch. Returns that batch if this request opened it: the caller must then
         commit it with lead() before it next waits for anything (nothing is sent before)."""
-        ready = self._apply(request, _Waiter(then))
-        batch = self._open
-        opened = bool(ready.rows) and not batch.rows
-        if ready.rows:
-            batch.rows.extend(ready.rows)
-        if batch.rows:
-            batch.after.append(ready)
-        else:
-            self._deliver(ready)
-        return batch if opened else None
+        return self._join(self._apply(request, _Waiter(then)))
 
     async def lead(self, batch: _Batch) -> None:
         """Commit a batch apply_nowait opened, with what joined it, and send what waits for
@@ -313,19 +304,23 @@ class CoreLoop:
     async def _process(self, ready: Ready) -> bool:
         """Deliver ready, after the commit of the batch it joins if one is open or it has rows;
         True if it led that batch (and so has yielded)."""
+        opened = self._join(ready)
+        if opened is None:
+            return False
+        await self._lead(opened)
+        return True
+
+    def _join(self, ready: Ready) -> _Batch | None:
+        """ready joins the open batch if it has rows or one is open (else it is delivered
+        now); returns the batch if ready opened it: its leader must commit it."""
         batch = self._open
-        if ready.rows:
-            leader = not batch.rows
-            batch.rows.extend(ready.rows)
-            batch.after.append(ready)
-            if leader:
-                await self._lead(batch)
-                return True
-        elif batch.rows:
+        opened = bool(ready.rows) and not batch.rows
+        batch.rows.extend(ready.rows)
+        if batch.rows:
             batch.after.append(ready)
         else:
             self._deliver(ready)
-        return False
+        return batch if opened else None
 
     async def _lead(self, batch: _Batch, gather: bool = True) -> None:
         # gather: yield first, so every task that is ready now can apply its event and join.

@@ -244,9 +244,7 @@ class _Quick:
             if event is not NEED_DATA:
                 conn.put_back(event)
             return False
-        now = trio.current_time()
-        if self.idle.deadline < now + HOOK_IDLE - 1:  # as _wait_readable does
-            self.idle.deadline = now + HOOK_IDLE
+        _in_use(self.idle)
         replies.pending = replies.answered = True
         try:
             batch = self.core.apply_nowait(event, replies.deliver)
@@ -277,11 +275,8 @@ async def _receive(sock: socket.socket, conn: HookConnection, idle: trio.CancelS
     whose deadline moves here at most once a second: moving it costs about what the rest of a
     receive does. So it is closed after HOOK_IDLE - 1 to HOOK_IDLE s of silence, or of a
     reply the client does not read."""
-    if wait:
-        fed = conn.fed
-        await _wait_readable(sock, idle, hub)
-        if conn.fed != fed and not conn.idle:
-            return HANDED
+    if wait and await _wait_readable(sock, conn, idle, hub):
+        return HANDED
     while True:
         try:
             data = sock.recv(RECEIVE)
@@ -295,17 +290,25 @@ async def _receive(sock: socket.socket, conn: HookConnection, idle: trio.CancelS
             else:
                 hub.more(sock)
             return data
-        fed = conn.fed
-        await _wait_readable(sock, idle, hub)
-        if conn.fed != fed and not conn.idle:
+        if await _wait_readable(sock, conn, idle, hub):
             return HANDED
 
 
-async def _wait_readable(sock: socket.socket, idle: trio.CancelScope, hub: ReadHub) -> None:
+async def _wait_readable(sock: socket.socket, conn: HookConnection, idle: trio.CancelScope,
+                         hub: ReadHub) -> bool:
+    """Until sock is readable; True if the hub meanwhile read what came and left it in conn
+    for this task (not a request it served itself)."""
+    _in_use(idle)
+    fed = conn.fed
+    await hub.wait_readable(sock)  # past the deadline, `idle` ends the connection
+    return conn.fed != fed and not conn.idle
+
+
+def _in_use(idle: trio.CancelScope) -> None:
+    """The connection is in use: its idle deadline moves (at most once a second, _receive)."""
     now = trio.current_time()
     if idle.deadline < now + HOOK_IDLE - 1:
         idle.deadline = now + HOOK_IDLE
-    await hub.wait_readable(sock)  # past the deadline, `idle` ends the connection
 
 
 async def _answer(core: CoreLoop, request) -> bytes:

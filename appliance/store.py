@@ -7,6 +7,7 @@ naming the problem, and left byte-for-byte as it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import secrets
 import socket
@@ -405,7 +406,7 @@ class Store:
         for address, universe, freed_at in conn.execute(
                 "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
             a.load_freed(by_text[universe], _address_value(address), freed_at)
-        both = a.held_and_free()
+        both = list(itertools.islice(a.held_and_free(), 3))
         if both:
             listed = "; ".join(f"{h.text} is held by handle {h.handle!r} and is in {where}"
                                for h, where in both)
