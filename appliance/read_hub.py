@@ -19,7 +19,9 @@ with the event itself (it read the socket, and called empty() or more() as a rec
 the task stays asleep. So a connection whose requests the handler can serve costs no task
 switch per request (the hook socket's plain requests, hook_server.py). After each batch of
 events the hub awaits `after()`, if given: what the handlers started is finished there (the
-hook server commits what they applied, in one transaction).
+hook server commits what they applied, in one transaction). Then it polls again at once, with
+a checkpoint between, and parks in trio's wait only once a poll finds nothing: under load the
+next requests came while `after` ran.
 
 A short receive does not mean an empty socket for a client that passes descriptors or
 out-of-band data (the kernel stops a receive there): that client's next request then waits
@@ -109,9 +111,12 @@ class ReadHub:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._ep)
-                self.dispatch()
-                if self._after is not None:
-                    await self._after()
+                # Under load more has come by the time `after` is done: take it without
+                # parking (each park registers the epoll with trio again, a system call).
+                while self.dispatch():
+                    if self._after is not None:
+                        await self._after()
+                    await trio.lowlevel.checkpoint()
         finally:
             self._closed = True
             for task in self._parked.values():
@@ -120,11 +125,12 @@ class ReadHub:
             trio.lowlevel.notify_closing(self._ep)
             self._ep.close()
 
-    def dispatch(self) -> None:
+    def dispatch(self) -> int:
         """Take the events there are now, without waiting: each to its socket's handler, or
         its waiting task. run() does this at every wake; `after` may too, to take what came
         while it yielded."""
-        for fd, events in self._ep.poll(0):
+        events_now = self._ep.poll(0)
+        for fd, events in events_now:
             if events & _ENDS:
                 self._ended.add(fd)  # the task's to see: no handler is called
             elif fd in self._parked and fd in self._handlers and self._handlers[fd]():
@@ -134,3 +140,4 @@ class ReadHub:
                 self._ready.add(fd)
             else:
                 trio.lowlevel.reschedule(task)
+        return len(events_now)

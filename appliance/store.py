@@ -490,7 +490,8 @@ class Store:
                     execute("INSERT OR IGNORE INTO universes (cidr, family, kind, added) "
                             "VALUES (?, ?, ?, 1)", (r.cidr, r.family, r.kind))
                 elif isinstance(r, PutAllocation):
-                    execute("DELETE FROM freed WHERE address = ?", (r.address,))
+                    if not r.fresh:
+                        execute("DELETE FROM freed WHERE address = ?", (r.address,))
                     execute("INSERT INTO allocations VALUES (?, ?, ?, ?, ?, ?)",
                             (r.address, r.universe, r.subnet, r.handle, r.anchor,
                              r.allocated_at))

@@ -2,7 +2,7 @@
 edge-triggering needs kept by hand. Real socket pairs, a real epoll; a wait that should not
 block is bounded by a virtual clock (autojump), so a regression fails at once, not by hanging."""
 import socket
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
@@ -196,12 +196,40 @@ async def test_once_the_hub_ends_waits_still_work(pair, autojump_clock):
         trio.lowlevel.notify_closing(a)
 
 
+@contextmanager
+def socket_pairs(n):
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+    for a, _ in pairs:
+        a.setblocking(False)
+    try:
+        yield pairs
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@asynccontextmanager
+async def each_waited(hub, pairs, log):
+    """hub running with the first socket of each pair added and found empty, and a task
+    waiting on each, which logs its index when woken; every task blocked on entry."""
+    async with trio.open_nursery() as nursery:
+        for a, _ in pairs:
+            hub.add(a)
+            hub.empty(a)
+        nursery.start_soon(hub.run)
+        for i, (a, _) in enumerate(pairs):
+            nursery.start_soon(_wait_then, hub, a, log, i)
+        await idle()
+        yield
+        for a, _ in pairs:
+            hub.remove(a)
+        nursery.cancel_scope.cancel()
+
+
 async def test_one_wake_of_the_hub_serves_many_sockets(autojump_clock):
     # 64 connections each with a request: every waiter is woken, and the hub took them from
     # its one descriptor in a single poll (one trio wait, not 64).
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(64)]
-    for a, _ in pairs:
-        a.setblocking(False)
     hub = ReadHub()
     polls = []
     real_poll = hub._ep.poll
@@ -219,28 +247,14 @@ async def test_one_wake_of_the_hub_serves_many_sockets(autojump_clock):
     hub._ep = CountingEpoll()
     hub._ep.fileno = real_ep.fileno
     log = []
-    try:
-        async with trio.open_nursery() as nursery:
-            for a, _ in pairs:
-                hub.add(a)
-                hub.empty(a)
-            nursery.start_soon(hub.run)
-            for i, (a, _) in enumerate(pairs):
-                nursery.start_soon(_wait_then, hub, a, log, i)
-            await idle()
+    with socket_pairs(64) as pairs:
+        async with each_waited(hub, pairs, log):
             assert log == [] and polls == []
             for _, b in pairs:
                 b.sendall(b"r")
             await idle()
             assert sorted(log) == list(range(64))
-            assert polls == [64]
-            for a, _ in pairs:
-                hub.remove(a)
-            nursery.cancel_scope.cancel()
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
+            assert polls == [64, 0]  # all in one poll; a second found nothing, and it parked
 
 
 async def test_a_handler_serves_an_event_while_the_task_sleeps_on(pair, autojump_clock):
@@ -304,3 +318,30 @@ async def test_an_end_goes_to_the_task_never_to_the_handler(pair, autojump_clock
         assert log == ["woken"] and calls == [] and a.recv(10) == b""
         hub.remove(a)
         nursery.cancel_scope.cancel()
+
+
+async def test_what_comes_while_after_runs_is_taken_without_parking(autojump_clock, monkeypatch):
+    # Under load the next requests arrive while `after` commits: the hub takes them at its
+    # next poll, without parking in trio's wait (a registration, a system call, each time);
+    # it parks once a poll finds nothing.
+    waits = []
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd):
+        waits.append(fd)
+        await real_wait(fd)
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    afters, log = [], []
+    with socket_pairs(3) as pairs:
+        async def after():
+            afters.append(len(afters))
+            if len(afters) < len(pairs):
+                pairs[len(afters)][1].sendall(b"r")  # the next one comes while this one runs
+
+        hub = ReadHub(after=after)
+        async with each_waited(hub, pairs, log):
+            assert waits == [hub._ep]
+            pairs[0][1].sendall(b"r")
+            await idle()
+            assert sorted(log) == [0, 1, 2] and afters == [0, 1, 2]  # an `after` for each
+            assert waits == [hub._ep, hub._ep]  # and the hub parked once, when all was done

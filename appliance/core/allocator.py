@@ -153,21 +153,18 @@ class Allocator:
 
     def _mark_used(self, u: Cidr, address: int, rows: list[Row]):
         """Mark address used and not freed (its span rows into rows); return what undoes that
-        in memory."""
+        in memory, and whether it was never used before."""
         used = self.used[u]
-        was_used = address in used
+        if address not in used:
+            # Never used, so in no part of the freed list (only what was used is freed):
+            # nothing to take out there. Most allocations (fresh space goes first).
+            used.add(address)
+            return (lambda: used.discard(address)), True
         changes: dict = {}
         undo_freed = self.freed[u].take(address, changes)
         if changes:
             rows += self._span_rows(u, changes)
-        used.add(address)
-
-        def undo():
-            if not was_used:
-                used.discard(address)
-            if undo_freed is not None:
-                undo_freed()
-        return undo
+        return undo_freed or (lambda: None), False  # used it stays: it was before
 
     def _span_rows(self, u: Cidr, changes: dict) -> list[Row]:
         return [DropFreedSpan(format_addr(u.family, lo)) if hi is None else
@@ -495,7 +492,7 @@ class Allocator:
         if handle is not None:
             self.reserved_by.setdefault(handle, set()).add(key)
             self.unsettled.add(handle)
-        undo_used = self._mark_used(u, key[1], rows)
+        undo_used, _ = self._mark_used(u, key[1], rows)
         rows.append(Reserve(_fmt(key), holder, str(u), note))
 
         def undo():
@@ -919,8 +916,8 @@ class Allocator:
 
     def _take(self, held: Held) -> tuple[dict, list[Row]]:
         rows: list[Row] = []
-        undo_used = self._mark_used(held.universe, held.address, rows) if held.universe \
-            else None
+        undo_used, fresh = self._mark_used(held.universe, held.address, rows) \
+            if held.universe else (None, False)
         self._hold(held)
         if self._journal is not None:
             def undo():
@@ -934,7 +931,8 @@ class Allocator:
             self._journal.append(undo)
         rows.append(PutAllocation(held.text,
                                   str(held.universe) if held.universe else None,
-                                  str(held.subnet), held.handle, held.anchor, held.allocated_at))
+                                  str(held.subnet), held.handle, held.anchor, held.allocated_at,
+                                  fresh))
         return {"ok": True, **self.view(held)}, rows  # ok(**...): one dict more, per allocation
 
     def _hold(self, held: Held) -> None:

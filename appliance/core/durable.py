@@ -83,7 +83,8 @@ class Durable:
                     if r.kind == "static":
                         self.static = (*self.static, u)
             elif isinstance(r, m.PutAllocation):
-                self.freed.pop(r.address, None)
+                if not r.fresh:  # as the store does: a wrong `fresh` leaves a row behind
+                    self.freed.pop(r.address, None)
                 self.allocations[r.address] = r
             elif isinstance(r, m.FreeAddress):
                 self.allocations.pop(r.address, None)

@@ -5,7 +5,7 @@ into SQL in one transaction before any reply leaves (DESIGN.md section 2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .addr import Cidr
 
@@ -217,6 +217,9 @@ class PutAllocation:
     handle: str
     anchor: str | None
     allocated_at: float
+    # Never used before (so it has no freed row to drop: what is freed was used first). Most
+    # allocations: the store skips their DELETE FROM freed. Not part of what the row says.
+    fresh: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
