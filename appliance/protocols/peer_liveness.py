@@ -18,6 +18,8 @@ goes to probes (core/peer.py) and the rare whole address book.
 
 Keepalives go on a grid of wall time (until_next): an idle daemon wakes once an interval to
 send all its keepalives, not once per peer; what costs CPU at idle is wake-ups, not bytes.
+Daemons sharing one machine then all burst together; a phase per daemon was measured and not
+kept (docs/design.md, "The grid has a price").
 
 An interval never more than doubles from one keepalive to the next: the receiver holds the
 sender to SILENCES times the last interval it announced, so a cluster that grows at once
