@@ -46,7 +46,8 @@ bench: $(STAMP) dist
 	$(BIN)/python -m tests.bench.wal_bench
 
 ## What an idle daemon costs as the cluster grows: make bench-idle [N="10 20 40"] [IDLE=15]
-N ?= 10 20 40
+## (N's default is this target's own: make scale has another)
+bench-idle: N ?= 10 20 40
 IDLE ?= 15
 .PHONY: bench-idle
 bench-idle: $(STAMP)
@@ -63,7 +64,7 @@ bench-history: $(STAMP)
 ## join, rmpeer and ring propagation times, CPU, peer bytes and RSS per daemon; exits 1 on a
 ## duplicate or lost allocation. Figures go to docs/scale/scale-run.json:
 ## make scale [N=100] [SECONDS=30]
-N ?= 100
+scale: N ?= 100
 SECONDS ?= 30
 scale: $(STAMP)
 	$(BIN)/python -m tests.scale --hosts $(N) --seconds $(SECONDS) --json docs/scale/scale-run.json

@@ -238,6 +238,10 @@ def scale_section(run: dict) -> list[str]:
                      f"{x['p99_ms']:.1f} | {100 * x['under_10ms']:.1f}% | "
                      f"{x['needed_a_peer']} |")
     lines += [
+        "", "The tail on one machine: every daemon sends its keepalives at the same points of "
+        "wall time, so daemons sharing a machine all wake together once an interval (2.38 s at "
+        "100 peers) and take it whole for a moment; requests made then wait. Measured, and the "
+        "alternative tried: docs/design.md, \"The grid has a price\".",
         "", "| per daemon | CPU, % of a core (mean / max) | peer bytes sent/s (mean / max) |",
         "|---|---|---|"]
     for name in ("idle", "churn"):
