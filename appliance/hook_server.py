@@ -228,16 +228,12 @@ class _Quick:
         if replies.pending or replies.unsent or replies.gone or not conn.idle:
             return False
         try:
-            data = self.sock.recv(RECEIVE)
+            data = self.hub.recv(self.sock, RECEIVE)
         except BlockingIOError:
-            return True  # nothing after all (the socket stays empty for the hub)
+            return True  # nothing after all
         except OSError:
             return False  # the task's own receive finds the error
         full = len(data) == RECEIVE  # more may wait unread: the task reads it
-        if full:
-            self.hub.more(self.sock)
-        else:
-            self.hub.empty(self.sock)
         conn.receive_data(data)  # the task sees it was fed (_receive)
         event = conn.next_event()
         if type(event) not in PLAIN:
@@ -279,17 +275,11 @@ async def _receive(sock: socket.socket, conn: HookConnection, idle: trio.CancelS
         return HANDED
     while True:
         try:
-            data = sock.recv(RECEIVE)
+            return hub.recv(sock, RECEIVE)
         except BlockingIOError:
-            hub.empty(sock)
+            pass
         except OSError:
             return None
-        else:
-            if len(data) < RECEIVE:
-                hub.empty(sock)  # all there was: what comes next makes an event
-            else:
-                hub.more(sock)
-            return data
         if await _wait_readable(sock, conn, idle, hub):
             return HANDED
 

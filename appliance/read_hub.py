@@ -8,14 +8,15 @@ one wake of the hub serves every socket that became readable since, whatever the
 
 Edge-triggered means an event says "something arrived", once. So a socket is "ready" from
 its event until a receive finds nothing (BlockingIOError) or takes less than its buffer: the
-user calls `empty(sock)` then, or `more(sock)` when a receive filled its whole buffer (more
-may wait unread, and no event will come for it). An end (the peer's half-close, a hang-up or
-an error) stays ready for good, whatever empty() says: a unix socket gives the data before
-it first and the end only to the next receive, and the event for both may be one.
+user receives with `recv(sock, size)`, which calls `empty(sock)` then, or `more(sock)` when
+the receive filled its whole buffer (more may wait unread, and no event will come for it).
+An end (the peer's half-close, a hang-up or an error) stays ready for good, whatever empty()
+says: a unix socket gives the data before it first and the end only to the next receive, and
+the event for both may be one.
 
 A socket may have a handler (add(sock, on_event)): the hub calls it, in its own task, when
 the socket has an event while its task waits in wait_readable. It returns True if it dealt
-with the event itself (it read the socket, and called empty() or more() as a receive does):
+with the event itself (it read the socket with recv(), which says whether it is empty):
 the task stays asleep. So a connection whose requests the handler can serve costs no task
 switch per request (the hook socket's plain requests, hook_server.py). After each batch of
 events the hub awaits `after()`, if given: what the handlers started is finished there (the
@@ -84,6 +85,21 @@ class ReadHub:
     def more(self, sock: socket.socket) -> None:
         """A receive filled its buffer: the next wait must not block."""
         self._ready.add(sock.fileno())
+
+    def recv(self, sock: socket.socket, size: int) -> bytes:
+        """sock.recv(size), and what it says of the socket: empty after a receive that found
+        nothing (BlockingIOError, raised on) or took less than `size`, still ready after one
+        that filled it. Other errors pass through as they are."""
+        try:
+            data = sock.recv(size)
+        except BlockingIOError:
+            self.empty(sock)
+            raise
+        if len(data) < size:
+            self.empty(sock)  # all there was: what comes next makes an event
+        else:
+            self.more(sock)
+        return data
 
     async def wait_readable(self, sock: socket.socket) -> None:
         """Until sock has had an event since its last empty(): at once if it has (a

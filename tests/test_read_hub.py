@@ -86,6 +86,33 @@ async def test_a_receive_that_filled_its_buffer_leaves_the_socket_ready(pair, au
         assert len(a.recv(5000)) == 2000
 
 
+async def test_recv_says_what_each_receive_leaves(pair, autojump_clock):
+    # hub.recv: a full buffer leaves the socket ready, a short one or none leaves it empty
+    # (the next wait parks until data comes, rather than spinning on empty receives).
+    a, b = pair
+    async with serving(a) as (hub, nursery):
+        b.sendall(b"z" * 1500)
+        await idle()  # the hub took the event, with nobody waiting: the socket is ready
+        assert hub.recv(a, 1000) == b"z" * 1000
+        with trio.fail_after(5):
+            await hub.wait_readable(a)  # at once: 500 bytes wait unread
+        assert hub.recv(a, 1000) == b"z" * 500
+        with pytest.raises(BlockingIOError):
+            hub.recv(a, 1000)
+        for expect_empty in (True, False):
+            if not expect_empty:
+                hub.more(a)  # as after a full receive...
+                with pytest.raises(BlockingIOError):
+                    hub.recv(a, 1000)  # ...that was followed by one that found nothing
+            log = []
+            nursery.start_soon(_wait_then, hub, a, log, "woken")
+            await idle()
+            assert log == []  # parked: nothing came since
+            b.sendall(b"y")
+            await idle()
+            assert log == ["woken"] and hub.recv(a, 1000) == b"y"
+
+
 async def test_a_half_close_after_data_stays_ready_after_empty(pair, autojump_clock):
     # The data and the end come as one event; the receive that takes the data is short, and
     # the end is only seen by the next receive: the socket must stay ready for it.
