@@ -48,11 +48,11 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import math
 import os
 import socket
 import time
 from collections.abc import Set
-from contextlib import nullcontext
 from typing import Protocol
 
 import trio
@@ -82,6 +82,7 @@ CONNECT_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 10.0
 ACCEPTED_HANDSHAKE_TIMEOUT = 2.0
 BACKOFF = (0.1, 5.0)     # first and longest wait between connection attempts
+_FLUSH = -1              # queued for a sender: write what a keepalive left (never on the wire)
 QUEUE = 1024             # messages waiting for one peer's connection; beyond, they are dropped
 ADDRESS_BOOK_EVERY = 2.0
 # Seconds between unchanged books, each to one peer in turn: at 100 peers a whole book is about
@@ -175,6 +176,17 @@ class _Framed:
     async def write(self, payload: bytes) -> None:
         await self.stream.send_all(frame(payload))
 
+    def write_now(self, data: bytes) -> int:
+        """Bytes of data the socket took at once (0 if it would block, or the stream is no
+        socket's): a write without a task switch, for the keepalive ticker."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            return 0
+        try:
+            return os.write(sock.fileno(), data)
+        except BlockingIOError:
+            return 0
+
 
 class _Session(Sealer):
     """One authenticated connection: its frames sealed and checked (peer_frames.Sealer)."""
@@ -185,11 +197,51 @@ class _Session(Sealer):
         self.framed, self.peer = framed, peer
         self.counts = counts if counts is not None else {}  # frame kind -> bytes sent
         self.vectors = peer_codec.Vectors()  # of the deltas on it (one way: ours or theirs)
+        # Keepalives (PeerNet._keepalives): the interval last announced on the connection,
+        # the wall time of its last frame, whether a send is under way (its frame may be
+        # half written), and the part of a frame sent by send_now that the socket did not
+        # take (written before anything else).
+        self.every = liveness.INTERVAL_MIN
+        self.sent_at = 0.0
+        self.writing = False
+        self.pending = b""
 
     async def send(self, kind: int, payload: bytes) -> None:
-        sealed = self.seal(kind, payload)
-        await self.framed.write(sealed)
+        self.writing = True
+        try:
+            await self._flush()
+            sealed = self.seal(kind, payload)
+            await self.framed.write(sealed)
+        finally:
+            self.writing = False
         self.counts[kind] = self.counts.get(kind, 0) + 4 + len(sealed)
+
+    async def flush(self) -> None:
+        """What send_now left unwritten, now."""
+        self.writing = True
+        try:
+            await self._flush()
+        finally:
+            self.writing = False
+
+    async def _flush(self) -> None:
+        while self.pending:
+            data, self.pending = self.pending, b""
+            await self.framed.stream.send_all(data)
+
+    def send_now(self, kind: int, payload: bytes) -> bool:
+        """Seal and write a frame without waiting, if no send is under way (False if one
+        is: the frame is not sent). What the socket does not take at once is left in
+        `pending`, for the next send or flush; the frame's counter is taken either way."""
+        if self.writing:
+            return False
+        data = frame(self.seal(kind, payload))
+        if self.pending:  # behind what an earlier one left: in order, never interleaved
+            self.pending += data
+        else:
+            self.pending = data[self.framed.write_now(data):]
+        self.counts[kind] = self.counts.get(kind, 0) + len(data)
+        return True
 
     async def receive(self) -> tuple[int, bytes]:
         return self.unseal(await self.framed.read())
@@ -224,6 +276,8 @@ class PeerNet:
         self.expired = 0                           # candidates forgotten since start
         self.dialing: set[str] = set()             # addresses with a dialer running
         self.out: dict[str, trio.MemorySendChannel] = {}  # peer id -> its send queue
+        self.sessions: dict[str, _Session] = {}   # peer id -> our connection, once it is up
+        self.retick = trio.Event()                # set: a connection for _keepalives to time
         # peer id -> when a frame last came on the connection it dialled to us
         self.heard: dict[str, float] = {}
         # peer id -> seconds of silence on that connection that mean it is gone (from the
@@ -334,6 +388,7 @@ class PeerNet:
             nursery.start_soon(self._watch)
             nursery.start_soon(self._expiry)
             nursery.start_soon(self._books)
+            nursery.start_soon(self._keepalives)
             task_status.started(bound)
 
     def dial(self, addr: str) -> None:
@@ -555,50 +610,105 @@ class PeerNet:
 
     async def _reader(self, session: _Session, inbound: bool) -> None:
         peer = session.peer
-        while True:
-            # On a connection it dialled, the peer sends a frame at least every interval it
-            # announced: long silence means the peer or the path is gone (a partition stalls
-            # TCP without closing it), so hang up (it redials). Nothing comes the other way.
-            with trio.fail_after(2 * self._silence(peer)) if inbound else nullcontext():
+        # On a connection it dialled, the peer sends a frame at least every interval it
+        # announced: long silence means the peer or the path is gone (a partition stalls
+        # TCP without closing it), so hang up (it redials). Nothing comes the other way.
+        # One scope whose deadline each frame moves: a scope per frame (trio.fail_after)
+        # was a seventh of an idle daemon's work at a hundred peers (py-spy).
+        with trio.CancelScope() as silence:
+            while True:
+                if inbound:
+                    silence.deadline = trio.current_time() + 2 * self._silence(peer)
                 kind, payload = await session.receive()
-            if inbound:
-                self.frame_heard(peer, kind, payload)
-            if kind == CORE:
-                try:
-                    msg = peer_codec.decode(payload, session.vectors)
-                except peer_codec.CodecError as e:
-                    raise ProtocolError(f"bad message from {session.peer}: {e}") from None
-                await self.core.receive(session.peer, msg)
-            elif kind == ADDRESSES:
-                if session.peer in self.core.removed():
-                    # Its word counts no more, but garbage still ends the connection.
-                    peer_book.decode_book(payload)
-                else:
-                    self._learn(payload, session.peer)
-            elif kind != KEEPALIVE_FRAME:
-                raise ProtocolError(f"unknown frame kind {kind}")
+                self._took(session, inbound, kind, payload)
+                if kind == CORE:
+                    silence.deadline = math.inf  # a core slow to take it is no silence
+                    await self._deliver(session, payload)
+        raise trio.TooSlowError(f"silent for over {2 * self._silence(peer):g}s")
+
+    async def _deliver(self, session: _Session, payload: bytes) -> None:
+        try:
+            msg = peer_codec.decode(payload, session.vectors)
+        except peer_codec.CodecError as e:
+            raise ProtocolError(f"bad message from {session.peer}: {e}") from None
+        await self.core.receive(session.peer, msg)
+
+    def _took(self, session: _Session, inbound: bool, kind: int, payload: bytes) -> None:
+        """A frame's effect, but a core message's (_deliver, which waits for the core)."""
+        peer = session.peer
+        if inbound:
+            self.frame_heard(peer, kind, payload)
+        if kind == ADDRESSES:
+            if peer in self.core.removed():
+                # Its word counts no more, but garbage still ends the connection.
+                peer_book.decode_book(payload)
+            else:
+                self._learn(payload, peer)
+        elif kind not in (CORE, KEEPALIVE_FRAME):
+            raise ProtocolError(f"unknown frame kind {kind}")
 
     async def _sender(self, session: _Session, recv: trio.MemoryReceiveChannel) -> None:
-        """Queued frames; a keepalive whenever the connection was silent for the interval
-        (announced in it, and in a first one at once, so the peer knows what to expect)."""
-        every = liveness.interval(len(self.out))
-        await session.send(KEEPALIVE_FRAME, liveness.encode(every))
-        while True:
-            got = None
-            with trio.move_on_after(liveness.until_next(self.wall(), every)):
-                got = await recv.receive()
-            # Sent outside the keepalive's deadline: a send cancelled there would have used
-            # its frame's counter (or written half of it), and the peer would hang up on the
-            # next frame, tagged with a counter one past the one it expects.
-            if got is not None:
-                kind, payload = got
+        """Queued frames, in order. The first frame is a keepalive, at once, so the peer knows
+        what silence to expect; the later ones are _keepalives'."""
+        session.every = liveness.interval(len(self.out))
+        await self._send(session, KEEPALIVE_FRAME, liveness.encode(session.every))
+        self.sessions[session.peer] = session
+        self.retick.set()  # its first keepalive may be due before the ticker's next wake
+        try:
+            while True:
+                kind, payload = await recv.receive()
+                if kind == _FLUSH:
+                    await session.flush()
+                    continue
                 if kind == CORE:
                     payload = self._encoded(session, payload)
                 if payload is not None:
-                    await session.send(kind, payload)
-                continue
-            every = liveness.interval(len(self.out), every)
-            await session.send(KEEPALIVE_FRAME, liveness.encode(every))
+                    await self._send(session, kind, payload)
+        finally:
+            if self.sessions.get(session.peer) is session:
+                del self.sessions[session.peer]
+
+    async def _send(self, session: _Session, kind: int, payload: bytes) -> None:
+        await session.send(kind, payload)
+        session.sent_at = self.wall()
+
+    async def _keepalives(self) -> None:
+        """A keepalive on each connection we dialled that was silent since before its grid
+        point (peer_liveness.until_next: the next multiple of its interval, at least a tenth
+        of one after its last frame). All that are due go in one wake-up, written at once
+        (Session.send_now): a task switch and a timer per connection cost an idle daemon of
+        a hundred peers more than the keepalives themselves (py-spy). A connection with a
+        send under way is not silent, and is not interrupted: no keepalive there. (Before,
+        each connection's sender waited with its own timer, and a send cancelled by it had
+        taken its counter: the peer hung up on the next frame.)"""
+        while True:
+            now = self.wall()
+            soonest = now + liveness.INTERVAL_MAX
+            for peer, session in list(self.sessions.items()):
+                due = session.sent_at + liveness.until_next(session.sent_at, session.every)
+                if due <= now:
+                    every = liveness.interval(len(self.out), session.every)
+                    if session.send_now(KEEPALIVE_FRAME, liveness.encode(every)):
+                        session.every, session.sent_at = every, now
+                        if session.pending:  # the socket is full: the sender writes the rest
+                            self._kick(peer)
+                        due = now + liveness.until_next(now, every)
+                    else:
+                        due = now + session.every / 10
+                soonest = min(soonest, due)
+            self.retick = trio.Event()
+            with trio.move_on_after(soonest - now):
+                await self.retick.wait()
+
+    def _kick(self, peer: str) -> None:
+        """Have peer's sender write what send_now left; if its queue is full, it is busy and
+        writes that before its next frame anyway."""
+        q = self.out.get(peer)
+        if q is not None:
+            try:
+                q.send_nowait((_FLUSH, b""))
+            except trio.WouldBlock:
+                pass
 
     async def _books(self) -> None:
         """Books to the peers whose last one is out of date; now and then, an unchanged one

@@ -17,7 +17,8 @@ DEAD_AFTER_MIN up to 28 peers; at 40 peers the interval is 39 x 24 B / BUDGET = 
 goes to probes (core/peer.py) and the rare whole address book.
 
 Keepalives go on a grid of wall time (until_next): an idle daemon wakes once an interval to
-send all its keepalives, not once per peer; what costs CPU at idle is wake-ups, not bytes.
+send all its keepalives, in one pass of one task (peer_net's _keepalives), not once per peer;
+what costs CPU at idle is wake-ups, not bytes.
 Daemons sharing one machine then all burst together; a phase per daemon was measured and not
 kept (docs/design.md, "The grid has a price").
 
