@@ -177,14 +177,16 @@ class _Framed:
         await self.stream.send_all(frame(payload))
 
     def write_now(self, data: bytes) -> int:
-        """Bytes of data the socket took at once (0 if it would block, or the stream is no
-        socket's): a write without a task switch, for the keepalive ticker."""
+        """Bytes of data the socket took at once: a write without a task switch, for the
+        keepalive ticker. 0 if it would block, the stream is no socket's, or the write failed
+        (the peer hung up, say): the connection's sender then finds that out on its own
+        write, and ends the connection as any failed send does; the ticker goes on."""
         sock = getattr(self.stream, "socket", None)
         if sock is None:
             return 0
         try:
             return os.write(sock.fileno(), data)
-        except BlockingIOError:
+        except OSError:
             return 0
 
 
@@ -707,8 +709,8 @@ class PeerNet:
         if q is not None:
             try:
                 q.send_nowait((_FLUSH, b""))
-            except trio.WouldBlock:
-                pass
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # busy, or ending: either way not the ticker's business
 
     async def _books(self) -> None:
         """Books to the peers whose last one is out of date; now and then, an unchanged one

@@ -145,3 +145,33 @@ async def test_a_keepalive_never_cuts_into_a_send_and_the_wire_stays_in_order(
     keepalives = [k for k, _ in frames if k == KEEPALIVE_FRAME]
     assert len(keepalives) >= 10  # liveness: they went on after the sends, each written
     assert session.sent - rx.received <= 1  # at most the one cut by the test's end
+
+
+async def test_a_keepalive_to_a_peer_that_hung_up_ends_that_connection_not_the_ticker(
+        autojump_clock):
+    """The far end closes; the next keepalive's write fails (EPIPE or ECONNRESET). Raised in
+    the ticker, it ended the daemon (found by bench-host at 100 daemons on one core: a daemon
+    went away mid-join). The sender finds the broken socket on its own write and ends its
+    connection (redialled as any other); the ticker keeps the other connections alive."""
+    net = ticking_net()
+    a, b = trio.socket.socketpair()
+    session = _Session(_Framed(trio.SocketStream(a)), K1, K2, "gone")
+    send, recv = trio.open_memory_channel(100)
+    net.out["gone"] = send
+    ended = []
+
+    async def sender():
+        try:
+            await net._sender(session, recv)
+        except (trio.BrokenResourceError, OSError) as e:
+            ended.append(e)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net._keepalives)
+        nursery.start_soon(sender)
+        _, alive = await connect(net, "alive", nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        b.close()  # the peer hangs up
+        await trio.sleep(3.0)
+        nursery.cancel_scope.cancel()
+    assert len(ended) == 1 and "gone" not in net.sessions
+    assert len(keepalive_times(alive)) >= 6  # the ticker went on
