@@ -53,6 +53,14 @@ IDLE ?= 15
 bench-idle: $(STAMP)
 	$(BIN)/python -m tests.bench.idle_bench -n $(N) --idle $(IDLE)
 
+## One host's allocation latency in an N-host cluster, that host with a core of its own (the
+## other N-1 daemons on the other core): make bench-host [N=100] [SECONDS=60]
+bench-host: N ?= 100
+bench-host: SECONDS ?= 60
+.PHONY: bench-host
+bench-host: $(STAMP)
+	$(BIN)/python -m tests.bench.host_bench --hosts $(N) --seconds $(SECONDS)
+
 ## What a long history costs: make bench-history [CYCLES=1000000] (default 100000)
 CYCLES ?= 100000
 .PHONY: bench-history
@@ -65,7 +73,7 @@ bench-history: $(STAMP)
 ## duplicate or lost allocation. Figures go to docs/scale/scale-run.json:
 ## make scale [N=100] [SECONDS=30]
 scale: N ?= 100
-SECONDS ?= 30
+scale: SECONDS ?= 30
 scale: $(STAMP)
 	$(BIN)/python -m tests.scale --hosts $(N) --seconds $(SECONDS) --json docs/scale/scale-run.json
 

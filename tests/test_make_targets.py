@@ -20,6 +20,8 @@ def dry_run(*args: str) -> str:
     (["scale", "N=20", "SECONDS=5"], "-m tests.scale --hosts 20 --seconds 5 "),
     (["bench-idle"], "-m tests.bench.idle_bench -n 10 20 40 --idle 15"),
     (["bench-idle", "N=10 20"], "-m tests.bench.idle_bench -n 10 20 --idle 15"),
+    (["bench-host"], "-m tests.bench.host_bench --hosts 100 --seconds 60"),
+    (["bench-host", "N=20", "SECONDS=5"], "-m tests.bench.host_bench --hosts 20 --seconds 5"),
 ])
 def test_a_target_runs_with_its_documented_defaults(args, command):
     assert command in dry_run(*args)
