@@ -687,6 +687,9 @@ class PeerNet:
             now = self.wall()
             soonest = now + liveness.INTERVAL_MAX
             for peer, session in list(self.sessions.items()):
+                # A wall clock stepped back leaves the last frame in the future: timed from
+                # then, the connection would fall silent for as long as the step.
+                session.sent_at = min(session.sent_at, now)
                 due = session.sent_at + liveness.until_next(session.sent_at, session.every)
                 if due <= now:
                     every = liveness.interval(len(self.out), session.every)

@@ -6,9 +6,13 @@ plus a constant, so grid points are exact."""
 import trio
 import trio.testing
 
+from appliance.core import peer_messages as wire
+from appliance.core.gossip import Delta
 from appliance.peer_net import PeerNet, _Framed, _Session
+from appliance.protocols import peer_codec
 from appliance.protocols import peer_liveness as liveness
-from appliance.protocols.peer_frames import (ADDRESSES, KEEPALIVE_FRAME, FrameReader, Sealer)
+from appliance.protocols.peer_frames import (ADDRESSES, CORE, KEEPALIVE_FRAME, FrameReader,
+                                            Sealer)
 
 from .test_peer_auth import SECRET, FakeCore
 
@@ -175,3 +179,53 @@ async def test_a_keepalive_to_a_peer_that_hung_up_ends_that_connection_not_the_t
         nursery.cancel_scope.cancel()
     assert len(ended) == 1 and "gone" not in net.sessions
     assert len(keepalive_times(alive)) >= 6  # the ticker went on
+
+
+async def test_a_wall_clock_stepped_back_never_silences_a_connection(autojump_clock):
+    """The grid is on wall time; a step back of 30 s (NTP at boot, say) left every idle
+    connection's last frame in the future, and the ticker waited for it: 30.5 s without a
+    keepalive, so every peer called this host gone and hung up (found in review). Now the
+    gap stays within the peer's tolerance (3 intervals, at least 2 s)."""
+    step = [0.0]
+    net = PeerNet(FakeCore("a"), SECRET, None,
+                  wall=lambda: EPOCH + trio.current_time() + step[0])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net._keepalives)
+        _, got = await connect(net, "p", nursery)
+        await trio.sleep(2.1)
+        step[0] = -30.0
+        await trio.sleep(5.0)
+        nursery.cancel_scope.cancel()
+    times = keepalive_times(got)
+    assert len(times) >= 12
+    every = liveness.interval(1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) <= 2.2 * every + 1e-6 < liveness.dead_after(every)
+
+
+async def test_a_core_slow_to_take_a_message_is_no_silence(autojump_clock):
+    """The silence deadline covers waiting for the peer's next frame, not the core taking the
+    last one: a core busy for longer than twice the silence (a commit behind a slow disk)
+    must not have the connection cut under it, mid-delivery."""
+    class SlowCore(FakeCore):
+        taken = []
+
+        async def receive(self, sender, msg):
+            await trio.sleep(10.0)  # twice the silence is 4 s here
+            self.taken.append(msg)
+    net = PeerNet(SlowCore("a"), SECRET, None)
+    probe = wire.Gossip("c1", Delta((), ()), digest=b"12345678")
+    payload = peer_codec.encode(probe, peer_codec.Vectors())
+    a, b = trio.socket.socketpair()
+    tx = _Session(_Framed(trio.SocketStream(a)), K1, K2, "a")
+    rx = _Session(_Framed(trio.SocketStream(b)), K2, K1, "b")
+    await tx.send(CORE, payload)
+    await tx.send(CORE, payload)
+    t0 = trio.current_time()
+    try:
+        await net._reader(rx, inbound=True)
+    except trio.TooSlowError:
+        pass
+    # Both delivered whole (20 s), then hung up on 4 s after the last frame was taken.
+    assert SlowCore.taken == [probe, probe]
+    assert trio.current_time() - t0 == 24.0
