@@ -241,7 +241,9 @@ def scale_section(run: dict) -> list[str]:
         "", "The tail on one machine: every daemon sends its keepalives at the same points of "
         "wall time, so daemons sharing a machine all wake together once an interval (2.38 s at "
         "100 peers) and take it whole for a moment; requests made then wait. Measured, and the "
-        "alternative tried: docs/design.md, \"The grid has a price\".",
+        "alternative tried: docs/design.md, \"The grid has a price\". What one host of a "
+        "cluster this size feels, with a core of its own (the other daemons on the other "
+        "core): `make bench-host`, whose figures are there too.",
         "", "| per daemon | CPU, % of a core (mean / max) | peer bytes sent/s (mean / max) |",
         "|---|---|---|"]
     for name in ("idle", "churn"):
