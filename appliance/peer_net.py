@@ -209,27 +209,20 @@ class _Session(Sealer):
         self.pending = b""
 
     async def send(self, kind: int, payload: bytes) -> None:
-        self.writing = True
-        try:
-            await self._flush()
-            sealed = self.seal(kind, payload)
-            await self.framed.write(sealed)
-        finally:
-            self.writing = False
-        self.counts[kind] = self.counts.get(kind, 0) + 4 + len(sealed)
+        data = frame(self.seal(kind, payload))
+        self.pending += data  # behind what send_now left: the wire stays in counter order
+        self.counts[kind] = self.counts.get(kind, 0) + len(data)
+        await self.flush()
 
     async def flush(self) -> None:
-        """What send_now left unwritten, now."""
+        """Write what is pending (send_now's rest, or send's frame)."""
         self.writing = True
         try:
-            await self._flush()
+            while self.pending:
+                data, self.pending = self.pending, b""
+                await self.framed.stream.send_all(data)
         finally:
             self.writing = False
-
-    async def _flush(self) -> None:
-        while self.pending:
-            data, self.pending = self.pending, b""
-            await self.framed.stream.send_all(data)
 
     def send_now(self, kind: int, payload: bytes) -> bool:
         """Seal and write a frame without waiting, if no send is under way (False if one
@@ -622,32 +615,24 @@ class PeerNet:
                 if inbound:
                     silence.deadline = trio.current_time() + 2 * self._silence(peer)
                 kind, payload = await session.receive()
-                self._took(session, inbound, kind, payload)
+                if inbound:
+                    self.frame_heard(peer, kind, payload)
                 if kind == CORE:
+                    try:
+                        msg = peer_codec.decode(payload, session.vectors)
+                    except peer_codec.CodecError as e:
+                        raise ProtocolError(f"bad message from {peer}: {e}") from None
                     silence.deadline = math.inf  # a core slow to take it is no silence
-                    await self._deliver(session, payload)
+                    await self.core.receive(peer, msg)
+                elif kind == ADDRESSES:
+                    if peer in self.core.removed():
+                        # Its word counts no more, but garbage still ends the connection.
+                        peer_book.decode_book(payload)
+                    else:
+                        self._learn(payload, peer)
+                elif kind != KEEPALIVE_FRAME:
+                    raise ProtocolError(f"unknown frame kind {kind}")
         raise trio.TooSlowError(f"silent for over {2 * self._silence(peer):g}s")
-
-    async def _deliver(self, session: _Session, payload: bytes) -> None:
-        try:
-            msg = peer_codec.decode(payload, session.vectors)
-        except peer_codec.CodecError as e:
-            raise ProtocolError(f"bad message from {session.peer}: {e}") from None
-        await self.core.receive(session.peer, msg)
-
-    def _took(self, session: _Session, inbound: bool, kind: int, payload: bytes) -> None:
-        """A frame's effect, but a core message's (_deliver, which waits for the core)."""
-        peer = session.peer
-        if inbound:
-            self.frame_heard(peer, kind, payload)
-        if kind == ADDRESSES:
-            if peer in self.core.removed():
-                # Its word counts no more, but garbage still ends the connection.
-                peer_book.decode_book(payload)
-            else:
-                self._learn(payload, peer)
-        elif kind not in (CORE, KEEPALIVE_FRAME):
-            raise ProtocolError(f"unknown frame kind {kind}")
 
     async def _sender(self, session: _Session, recv: trio.MemoryReceiveChannel) -> None:
         """Queued frames, in order. The first frame is a keepalive, at once, so the peer knows

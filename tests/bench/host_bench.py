@@ -16,15 +16,14 @@ d000 must reach every peer before and after the window, or the run says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.bench.idle_bench import SECRET, launch, status, wait_for
+from appliance.client import Client
+from tests.bench.idle_bench import SECRET, joined, launch, status, wait_for
 from tests.scale.run import pct
 
 
@@ -32,27 +31,8 @@ def pin(pid: int, core: int) -> None:
     os.sched_setaffinity(pid, {core})
 
 
-class Hook:
-    """One hook connection, line-delimited JSON."""
-
-    def __init__(self, path: Path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def call(self, request: dict) -> dict:
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the daemon closed the hook connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-
 def churn(path: Path, rate: float, seconds: float, live: int, tag: str) -> dict:
-    hook = Hook(path)
+    hook = Client(path)
     running, made, took, late = [], 0, [], 0
     for _ in range(live):  # the host's standing containers, not timed
         made += 1
@@ -118,13 +98,7 @@ def main() -> None:
             for i in range(1, a.hosts):
                 ds.append(launch(tmp, f"d{i:03d}", "--peer", ds[0].addr))
                 pin(ds[-1].proc.pid, 1)
-            ids = {d.id for d in ds}
-
-            def joined() -> bool:
-                ss = list(pool.map(status, ds))
-                return all(set(s["reachable"]) == ids - {s["peer"]} for s in ss) and \
-                    len({s["ring_digest"] for s in ss}) == 1
-            wait_for("every daemon to reach every other, one ring", joined, 900)
+            wait_for("every daemon to reach every other, one ring", lambda: joined(ds, pool), 900)
             time.sleep(5)  # the join's own traffic (books, first vectors) dies down
             r = churn(ds[0].socket, a.rate, a.seconds, a.live, "d000")
             reach = len(status(ds[0])["reachable"])

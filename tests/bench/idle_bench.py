@@ -57,6 +57,14 @@ def peer_bytes(s: dict) -> int:
     return sum(s.get("peer_bytes_sent", {}).values())
 
 
+def joined(ds: list[Daemon], pool: ThreadPoolExecutor) -> bool:
+    """Every daemon reaches every other, and all rings match."""
+    ids = {d.id for d in ds}
+    ss = list(pool.map(status, ds))
+    return all(set(s["reachable"]) == ids - {s["peer"]} for s in ss) and \
+        len({s["ring_digest"] for s in ss}) == 1
+
+
 def wait_for(what: str, check, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -73,17 +81,10 @@ def run(n: int, idle: float, settle: float, pool: ThreadPoolExecutor) -> dict:
         try:
             for i in range(1, n - 1):
                 ds.append(launch(tmp, f"d{i:03d}", "--peer", ds[0].addr))
-            ids = {d.id for d in ds}
             t0 = time.monotonic()
             if n > 1:
                 ds.append(launch(tmp, f"d{n - 1:03d}", "--peer", ds[0].addr))
-                ids.add(ds[-1].id)
-
-            def joined() -> bool:
-                ss = list(pool.map(status, ds))
-                return all(set(s["reachable"]) == ids - {s["peer"]} for s in ss) and \
-                    len({s["ring_digest"] for s in ss}) == 1
-            wait_for("every daemon to reach every other, one ring", joined, 600)
+            wait_for("every daemon to reach every other, one ring", lambda: joined(ds, pool), 600)
             join = time.monotonic() - t0
             time.sleep(settle)  # the join's own traffic (books, first vectors) dies down
 
