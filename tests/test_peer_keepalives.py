@@ -229,3 +229,20 @@ async def test_a_core_slow_to_take_a_message_is_no_silence(autojump_clock):
     # Both delivered whole (20 s), then hung up on 4 s after the last frame was taken.
     assert SlowCore.taken == [probe, probe]
     assert trio.current_time() - t0 == 24.0
+
+
+async def test_a_send_writes_what_a_keepalive_left_first(autojump_clock):
+    """send_now's rest (the socket took half) goes out before the next frame's bytes: the
+    far end reads both whole, in counter order."""
+    stream = SlowStream()
+    session = _Session(SlowFramed(stream), K1, K2, "p")
+    assert session.send_now(KEEPALIVE_FRAME, liveness.encode(0.5))
+    assert session.pending  # half of it waits
+    await session.send(ADDRESSES, b"after")
+    reader, rx = FrameReader(), Sealer(K2, K1)
+    reader.receive_data(bytes(stream.wire))
+    frames = []
+    while (f := reader.next_frame()) is not None:
+        frames.append(rx.unseal(f))
+    assert frames == [(KEEPALIVE_FRAME, liveness.encode(0.5)), (ADDRESSES, b"after")]
+    assert not reader.buf and not session.pending
