@@ -1,4 +1,4 @@
--- ipamd database, schema version 6 (PRAGMA user_version). Readable from a plain sqlite3 shell:
+-- ipamd database, schema version 7 (PRAGMA user_version). Readable from a plain sqlite3 shell:
 -- every address is stored as text in its canonical form.
 -- The daemon sets PRAGMA application_id and user_version after applying this file.
 
@@ -84,10 +84,12 @@ CREATE TABLE allocations (
 -- Addresses given back: reused least-recently-freed first once their quarantine is over. The
 -- quarantined and the most recently freed after them (4096 per range) have a row each; the
 -- rest, less recently freed than all of these, are folded into freed_spans ([start, last],
--- freed once and free), which are reused first, lowest first.
+-- freed once and free), which are reused first, lowest first. A row's universe is the
+-- innermost one holding its address (a block rather than its block space), as for
+-- `reserved`: not stored, since the quarantine has a row per address freed in the last
+-- --reuse-delay seconds (hundreds of thousands at a high rate), and the name was a third of it.
 CREATE TABLE freed (
     address  TEXT PRIMARY KEY,
-    universe TEXT NOT NULL REFERENCES universes (cidr),
     freed_at REAL NOT NULL
 ) STRICT, WITHOUT ROWID;
 CREATE TABLE freed_spans (

@@ -26,7 +26,7 @@ from .core.spare import SPARE
 from .resources import schema_path
 
 APPLICATION_ID = 0x69706D64  # "ipmd": marks the file as ours for `file`, sqlite3 and us
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # MIGRATIONS[n] brings a database at user_version n to n + 1; applied in one transaction.
 MIGRATIONS: dict[int, str] = {
     # 2: the peer protocol's state. A version-1 database is a single host whose ring entries
@@ -142,6 +142,18 @@ MIGRATIONS: dict[int, str] = {
         SELECT handle, address || '/' || substr(subnet, instr(subnet, '/') + 1) AS address,
                subnet, anchor, datetime(allocated_at, 'unixepoch') AS allocated
         FROM allocations ORDER BY handle;
+    """,
+    # 7: freed rows without their universe (the innermost one holding the address, as the
+    # core finds it for every other row): a third of each row, and the quarantine has a row
+    # per address freed in the last --reuse-delay seconds (schema.sql).
+    6: """
+    CREATE TABLE freed_7 (
+        address  TEXT PRIMARY KEY,
+        freed_at REAL NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO freed_7 SELECT address, freed_at FROM freed;
+    DROP TABLE freed;
+    ALTER TABLE freed_7 RENAME TO freed;
     """,
 }
 SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
@@ -402,10 +414,10 @@ class Store:
         peer = d.load(default_subnet, reuse_delay, gateways=gateways, **kw)
         # The freed rows (a quarantine's worth: tens of thousands at a high rate) go straight
         # in, in the order Durable.load would give them, not through a row object each.
-        a, by_text = peer.allocator, {str(u): u for u in universes}
-        for address, universe, freed_at in conn.execute(
-                "SELECT address, universe, freed_at FROM freed ORDER BY freed_at, address"):
-            a.load_freed(by_text[universe], _address_value(address), freed_at)
+        a = peer.allocator
+        a.load_freed([(6 if ":" in address else 4, _address_value(address), freed_at)
+                      for address, freed_at in conn.execute(
+                          "SELECT address, freed_at FROM freed ORDER BY freed_at, address")])
         both = list(itertools.islice(a.held_and_free(), 3))
         if both:
             listed = "; ".join(f"{h.text} is held by handle {h.handle!r} and is in {where}"
@@ -498,8 +510,8 @@ class Store:
                 elif isinstance(r, FreeAddress):
                     execute("DELETE FROM allocations WHERE address = ?", (r.address,))
                     if r.universe is not None:
-                        execute("INSERT OR REPLACE INTO freed VALUES (?, ?, ?)",
-                                (r.address, r.universe, r.freed_at))
+                        execute("INSERT OR REPLACE INTO freed VALUES (?, ?)",
+                                (r.address, r.freed_at))
                 elif isinstance(r, Reserve):
                     execute("DELETE FROM freed WHERE address = ?", (r.address,))
                     execute("INSERT OR IGNORE INTO reserved (address, holder, universe, "

@@ -313,3 +313,25 @@ def test_a_grant_merged_in_part_never_turns_a_given_back_block_into_a_range():
     assert c.replies[ref]["ok"]
     assert p1.allocator.kind(block) in ("lease", "dissolved")
     assert block not in p1.allocator.candidates(space)
+
+
+def test_a_freed_tenant_address_is_in_its_block_again_after_a_restart():
+    # Freed rows do not name their universe (schema 7): a restart puts each into the innermost
+    # universe holding it, the tenant's block rather than its block space, with its time.
+    c = Cluster(2, cidr("10.0.0.0/24"))
+    c.settle()
+    assert _ask(c, "p0", m.AddRange(cidr("10.64.0.0/16"), blocks=True))["ok"]
+    block = cidr(_ask(c, "p1", m.TenantCreate("acme", 29, max_blocks=1))["blocks"][0])
+    got = [_ask(c, "p0", m.Allocate(h, tenant="acme"))["address"] for h in ("a", "b")]
+    assert _ask(c, "p0", m.Allocate("plain"))["ok"]
+    for h in ("b", "plain", "a"):
+        assert _ask(c, "p0", m.Release(h))["ok"]
+
+    def freed():
+        return {str(u): [(u.addr(x), t) for x, t in fl.items()]
+                for u, fl in c.peers["p0"].allocator.freed.items() if len(fl)}
+    before = freed()
+    assert [a for a, _ in before[str(block)]] == [got[1].split("/")[0], got[0].split("/")[0]]
+    assert sorted(before) == sorted(["10.0.0.0/24", str(block)])
+    c.restart("p0")
+    assert freed() == before

@@ -9,7 +9,7 @@ import apsw
 import pytest
 
 from appliance import store as store_mod
-from appliance.core.addr import cidr, parse_addr
+from appliance.core.addr import cidr, format_addr, parse_addr
 from appliance.core.messages import Allocate, Claim, Release
 from appliance.core.spare import SPARE
 from appliance.store import APPLICATION_ID, Store, StoreError
@@ -38,9 +38,28 @@ def make_db(path, allocations=0):
     return loaded
 
 
+def open_two_ranges(path):
+    """A new database with RANGE and an IPv6 range: (store, allocator, the IPv6 range)."""
+    s, v6 = Store(path), cidr("fd00::/64")
+    return s, s.load_peer(s.open([*RANGE, v6], "t"), RANGE[0], 30).allocator, v6
+
+
+def as_version_6(c):
+    """The table version 7 changed, as version 6 had it: freed rows naming their universe,
+    the innermost one holding the address."""
+    unis = [cidr(u) for (u,) in c.execute("SELECT cidr FROM universes WHERE kind != 'spare'")]
+    rows = [(a, str(max((u for u in unis if parse_addr(a) in u), key=lambda u: u.prefix)), t)
+            for a, t in c.execute("SELECT address, freed_at FROM freed")]
+    c.execute("DROP TABLE freed; CREATE TABLE freed (address TEXT PRIMARY KEY, universe TEXT "
+              "NOT NULL REFERENCES universes (cidr), freed_at REAL NOT NULL) STRICT, "
+              "WITHOUT ROWID; PRAGMA user_version = 6")
+    c.executemany("INSERT INTO freed VALUES (?, ?, ?)", rows)
+
+
 def as_version_5(c):
     """The table version 6 changed, as version 5 had it: allocations with a rowid and a
     unique index on (handle, subnet), the view held over it."""
+    as_version_6(c)
     c.execute("DROP VIEW held; "
               "CREATE TABLE a5 (address TEXT PRIMARY KEY, universe TEXT REFERENCES universes "
               "(cidr), subnet TEXT NOT NULL, handle TEXT NOT NULL, anchor TEXT, "
@@ -289,6 +308,7 @@ def test_version_4_database_migrates_to_ranges_online(tmp_path):
     as_version_4(c)
     tables = ("ring", "allocations", "freed", "freed_spans", "reserved")
     before = {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+    before["freed"] = [(a, t) for a, _, t in before["freed"]]  # version 7 drops the universe
     c.close()
     s = Store(path)
     again = s.open(RANGE, "t")
@@ -312,15 +332,46 @@ def test_version_4_database_migrates_to_ranges_online(tmp_path):
     s.close()
 
 
+def test_version_6_database_migrates_to_freed_rows_without_their_universe(tmp_path):
+    # Freed rows in an IPv4 and an IPv6 range keep their address and time; loaded again, each
+    # is in its own range's quarantine, in the order it was freed.
+    path = tmp_path / "ipamd.db"
+    s, a, v6 = open_two_ranges(path)
+    for i in range(3):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0)[1])
+        s.commit(a.apply(Allocate(f"h{i}", v6), 1000.0)[1])
+    s.commit(a.apply(Release("h1"), 1010.0)[1])
+    s.commit(a.apply(Release("h0"), 1011.0)[1])
+    s.close()
+    c = apsw.Connection(str(path))
+    as_version_6(c)
+    assert c.execute("SELECT * FROM freed ORDER BY freed_at, address").fetchall() == [
+        ("10.32.0.2", "10.32.0.0/12", 1010.0), ("fd00::2", "fd00::/64", 1010.0),
+        ("10.32.0.1", "10.32.0.0/12", 1011.0), ("fd00::1", "fd00::/64", 1011.0)]
+    c.close()
+    s = Store(path)
+    again = s.open(None, "t")
+    c = s.conn
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 7
+    assert c.execute("SELECT * FROM freed ORDER BY freed_at, address").fetchall() == [
+        ("10.32.0.2", 1010.0), ("fd00::2", 1010.0), ("10.32.0.1", 1011.0), ("fd00::1", 1011.0)]
+    a = s.load_peer(again, RANGE[0], 30).allocator
+    assert [r["quarantined"] for r in a.status(1020.0)["universes"]
+            if not r["static"]] == [2, 2]
+    assert {str(u): [(format_addr(u.family, x), t) for x, t in fl.items()]
+            for u, fl in a.freed.items() if len(fl)} == {
+        "10.32.0.0/12": [("10.32.0.2", 1010.0), ("10.32.0.1", 1011.0)],
+        "fd00::/64": [("fd00::2", 1010.0), ("fd00::1", 1011.0)]}
+    assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    s.close()
+
+
 def test_version_5_database_migrates_to_allocations_by_address(tmp_path):
     # Every kind of allocation row (IPv4 and IPv6, anchored, one handle in two subnets):
     # kept as it was, now in one b-tree keyed by address, without the handle index; the
     # view for people reads it as before.
     path = tmp_path / "ipamd.db"
-    s = Store(path)
-    v6 = cidr("fd00::/64")
-    loaded = s.open([*RANGE, v6], "t")
-    a = s.load_peer(loaded, RANGE[0], 30).allocator
+    s, a, v6 = open_two_ranges(path)
     for i in range(4):
         s.commit(a.apply(Allocate(f"h{i}"), 1000.0 + i)[1])
     s.commit(a.apply(Allocate("h1", v6), 1005.0)[1])
@@ -335,7 +386,7 @@ def test_version_5_database_migrates_to_allocations_by_address(tmp_path):
     s = Store(path)
     again = s.open(None, "t")
     c = s.conn
-    assert c.execute("PRAGMA user_version").fetchall()[0][0] == 6
+    assert c.execute("PRAGMA user_version").fetchall()[0][0] == store_mod.SCHEMA_VERSION
     assert c.execute("SELECT * FROM allocations ORDER BY address").fetchall() == before
     assert c.execute("SELECT * FROM held").fetchall() == held
     assert "WITHOUT ROWID" in c.execute(
@@ -484,7 +535,7 @@ def test_a_wal_that_grew_is_cut_back_once_it_starts_over(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sql, where", [
-    ("INSERT INTO freed VALUES ('10.32.0.2', '10.32.0.0/12', 900.0)", "table freed"),
+    ("INSERT INTO freed VALUES ('10.32.0.2', 900.0)", "table freed"),
     ("INSERT INTO freed_spans VALUES ('10.32.0.4', '10.32.0.9', '10.32.0.0/12'), "
      "('10.32.0.2', '10.32.0.2', '10.32.0.0/12')",
      r"a span of table freed_spans \(10\.32\.0\.2-10\.32\.0\.2\)"),

@@ -101,7 +101,8 @@ class Allocator:
         # Per universe: every address ever used (allocated or freed), and the freed ones in
         # reuse order, in space bounded by the live state rather than by history (freelist.py).
         self.used: dict[Cidr, IntervalSet] = {u: IntervalSet() for u in self.rings}
-        self.freed: dict[Cidr, FreeList] = {u: FreeList(reuse_delay) for u in self.rings}
+        self.freed: dict[Cidr, FreeList] = {
+            u: FreeList(reuse_delay, base=u.start, size=u.size) for u in self.rings}
         self._owned = {u: r.owned_by(me) for u, r in self.rings.items()}
         self.carves_changed()
         # Never handed out: --gateway addresses and gateways that requests named, each with
@@ -200,7 +201,7 @@ class Allocator:
     def add_universe(self, u: Cidr) -> None:
         """A universe made after start (a range added online): RingWriter's Change.create."""
         self.held_sorted[u], self.used[u] = [], IntervalSet()
-        self.freed[u] = FreeList(self.reuse_delay)
+        self.freed[u] = FreeList(self.reuse_delay, base=u.start, size=u.size)
         self._owned[u] = self.rings[u].owned_by(self.me)
 
     def drop_universe(self, u: Cidr) -> None:
@@ -314,11 +315,36 @@ class Allocator:
             return f"it lies in {self.kind_text(u)} {u}: claim it for the tenant"
         return f"it lies in {self.kind_text(u)} {u}"
 
-    def load_freed(self, universe: Cidr, address: int, freed_at: float) -> None:
-        """Call in order of freed_at."""
-        self.used[universe].add(address)
-        if (universe.family, address) not in self.reserved:  # a --gateway freed before
-            self.freed[universe].free(address, freed_at)
+    def load_freed(self, rows: list[tuple[int, int, float]]) -> None:
+        """The freed rows, (family, address, freed_at) in order of freed_at, each into the
+        innermost universe holding it (the rows do not name it). One outside every universe
+        is left out: no allocate can reach it."""
+        into: dict[Cidr, list[tuple[int, float]]] = {}
+        # CIDRs nest or are apart, so a universe with none inside it is the innermost one for
+        # every address it holds: consecutive rows there (the rule) need no search.
+        leaf = {u: not any(w != u and w.family == u.family and u.start <= w.start and
+                           w.end <= u.end for w in self.rings) for u in self.rings}
+        u = None
+        for family, address, freed_at in rows:
+            if u is None or not leaf[u] or (family, address) not in u:
+                u = self.universe_of((family, address))
+                if u is None:
+                    continue
+            into.setdefault(u, []).append((address, freed_at))
+        for u, got in into.items():
+            self._load_freed(u, got)
+
+    def _load_freed(self, universe: Cidr, rows: list[tuple[int, float]]) -> None:
+        used, xs, i = self.used[universe], sorted(a for a, _ in rows), 0
+        while i < len(xs):  # runs of neighbours: one interval each, not one add per address
+            j = i
+            while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+                j += 1
+            used.add_range(xs[i], xs[j] + 1)
+            i = j + 1
+        family = universe.family
+        self.freed[universe].load(  # a --gateway freed before stays reserved
+            [r for r in rows if (family, r[0]) not in self.reserved] if self.reserved else rows)
 
     def held_and_free(self):
         """(held, where) for each held address the freed list has too (a freed row or a
@@ -326,11 +352,10 @@ class Allocator:
         them out again; the store refuses to start with them (each is caught later, at its
         reuse, only as a core bug)."""
         for u, fl in self.freed.items():
-            for address, _ in fl.items():
-                held = self.by_addr.get((u.family, address))
-                if held is not None:
-                    yield held, "table freed"
             hs = self.held_sorted[u]
+            for address in hs:  # fewer than the freed rows (a quarantine's worth) as a rule
+                if fl.get(address) is not None:
+                    yield self.by_addr[(u.family, address)], "table freed"
             for lo, hi in fl.folded.intervals():
                 for address in hs[bisect_left(hs, lo):bisect_left(hs, hi)]:
                     yield (self.by_addr[(u.family, address)],

@@ -139,8 +139,8 @@ class Durable:
             fam, v = parse_addr(r.address)
             a.load_allocation(Held(fam, v, by_text.get(r.universe), cidr(r.subnet), r.handle,
                                    r.anchor, r.allocated_at, r.address))
-        for r in sorted(self.freed.values(), key=lambda f: (f.freed_at, f.address)):
-            a.load_freed(by_text[r.universe], parse_addr(r.address)[1], r.freed_at)
+        a.load_freed([(*parse_addr(r.address), r.freed_at) for r in sorted(
+            self.freed.values(), key=lambda f: (f.freed_at, f.address))])
         for r in self.freed_spans.values():
             a.load_freed_span(by_text[r.universe], parse_addr(r.start)[1],
                               parse_addr(r.last)[1] + 1)

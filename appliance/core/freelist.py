@@ -5,36 +5,46 @@ Three parts, each less recently freed than the next:
   ("used once, free"). Which of them was freed first is forgotten: allocate takes the lowest.
 - `cool`: the most recently freed addresses whose quarantine is over, at most `keep` once folded
   (`fold`), least recently freed first.
-- the quarantine: freed less than reuse_delay ago, in order of freeing (a FIFO of two lists; an
-  address taken out of it, by a claim or a reservation, leaves a hole), and sorted by address
-  for counting by bisect.
+- the quarantine: freed less than reuse_delay ago, in order of freeing (a FIFO of two columns;
+  an address taken out of it, by a claim or a reservation, leaves a hole, noted by its free
+  count in `_holes`), and sorted by address for counting by bisect. Its size follows the rate
+  of frees times reuse_delay, not the live state, so its columns are packed arrays of offsets
+  from the universe's start (24 bytes an address instead of about 80 as lists of ints and
+  floats), where the universe is small enough (up to 2**64 addresses, an IPv6 /64).
 `expire(now)` moves addresses whose quarantine is over from the quarantine to `cool`; it changes
 no meaning, so queries call it too. `fold` changes what is stored, so only a free calls it: its
 caller writes the rows it returns.
 """
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, insort
 from collections import OrderedDict
 
 from .intervals import IntervalSet
 
 KEEP_FREED = 4096  # freed addresses remembered one by one once their quarantine is over
+PACKED = 1 << 64  # offsets below this fit an array('Q')
 
 
 class FreeList:
-    def __init__(self, reuse_delay: float, keep: int = KEEP_FREED):
+    def __init__(self, reuse_delay: float, keep: int = KEEP_FREED, base: int = 0,
+                 size: int = PACKED):
+        """Addresses are in [base, base + size)."""
         self.reuse_delay = reuse_delay
+        self.base = base
         self.keep = keep
         self.folded = IntervalSet()
         self.folded_count = 0
         # address -> (freed_at, n): n counts frees, so an undone take goes back in its place.
         self.cool: OrderedDict[int, tuple[float, int]] = OrderedDict()
-        self._q_addr: list[int | None] = []  # None: taken out meanwhile
-        self._q_time: list[float] = []
+        self._column = (lambda xs=(): array("Q", xs)) if size <= PACKED else list
+        self._q_addr = self._column()  # offsets from base
+        self._q_time = array("d")
         self._q_head = 0
         self._q_base = 0  # the free count of _q_addr[0]
-        self.q_sorted: list[int] = []  # the quarantined addresses, sorted
+        self._holes: set[int] = set()  # free counts of the entries taken out meanwhile
+        self.q_sorted = self._column()  # the quarantined addresses' offsets, sorted
 
     # -- questions -----------------------------------------------------------------------------
 
@@ -45,8 +55,18 @@ class FreeList:
         return address in self.cool or address in self.folded or self._in_quarantine(address)
 
     def _in_quarantine(self, address: int) -> bool:
-        i = bisect_left(self.q_sorted, address)
-        return i < len(self.q_sorted) and self.q_sorted[i] == address
+        off = address - self.base
+        i = bisect_left(self.q_sorted, off)
+        return i < len(self.q_sorted) and self.q_sorted[i] == off
+
+    def _q_index(self, address: int) -> int:
+        """Where the quarantined address is in the FIFO (it may also be in a hole before)."""
+        off, i = address - self.base, self._q_head
+        while True:
+            i = self._q_addr.index(off, i)
+            if self._q_base + i not in self._holes:
+                return i
+            i += 1
 
     def tracked(self) -> int:
         """Addresses remembered one by one (cool and quarantined): what costs memory and rows."""
@@ -57,7 +77,7 @@ class FreeList:
         if address in self.cool:
             return self.cool[address][0]
         if self._in_quarantine(address):
-            return self._q_time[self._q_addr.index(address, self._q_head)]
+            return self._q_time[self._q_index(address)]
         return None
 
     def items(self):
@@ -65,17 +85,17 @@ class FreeList:
         for a, (t, _) in self.cool.items():
             yield a, t
         for i in range(self._q_head, len(self._q_addr)):
-            if self._q_addr[i] is not None:
-                yield self._q_addr[i], self._q_time[i]
+            if self._q_base + i not in self._holes:
+                yield self.base + self._q_addr[i], self._q_time[i]
 
     def quarantined(self, now: float):
         """(address, freed_at) of those freed less than reuse_delay ago, most recent first."""
         for i in range(len(self._q_addr) - 1, self._q_head - 1, -1):
-            a, t = self._q_addr[i], self._q_time[i]
+            t = self._q_time[i]
             if t + self.reuse_delay <= now:
                 return
-            if a is not None:
-                yield a, t
+            if self._q_base + i not in self._holes:
+                yield self.base + self._q_addr[i], t
 
     def quarantined_count(self, now: float) -> int:
         self.expire(now)
@@ -83,10 +103,12 @@ class FreeList:
 
     def quarantined_in(self, lo: int, hi: int) -> int:
         """Quarantined addresses in [lo, hi) as of the last expire."""
-        return bisect_left(self.q_sorted, hi) - bisect_left(self.q_sorted, lo)
+        qs, b = self.q_sorted, self.base
+        return bisect_left(qs, hi - b) - bisect_left(qs, lo - b)
 
     def quarantined_between(self, lo: int, hi: int) -> list[int]:
-        return self.q_sorted[bisect_left(self.q_sorted, lo):bisect_left(self.q_sorted, hi)]
+        qs, b = self.q_sorted, self.base
+        return [b + off for off in qs[bisect_left(qs, lo - b):bisect_left(qs, hi - b)]]
 
     def pick(self, lo: int, hi: int, now: float, usable) -> int | None:
         """The address in [lo, hi) to reuse: the lowest folded one, else the least recently
@@ -106,13 +128,16 @@ class FreeList:
 
     def expire(self, now: float) -> None:
         """Quarantine over: from the head of the quarantine to the tail of cool."""
-        qa, qt = self._q_addr, self._q_time
+        qa, qt, holes, b = self._q_addr, self._q_time, self._holes, self.base
         i = self._q_head
         while i < len(qa) and qt[i] + self.reuse_delay <= now:
-            a = qa[i]
-            if a is not None:
-                self.cool[a] = (qt[i], self._q_base + i)
-                del self.q_sorted[bisect_left(self.q_sorted, a)]
+            n = self._q_base + i
+            if not holes or n not in holes:
+                off = qa[i]
+                self.cool[b + off] = (qt[i], n)
+                del self.q_sorted[bisect_left(self.q_sorted, off)]
+            else:
+                holes.discard(n)
             i += 1
         self._q_head = i
         if i > 64 and i * 2 > len(qa):  # drop the consumed head now and then, not each time
@@ -122,9 +147,10 @@ class FreeList:
 
     def free(self, address: int, t: float) -> None:
         """address was freed at t (not before any address freed earlier). It is in no part."""
-        self._q_addr.append(address)
+        off = address - self.base
+        self._q_addr.append(off)
         self._q_time.append(t)
-        insort(self.q_sorted, address)
+        insort(self.q_sorted, off)
 
     def take(self, address: int, changes: dict):
         """Take address out of whichever part has it; span changes go into `changes` (see
@@ -133,16 +159,16 @@ class FreeList:
         if t is not None:
             return lambda: self._back_to_cool(address, t)
         if self._in_quarantine(address):
-            i = self._q_addr.index(address, self._q_head)
-            self._q_addr[i] = None
-            del self.q_sorted[bisect_left(self.q_sorted, address)]
+            i = self._q_index(address)
             n, t = self._q_base + i, self._q_time[i]
+            self._holes.add(n)
+            off = address - self.base
+            del self.q_sorted[bisect_left(self.q_sorted, off)]
 
             def undo_quarantine():
-                i = n - self._q_base
-                if i >= self._q_head:
-                    self._q_addr[i] = address
-                    insort(self.q_sorted, address)
+                if n - self._q_base >= self._q_head:
+                    self._holes.discard(n)
+                    insort(self.q_sorted, off)
                 else:  # its quarantine ended meanwhile
                     self._back_to_cool(address, (t, n))
             return undo_quarantine
@@ -206,6 +232,11 @@ class FreeList:
                 changes[s] = e
         return gone, ranges
 
-    def load_tracked(self, address: int, t: float) -> None:
-        """From the database, in order of freed_at."""
-        self.free(address, t)
+    def load(self, rows: list[tuple[int, float]]) -> None:
+        """From the database: (address, freed_at) in order of freed_at, none in any part, all
+        freed after what is already here. Sorted once, not inserted one by one: a restart
+        reads a quarantine's worth (hundreds of thousands at a high rate)."""
+        offsets = [a - self.base for a, _ in rows]
+        self._q_addr.extend(offsets)
+        self._q_time.extend(t for _, t in rows)
+        self.q_sorted = self._column(sorted([*self.q_sorted, *offsets]))
