@@ -7,7 +7,8 @@ from tests.scale.run import Plan, run
 
 
 def test_twenty_hosts_churn_kill_rmpeer_join_lose_nothing():
-    r = run(Plan(hosts=20, seconds=5, live=15, rate=4, replace=2, idle=1), log=lambda s: None)
+    r = run(Plan(hosts=20, seconds=5, live=15, rate=4, replace=2, idle=1, settle=0),
+            log=lambda s: None)
     c = r["check"]
     assert c["duplicates"] == [] and c["lost"] == [], c
     assert r["fill"]["count"] == 20 * 15  # every request answered (ok or refused)

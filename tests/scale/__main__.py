@@ -21,6 +21,8 @@ def show(r: dict) -> None:
         print(f"{phase:>5} allocate: n={x['count']} p50={x['p50_ms']:.1f}ms p95={x['p95_ms']:.1f}"
               f"ms p99={x['p99_ms']:.1f}ms max={x['max_ms']:.0f}ms, {100 * x['under_10ms']:.1f}% "
               f"under 10 ms; {x['needed_a_peer']} needed space from a peer")
+    print(f"(idle: a {p['idle']:g} s window from {p.get('settle', 0):g} s after every ring "
+          "agreed)")
     for name in ("idle", "churn"):
         x = r[name]
         print(f"{name:>5} per daemon: CPU {x['cpu_pct_mean']:.1f}% of a core (max "

@@ -246,9 +246,12 @@ def scale_section(run: dict) -> list[str]:
         "core): `make bench-host`, whose figures are there too.",
         "", "| per daemon | CPU, % of a core (mean / max) | peer bytes sent/s (mean / max) |",
         "|---|---|---|"]
+    plan = run["plan"]
+    labels = {"idle": f"idle ({plan['idle']:g} s from {plan.get('settle', 0):g} s after the "
+                      "rings agreed)", "churn": "churn"}
     for name in ("idle", "churn"):
         x = run[name]
-        lines.append(f"| {name} | {x['cpu_pct_mean']:.1f} / {x['cpu_pct_max']:.1f} | "
+        lines.append(f"| {labels[name]} | {x['cpu_pct_mean']:.1f} / {x['cpu_pct_max']:.1f} | "
                      f"{x['peer_bytes_per_s_mean']:,.0f} / {x['peer_bytes_per_s_max']:,.0f} |")
     lines += [
         "", "- The client (one trio process driving every hook socket): "
