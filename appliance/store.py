@@ -418,6 +418,13 @@ class Store:
         a.load_freed([(6 if ":" in address else 4, _address_value(address), freed_at)
                       for address, freed_at in conn.execute(
                           "SELECT address, freed_at FROM freed ORDER BY freed_at, address")])
+        wrong = list(itertools.islice(a.misplaced(), 3))
+        if wrong:
+            listed = "; ".join(f"{h.text} (handle {h.handle!r}) is not in {h.universe}"
+                               for h in wrong)
+            raise StoreError(f"{self.path} is inconsistent: {listed}, the range its row in "
+                             "table allocations names; refusing to start. Correct the row's "
+                             "universe with sqlite3, or restore a backup.")
         both = list(itertools.islice(a.held_and_free(), 3))
         if both:
             listed = "; ".join(f"{h.text} is held by handle {h.handle!r} and is in {where}"

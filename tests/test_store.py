@@ -536,6 +536,9 @@ def test_a_wal_that_grew_is_cut_back_once_it_starts_over(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("sql, where", [
     ("INSERT INTO freed VALUES ('10.32.0.2', 900.0)", "table freed"),
+    # Its row names no range: still found (the freed row's range is worked out).
+    ("UPDATE allocations SET universe = NULL WHERE address = '10.32.0.2'; "
+     "INSERT INTO freed VALUES ('10.32.0.2', 900.0)", "table freed"),
     ("INSERT INTO freed_spans VALUES ('10.32.0.4', '10.32.0.9', '10.32.0.0/12'), "
      "('10.32.0.2', '10.32.0.2', '10.32.0.0/12')",
      r"a span of table freed_spans \(10\.32\.0\.2-10\.32\.0\.2\)"),
@@ -546,18 +549,8 @@ def test_an_address_both_held_and_freed_is_refused(tmp_path, sql, where):
     refuses, names it, and changes nothing; without the row it loads."""
     path = tmp_path / "ipamd.db"
     make_db(path, allocations=3)
-    c = apsw.Connection(str(path))
-    c.execute(sql)
-    c.close()
-    before = file_digest(path)
-    s = Store(path)
-    loaded = s.open(None, "t")
-    with pytest.raises(StoreError, match=rf"inconsistent: 10\.32\.0\.2 is held by handle 'h1' "
-                       rf"and is in {where} \(an address held is never free\); refusing to "
-                       "start"):
-        s.load_peer(loaded, RANGE[0], 30)
-    s.close()
-    assert file_digest(path) == before
+    refused_at_load(path, sql, rf"inconsistent: 10\.32\.0\.2 is held by handle 'h1' and is in "
+                    rf"{where} \(an address held is never free\); refusing to start")
     c = apsw.Connection(str(path))
     c.execute("DELETE FROM freed; DELETE FROM freed_spans")
     c.close()
@@ -565,3 +558,31 @@ def test_an_address_both_held_and_freed_is_refused(tmp_path, sql, where):
     assert sorted(s.load_peer(s.open(None, "t"), RANGE[0], 30).allocator.by_handle) == \
         ["h0", "h1", "h2"]
     s.close()
+
+
+def test_an_allocation_outside_the_range_its_row_names_is_refused(tmp_path):
+    """A release would free it into a list that cannot hold it (found in review: it raised
+    half-way, leaving the address neither held nor free). Loading refuses, names it, and
+    changes nothing."""
+    path = tmp_path / "ipamd.db"
+    s, a, v6 = open_two_ranges(path)
+    for i in range(2):
+        s.commit(a.apply(Allocate(f"h{i}"), 1000.0)[1])
+    s.close()
+    refused_at_load(path, "UPDATE allocations SET universe = 'fd00::/64' WHERE address = "
+                    "'10.32.0.2'", r"inconsistent: 10\.32\.0\.2 \(handle 'h1'\) is not in "
+                    r"fd00::/64, the range its row in table allocations names; refusing to start")
+
+
+def refused_at_load(path, sql, match):
+    """sql run on the database; loading it then refuses with match and changes nothing."""
+    c = apsw.Connection(str(path))
+    c.execute(sql)
+    c.close()
+    before = file_digest(path)
+    s = Store(path)
+    loaded = s.open(None, "t")
+    with pytest.raises(StoreError, match=match):
+        s.load_peer(loaded, RANGE[0], 30)
+    s.close()
+    assert file_digest(path) == before

@@ -321,15 +321,23 @@ class Allocator:
         is left out: no allocate can reach it."""
         into: dict[Cidr, list[tuple[int, float]]] = {}
         # CIDRs nest or are apart, so a universe with none inside it is the innermost one for
-        # every address it holds: consecutive rows there (the rule) need no search.
-        leaf = {u: not any(w != u and w.family == u.family and u.start <= w.start and
-                           w.end <= u.end for w in self.rings) for u in self.rings}
-        u = None
+        # every address it holds: rows there (the rule; per family, as a dual-stack host
+        # frees both) need no search. Worked out only for the universes rows fall in.
+        leaves: dict[Cidr, bool] = {}
+        last: dict[int, Cidr] = {}
         for family, address, freed_at in rows:
-            if u is None or not leaf[u] or (family, address) not in u:
+            u = last.get(family)
+            if u is None or (family, address) not in u:
                 u = self.universe_of((family, address))
                 if u is None:
                     continue
+                if u not in leaves:
+                    leaves[u] = not any(w != u and w.family == u.family and u.start <= w.start
+                                        and w.end <= u.end for w in self.rings)
+                if leaves[u]:
+                    last[family] = u
+                else:
+                    last.pop(family, None)
             into.setdefault(u, []).append((address, freed_at))
         for u, got in into.items():
             self._load_freed(u, got)
@@ -352,14 +360,30 @@ class Allocator:
         them out again; the store refuses to start with them (each is caught later, at its
         reuse, only as a core bug)."""
         for u, fl in self.freed.items():
+            # Whichever side is smaller is walked: the freed rows (a quarantine's worth at a
+            # high rate) or every held address, whatever universe its row names.
+            if fl.tracked() <= len(self.by_addr):
+                for address, _ in fl.items():
+                    held = self.by_addr.get((u.family, address))
+                    if held is not None:
+                        yield held, "table freed"
+            else:
+                for key, held in self.by_addr.items():
+                    if key in u and fl.get(key[1]) is not None:
+                        yield held, "table freed"
             hs = self.held_sorted[u]
-            for address in hs:  # fewer than the freed rows (a quarantine's worth) as a rule
-                if fl.get(address) is not None:
-                    yield self.by_addr[(u.family, address)], "table freed"
             for lo, hi in fl.folded.intervals():
                 for address in hs[bisect_left(hs, lo):bisect_left(hs, hi)]:
                     yield (self.by_addr[(u.family, address)],
                            f"a span of table freed_spans ({u.addr(lo)}-{u.addr(hi - 1)})")
+
+    def misplaced(self):
+        """Held addresses outside the universe their row names: a database edited by hand or
+        copied from elsewhere. A release would free one into a list that cannot hold it; the
+        store refuses to start with them."""
+        for held in self.by_addr.values():
+            if held.universe is not None and (held.family, held.address) not in held.universe:
+                yield held
 
     def load_freed_span(self, universe: Cidr, lo: int, hi: int) -> None:
         """[lo, hi) freed once and free, less recently than every address load_freed gives."""
