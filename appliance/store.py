@@ -415,7 +415,7 @@ class Store:
         # The freed rows (a quarantine's worth: tens of thousands at a high rate) go straight
         # in, in the order Durable.load would give them, not through a row object each.
         a = peer.allocator
-        a.load_freed([(6 if ":" in address else 4, _address_value(address), freed_at)
+        a.load_freed([(*_address_key(address), freed_at)
                       for address, freed_at in conn.execute(
                           "SELECT address, freed_at FROM freed ORDER BY freed_at, address")])
         wrong = list(itertools.islice(a.misplaced(), 3))
@@ -635,8 +635,10 @@ def _durable(peer_id: str, cluster: str, universes: list[Cidr], static, meta: di
                    **boot)
 
 
-def _address_value(text: str) -> int:
-    """An address as the store writes it (canonical text) as its number: several times faster
-    than ipaddress, which matters for the tens of thousands of quarantine rows read at start."""
-    family = socket.AF_INET6 if ":" in text else socket.AF_INET
-    return int.from_bytes(socket.inet_pton(family, text), "big")
+def _address_key(text: str) -> tuple[int, int]:
+    """An address as the store writes it (canonical text) as (family, number): several times
+    faster than ipaddress, which matters for the tens of thousands of quarantine rows read at
+    start."""
+    if ":" in text:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")

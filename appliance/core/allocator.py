@@ -343,13 +343,7 @@ class Allocator:
             self._load_freed(u, got)
 
     def _load_freed(self, universe: Cidr, rows: list[tuple[int, float]]) -> None:
-        used, xs, i = self.used[universe], sorted(a for a, _ in rows), 0
-        while i < len(xs):  # runs of neighbours: one interval each, not one add per address
-            j = i
-            while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-                j += 1
-            used.add_range(xs[i], xs[j] + 1)
-            i = j + 1
+        self.used[universe].add_all(a for a, _ in rows)
         family = universe.family
         self.freed[universe].load(  # a --gateway freed before stays reserved
             [r for r in rows if (family, r[0]) not in self.reserved] if self.reserved else rows)

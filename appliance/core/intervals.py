@@ -103,6 +103,18 @@ class IntervalSet:
         self._lo[i:j] = [lo]
         self._hi[i:j] = [hi]
 
+    def add_all(self, xs) -> None:
+        """Add many integers: each run of neighbours as one range (a restart's quarantine is
+        mostly runs), not one add each."""
+        xs = sorted(xs)
+        i = 0
+        while i < len(xs):
+            j = i
+            while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+                j += 1
+            self.add_range(xs[i], xs[j] + 1)
+            i = j + 1
+
     def discard_range(self, lo: int, hi: int) -> None:
         """Remove [lo, hi)."""
         if lo >= hi:
