@@ -156,10 +156,9 @@ class Allocator:
         """Mark address used and not freed (its span rows into rows); return what undoes that
         in memory, and whether it was never used before."""
         used = self.used[u]
-        if address not in used:
+        if used.add(address):
             # Never used, so in no part of the freed list (only what was used is freed):
             # nothing to take out there. Most allocations (fresh space goes first).
-            used.add(address)
             return (lambda: used.discard(address)), True
         changes: dict = {}
         undo_freed = self.freed[u].take(address, changes)
@@ -387,18 +386,19 @@ class Allocator:
     # -- requests ------------------------------------------------------------------------------
 
     def apply(self, req, now: float) -> tuple[dict, list[Row]]:
-        if isinstance(req, Allocate):
+        kind = type(req)  # `is`: cheaper than isinstance, and no request type has subclasses
+        if kind is Allocate:
             return self._allocate(req, now)
-        if isinstance(req, Claim):
+        if kind is Release:
+            return self._release(req, now)
+        if kind is Claim:
             return self._claim(req, now)
-        if isinstance(req, TakeSets):
+        if kind is TakeSets:
             reply, rows, _ = self.take_sets(req, now)
             return reply, rows
-        if isinstance(req, Release):
-            return self._release(req, now)
-        if isinstance(req, ReleaseIf):
+        if kind is ReleaseIf:
             return self._release_if(req, now)
-        if isinstance(req, ReleaseUnlisted):
+        if kind is ReleaseUnlisted:
             return self._release_unlisted(req, now)
         if isinstance(req, Lookup):
             held = self.by_handle.get(req.handle)

@@ -25,11 +25,11 @@ class IntervalSet:
         i = bisect_right(self._lo, x) - 1
         return i >= 0 and x < self._hi[i]
 
-    def add(self, x: int) -> None:
-        """Add one integer, merging with neighbours."""
+    def add(self, x: int) -> bool:
+        """Add one integer, merging with neighbours; False if it was in already."""
         i = bisect_right(self._lo, x) - 1
         if i >= 0 and x < self._hi[i]:
-            return
+            return False
         joins_left = i >= 0 and self._hi[i] == x
         joins_right = i + 1 < len(self._lo) and self._lo[i + 1] == x + 1
         if joins_left and joins_right:
@@ -42,6 +42,7 @@ class IntervalSet:
         else:
             self._lo.insert(i + 1, x)
             self._hi.insert(i + 1, x + 1)
+        return True
 
     def discard(self, x: int) -> None:
         i = bisect_right(self._lo, x) - 1
