@@ -412,6 +412,9 @@ def _status(r: dict) -> None:
     print(f"default subnet {r['default_subnet']}  reuse delay {r['reuse_delay']:g}s  "
           f"{r['allocations']} addresses held by {r['handles']} handles  "
           f"{r['pending']} requests waiting for peers  {r.get('conflicts', 0)} ring conflicts")
+    if r.get("handing_over"):
+        print(f"handing over: {', '.join(f'{p} {nick(p)}' for p in r['handing_over'])} "
+              "not acknowledged yet (sent again every second: stop this host once none is)")
     universes = [u for u in r["universes"] if u.get("kind") != "tenant"]
     # FREE: allocatable now (neither held, quarantined nor reserved). Counts of IPv6
     # size in a short form; --json keeps them exact.

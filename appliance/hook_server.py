@@ -347,7 +347,8 @@ async def _routes_refuse(request: RangeAdd) -> dict | None:
 
 def _nicknames(status: dict, known: dict[str, str]) -> dict[str, str]:
     """The nicknames of the peers a status reply names (members, removed, owners)."""
-    named = {status["peer"], *status["members"], *status["removed"]}
+    named = {status["peer"], *status["members"], *status["removed"],
+             *status.get("handing_over", ())}
     for u in status["universes"]:
         named.update(u["peers"])
     return {p: known[p] for p in sorted(named) if p in known}

@@ -178,6 +178,13 @@ def test_peers_and_status_show_nicknames_in_columns_and_a_dash_when_unknown(caps
         f"  {'PEER':<18}{'NICKNAME':<66}   SHARE    FREE  STATE",
         f"  {'p1':<18}{long:<66}   50.0%   50.0%  this peer",
         f"  {'p2':<18}{'host-2':<66}   50.0%    0.0%  unreachable"]
+    assert not any(line.startswith("handing over") for line in lines)
+    # After a leave whose handover p2 has not acknowledged yet.
+    reply.update(standing="left", note="p1 left the cluster", handing_over=["p2"])
+    _show("status", reply)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("handing over: p2 host-2 not acknowledged yet (sent again every "
+                        "second: stop this host once none is)")
 
 
 def test_range_commands_are_the_hook_ops():

@@ -4,8 +4,8 @@ from appliance.core.addr import cidr, range_to_cidrs
 from appliance.core.durable import Durable
 from appliance.core.peer import Peer, Ready
 from appliance.core.ring import Ring
-from appliance.core.peer_messages import (Accept, Accepted, Prepare, Promise, RemoveAck, RemoveNack,
-                                 RemovePrepare, VoteNack)
+from appliance.core.peer_messages import (Accept, Accepted, HandoverAck, Prepare, Promise, Refuse,
+                                          RemoveAck, RemoveNack, RemovePrepare, VoteNack)
 
 U = cidr("10.0.0.0/24")
 
@@ -112,3 +112,28 @@ def test_rmpeer_refuses_without_a_majority_unless_forced():
     out = p0.request("r", m.RemovePeer(("p2",), force=True), 0)
     assert out.replies[0][1]["ok"] and blocks(p0.replica.rings[U], "p0") == [
         "10.0.0.0/26", "10.0.0.128/25"]
+
+
+def test_a_handover_is_taken_from_a_peer_that_left_and_refused_from_one_removed():
+    """A Handover sent again by a peer that left (the receiver counts it removed by itself,
+    having merged the first) is merged and acknowledged; the same frame from a peer an
+    rmpeer removed is refused, and changes nothing."""
+    for by, taken in (("p1", True), ("p2", False)):
+        peers = seeded_three()
+        p0, p1 = peers["p0"], peers["p1"]
+        p1.reachable = {"p0"}
+        out = p1.request("r", m.Leave(), 0)
+        (to, handover), = out.messages
+        assert to == "p0" and blocks(p1.replica.rings[U], "p0") == [
+            "10.0.0.0/25", "10.0.0.192/26"]
+        p0.removed[p1.me] = by
+        before = blocks(p0.replica.rings[U], "p0")
+        ready = p0.receive("p1", handover, 0)
+        if taken:
+            assert ready.messages == [("p1", HandoverAck("c", handover.req))]
+            assert blocks(p0.replica.rings[U], "p0") == ["10.0.0.0/25", "10.0.0.192/26"]
+        else:
+            (to, refuse), = ready.messages
+            assert to == "p1" and isinstance(refuse, Refuse) and refuse.removed_by == "p2"
+            assert blocks(p0.replica.rings[U], "p0") == before == [
+                "10.0.0.0/26", "10.0.0.192/26"]

@@ -5,6 +5,7 @@ import re
 import socket
 
 from .daemon_proc import Daemon, wait_until
+from .multihost import owner_spans
 
 RANGE = "10.40.0.0/24"
 SECRET = "peer-test-secret-0123456789"
@@ -160,6 +161,35 @@ def test_leave_rmpeer_and_a_wiped_rejoin_with_real_processes(tmp_path):
     r = b.call({"op": "allocate", "handle": "b-2"})
     assert r["ok"], r
     assert a.call({"op": "rmpeer", "peers": [ib]})["ok"]
+
+
+def test_a_handover_that_died_with_its_receiver_is_sent_again(tmp_path):
+    """b gets space from a (an allocation), frees it, and leaves while a is stopped
+    (SIGSTOP): the Handover waits unread in a's socket, the leave answers timeout naming a,
+    and b's status lists a in handing_over. a is killed (the unread Handover dies with it)
+    and started again: b, still running, sends the Handover again, a acknowledges, and a's
+    ring gives it b's space. (Before, a peer that left never sent it again: b's space stayed
+    b's until an rmpeer of it.)"""
+    import os
+    import signal
+    (a, b), (ia, ib) = joined(tmp_path, ["a", "b"], lambda name: ("--reuse-delay", "1"))
+    assert b.call({"op": "allocate", "handle": "b-1"})["ok"]
+    assert b.call({"op": "release", "handle": "b-1"})["ok"]
+    wait_until("b's quarantine to end and a to know of b's space", lambda: (
+        status(b)["universes"][0]["quarantined"] == 0
+        and status(a)["universes"][0]["peers"].get(ib, {"owned": 0})["owned"] > 0))
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        r = b.call({"op": "leave"})
+    finally:
+        a.kill()  # SIGKILL ends a stopped process too
+    assert not r["ok"] and r["error"]["code"] == "timeout", r
+    assert f"but {ia} did not acknowledge in time" in r["error"]["message"], r
+    assert status(b)["standing"] == "left" and status(b)["handing_over"] == [ia]
+    assert ib in {o for _, _, o in owner_spans(a)}  # a's database: the Handover never landed
+    a.start()
+    wait_until("b's handover to be acknowledged", lambda: status(b)["handing_over"] == [])
+    assert ib not in {p for p, x in status(a)["universes"][0]["peers"].items() if x["owned"]}
 
 
 def test_prometheus_metrics_show_use_peers_and_donations(tmp_path):

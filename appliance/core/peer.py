@@ -191,6 +191,8 @@ class Peer:
                 self.boot.confirming = set(seeds) - {self.me}
                 self._hold_for_bootstrap()
         self.removals.restore(self.me, removals)
+        if self.standing == "left":
+            self.removals.resume_leave(self)
         for t in list(self.removed):
             self._heard_seed(t, None)  # a seed's word that can no longer come
 
@@ -370,7 +372,8 @@ class Peer:
         s.update(standing=self.standing, note=self.note, cluster=self.cluster,
                  reachable=sorted(self.reachable),
                  pending=len(self.waiting), removed=dict(sorted(self.removed.items())),
-                 removing={t: by for t, by in sorted(self.promised.items())})
+                 removing={t: by for t, by in sorted(self.promised.items())},
+                 handing_over=self.removals.handing_over())
         s.update(self.boot.status())
         # Each peer's share of each universe as this peer sees it (free: the owner's hints),
         # and a digest of the ring, equal on every peer once gossip has converged.
@@ -441,7 +444,11 @@ class Peer:
         if isinstance(msg, Refuse):
             self.removals.refused(self, sender, msg, out)
             return out
-        if sender in self.removed:
+        if sender in self.removed and not (isinstance(msg, Handover) and
+                                           self.removed[sender] == sender):
+            # (A Handover of a peer that left is sent again until acknowledged: the first may
+            # have been merged here and the acknowledgement lost. It only ever says what that
+            # peer's first one did: a peer that left writes nothing more.)
             by = self.removed[sender]
             out.alarms.append(f"refused {sender}: it was removed from the cluster by {by}")
             out.messages.append((sender, Refuse(self.cluster, f"{sender} was removed from the "

@@ -31,7 +31,7 @@ from .addr import range_to_cidrs
 from .allocator import Allocator
 from .gossip import Delta, Replica
 from .rings import RingWriter
-from .spare import is_spare
+from .spare import is_marker, is_spare
 from .peer_messages import (Handover, HandoverAck, Refuse, RemoveAbort, RemoveAck, RemoveDone,
                    RemoveNack, RemovePrepare)
 
@@ -48,12 +48,19 @@ class _Removing:
     gateways: list = field(default_factory=list)  # (universe, address, holders) from acks
 
 
+# A Handover not acknowledged is sent again this often (seconds) for as long as the peer that
+# left runs: a lost one would otherwise leave its space with a peer that says nothing any more.
+RESEND = 1.0
+
+
 @dataclass
 class _Leaving:
-    ref: object
+    ref: object  # None once the client has been answered (a timeout): resent still
     deadline: float
     unacked: set[str]
     handed: dict[str, list[str]]
+    stamp: tuple[str, int]  # the leave's ring writes: what each receiver gets is in them
+    resend_at: float
 
 
 class Host(Protocol):
@@ -136,7 +143,6 @@ class Removals:
             return
         by_peer: set[str] = set()
         handed: dict[str, list[str]] = {}
-        gateways: dict[str, list] = {}  # the reservations that go with each one's space
         i = 0
         with peer.writer.change(out.rows) as ch:
             stamp = peer.replica.next_stamp()
@@ -145,8 +151,6 @@ class Removals:
                     before = ring.owner_of(lo - 1) if lo > u.start else None
                     to = before if before in targets else targets[i % len(targets)]
                     i += 1
-                    gateways.setdefault(to, []).extend(
-                        peer.allocator.reservations_in(u, lo, hi))
                     ch.wrote(u, ring.transfer(peer.me, lo, hi, to, stamp, free_hint=hi - lo))
                     by_peer.add(to)
                     if not is_spare(u):  # spare space goes too, unlisted
@@ -160,10 +164,33 @@ class Removals:
             return
         peer.next_req += 1
         self.leaving[peer.next_req] = _Leaving(ref, now + peer.request_timeout, set(by_peer),
-                                               handed)
+                                               handed, stamp, now + RESEND)
         for to in sorted(by_peer):
-            out.messages.append((to, Handover(peer.cluster, peer.next_req, peer.grant_delta(to),
-                                              tuple(gateways.get(to, ())))))
+            out.messages.append((to, self._handover(peer, peer.next_req, to)))
+
+    def resume_leave(self, peer: Host) -> None:
+        """A peer that left, restarted: which of its Handovers were acknowledged is not
+        kept, so each is sent again (a receiver that has it acknowledges again). Its last ring
+        write is its leave: a peer that left writes nothing more."""
+        stamp = (peer.me, peer.replica.seq)
+        to = {e.owner for ring in peer.replica.rings.values() for e in ring.entries
+              if e.stamp == stamp and e.owner != peer.me and not is_marker(e.owner)}
+        if to:
+            peer.next_req += 1
+            self.leaving[peer.next_req] = _Leaving(None, 0.0, to, {}, stamp, 0.0)
+
+    def _handover(self, peer: Host, req: int, to: str) -> Handover:
+        """Made anew for each send, from the leave's writes: the same space each time, as a
+        peer that left changes nothing more. The gateways reserved in the space go with it."""
+        stamp = self.leaving[req].stamp
+        reserved = tuple(r for u, ring in peer.replica.rings.items() for e in ring.entries
+                         if e.owner == to and e.stamp == stamp
+                         for r in peer.allocator.reservations_in(u, e.start, e.end))
+        return Handover(peer.cluster, req, peer.grant_delta(to), reserved)
+
+    def handing_over(self) -> list[str]:
+        """The peers a leave of this one still waits for: stop it only once there are none."""
+        return sorted({p for lv in self.leaving.values() for p in lv.unacked})
 
     # -- rmpeer --------------------------------------------------------------------------------
 
@@ -371,7 +398,8 @@ class Removals:
                 lv.unacked.discard(sender)
                 if not lv.unacked:
                     del self.leaving[msg.req]
-                    out.replies.append((lv.ref, m.ok(left=peer.me, handed=lv.handed)))
+                    if lv.ref is not None:
+                        out.replies.append((lv.ref, m.ok(left=peer.me, handed=lv.handed)))
         elif isinstance(msg, RemovePrepare):
             self._on_prepare(peer, sender, msg, now, out)
         elif isinstance(msg, RemoveAck):
@@ -413,9 +441,16 @@ class Removals:
                 silent = sorted(r.asked - r.promised)
                 self._abort(peer, req, f"no answer within {peer.request_timeout:g}s from "
                             f"{', '.join(silent)}", out)
-        for req, lv in list(self.leaving.items()):
-            if now >= lv.deadline:
-                del self.leaving[req]
-                out.replies.append((lv.ref, m.error("timeout", f"{peer.me} handed its space "
-                                   f"over, but {', '.join(sorted(lv.unacked))} did not "
-                                   "acknowledge in time; gossip will tell them")))
+        for req, lv in self.leaving.items():
+            if lv.ref is not None and now >= lv.deadline:
+                out.replies.append((lv.ref, m.error("timeout", (
+                    f"{peer.me} handed its space over, but {', '.join(sorted(lv.unacked))} did "
+                    f"not acknowledge in time; it sends the handover again every {RESEND:g}s "
+                    "while it runs: stop it only once `ipamd status` shows no peer in "
+                    "handing_over (one that never answers: rmpeer it once this one is "
+                    "stopped)"))))
+                lv.ref = None
+            if now >= lv.resend_at:
+                lv.resend_at = now + RESEND
+                for to in sorted(lv.unacked & peer.reachable):
+                    out.messages.append((to, self._handover(peer, req, to)))

@@ -124,15 +124,16 @@ RANGE_SHARE = 0.03  # of client operations: a range added, retired or resumed (i
 ADDED_SHARE = 0.25  # of allocations and claims, once ranges were added: in one of those
 # Core bugs the checks know of and tolerate, until they are fixed (`python -m tests.sim
 # --strict` tolerates none; tests/test_sim.py holds a strict reproduction of each):
-# "left_peer_silent": a peer that left never gossips, answers nothing and never sends its
-# Handover again. A Handover never acknowledged (lost, or sent to a peer that left, is stale
-# or was removed, which ignores it) is lost for good, though the leave answers "timeout ...
-# gossip will tell them"; an acknowledged one is lost too if its receiver loses its database
-# (wiped, or restored from an older copy) before passing it on; and so is any other write of
-# the leaver's that had not spread when it left (a grant lost on the way, say, while the
-# gossip that would have repaired it needs the leaver's answers). Either way the leaver's space
-# stays its own in every ring until an rmpeer of it once it is stopped (what the simulated
-# operator then does).
+# "left_peer_silent": a peer that left never gossips and answers nothing. It sends each
+# Handover not acknowledged again every second while it runs (after a restart too), and the
+# simulated operator stops it once `status` shows none waiting (or after 4 * PATIENCE requests,
+# or at the heal after 5 s more: `unfinished`). What is still lost: a Handover not acknowledged
+# when the operator gives up (sent to a peer that left, is stale or was removed, which ignores
+# it, or never got through); an acknowledged one whose receiver loses its database (wiped, or
+# restored from an older copy) before passing it on; and any other write of the leaver's that
+# had not spread when it left (a grant lost on the way, say, while the gossip that would have
+# repaired it needs the leaver's answers). Then the leaver's space stays its own in every ring
+# until an rmpeer of it once it is stopped (what the simulated operator then does).
 # "given_to_non_member": space handed over (a leave) or granted (a SpaceGrant) to a peer that
 # has left, is stale or was removed: it ignores the message and answers nothing, and the giver
 # takes it as done (a leave even picks peers it knows have left); the space stays with that id
@@ -394,6 +395,9 @@ class Sim:
         self.handed_to: dict[str, set[str]] = {}  # peer that left -> who acknowledged its space
         self.lost_disks: set[str] = set()  # peers whose database was wiped or restored
         self.departed: list[str] = []  # peers that left, stopped at the heal
+        # Peers that left and were stopped with a Handover not acknowledged (the operator gave
+        # up waiting for `status`'s handing_over to empty): their space may stay theirs.
+        self.unfinished: set[str] = set()
         self.snapshots: dict[str, Durable] = {}  # an older copy of some peers' databases
         # Peers whose database no longer counts: restarted from an old copy (stale), or removed
         # by rmpeer while down. Their allocations are void; their space is others'.
@@ -806,8 +810,17 @@ class Sim:
         self._load(new)
 
     def _depart(self, p: str) -> None:
-        """A peer that left is stopped: its work is done."""
+        """A peer that left is stopped: its work is done, or the operator stopped waiting for
+        its handing_over to empty."""
         self.stats.faults["departed"] += 1
+        peer = self.live.get(p)
+        if peer is None or peer.removals.handing_over():
+            self.unfinished.add(p)  # (a peer down: what it still waited for is unknown)
+        # Whoever its leave's writes (its last stamp) gave space to, acknowledged or not.
+        d = self.durable[p]
+        self.handed_to.setdefault(p, set()).update(
+            r.owner for r in d.ring.values()
+            if (r.stamp_peer, r.stamp_seq) == (p, d.clock.seq) and r.owner != p)
         self.names.remove(p)
         self.live.pop(p, None)
         self.standing.pop(p, None)
@@ -832,8 +845,10 @@ class Sim:
     def _client_op(self) -> None:
         p = self.rng.choice(sorted(self.live))
         peer = self.live[p]
-        if self.patience[p] >= PATIENCE and peer.standing in NOT_MEMBER and \
-                (peer.standing == "left" or self._votes_over()):
+        if self.patience[p] >= PATIENCE and peer.standing in NOT_MEMBER and (
+                peer.standing == "left" and (not peer.removals.handing_over()
+                                             or self.patience[p] >= 4 * PATIENCE)
+                or peer.standing != "left" and self._votes_over()):
             # The operator has noticed: a peer that left is stopped, a stale or removed one
             # starts afresh (a new id).
             self.stats.ops += 1
@@ -1372,9 +1387,10 @@ class Sim:
                 self._handle(dst, self.live[dst].receive(src, msg, self.now))
 
     def _retire(self) -> None:
-        """The operator's part before the heal: peers that left are stopped; stale and
-        removed ones (and those an rmpeer under way names) start afresh with an empty
-        database, under a new id."""
+        """The operator's part before the heal: peers that left with nothing to hand over
+        any more are stopped (the others once the rest are back: _linger); stale and removed
+        ones (and those an rmpeer under way names) start afresh with an empty database, under
+        a new id."""
         self.draining.clear()
         for p in list(self.condemned):
             self._void(p)
@@ -1384,9 +1400,22 @@ class Sim:
             standing = peer.standing if peer is not None else \
                 d.standing.state if d.standing is not None else "member"
             if standing == "left":
-                self._depart(p)
+                if peer is not None and not peer.removals.handing_over():
+                    self._depart(p)
             elif p in self.void or standing in NOT_MEMBER:
                 self._wiped(p)
+
+    def _linger(self) -> None:
+        """At the heal, with every other peer back: peers that left and still wait for a
+        Handover's acknowledgement (sent again every second) get a few seconds, as an operator
+        watching `status` would give them, then are stopped."""
+        left = [p for p in self.names if p in self.live and self.live[p].standing == "left"]
+        if left:
+            self._rounds(50, lambda: not any(self.live[p].removals.handing_over()
+                                             for p in left if p in self.live))
+            for p in left:
+                self._depart(p)
+            self._update_reachability()
 
     def heal(self, max_rounds: int = 400) -> None:
         self.faults = Faults()
@@ -1400,6 +1429,7 @@ class Sim:
         for p in [p for p in self.names if p not in self.live]:
             self._restart(p)
         self._update_reachability()
+        self._linger()
         if self.departed:
             # Whatever a peer that left handed over has reached its new owners once what is
             # in flight is delivered: none of it may still be the leaver's (I5, checked before
@@ -1478,7 +1508,7 @@ class Sim:
             # ignores both). The operator's rmpeer of it reclaims those (_remove_gone).
             spread = max((q.replica.vector.get(p, 0) for q in self.live.values()), default=0)
             silent = "left_peer_silent" in self.known_bugs and (
-                answer != "ok" or self.handed_to.get(p, set()) & self.lost_disks
+                p in self.unfinished or self.handed_to.get(p, set()) & self.lost_disks
                 or spread < self.durable[p].clock.seq)  # writes of its nobody else has
             given = "given_to_non_member" in self.known_bugs
             for u, ring in rings.items():
