@@ -40,6 +40,8 @@ ELSEWHERE = ("tests.daemon_proc", "tests.multihost", "tests.chaos", "tests.docke
 # Single tests whose work runs in other processes.
 IN_WORKERS = ("test_sim.py::test_ci_tier_small_clusters", "test_sim.py::test_ci_tier_hundred_peers",
               "test_sim.py::test_a_seed_replays_exactly")
+# Test modules that run only other programs (make, reading the Makefile: mutants/ has none).
+OTHER_PROGRAMS = ("tests/test_make_targets.py",)
 
 
 # -- the pytest plugin -------------------------------------------------------------------------
@@ -60,7 +62,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def runs_elsewhere(item) -> bool:
-    if item.nodeid.endswith(IN_WORKERS) or "pytester" in getattr(item, "fixturenames", ()):
+    if item.nodeid.endswith(IN_WORKERS) or item.nodeid.startswith(OTHER_PROGRAMS) or \
+            "pytester" in getattr(item, "fixturenames", ()):
         return True
     module = getattr(item, "module", None)
     if module is None:

@@ -188,6 +188,15 @@ def test_leave_hands_over_each_reservation_with_its_holders_in_the_same_message(
     assert reserved(c, dst) == {"10.0.0.1": [f"handle {'a' if dst == 'p1' else 'b'}",
                                              f"peer {other}"],
                                 "10.0.0.9": ["kept"]}
+    # Restarted before any acknowledgement came (p0 is told none here), p0 does not know who
+    # acknowledged: it sends each Handover again, with the reservations it holds in that
+    # space (10.0.0.9's "kept" was never a row, so only 10.0.0.1's is on its disk).
+    c.crash("p0")
+    c.restart("p0")
+    again = {d: msg for d, msg in c.peers["p0"].tick(c.now).messages if isinstance(msg, Handover)}
+    assert set(again) == set(handovers)
+    assert {d: msg.reserved for d, msg in again.items() if msg.reserved} == {
+        dst: ((U, GW[1], ("p1", "p2")),)}
 
 
 def test_a_lost_answer_is_marked_only_for_a_gateway_another_peer_owns():

@@ -137,3 +137,22 @@ def test_a_handover_is_taken_from_a_peer_that_left_and_refused_from_one_removed(
             assert to == "p1" and isinstance(refuse, Refuse) and refuse.removed_by == "p2"
             assert blocks(p0.replica.rings[U], "p0") == before == [
                 "10.0.0.0/26", "10.0.0.192/26"]
+
+
+def test_a_leave_not_acknowledged_in_time_says_so_and_its_handover_is_sent_again():
+    peers = seeded_three()
+    p1 = peers["p1"]
+    p1.reachable = {"p0"}
+    (to, handover), = p1.request("r", m.Leave(), 0).messages
+    ready = p1.tick(p1.request_timeout)  # no acknowledgement came
+    assert ready.replies == [("r", m.error("timeout", (
+        "p1 handed its space over, but p0 did not acknowledge in time; it sends the handover "
+        "again every 1s while it runs: stop it only once `ipamd status` shows no peer in "
+        "handing_over (one that never answers: rmpeer it once this one is stopped)")))]
+    assert ready.messages == [("p0", handover)]  # the same space, sent again
+    assert p1.status(2.0)["handing_over"] == ["p0"]
+    assert p1.tick(2.5).messages == []  # a second apart, not every tick
+    assert p1.tick(3.0).messages == [("p0", handover)]
+    ready = p1.receive("p0", HandoverAck("c", handover.req), 3.1)
+    assert ready.replies == [] and p1.status(3.1)["handing_over"] == []  # answered before
+    assert p1.tick(5.0).messages == []

@@ -256,6 +256,7 @@ class Driver:
         self.mine: dict[str, list[str]] = {p: [] for p in self.sim.names}
         self.weights: dict[str, float] = {}
         self.leaving: dict[str, float] = {}  # peer -> when to ask it to leave
+        self.answered: dict[str, float] = {}  # peer that left -> when its leave answered
         self.down: dict[str, float] = {}     # crashed peer -> when it restarts
         self.joins = 0
         self.waiting_handles: list[tuple[str, str, object]] = []  # allocations under way
@@ -351,8 +352,9 @@ class Driver:
         sim._submit(p, m.ReleaseUnlisted("", frozenset()))
 
     def leave_due(self) -> None:
-        """Ask drained peers to leave; stop each once its leave has answered (as README tells
-        operators: a timeout answer leaves it to the heal, which runs rmpeer of it)."""
+        """Ask drained peers to leave; stop each once its leave has answered and `status`
+        shows no peer in handing_over (as README tells operators), or 5 s after a timeout
+        answer if one still does (the heal then runs rmpeer of it)."""
         sim = self.sim
         for p, when in sorted(self.leaving.items()):
             peer = sim.live.get(p)
@@ -361,6 +363,9 @@ class Driver:
             if peer.standing == "left":
                 if any(q == p and isinstance(req, m.Leave) for q, req in sim.pending.values()):
                     continue  # the operator stops it once `ipamd leave` has answered
+                answered = self.answered.setdefault(p, sim.now)
+                if peer.removals.handing_over() and sim.now < answered + 5.0:
+                    continue
                 del self.leaving[p]
                 sim._depart(p)
                 self.result.left += 1
