@@ -144,6 +144,7 @@ def test_a_leave_not_acknowledged_in_time_says_so_and_its_handover_is_sent_again
     p1 = peers["p1"]
     p1.reachable = {"p0"}
     (to, handover), = p1.request("r", m.Leave(), 0).messages
+    p1.reachable = {"p0", "p2"}  # p2 got nothing: it is sent nothing again
     ready = p1.tick(p1.request_timeout)  # no acknowledgement came
     assert ready.replies == [("r", m.error("timeout", (
         "p1 handed its space over, but p0 did not acknowledge in time; it sends the handover "
