@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     client("status", "this peer, its ranges, how full they are, and every peer's share")
     client("peers", "the peers this one knows of, reachable or not")
     client("leave", "hand all of this peer's space to reachable peers and stop allocating "
-                    "(refused while it holds addresses)")
+                    "(refused while it holds addresses); stop the daemon once `status` shows "
+                    "no peer it is still handing over to")
     c = client("rmpeer", "reclaim the space of peers that are gone for good (refused if one "
                          "is reachable, or without a majority of the known peers)")
     c.add_argument("peer", nargs="+", help="peer id (see `ipamd peers`)")
